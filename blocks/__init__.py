@@ -1,0 +1,1 @@
+"""driftloop's Prefect Block types."""

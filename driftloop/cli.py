@@ -1,0 +1,210 @@
+"""The ``driftloop`` command line.
+
+Every command takes ``--json`` and then prints exactly one JSON object on stdout. On
+failure the exit code is non-zero and stderr carries one line saying what to do.
+Flows run through Prefect: against ``PREFECT_API_URL`` when set (runs show in the UI),
+else against a temporary local server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from driftloop.errors import DriftloopError
+from driftloop.spec import format_validation_error
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _emit(payload: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    else:
+        sys.stdout.write(human(payload) + "\n")
+
+
+def _quiet_prefect_console(verbose: bool) -> None:
+    """Keep Prefect's console logs (and its tracebacks) off the terminal unless asked;
+    they still reach the Prefect API and the UI."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    if verbose:
+        return
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.CRITICAL + 1)
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.ingest import ingest
+    from tasks.ingest import SqlSource
+
+    sql = None
+    if args.sql_url or args.sql_url_env or args.sql_secret:
+        sql = SqlSource(
+            url=args.sql_url,
+            url_env=args.sql_url_env,
+            secret_block=args.sql_secret,
+            table=args.table,
+            query=args.query,
+            params=dict(_parse_param(p) for p in args.param),
+        )
+    elif args.source is None:
+        raise DriftloopError("give a SOURCE path or URI, or --sql-url/--sql-url-env/--sql-secret with --table or --query")
+    elif args.table or args.query:
+        raise DriftloopError("--table and --query need --sql-url, --sql-url-env or --sql-secret")
+    _quiet_prefect_console(args.verbose)
+    result = ingest(spec_path=args.spec, source=args.source, sql=sql, labelled=not args.unlabelled)
+    return result.model_dump()
+
+
+def _human_ingest(p: dict[str, Any]) -> str:
+    lines = [
+        f"dataset {p['dataset_id']} ({p['name']}){'' if p['created'] else ' - already registered'}",
+        f"  rows in          {p['rows_in']:>10,}",
+        f"  rows valid       {p['rows_valid']:>10,}",
+        f"  rows quarantined {p['rows_quarantined']:>10,}",
+        f"  snapshot         {p['snapshot_uri']}",
+    ]
+    if p["quarantine_uri"]:
+        lines.append(f"  quarantine       {p['quarantine_uri']}")
+    if p["ignored_columns"]:
+        lines.append(f"  ignored columns  {', '.join(p['ignored_columns'])}")
+    return "\n".join(lines)
+
+
+def _parse_param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise DriftloopError(f"--param {text!r}: expected NAME=VALUE")
+    return key, value
+
+
+def cmd_datasets_list(args: argparse.Namespace) -> dict[str, Any]:
+    from driftloop.registry import open_registry
+    from driftloop.settings import get_settings
+
+    registry = open_registry(get_settings().registry_database_url())
+    records = registry.list_datasets(name=args.name)
+    return {"datasets": [r.model_dump(mode="json", exclude={"column_types"}) for r in records]}
+
+
+def _human_datasets(p: dict[str, Any]) -> str:
+    if not p["datasets"]:
+        return "no datasets registered yet; run: driftloop ingest --spec SPEC SOURCE"
+    header = f"{'id':<20} {'name':<16} {'rows':>9} {'valid':>9} {'quarantined':>11}  created_at            source"
+    rows = [
+        f"{d['id']:<20} {d['name']:<16} {d['rows_in']:>9} {d['rows_valid']:>9} "
+        f"{d['rows_quarantined']:>11}  {d['created_at'][:19]}  {d['source']}"
+        for d in p["datasets"]
+    ]
+    return "\n".join([header, *rows])
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from driftloop.demo import run_demo
+
+    _quiet_prefect_console(args.verbose)
+    return run_demo()
+
+
+def _human_demo(p: dict[str, Any]) -> str:
+    return "\n".join(f"{stage}:\n" + _human_ingest(result) for stage, result in p["stages"].items())
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> dict[str, Any]:
+    from driftloop.registry.schema import current_revision, head_revision
+    from driftloop.registry.store import masked_url, open_registry
+    from driftloop.settings import get_settings
+
+    url = get_settings().registry_database_url()
+    store = open_registry(url)  # upgrades to head
+    return {"registry": masked_url(url), "revision": current_revision(store.engine), "head": head_revision()}
+
+
+# --- parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    common.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs")
+
+    parser = argparse.ArgumentParser(prog="driftloop", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ingest = sub.add_parser("ingest", parents=[common], help="ingest and validate a dataset")
+    ingest.add_argument("--spec", required=True, help="dataset spec YAML")
+    ingest.add_argument("source", nargs="?", help="CSV or Parquet path or fsspec URI")
+    ingest.add_argument("--sql-url", help="SQLAlchemy URL of the source database")
+    ingest.add_argument("--sql-url-env", help="environment variable holding the SQL URL")
+    ingest.add_argument("--sql-secret", help="Prefect Secret block holding the SQL URL")
+    group = ingest.add_mutually_exclusive_group()
+    group.add_argument("--table", help="table to read (schema.table allowed)")
+    group.add_argument("--query", help="SELECT to run; :name parameters come from --param")
+    ingest.add_argument("--param", action="append", default=[], help="query parameter NAME=VALUE")
+    ingest.add_argument("--unlabelled", action="store_true", help="rows have no target (data to score)")
+    ingest.set_defaults(handler=cmd_ingest, human=_human_ingest)
+
+    datasets = sub.add_parser("datasets", help="registered datasets")
+    datasets_sub = datasets.add_subparsers(dest="datasets_command", required=True)
+    listing = datasets_sub.add_parser("list", parents=[common], help="list datasets, newest first")
+    listing.add_argument("--name", help="only datasets of this spec name")
+    listing.set_defaults(handler=cmd_datasets_list, human=_human_datasets)
+
+    demo = sub.add_parser("demo", parents=[common], help="run the lifecycle on the bundled car-loan data")
+    demo.set_defaults(handler=cmd_demo, human=_human_demo)
+
+    db = sub.add_parser("db", help="registry database")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser("upgrade", parents=[common], help="upgrade the registry schema to this release")
+    upgrade.set_defaults(handler=cmd_db_upgrade, human=lambda p: f"{p['registry']} at revision {p['revision']}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
+    # A fresh temporary Prefect server migrates its database first; on a small machine
+    # that takes longer than Prefect's default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    try:
+        payload = args.handler(args)
+    except DriftloopError as exc:
+        print(f"driftloop: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ValidationError as exc:
+        print(f"driftloop: error: {format_validation_error(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("driftloop: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user error: one line unless asked for more
+        if getattr(args, "verbose", False):
+            raise
+        print(
+            f"driftloop: unexpected error: {type(exc).__name__}: {exc} "
+            "(rerun with --verbose for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    _emit(payload, args.json, args.human)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""``make demo``: the lifecycle on NannyML's synthetic car-loan data, which ships inside
+the nannyml package (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from driftloop.errors import DriftloopError
+
+DEMO_SPEC = Path(__file__).resolve().parent.parent / "deployments" / "specs" / "car_loan.yaml"
+_FILES = {
+    "reference": "synthetic_car_loan_reference.csv",
+    "analysis": "synthetic_car_loan_analysis.csv",
+    "analysis_targets": "synthetic_car_loan_analysis_target.csv",
+}
+
+
+def demo_data_path(part: str) -> Path:
+    """Path of a car-loan CSV inside the installed nannyml package (found without
+    importing nannyml, which is slow to import)."""
+    found = importlib.util.find_spec("nannyml")
+    if found is None or not found.submodule_search_locations:
+        raise DriftloopError(
+            "the demo data ships with nannyml, which is not installed; "
+            "install driftloop with the monitor extra: pip install 'driftloop[monitor]'"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / "datasets" / "data" / _FILES[part]
+    if not path.exists():
+        raise DriftloopError(f"demo file {path} is missing from the nannyml package; reinstall nannyml")
+    return path
+
+
+def run_demo() -> dict[str, Any]:
+    from flows.ingest import ingest
+
+    stages = {
+        "ingest reference (training data)": ingest(
+            spec_path=str(DEMO_SPEC), source=str(demo_data_path("reference"))
+        ),
+        "ingest analysis (data to score, no labels yet)": ingest(
+            spec_path=str(DEMO_SPEC), source=str(demo_data_path("analysis")), labelled=False
+        ),
+    }
+    return {"stages": {name: result.model_dump() for name, result in stages.items()}}

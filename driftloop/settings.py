@@ -1,0 +1,54 @@
+"""One settings object for driftloop, read from ``DRIFTLOOP_*`` environment variables.
+
+Build it with :func:`get_settings` when you need it; nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_", extra="ignore")
+
+    home: Path = Field(
+        default=Path(".driftloop"),
+        description="Working directory for local state: registry database, artifacts, demo data.",
+    )
+    registry_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL of the registry database, e.g. "
+            "postgresql+psycopg://user:pass@host/db. Default: SQLite file under home."
+        ),
+    )
+    artifact_root: str | None = Field(
+        default=None,
+        description="Where snapshots, quarantines and models go: a local path or fsspec URI "
+        "(s3://bucket/prefix). Default: <home>/artifacts.",
+    )
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu", description="Training device; GPU work pools set DRIFTLOOP_DEVICE=cuda."
+    )
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    def registry_database_url(self) -> str:
+        if self.registry_url is not None:
+            return self.registry_url.get_secret_value()
+        return f"sqlite:///{self.home_dir / 'registry.db'}"
+
+    def artifact_root_uri(self) -> str:
+        if self.artifact_root:
+            return self.artifact_root.rstrip("/")
+        return str(self.home_dir / "artifacts")
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,224 @@
+"""The dataset spec: a dataset described once, in YAML.
+
+Everything column-related is derived from it: the pandera schema
+(:mod:`driftloop.schema`), the training feature list, the ONNX input signature and
+NannyML's column mapping. Nowhere else lists column names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from driftloop.errors import SpecError
+
+DType = Literal["int", "float", "bool", "category", "string", "datetime"]
+TaskKind = Literal["binary_classification", "multiclass_classification", "regression"]
+
+NUMERIC_DTYPES = ("int", "float")
+
+
+class ColumnSpec(BaseModel):
+    """One column: its type and the checks every row must pass."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: DType
+    min: float | None = Field(default=None, description="Inclusive lower bound (int, float).")
+    max: float | None = Field(default=None, description="Inclusive upper bound (int, float).")
+    allowed: list[str | int | float | bool] | None = Field(
+        default=None, description="The only values accepted (category, string, int)."
+    )
+    nullable: bool = False
+    unique: bool = False
+    format: str | None = Field(
+        default=None, description="strftime format for parsing text (datetime only)."
+    )
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _checks_fit_dtype(self) -> ColumnSpec:
+        if (self.min is not None or self.max is not None) and self.dtype not in NUMERIC_DTYPES:
+            raise ValueError(f"min/max apply to int and float columns, not {self.dtype}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        if self.allowed is not None:
+            if self.dtype not in ("category", "string", "int"):
+                raise ValueError(f"allowed applies to category, string and int, not {self.dtype}")
+            if not self.allowed:
+                raise ValueError("allowed must list at least one value")
+        if self.format is not None and self.dtype != "datetime":
+            raise ValueError("format applies to datetime columns only")
+        return self
+
+    @property
+    def is_categorical(self) -> bool:
+        return self.dtype in ("category", "string")
+
+
+class DatasetSpec(BaseModel):
+    """A tabular dataset: its target, identity, time axis and typed columns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_\-]{0,63}$", description="Also the model name.")
+    task: TaskKind
+    target: str
+    id: str | None = None
+    timestamp: str | None = None
+    segment: str | None = None
+    max_reject_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    columns: dict[str, ColumnSpec]
+    features: list[str] | None = None
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _roles_are_consistent(self) -> DatasetSpec:
+        roles = {"target": self.target, "id": self.id, "timestamp": self.timestamp}
+        named = [v for v in roles.values() if v]
+        if len(named) != len(set(named)):
+            raise ValueError(f"target, id and timestamp must be different columns, got {roles}")
+        if self.features is not None:
+            if not self.features:
+                raise ValueError("features must list at least one column")
+            unknown = [f for f in self.features if f not in self.columns]
+            if unknown:
+                raise ValueError(f"features {unknown} are not declared under columns")
+            for role, col in roles.items():
+                if col and col in self.features:
+                    raise ValueError(f"the {role} column {col!r} cannot also be a feature")
+            if len(set(self.features)) != len(self.features):
+                raise ValueError("features lists a column twice")
+        if self.segment is not None and self.segment not in self.columns:
+            raise ValueError(f"segment {self.segment!r} is not declared under columns")
+        if self.id and self.id in self.columns and self.columns[self.id].nullable:
+            raise ValueError(f"the id column {self.id!r} cannot be nullable")
+        if self.timestamp and self.timestamp in self.columns:
+            if self.columns[self.timestamp].dtype != "datetime":
+                raise ValueError(f"the timestamp column {self.timestamp!r} must have dtype datetime")
+        if not self.feature_columns:
+            raise ValueError("no feature columns: declare some under columns")
+        return self
+
+    # --- derived views (the only places column lists come from) ---------------------
+
+    @property
+    def feature_columns(self) -> list[str]:
+        if self.features is not None:
+            return list(self.features)
+        roles = {self.target, self.id, self.timestamp}
+        return [c for c in self.columns if c not in roles]
+
+    def column_spec(self, name: str) -> ColumnSpec:
+        """The declared spec of a column, or the implied one for id/timestamp/target."""
+        if name in self.columns:
+            spec = self.columns[name]
+            if name == self.id and not spec.unique:
+                return spec.model_copy(update={"unique": True})
+            return spec
+        if name == self.id:
+            return ColumnSpec(dtype="string", unique=True)
+        if name == self.timestamp:
+            return ColumnSpec(dtype="datetime")
+        if name == self.target:
+            return _implied_target_spec(self.task)
+        raise KeyError(name)
+
+    def schema_columns(self, *, labelled: bool = True) -> dict[str, ColumnSpec]:
+        """Every column a row must carry, in a stable order: id, timestamp, features,
+        other declared columns, then the target (only when ``labelled``)."""
+        order: list[str] = []
+        for name in (self.id, self.timestamp, *self.feature_columns, *self.columns):
+            if name and name not in order and name != self.target:
+                order.append(name)
+        if labelled:
+            order.append(self.target)
+        return {name: self.column_spec(name) for name in order}
+
+    def onnx_input_signature(self) -> list[tuple[str, str]]:
+        """One ONNX input per feature: numeric and bool as float32, text as string."""
+        return [
+            (name, "string" if self.column_spec(name).is_categorical else "float")
+            for name in self.feature_columns
+        ]
+
+    def nannyml_column_mapping(self) -> dict[str, Any]:
+        """Keyword arguments shared by NannyML calculators for this dataset."""
+        mapping: dict[str, Any] = {
+            "feature_column_names": self.feature_columns,
+            "y_true": self.target,
+            "categorical_column_names": [
+                c for c in self.feature_columns if self.column_spec(c).dtype in ("category", "string", "bool")
+            ],
+            "continuous_column_names": [
+                c for c in self.feature_columns if self.column_spec(c).dtype in NUMERIC_DTYPES
+            ],
+        }
+        if self.timestamp:
+            mapping["timestamp_column_name"] = self.timestamp
+        return mapping
+
+    def fingerprint(self) -> str:
+        """sha256 of the spec's canonical JSON: changes whenever validation would."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _implied_target_spec(task: TaskKind) -> ColumnSpec:
+    if task == "binary_classification":
+        return ColumnSpec(dtype="int", allowed=[0, 1])
+    if task == "multiclass_classification":
+        return ColumnSpec(dtype="category")
+    return ColumnSpec(dtype="float")
+
+
+def load_spec(path: str | Path) -> DatasetSpec:
+    """Read and check a spec file; every problem raises :class:`SpecError` naming the file
+    and the key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path} does not exist; pass the path of a dataset spec YAML") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"spec file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise SpecError(f"spec file {path}: invalid YAML{line}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {path}: expected a mapping of keys (name, task, target, columns, ...)")
+    return parse_spec(data, source=str(path))
+
+
+def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> DatasetSpec:
+    try:
+        return DatasetSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"spec file {source}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"] if p not in ("function-after",)) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            problems.append(f"key '{key}': unknown key; remove it or check its spelling")
+        elif kind == "missing":
+            problems.append(f"key '{key}': required key is missing")
+        elif kind == "literal_error":
+            allowed = err.get("ctx", {}).get("expected", "")
+            problems.append(f"key '{key}': {err['input']!r} is not allowed; expected {allowed}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            value = f" (got {err['input']!r})" if key != "(top level)" and not isinstance(err["input"], dict) else ""
+            problems.append(f"key '{key}': {msg}{value}")
+    return "; ".join(problems)

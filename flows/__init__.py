@@ -1,0 +1,1 @@
+"""Prefect flows, one per file. Flows wire tasks; they hold no data logic."""

@@ -1,0 +1,348 @@
+"""Ingestion: read a file (CSV/Parquet, local or fsspec URI) or a SQL table/query into
+polars, hash its content, and snapshot the validated rows as a registered dataset."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+
+import fsspec
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from prefect import task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from sqlalchemy import MetaData, Table, create_engine, inspect, select, text
+from sqlalchemy.exc import NoSuchTableError, OperationalError, ProgrammingError, SQLAlchemyError
+
+from driftloop.errors import RejectLimitExceeded, SourceError
+from driftloop.registry.store import DatasetRecord, RegistryStore, masked_url, utcnow
+from driftloop.spec import DatasetSpec
+from driftloop.storage import ArtifactStore
+from tasks.validate import ROW, ValidationResult
+
+logger = logging.getLogger(__name__)
+
+# Invalid UTF-8 bytes decode to these private-use code points (one per byte value), so
+# a bad byte survives to the quarantine instead of being replaced or dropped.
+_BAD_BYTE_BASE = 0x10FF00
+_BAD_BYTE_PATTERN = "[\U0010ff00-\U0010ffff]"
+
+
+def _mark_bad_bytes(error: UnicodeDecodeError) -> tuple[str, int]:
+    bad = error.object[error.start : error.end]
+    return "".join(chr(_BAD_BYTE_BASE + b) for b in bad), error.end
+
+
+codecs.register_error("driftloop-mark-bad-bytes", _mark_bad_bytes)
+
+
+class SqlSource(BaseModel):
+    """A table or a parameterised query in a SQL database. Give the connection URL
+    directly, by environment variable, or by the name of a Prefect Secret block."""
+
+    url: SecretStr | None = Field(default=None, description="SQLAlchemy URL (may hold a password).")
+    url_env: str | None = Field(default=None, description="Environment variable holding the URL.")
+    secret_block: str | None = Field(default=None, description="Prefect Secret block holding the URL.")
+    table: str | None = Field(default=None, description="Table name, optionally schema.table.")
+    query: str | None = Field(default=None, description="SELECT with :named parameters.")
+    params: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> SqlSource:
+        given = [k for k in ("url", "url_env", "secret_block") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of url, url_env or secret_block for a SQL source")
+        if bool(self.table) == bool(self.query):
+            raise ValueError("give exactly one of table or query for a SQL source")
+        return self
+
+    def resolve_url(self) -> str:
+        if self.url is not None:
+            return self.url.get_secret_value()
+        if self.url_env:
+            value = os.environ.get(self.url_env)
+            if not value:
+                raise SourceError(
+                    f"environment variable {self.url_env} is not set; export it with the "
+                    "database URL (e.g. postgresql+psycopg://user:pass@host/db)"
+                )
+            return value
+        from prefect.blocks.system import Secret
+
+        try:
+            return str(Secret.load(self.secret_block).get())
+        except ValueError as exc:
+            raise SourceError(
+                f"Prefect Secret block {self.secret_block!r} cannot be loaded ({exc}); "
+                f"create it with: prefect block create secret, named {self.secret_block}"
+            ) from None
+
+    def describe(self, url: str) -> str:
+        what = f"table {self.table}" if self.table else "query"
+        return f"{masked_url(url)} ({what})"
+
+
+@dataclass
+class RawBatch:
+    """Rows as read, before validation, plus what the reader could not parse."""
+
+    frame: pl.DataFrame
+    malformed: pl.DataFrame
+    source: str
+    content_hash: str
+
+    @property
+    def rows_in(self) -> int:
+        return self.frame.height + self.malformed.height
+
+
+# --- files -------------------------------------------------------------------------
+
+
+def read_file(uri: str) -> RawBatch:
+    """Read a CSV or Parquet file from a path or fsspec URI (read once, hashed as read)."""
+    try:
+        with fsspec.open(uri, "rb", compression="infer") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise SourceError(f"input {uri} does not exist; check the path or URI") from None
+    except IsADirectoryError:
+        raise SourceError(f"input {uri} is a directory; pass a CSV or Parquet file") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise SourceError(f"input {uri} cannot be read: {exc}") from None
+    if not data.strip():
+        raise SourceError(f"input {uri} is empty; expected a header line and data rows")
+    digest = hashlib.sha256(data).hexdigest()
+    if data[:4] == b"PAR1" or uri.lower().endswith((".parquet", ".pq")):
+        frame = _read_parquet_bytes(data, uri)
+        malformed = _malformed_frame([])
+    else:
+        frame, malformed = read_csv_bytes(data, uri)
+    if frame.height + malformed.height == 0:
+        raise SourceError(f"input {uri} has a header but no data rows; nothing to ingest")
+    return RawBatch(frame=frame, malformed=malformed, source=uri, content_hash=digest)
+
+
+def _read_parquet_bytes(data: bytes, uri: str) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # polars raises several error types for corrupt files
+        raise SourceError(f"input {uri} is not a readable Parquet file: {exc}") from None
+
+
+def read_csv_bytes(data: bytes, uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Parse CSV text with every column as text. Records with the wrong number of fields
+    or with bytes that are not UTF-8 go to the returned malformed frame."""
+    try:
+        return _parse_csv(data, uri)
+    except pa.ArrowInvalid as exc:
+        if "UTF8" not in str(exc) and "utf8" not in str(exc).lower():
+            raise SourceError(f"input {uri} is not a readable CSV file: {exc}") from None
+    # Slow path, only for files with invalid UTF-8: mark the bad bytes, then quarantine
+    # the records that hold them.
+    marked = data.decode("utf-8", errors="driftloop-mark-bad-bytes").encode("utf-8")
+    frame, malformed = _parse_csv(marked, uri)
+    has_bad = pl.any_horizontal(pl.col(c).str.contains(_BAD_BYTE_PATTERN) for c in frame.columns)
+    bad = frame.with_row_index(ROW).filter(has_bad)
+    encoding_failures = [
+        _malformed_record("utf8", _escape_bad_bytes(",".join(v or "" for v in row[1:])))
+        for row in bad.iter_rows()
+    ]
+    frame = frame.filter(~has_bad)
+    malformed = pl.concat([malformed, _malformed_frame(encoding_failures)])
+    logger.warning("%s: %d record(s) hold bytes that are not UTF-8", uri, len(encoding_failures))
+    return frame, malformed
+
+
+def _parse_csv(data: bytes, uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    header = _header(data, uri)
+    bad_records: list[dict[str, object]] = []
+
+    def on_invalid_row(row: pacsv.InvalidRow) -> str:
+        bad_records.append(
+            _malformed_record(
+                f"field_count(expected {row.expected_columns}, found {row.actual_columns})",
+                _escape_bad_bytes(row.text),
+            )
+        )
+        return "skip"  # recorded above: it goes to the quarantine, not away
+
+    table = pacsv.read_csv(
+        io.BytesIO(data),
+        read_options=pacsv.ReadOptions(use_threads=True),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
+        convert_options=pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in header},
+            strings_can_be_null=True,
+            null_values=[""],
+            quoted_strings_can_be_null=True,
+        ),
+    )
+    return pl.from_arrow(table), _malformed_frame(bad_records)
+
+
+def _header(data: bytes, uri: str) -> list[str]:
+    first_line = data.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
+    names = next(csv.reader([first_line]))
+    blank = [i for i, n in enumerate(names) if not n.strip()]
+    if blank:
+        raise SourceError(f"input {uri}: header column {blank[0] + 1} has no name; name every column")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SourceError(f"input {uri}: header names {dupes} more than once; make column names unique")
+    return names
+
+
+def _escape_bad_bytes(value: str) -> str:
+    return "".join(
+        f"\\x{ord(ch) - _BAD_BYTE_BASE:02x}" if ord(ch) >= _BAD_BYTE_BASE else ch for ch in value
+    )
+
+
+def _malformed_record(check: str, raw_text: str) -> dict[str, object]:
+    return {ROW: None, "_columns": [None], "_checks": [check], "_values": [raw_text]}
+
+
+def _malformed_frame(records: list[dict[str, object]]) -> pl.DataFrame:
+    schema = {
+        ROW: pl.Int64,
+        "_columns": pl.List(pl.String),
+        "_checks": pl.List(pl.String),
+        "_values": pl.List(pl.String),
+    }
+    return pl.DataFrame(records, schema=schema)
+
+
+# --- SQL ---------------------------------------------------------------------------
+
+
+def read_sql(source: SqlSource) -> RawBatch:
+    url = source.resolve_url()
+    label = source.describe(url)
+    try:
+        engine = create_engine(url)
+    except (SQLAlchemyError, ValueError, ImportError) as exc:
+        raise SourceError(f"SQL source {masked_url(url)}: invalid URL or missing driver: {exc}") from None
+    try:
+        with engine.connect() as conn:
+            if source.table:
+                schema, _, name = source.table.rpartition(".")
+                if not inspect(conn).has_table(name, schema=schema or None):
+                    found = inspect(conn).get_table_names(schema=schema or None)
+                    raise SourceError(
+                        f"SQL source {label}: table {source.table!r} does not exist; "
+                        f"tables found: {', '.join(found) or '(none)'}"
+                    )
+                statement = select(Table(name, MetaData(), schema=schema or None, autoload_with=conn))
+            else:
+                statement = text(source.query or "").bindparams(**source.params)
+            frame = pl.read_database(statement, conn, infer_schema_length=None)
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise SourceError(
+            f"SQL source {label}: cannot connect or query: {reason}; check the host, port, "
+            "credentials and that the database is running"
+        ) from None
+    except (NoSuchTableError, ProgrammingError) as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise SourceError(f"SQL source {label}: {reason}") from None
+    finally:
+        engine.dispose()
+    if frame.height == 0:
+        raise SourceError(f"SQL source {label} returned no rows; nothing to ingest")
+    return RawBatch(frame, _malformed_frame([]), label, frame_content_hash(frame))
+
+
+def frame_content_hash(frame: pl.DataFrame) -> str:
+    """sha256 of the frame's column names, types and values (Arrow IPC, uncompressed)."""
+    buffer = io.BytesIO()
+    frame.write_ipc(buffer, compression="uncompressed")
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+# --- datasets ----------------------------------------------------------------------
+
+
+def dataset_id_for(batch: RawBatch, spec: DatasetSpec, *, labelled: bool) -> str:
+    """Same content, spec and labelling give the same dataset id."""
+    key = f"{batch.content_hash}:{spec.fingerprint()}:{int(labelled)}"
+    return "ds_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def dataset_dir(spec: DatasetSpec, dataset_id: str) -> str:
+    return f"datasets/{spec.name}/{dataset_id}"
+
+
+def write_quarantine(result: ValidationResult, store: ArtifactStore, spec: DatasetSpec, dataset_id: str) -> str | None:
+    if result.rows_quarantined == 0:
+        return None
+    return store.write_parquet(f"{dataset_dir(spec, dataset_id)}/quarantine.parquet", result.quarantine)
+
+
+def enforce_reject_limit(result: ValidationResult, spec: DatasetSpec, source: str, quarantine_uri: str | None) -> None:
+    if result.reject_fraction > spec.max_reject_fraction:
+        raise RejectLimitExceeded(
+            f"{source}: {result.rows_quarantined} of {result.rows_in} rows "
+            f"({result.reject_fraction:.1%}) failed validation, above the spec's "
+            f"max_reject_fraction of {spec.max_reject_fraction:.1%}; see the failing column, "
+            f"check and value of each row in {quarantine_uri}, then fix the data or the spec",
+            quarantine_uri,
+        )
+
+
+def snapshot_dataset(
+    result: ValidationResult,
+    spec: DatasetSpec,
+    *,
+    dataset_id: str,
+    content_hash: str,
+    source: str,
+    labelled: bool,
+    quarantine_uri: str | None,
+    store: ArtifactStore,
+    registry: RegistryStore,
+) -> tuple[DatasetRecord, bool]:
+    """Write the valid rows as Parquet and record the dataset; an existing dataset with
+    the same id is returned as it is."""
+    existing = registry.get_dataset(dataset_id)
+    if existing is not None:
+        return existing, False
+    snapshot_uri = store.write_parquet(f"{dataset_dir(spec, dataset_id)}/rows.parquet", result.valid)
+    record = DatasetRecord(
+        id=dataset_id,
+        name=spec.name,
+        content_hash=content_hash,
+        spec_hash=spec.fingerprint(),
+        source=source,
+        labelled=labelled,
+        rows_in=result.rows_in,
+        rows_valid=result.rows_valid,
+        rows_quarantined=result.rows_quarantined,
+        snapshot_uri=snapshot_uri,
+        quarantine_uri=quarantine_uri,
+        column_types={name: str(dtype) for name, dtype in result.valid.schema.items()},
+        created_at=utcnow(),
+    )
+    return registry.add_dataset(record)
+
+
+@task(name="read-source", cache_policy=NONE)
+def read_source_task(source: str | SqlSource) -> RawBatch:
+    return read_sql(source) if isinstance(source, SqlSource) else read_file(source)
+
+
+@task(name="write-quarantine", cache_policy=NONE)
+def write_quarantine_task(result: ValidationResult, store: ArtifactStore, spec: DatasetSpec, dataset_id: str) -> str | None:
+    return write_quarantine(result, store, spec, dataset_id)
+
+
+@task(name="snapshot-dataset", cache_policy=NONE)
+def snapshot_dataset_task(result: ValidationResult, spec: DatasetSpec, **kwargs: object) -> tuple[DatasetRecord, bool]:
+    return snapshot_dataset(result, spec, **kwargs)  # type: ignore[arg-type]

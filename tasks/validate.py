@@ -1,0 +1,257 @@
+"""Validation: raw rows in, typed valid rows and a quarantine out; nothing dropped.
+
+``rows_in == rows_valid + rows_quarantined`` always holds. A quarantined row keeps its
+original values and says which column, check and value failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import pandera.polars as pa
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NONE
+
+from driftloop.errors import SchemaError
+from driftloop.schema import POLARS_DTYPES, build_schema
+from driftloop.spec import ColumnSpec, DatasetSpec
+
+logger = logging.getLogger(__name__)
+
+ROW = "_row"
+"""Quarantine column: the row's 0-based position among the rows the reader parsed."""
+FAILURE_COLUMNS = ("_columns", "_checks", "_values")
+"""Quarantine columns: parallel lists, one entry per failed check of the row."""
+
+_TRUE = ["true", "t", "yes", "y", "1", "1.0"]
+_FALSE = ["false", "f", "no", "n", "0", "0.0"]
+
+
+@dataclass
+class ValidationResult:
+    valid: pl.DataFrame
+    quarantine: pl.DataFrame
+    rows_in: int
+    ignored_columns: list[str] = field(default_factory=list)
+
+    @property
+    def rows_valid(self) -> int:
+        return self.valid.height
+
+    @property
+    def rows_quarantined(self) -> int:
+        return self.quarantine.height
+
+    @property
+    def reject_fraction(self) -> float:
+        return self.rows_quarantined / self.rows_in if self.rows_in else 0.0
+
+
+def _parse_text(column: str, spec: ColumnSpec) -> pl.Expr:
+    text = pl.col(column).str.strip_chars()
+    match spec.dtype:
+        case "float":
+            return text.cast(pl.Float64, strict=False)
+        case "int":
+            as_float = text.cast(pl.Float64, strict=False)
+            integral = as_float.is_finite() & (as_float == as_float.round(0))
+            return pl.coalesce(
+                text.cast(pl.Int64, strict=False),
+                pl.when(integral).then(as_float.cast(pl.Int64, strict=False)),
+            )
+        case "bool":
+            lowered = text.str.to_lowercase()
+            return (
+                pl.when(lowered.is_in(_TRUE))
+                .then(pl.lit(True))
+                .when(lowered.is_in(_FALSE))
+                .then(pl.lit(False))
+                .otherwise(pl.lit(None, dtype=pl.Boolean))
+            )
+        case "datetime":
+            return text.str.to_datetime(format=spec.format, strict=False, time_unit="us")
+        case _:  # category, string: keep the text exactly as given
+            return pl.col(column)
+
+
+def _convert_typed(column: str, source: pl.DataType, spec: ColumnSpec) -> pl.Expr:
+    target = POLARS_DTYPES[spec.dtype]
+    col = pl.col(column)
+    if spec.dtype == "int" and source.is_float():
+        integral = col.is_finite() & (col == col.round(0))
+        return pl.when(integral).then(col.cast(pl.Int64, strict=False))
+    if spec.dtype == "bool" and source.is_integer():
+        return pl.when(col.is_in([0, 1])).then(col.cast(pl.Boolean))
+    if spec.dtype == "datetime" and isinstance(source, pl.Datetime) and source.time_zone:
+        return col.dt.convert_time_zone("UTC").dt.replace_time_zone(None).cast(target)
+    return col.cast(target, strict=False)
+
+
+def _to_spec_type(column: str, source: pl.DataType, spec: ColumnSpec) -> pl.Expr:
+    if source == pl.String:
+        parsed = _parse_text(column, spec)
+    else:
+        parsed = _convert_typed(column, source, spec)
+    if spec.dtype == "float":
+        parsed = parsed.fill_nan(None)  # NaN means missing: nullable decides
+    return parsed
+
+
+def coerce_to_spec(raw: pl.DataFrame, columns: dict[str, ColumnSpec]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Cast each spec column of ``raw`` to its declared type.
+
+    Returns the typed frame (spec columns only, in spec order) and the parse failures
+    (``_row, column, check, value``): a value present in ``raw`` that is not a valid
+    instance of its type ("maybe" in a bool column) becomes null in the typed frame and
+    a failure here.
+    """
+    typed = raw.select(
+        _to_spec_type(name, raw.schema[name], spec).alias(name) for name, spec in columns.items()
+    )
+    # Text with a zone offset parses zone-aware: keep UTC wall time, as the schema expects.
+    typed = typed.with_columns(
+        pl.col(name).dt.convert_time_zone("UTC").dt.replace_time_zone(None).cast(pl.Datetime("us"))
+        for name, dtype in typed.schema.items()
+        if isinstance(dtype, pl.Datetime) and dtype.time_zone
+    )
+    failures = []
+    for name, spec in columns.items():
+        bad = raw[name].is_not_null() & typed[name].is_null()
+        if raw.schema[name] == pl.String:
+            bad = bad & (raw[name].str.strip_chars() != "")
+        if bad.any():
+            idx = bad.arg_true()
+            failures.append(
+                pl.DataFrame(
+                    {
+                        ROW: idx.cast(pl.Int64),
+                        "column": pl.repeat(name, len(idx), eager=True),
+                        "check": pl.repeat(f"dtype({spec.dtype})", len(idx), eager=True),
+                        "value": raw[name].gather(idx).cast(pl.String),
+                    }
+                )
+            )
+    return typed, _concat_failures(failures)
+
+
+def _concat_failures(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    empty = pl.DataFrame(
+        schema={ROW: pl.Int64, "column": pl.String, "check": pl.String, "value": pl.String}
+    )
+    return pl.concat([empty, *frames]) if frames else empty
+
+
+def check_required_columns(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool, source: str) -> list[str]:
+    """Raise on missing spec columns; return the extra columns that will be ignored."""
+    required = spec.schema_columns(labelled=labelled)
+    missing = [c for c in required if c not in raw.columns]
+    if missing:
+        hints = []
+        lowered = {c.lower().strip(): c for c in raw.columns}
+        for name in missing:
+            if name.lower() in lowered:
+                hints.append(f"'{lowered[name.lower()]}' looks like '{name}' (names are case-sensitive)")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        what = "column" if len(missing) == 1 else "columns"
+        raise SchemaError(
+            f"{source}: missing {what} {', '.join(repr(m) for m in missing)} required by spec "
+            f"'{spec.name}'{hint}; found columns: {', '.join(raw.columns) or '(none)'}. "
+            "Add the column to the input, or remove it from the spec"
+            + (" (or ingest it as unlabelled data)" if missing == [spec.target] else "")
+        )
+    return [c for c in raw.columns if c not in required]
+
+
+def validate_rows(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool = True, source: str = "input") -> ValidationResult:
+    """Type and check ``raw`` against the spec with pandera; quarantine failing rows.
+
+    Batch-level problems (a missing column) raise :class:`SchemaError`; row-level
+    problems (unparsable value, failed check, null, duplicate id) quarantine the row.
+    """
+    ignored = check_required_columns(raw, spec, labelled=labelled, source=source)
+    if ignored:
+        logger.warning(
+            "%s: ignoring %d column(s) not in spec '%s': %s",
+            source, len(ignored), spec.name, ", ".join(ignored),
+        )
+    columns = spec.schema_columns(labelled=labelled)
+    typed, parse_failures = coerce_to_spec(raw, columns)
+    check_failures = _pandera_failures(typed, spec, labelled=labelled, source=source)
+    # A value that failed to parse is null in `typed`; its not_nullable failure is noise.
+    if parse_failures.height and check_failures.height:
+        check_failures = check_failures.join(
+            parse_failures.select(ROW, "column"), on=[ROW, "column"], how="anti"
+        )
+    failures = pl.concat([parse_failures, check_failures])
+    if failures.height == 0:
+        return ValidationResult(typed, _empty_quarantine(raw), raw.height, ignored)
+
+    per_row = (
+        failures.sort(ROW, maintain_order=True)
+        .group_by(ROW, maintain_order=True)
+        .agg(
+            pl.col("column").alias("_columns"),
+            pl.col("check").alias("_checks"),
+            pl.col("value").alias("_values"),
+        )
+    )
+    bad_rows = per_row[ROW]
+    is_bad = pl.int_range(0, raw.height, eager=True).is_in(bad_rows.implode())
+    valid = typed.filter(~is_bad)
+    quarantine = (
+        raw.with_row_index(ROW)
+        .with_columns(pl.col(ROW).cast(pl.Int64))
+        .join(per_row, on=ROW, how="inner")
+        .sort(ROW)
+    )
+    return ValidationResult(valid, quarantine, raw.height, ignored)
+
+
+def _empty_quarantine(raw: pl.DataFrame) -> pl.DataFrame:
+    return (
+        raw.head(0)
+        .with_row_index(ROW)
+        .with_columns(pl.col(ROW).cast(pl.Int64))
+        .with_columns(pl.lit(None, dtype=pl.List(pl.String)).alias(c) for c in FAILURE_COLUMNS)
+    )
+
+
+def _pandera_failures(typed: pl.DataFrame, spec: DatasetSpec, *, labelled: bool, source: str) -> pl.DataFrame:
+    schema = build_schema(spec, labelled=labelled)
+    try:
+        schema.validate(typed, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        cases = exc.failure_cases
+    else:
+        return _concat_failures([])
+    schema_level = cases.filter(pl.col("index").is_null())
+    if schema_level.height:
+        first = schema_level.row(0, named=True)
+        raise SchemaError(
+            f"{source}: column {first['column'] or first['failure_case']!r} fails "
+            f"{first['check']} ({first['failure_case']}) for spec '{spec.name}'"
+        )
+    return cases.select(
+        pl.col("index").cast(pl.Int64).alias(ROW),
+        pl.col("column").cast(pl.String),
+        pl.col("check").cast(pl.String),
+        pl.col("failure_case").cast(pl.String).alias("value"),
+    )
+
+
+def with_malformed(result: ValidationResult, malformed: pl.DataFrame) -> ValidationResult:
+    """Add records the reader could not split into columns (wrong field count, bad
+    encoding) to the quarantine and to ``rows_in``."""
+    if malformed.height == 0:
+        return result
+    quarantine = pl.concat([result.quarantine, malformed], how="diagonal_relaxed")
+    return ValidationResult(
+        result.valid, quarantine, result.rows_in + malformed.height, result.ignored_columns
+    )
+
+
+@task(name="validate", cache_policy=NONE)
+def validate_task(raw: pl.DataFrame, spec: DatasetSpec, labelled: bool, source: str) -> ValidationResult:
+    return validate_rows(raw, spec, labelled=labelled, source=source)
