@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -32,18 +31,19 @@ def _emit(payload: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any
         sys.stdout.write(human(payload) + "\n")
 
 
-def _quiet_prefect_console(verbose: bool) -> None:
-    """Keep Prefect's console logs (and its tracebacks) off the terminal unless asked;
-    they still reach the Prefect API and the UI."""
-    from prefect.logging.configuration import setup_logging
-
-    setup_logging()
-    if verbose:
-        return
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setLevel(logging.CRITICAL + 1)
+def _configure_environment(*, verbose: bool) -> None:
+    """Set before Prefect or NannyML is imported: both read these once."""
+    os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
+    # A fresh temporary Prefect server migrates its database first; on a small machine
+    # that takes longer than Prefect's default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "driftloop,tasks,flows")
+    if "PREFECT_API_URL" not in os.environ:
+        # The temporary server is ours alone: no telemetry from it.
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS", "driftloop.logs.CliConsoleHandler")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
 # --- commands ---------------------------------------------------------------------
@@ -67,7 +67,6 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
         raise DriftloopError("give a SOURCE path or URI, or --sql-url/--sql-url-env/--sql-secret with --table or --query")
     elif args.table or args.query:
         raise DriftloopError("--table and --query need --sql-url, --sql-url-env or --sql-secret")
-    _quiet_prefect_console(args.verbose)
     result = ingest(spec_path=args.spec, source=args.source, sql=sql, labelled=not args.unlabelled)
     return result.model_dump()
 
@@ -118,7 +117,6 @@ def _human_datasets(p: dict[str, Any]) -> str:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from driftloop.demo import run_demo
 
-    _quiet_prefect_console(args.verbose)
     return run_demo()
 
 
@@ -178,10 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
-    # A fresh temporary Prefect server migrates its database first; on a small machine
-    # that takes longer than Prefect's default 20 s.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    _configure_environment(verbose=getattr(args, "verbose", False))
     try:
         payload = args.handler(args)
     except DriftloopError as exc:

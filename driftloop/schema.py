@@ -34,7 +34,7 @@ def _first_of_its_value(data: pa.PolarsData) -> pl.LazyFrame:
 def column_checks(spec: ColumnSpec) -> list[pa.Check]:
     checks: list[pa.Check] = []
     if spec.dtype == "float":
-        checks.append(pa.Check(_finite, name="finite", error="value must be finite (not ±inf)"))
+        checks.append(pa.Check(_finite, name="finite"))
     if spec.min is not None:
         checks.append(pa.Check.ge(spec.min))
     if spec.max is not None:
@@ -42,7 +42,7 @@ def column_checks(spec: ColumnSpec) -> list[pa.Check]:
     if spec.allowed is not None:
         checks.append(pa.Check.isin(spec.allowed))
     if spec.unique:
-        checks.append(pa.Check(_first_of_its_value, name="unique", error="duplicate value"))
+        checks.append(pa.Check(_first_of_its_value, name="unique"))
     return checks
 
 

@@ -149,7 +149,9 @@ def read_csv_bytes(data: bytes, uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     # the records that hold them.
     marked = data.decode("utf-8", errors="driftloop-mark-bad-bytes").encode("utf-8")
     frame, malformed = _parse_csv(marked, uri)
-    has_bad = pl.any_horizontal(pl.col(c).str.contains(_BAD_BYTE_PATTERN) for c in frame.columns)
+    has_bad = pl.any_horizontal(
+        pl.col(c).str.contains(_BAD_BYTE_PATTERN).fill_null(False) for c in frame.columns
+    )
     bad = frame.with_row_index(ROW).filter(has_bad)
     encoding_failures = [
         _malformed_record("utf8", _escape_bad_bytes(",".join(v or "" for v in row[1:])))

@@ -91,12 +91,8 @@ def _convert_typed(column: str, source: pl.DataType, spec: ColumnSpec) -> pl.Exp
 
 def _to_spec_type(column: str, source: pl.DataType, spec: ColumnSpec) -> pl.Expr:
     if source == pl.String:
-        parsed = _parse_text(column, spec)
-    else:
-        parsed = _convert_typed(column, source, spec)
-    if spec.dtype == "float":
-        parsed = parsed.fill_nan(None)  # NaN means missing: nullable decides
-    return parsed
+        return _parse_text(column, spec)
+    return _convert_typed(column, source, spec)
 
 
 def coerce_to_spec(raw: pl.DataFrame, columns: dict[str, ColumnSpec]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -133,6 +129,10 @@ def coerce_to_spec(raw: pl.DataFrame, columns: dict[str, ColumnSpec]) -> tuple[p
                     }
                 )
             )
+    # NaN parses as a float but means missing: the column's nullable decides.
+    typed = typed.with_columns(
+        pl.col(name).fill_nan(None) for name, spec in columns.items() if spec.dtype == "float"
+    )
     return typed, _concat_failures(failures)
 
 

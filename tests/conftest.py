@@ -1,0 +1,67 @@
+"""Test isolation and the real services the tests run against.
+
+Environment is set at import, before anything imports Prefect (its settings are read
+once): every run gets its own DRIFTLOOP_HOME and PREFECT_HOME, analytics and NannyML
+telemetry off, and PREFECT_API_URL pointing at one real `prefect server` on a free
+loopback port, started on first use by the tests that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from tests.support.services import free_port
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="driftloop-tests-"))
+_SESSION_DIR.chmod(0o755)  # the postgres user must reach its data directory
+_PREFECT_PORT = free_port()
+os.environ.update(
+    {
+        "DRIFTLOOP_HOME": str(_SESSION_DIR / "home"),
+        "PREFECT_HOME": str(_SESSION_DIR / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{_PREFECT_PORT}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+        "NML_DISABLE_USAGE_LOGGING": "1",
+    }
+)
+os.environ.pop("DRIFTLOOP_REGISTRY_URL", None)
+os.environ.pop("DRIFTLOOP_ARTIFACT_ROOT", None)
+(_SESSION_DIR / "prefect").mkdir(parents=True, exist_ok=True)
+
+import pytest  # noqa: E402
+
+from tests.support.services import PostgresServer, PrefectServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> PrefectServer:
+    """A real `prefect server start` on 127.0.0.1 (SQLite), shared by the session."""
+    server = PrefectServer(port=_PREFECT_PORT, home=_SESSION_DIR / "prefect")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> PostgresServer:
+    """A real PostgreSQL server on loopback in a temp directory, shared by the session."""
+    server = PostgresServer(_SESSION_DIR / "postgres")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh DRIFTLOOP_HOME for one test."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("DRIFTLOOP_HOME", str(path))
+    return path

@@ -1,0 +1,120 @@
+"""The ingest flow and the CLI, run against a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from driftloop.errors import RejectLimitExceeded
+from driftloop.registry import open_registry
+from driftloop.settings import get_settings
+from flows.ingest import ingest
+from tests.support.data import GOOD_ROWS, write_csv, write_spec
+
+pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
+
+BAD_ROWS = ["5,2024-01-05,forty,0.5,low,true,12,1", "6,2024-01-06,10,0.5,gold,true,12,1"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    driftloop = Path(sys.executable).with_name("driftloop")
+    return subprocess.run([str(driftloop), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_ingest_snapshots_valid_rows_and_quarantines_the_rest(tmp_path: Path, home: Path) -> None:
+    spec = write_spec(tmp_path)
+    result = ingest(spec_path=str(spec), source=str(write_csv(tmp_path, GOOD_ROWS + BAD_ROWS)))
+    assert (result.rows_in, result.rows_valid, result.rows_quarantined) == (6, 4, 2)
+    snapshot = pl.read_parquet(result.snapshot_uri)
+    assert snapshot["id"].to_list() == [1, 2, 3, 4]
+    quarantine = pl.read_parquet(result.quarantine_uri)
+    assert quarantine["id"].to_list() == ["5", "6"]
+    assert quarantine["_checks"].to_list() == [["dtype(float)"], ["isin(['low', 'mid', 'high'])"]]
+    assert result.snapshot_uri.startswith(str(home / "artifacts" / "datasets" / "loans"))
+
+    # Same content again: the same dataset, not a duplicate.
+    again = ingest(spec_path=str(spec), source=str(write_csv(tmp_path, GOOD_ROWS + BAD_ROWS, name="copy.csv")))
+    assert again.dataset_id == result.dataset_id and not again.created
+    registry = open_registry(get_settings().registry_database_url())
+    assert [d.id for d in registry.list_datasets()] == [result.dataset_id]
+
+
+def test_reject_fraction_above_limit_fails_the_run_and_keeps_the_quarantine(tmp_path: Path, home: Path) -> None:
+    spec = write_spec(tmp_path, {"max_reject_fraction": 0.2})
+    state = ingest(spec_path=str(spec), source=str(write_csv(tmp_path, GOOD_ROWS + BAD_ROWS)), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RejectLimitExceeded) as err:
+        state.result()
+    assert "2 of 6 rows (33.3%) failed validation" in str(err.value)
+    assert "max_reject_fraction of 20.0%" in str(err.value)
+    assert pl.read_parquet(err.value.quarantine_uri).height == 2
+    assert open_registry(get_settings().registry_database_url()).list_datasets() == []
+
+
+def test_cli_ingest_and_list_print_one_json_object(tmp_path: Path, home: Path) -> None:
+    spec = write_spec(tmp_path)
+    data = write_csv(tmp_path, GOOD_ROWS + BAD_ROWS)
+    run = cli("ingest", "--spec", str(spec), str(data), "--json")
+    assert run.returncode == 0, run.stderr
+    payload = json.loads(run.stdout)
+    assert {"dataset_id", "rows_in", "rows_valid", "rows_quarantined", "quarantine_uri", "snapshot_uri"} <= payload.keys()
+    assert (payload["rows_in"], payload["rows_valid"], payload["rows_quarantined"]) == (6, 4, 2)
+
+    listing = cli("datasets", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    datasets = json.loads(listing.stdout)["datasets"]
+    assert [d["id"] for d in datasets] == [payload["dataset_id"]]
+
+
+def test_cli_ingest_from_sql_table(tmp_path: Path, home: Path) -> None:
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'src.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE loans (id INT, ts TEXT, amount REAL, ratio REAL, band TEXT, prev_ok INT, term INT, repaid INT)")
+        conn.exec_driver_sql("INSERT INTO loans VALUES (1,'2024-01-01',1,0.1,'low',1,12,1),(2,'2024-01-02',2,0.2,'mid',0,12,0)")
+    engine.dispose()
+    run = cli("ingest", "--spec", str(write_spec(tmp_path)), "--sql-url", url, "--table", "loans", "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["rows_valid"] == 2
+
+
+@pytest.mark.parametrize(
+    ("make_args", "expected"),
+    [
+        (lambda d: ["--spec", str(write_spec(d, {"colour": 1})), str(write_csv(d, GOOD_ROWS))], "key 'colour': unknown key"),
+        (lambda d: ["--spec", str(write_spec(d)), str(d / "absent.csv")], "absent.csv does not exist"),
+        (lambda d: ["--spec", str(write_spec(d)), str(write_csv(d, GOOD_ROWS, header="id,ts"))], "missing columns"),
+        (lambda d: ["--spec", str(write_spec(d)), "--sql-url", f"sqlite:///{d}/src.db", "--table", "nope"], "table 'nope' does not exist"),
+    ],
+)
+def test_cli_failure_is_one_clear_line(tmp_path: Path, home: Path, make_args, expected: str) -> None:
+    run = cli("ingest", *make_args(tmp_path), "--json")
+    assert run.returncode == 1
+    assert run.stdout == ""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("driftloop: error: ") and expected in lines[0]
+
+
+def test_sql_credentials_from_a_prefect_secret_block(tmp_path: Path, home: Path) -> None:
+    import sqlalchemy as sa
+    from prefect.blocks.system import Secret
+
+    from tasks.ingest import SqlSource
+
+    url = f"sqlite:///{tmp_path / 'secret-src.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE loans (id INT, ts TEXT, amount REAL, ratio REAL, band TEXT, prev_ok INT, term INT, repaid INT)")
+        conn.exec_driver_sql("INSERT INTO loans VALUES (7,'2024-01-01',1,0.1,'low',1,12,1)")
+    engine.dispose()
+    Secret(value=url).save("loans-source-url", overwrite=True)
+    result = ingest(spec_path=str(write_spec(tmp_path)), sql=SqlSource(secret_block="loans-source-url", table="loans"))
+    assert result.rows_valid == 1

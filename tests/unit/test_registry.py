@@ -1,0 +1,104 @@
+"""The registry store on SQLite and on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from driftloop.errors import RegistryError
+from driftloop.registry import DatasetRecord
+from driftloop.registry.schema import current_revision, head_revision, upgrade
+from driftloop.registry.store import RegistryStore, create_registry_engine, open_registry
+
+
+def record(dataset_id: str = "ds_0001", name: str = "loans") -> DatasetRecord:
+    return DatasetRecord(
+        id=dataset_id, name=name, content_hash="c" * 64, spec_hash="s" * 64, source="x.csv",
+        labelled=True, rows_in=10, rows_valid=9, rows_quarantined=1, snapshot_uri="/a/rows.parquet",
+        quarantine_uri="/a/q.parquet", column_types={"id": "Int64"}, created_at=datetime.now(UTC),
+    )
+
+
+def exercise_store(store: RegistryStore) -> None:
+    stored, created = store.add_dataset(record())
+    assert created and stored.id == "ds_0001"
+    again, created = store.add_dataset(record())
+    assert not created and again.created_at == stored.created_at
+    store.add_dataset(record("ds_0002", name="other"))
+    assert [d.id for d in store.list_datasets(name="loans")] == ["ds_0001"]
+    assert {d.id for d in store.list_datasets()} == {"ds_0001", "ds_0002"}
+    assert store.get_dataset("ds_0001").column_types == {"id": "Int64"}
+    assert store.get_dataset("absent") is None
+
+
+def test_sqlite_registry(tmp_path: Path) -> None:
+    store = open_registry(f"sqlite:///{tmp_path / 'nested' / 'registry.db'}")
+    assert current_revision(store.engine) == head_revision()
+    exercise_store(store)
+
+
+def test_upgrade_keeps_an_earlier_release_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_registry_engine(url)
+    upgrade(engine, "0001")  # the first release's schema
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO datasets VALUES ('ds_old','loans','h','s','f.csv',1,1,1,0,'u',NULL,'{}',"
+                "'2026-01-01 00:00:00')"
+            )
+        )
+    engine.dispose()
+    store = open_registry(url)
+    assert current_revision(store.engine) == head_revision()
+    assert store.get_dataset("ds_old").rows_in == 1
+
+
+def test_unreachable_registry_is_a_clear_error() -> None:
+    with pytest.raises(RegistryError, match=r"cannot open the registry database postgresql\+psycopg://u:\*\*\*@127.0.0.1:1/x"):
+        open_registry("postgresql+psycopg://u:secret@127.0.0.1:1/x")
+
+
+_CONCURRENT_OPEN = """
+import sys
+from driftloop.registry.store import open_registry
+from tests.unit.test_registry import record
+store = open_registry(sys.argv[1])
+store.add_dataset(record("ds_" + sys.argv[2]))
+store.add_dataset(record("ds_shared"))
+"""
+
+
+def open_concurrently(url: str, n: int = 4) -> None:
+    """Several fresh processes upgrade and write the same database at once."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _CONCURRENT_OPEN, url, str(i)], stderr=subprocess.PIPE)
+        for i in range(n)
+    ]
+    errors = [p.communicate()[1].decode() for p in procs if p.wait() != 0]
+    assert not errors, errors[0]
+
+
+def test_sqlite_concurrent_first_open(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    open_concurrently(url)
+    assert len(open_registry(url).list_datasets()) == 5
+
+
+@pytest.mark.postgres
+def test_postgres_registry(postgres) -> None:
+    store = open_registry(postgres.create_database("registry_basic"))
+    assert current_revision(store.engine) == head_revision()
+    exercise_store(store)
+
+
+@pytest.mark.postgres
+def test_postgres_concurrent_first_open(postgres) -> None:
+    url = postgres.create_database("registry_race")
+    open_concurrently(url)
+    assert len(open_registry(url).list_datasets()) == 5

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from pydantic import SecretStr, ValidationError
+
+from driftloop.errors import SourceError
+from driftloop.spec import load_spec
+from tasks.ingest import SqlSource, read_sql
+from tasks.validate import validate_rows
+from tests.support.data import write_spec
+
+
+@pytest.fixture()
+def loans_db(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'source.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE loans (id INTEGER, ts TEXT, amount REAL, ratio REAL, band TEXT,"
+            " prev_ok INTEGER, term INTEGER, repaid INTEGER)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO loans VALUES (1,'2024-01-01',10,0.1,'low',1,12,1),"
+            "(2,'2024-01-02',20,NULL,'mid',0,24,0),(3,'2024-01-03',-5,0.2,'high',1,36,1)"
+        )
+    engine.dispose()
+    return url
+
+
+def test_table_is_read_and_validated(tmp_path: Path, loans_db: str) -> None:
+    batch = read_sql(SqlSource(url=SecretStr(loans_db), table="loans"))
+    assert batch.rows_in == 3 and "(table loans)" in batch.source
+    result = validate_rows(batch.frame, load_spec(write_spec(tmp_path)), source=batch.source)
+    assert (result.rows_valid, result.rows_quarantined) == (2, 1)  # amount -5 fails min 0
+
+
+def test_parameterised_query_with_url_from_environment(loans_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOANS_DB_URL", loans_db)
+    source = SqlSource(url_env="LOANS_DB_URL", query="SELECT * FROM loans WHERE term >= :t", params={"t": 24})
+    assert read_sql(source).frame["id"].to_list() == [2, 3]
+
+
+def test_same_rows_hash_the_same(loans_db: str) -> None:
+    one = read_sql(SqlSource(url=SecretStr(loans_db), table="loans"))
+    two = read_sql(SqlSource(url=SecretStr(loans_db), query="SELECT * FROM loans"))
+    assert one.content_hash == two.content_hash
+
+
+def test_missing_table_lists_the_tables(loans_db: str) -> None:
+    with pytest.raises(SourceError, match=r"table 'loanz' does not exist; tables found: loans"):
+        read_sql(SqlSource(url=SecretStr(loans_db), table="loanz"))
+
+
+def test_unreachable_database_hides_the_password() -> None:
+    url = "postgresql+psycopg://scorer:hunter2@127.0.0.1:1/loans"
+    with pytest.raises(SourceError) as err:
+        read_sql(SqlSource(url=SecretStr(url), table="loans"))
+    message = str(err.value)
+    assert "cannot connect" in message and "scorer:***@127.0.0.1:1" in message
+    assert "hunter2" not in message
+
+
+def test_unset_environment_variable() -> None:
+    with pytest.raises(SourceError, match="environment variable NOPE_NOT_SET is not set"):
+        read_sql(SqlSource(url_env="NOPE_NOT_SET", table="loans"))
+
+
+def test_source_needs_one_url_and_one_of_table_or_query() -> None:
+    with pytest.raises(ValidationError, match="exactly one of url"):
+        SqlSource(table="loans")
+    with pytest.raises(ValidationError, match="exactly one of table or query"):
+        SqlSource(url=SecretStr("sqlite://"), table="a", query="SELECT 1")
