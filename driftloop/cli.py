@@ -114,6 +114,119 @@ def _human_datasets(p: dict[str, Any]) -> str:
     return "\n".join([header, *rows])
 
 
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.train import train
+
+    if (args.dataset is None) == (args.source is None):
+        raise DriftloopError("give a SOURCE path or URI, or --dataset ID (see: driftloop datasets list)")
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in algorithms if a not in ("xgboost", "lightgbm")]
+    if unknown:
+        raise DriftloopError(f"--algorithms: unknown {', '.join(unknown)}; choose from xgboost, lightgbm")
+    result = train(
+        spec_path=args.spec, dataset_id=args.dataset, source=args.source, trials=args.trials,
+        algorithms=algorithms, seed=args.seed, timeout_s=args.timeout, study_name=args.study,
+        promote=not args.no_promote,
+    )
+    return result.model_dump()
+
+
+def _human_train(p: dict[str, Any]) -> str:
+    lines = [
+        p["headline"],
+        "  metrics  " + ", ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items()),
+        f"  gate     {'passed' if p['gate']['passed'] else 'FAILED'}: " + "; ".join(p["gate"]["reasons"]),
+        f"  parity   max |diff| {p['parity']['max_abs_diff']:.2g}, {p['parity']['label_flips']} label flips, {p['parity']['rows']:,} rows",
+        f"  onnx     {p['onnx_uri']} (sha256 {p['onnx_sha256'][:12]}...)",
+    ]
+    if p.get("card_uri"):
+        lines.append(f"  card     {p['card_uri']}")
+    return "\n".join(lines)
+
+
+def _registry() -> Any:
+    from driftloop.registry import open_registry
+    from driftloop.settings import get_settings
+
+    return open_registry(get_settings().registry_database_url())
+
+
+def cmd_models_list(args: argparse.Namespace) -> dict[str, Any]:
+    registry = _registry()
+    models = []
+    for name in registry.list_models():
+        aliases = registry.aliases(name)
+        versions = registry.list_versions(name)
+        models.append({
+            "name": name, "aliases": aliases,
+            "versions": [
+                {"version": v.version, "algorithm": v.algorithm, "metrics": v.metrics,
+                 "gate_passed": v.gate.get("passed"), "created_at": v.created_at.isoformat(),
+                 "aliases": sorted(a for a, n in aliases.items() if n == v.version)}
+                for v in versions
+            ],
+        })
+    return {"models": models}
+
+
+def _human_models(p: dict[str, Any]) -> str:
+    if not p["models"]:
+        return "no models registered yet; run: driftloop train --spec SPEC SOURCE"
+    lines = []
+    for m in p["models"]:
+        lines.append(f"{m['name']}")
+        for v in m["versions"]:
+            tags = f" [{', '.join(v['aliases'])}]" if v["aliases"] else ""
+            headline = ", ".join(f"{k} {val:.4f}" for k, val in list(v["metrics"].items())[:3])
+            gate = "gate passed" if v["gate_passed"] else "gate failed"
+            lines.append(f"  v{v['version']:<4} {v['algorithm']:<9} {headline}  {gate}  {v['created_at'][:19]}{tags}")
+    return "\n".join(lines)
+
+
+def cmd_models_show(args: argparse.Namespace) -> dict[str, Any]:
+    registry = _registry()
+    record = registry.resolve(args.ref)
+    return {
+        **record.model_dump(mode="json"),
+        "aliases": registry.aliases(record.model_name),
+        "alias_history": [e.model_dump(mode="json") for e in registry.alias_history(record.model_name)],
+    }
+
+
+def _human_show(p: dict[str, Any]) -> str:
+    lines = [
+        f"{p['model_name']} v{p['version']} ({p['algorithm']}, {p['task']}) created {p['created_at'][:19]}",
+        "  metrics  " + ", ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items()),
+        f"  gate     {'passed' if p['gate']['passed'] else 'failed'}: " + "; ".join(p["gate"]["reasons"]),
+        f"  parity   max |diff| {p['parity']['max_abs_diff']:.2g}, {p['parity']['label_flips']} flips, {p['parity']['rows']:,} rows",
+        f"  dataset  {p['dataset_id']}",
+        f"  onnx     {p['onnx_uri']}",
+        f"  sha256   {p['onnx_sha256']}",
+        f"  card     {p['card_uri']}",
+        f"  aliases  " + (", ".join(f"{a} -> v{v}" for a, v in p["aliases"].items()) or "(none)"),
+        "  history:",
+    ]
+    for e in p["alias_history"]:
+        lines.append(f"    {e['created_at'][:19]} {e['alias']}: v{e['from_version']} -> v{e['to_version']} by {e['actor']}: {e['reason']}")
+    return "\n".join(lines)
+
+
+def _actor(args: argparse.Namespace) -> str:
+    return args.actor or f"cli:{os.environ.get('USER', 'unknown')}"
+
+
+def cmd_models_promote(args: argparse.Namespace) -> dict[str, Any]:
+    registry = _registry()
+    registry.promote(args.name, args.version, actor=_actor(args), reason=args.reason)
+    return {"model": args.name, "champion": args.version, "aliases": registry.aliases(args.name)}
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    registry = _registry()
+    version = registry.rollback(args.name, actor=_actor(args), reason=args.reason)
+    return {"model": args.name, "champion": version, "aliases": registry.aliases(args.name)}
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from driftloop.demo import run_demo
 
@@ -163,6 +276,34 @@ def build_parser() -> argparse.ArgumentParser:
     listing = datasets_sub.add_parser("list", parents=[common], help="list datasets, newest first")
     listing.add_argument("--name", help="only datasets of this spec name")
     listing.set_defaults(handler=cmd_datasets_list, human=_human_datasets)
+
+    train = sub.add_parser("train", parents=[common], help="tune, train, export and register a model")
+    train.add_argument("--spec", required=True, help="dataset spec YAML")
+    train.add_argument("source", nargs="?", help="CSV or Parquet path or URI (ingested first)")
+    train.add_argument("--dataset", help="registered dataset id (driftloop datasets list)")
+    train.add_argument("--trials", type=int, default=20, help="Optuna trials per algorithm (default 20)")
+    train.add_argument("--algorithms", default="xgboost,lightgbm", help="comma-separated (default xgboost,lightgbm)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--timeout", type=float, help="tuning time limit per algorithm, seconds")
+    train.add_argument("--study", help="study name suffix shared by workers tuning together")
+    train.add_argument("--no-promote", action="store_true", help="register only; never move champion")
+    train.set_defaults(handler=cmd_train, human=_human_train)
+
+    models = sub.add_parser("models", help="registered models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    m_list = models_sub.add_parser("list", parents=[common], help="models, versions and aliases")
+    m_list.set_defaults(handler=cmd_models_list, human=_human_models)
+    m_show = models_sub.add_parser("show", parents=[common], help="one version: NAME, NAME@alias or NAME:VERSION")
+    m_show.add_argument("ref")
+    m_show.set_defaults(handler=cmd_models_show, human=_human_show)
+    for verb, handler in (("promote", cmd_models_promote), ("rollback", cmd_models_rollback)):
+        p = models_sub.add_parser(verb, parents=[common], help=f"{verb} the champion alias")
+        p.add_argument("name")
+        if verb == "promote":
+            p.add_argument("version", type=int)
+        p.add_argument("--reason", required=True, help="why (kept in the alias history)")
+        p.add_argument("--actor", help="who (default cli:$USER)")
+        p.set_defaults(handler=handler, human=lambda q: f"{q['model']}: champion is now v{q['champion']}")
 
     demo = sub.add_parser("demo", parents=[common], help="run the lifecycle on the bundled car-loan data")
     demo.set_defaults(handler=cmd_demo, human=_human_demo)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from driftloop.errors import SpecError
+from driftloop.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC
 
 DType = Literal["int", "float", "bool", "category", "string", "datetime"]
 TaskKind = Literal["binary_classification", "multiclass_classification", "regression"]
@@ -61,6 +62,35 @@ class ColumnSpec(BaseModel):
         return self.dtype in ("category", "string")
 
 
+class Threshold(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min: float | None = None
+    max: float | None = None
+
+
+class GateSpec(BaseModel):
+    """When a newly trained model may become champion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str | None = Field(
+        default=None, description="Metric compared with the champion (default: roc_auc, f1_macro or rmse)."
+    )
+    thresholds: dict[str, Threshold] = Field(default_factory=dict, description="Absolute limits, per metric.")
+    max_regression: float = Field(
+        default=0.01, ge=0, description="How much worse than the champion (in metric units) is still accepted."
+    )
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> GateSpec:
+        names = [self.metric] if self.metric else []
+        unknown = [m for m in [*names, *self.thresholds] if m not in HIGHER_IS_BETTER]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(HIGHER_IS_BETTER)}")
+        return self
+
+
 class DatasetSpec(BaseModel):
     """A tabular dataset: its target, identity, time axis and typed columns."""
 
@@ -75,7 +105,12 @@ class DatasetSpec(BaseModel):
     max_reject_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     columns: dict[str, ColumnSpec]
     features: list[str] | None = None
+    gate: GateSpec = Field(default_factory=GateSpec)
     description: str | None = None
+
+    @property
+    def gate_metric(self) -> str:
+        return self.gate.metric or PRIMARY_METRIC[self.task]
 
     @model_validator(mode="after")
     def _roles_are_consistent(self) -> DatasetSpec:
@@ -103,6 +138,16 @@ class DatasetSpec(BaseModel):
                 raise ValueError(f"the timestamp column {self.timestamp!r} must have dtype datetime")
         if not self.feature_columns:
             raise ValueError("no feature columns: declare some under columns")
+        dated = [f for f in self.feature_columns if self.column_spec(f).dtype == "datetime"]
+        if dated:
+            raise ValueError(f"datetime features {dated} are not supported; derive numeric features from them")
+        if self.task == "binary_classification":
+            target = self.column_spec(self.target)
+            if target.dtype not in ("int", "bool") or (target.dtype == "int" and set(target.allowed or []) - {0, 1}):
+                raise ValueError(
+                    f"a binary_classification target must be bool or int with allowed [0, 1]; "
+                    f"{self.target!r} is {target.dtype} {target.allowed or ''}".rstrip()
+                )
         return self
 
     # --- derived views (the only places column lists come from) ---------------------
@@ -120,6 +165,8 @@ class DatasetSpec(BaseModel):
             spec = self.columns[name]
             if name == self.id and not spec.unique:
                 return spec.model_copy(update={"unique": True})
+            if name == self.target and self.task == "binary_classification" and spec.dtype == "int" and spec.allowed is None:
+                return spec.model_copy(update={"allowed": [0, 1]})
             return spec
         if name == self.id:
             return ColumnSpec(dtype="string", unique=True)

@@ -47,3 +47,8 @@ class ArtifactStore:
 def read_parquet(uri: str) -> pl.DataFrame:
     with fsspec.open(uri, "rb") as fh:
         return pl.read_parquet(fh)
+
+
+def read_bytes(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as fh:
+        return fh.read()

@@ -348,3 +348,23 @@ def write_quarantine_task(result: ValidationResult, store: ArtifactStore, spec: 
 @task(name="snapshot-dataset", cache_policy=NONE)
 def snapshot_dataset_task(result: ValidationResult, spec: DatasetSpec, **kwargs: object) -> tuple[DatasetRecord, bool]:
     return snapshot_dataset(result, spec, **kwargs)  # type: ignore[arg-type]
+
+
+def load_dataset(registry: RegistryStore, dataset_id: str) -> tuple[DatasetRecord, pl.DataFrame]:
+    from driftloop.storage import read_parquet
+
+    record = registry.get_dataset(dataset_id)
+    if record is None:
+        known = [d.id for d in registry.list_datasets()[:5]]
+        raise SourceError(
+            f"dataset {dataset_id} is not registered; recent datasets: {', '.join(known) or '(none)'} "
+            "(list them with: driftloop datasets list)"
+        )
+    if not record.labelled:
+        raise SourceError(f"dataset {dataset_id} was ingested without labels (--unlabelled); it cannot train a model")
+    return record, read_parquet(record.snapshot_uri)
+
+
+@task(name="load-dataset", cache_policy=NONE)
+def load_dataset_task(registry: RegistryStore, dataset_id: str) -> tuple[DatasetRecord, pl.DataFrame]:
+    return load_dataset(registry, dataset_id)

@@ -1,6 +1,12 @@
 """The registry: what driftloop knows about datasets (and, later, models, aliases,
 scoring runs and monitoring results), in one SQL database with a versioned schema."""
 
-from driftloop.registry.store import DatasetRecord, RegistryStore, open_registry
+from driftloop.registry.store import (
+    DatasetRecord,
+    ModelNotFound,
+    ModelVersionRecord,
+    RegistryStore,
+    open_registry,
+)
 
-__all__ = ["DatasetRecord", "RegistryStore", "open_registry"]
+__all__ = ["DatasetRecord", "ModelNotFound", "ModelVersionRecord", "RegistryStore", "open_registry"]

@@ -16,6 +16,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
+# Not alembic's default name: Optuna keeps its own alembic_version table in the same
+# database when studies are stored in the registry.
+VERSION_TABLE = "driftloop_schema_version"
 # Arbitrary constant: the PostgreSQL advisory lock that serialises schema upgrades.
 _UPGRADE_LOCK_ID = 0x6472696674
 
@@ -36,7 +39,7 @@ def head_revision() -> str:
 
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -9,14 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from driftloop.errors import RegistryError
+from driftloop.errors import DriftloopError, RegistryError
 from driftloop.registry import schema
-from driftloop.registry.tables import DatasetRow
+from driftloop.registry.tables import AliasEventRow, AliasRow, DatasetRow, ModelRow, ModelVersionRow
+
+ALIASES = ("champion", "challenger")
 
 
 class DatasetRecord(BaseModel):
@@ -33,6 +35,60 @@ class DatasetRecord(BaseModel):
     quarantine_uri: str | None
     column_types: dict[str, Any]
     created_at: datetime
+
+
+class ModelVersionRecord(BaseModel):
+    model_name: str
+    version: int
+    algorithm: str
+    task: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    segment_metrics: dict[str, Any]
+    seed: int
+    dataset_id: str
+    dataset_hash: str
+    spec_hash: str
+    split: dict[str, Any]
+    library_versions: dict[str, Any]
+    onnx_uri: str
+    onnx_sha256: str
+    gate: dict[str, Any]
+    parity: dict[str, Any]
+    card_uri: str | None = None
+    created_at: datetime
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model_name}:{self.version}"
+
+
+class AliasEvent(BaseModel):
+    model_name: str
+    alias: str
+    from_version: int | None
+    to_version: int | None
+    actor: str
+    reason: str
+    created_at: datetime
+
+
+class ModelNotFound(DriftloopError):
+    """No such model, version or alias."""
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:
+    """``name``, ``name@alias`` or ``name:version`` -> (name, alias, version). A bare
+    name means its champion."""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, alias, None
+    if ":" in ref:
+        name, version = ref.split(":", 1)
+        if not version.isdigit():
+            raise DriftloopError(f"model reference {ref!r}: version must be an integer (name:3)")
+        return name, None, int(version)
+    return ref, "champion", None
 
 
 def masked_url(url: str) -> str:
@@ -108,11 +164,157 @@ class RegistryStore:
             return [_dataset(row) for row in s.scalars(query)]
 
 
+    # --- models -------------------------------------------------------------------
+
+    def register_version(self, draft: dict[str, Any], *, alias: str | None = "challenger", actor: str = "driftloop", reason: str = "registered") -> ModelVersionRecord:
+        """Allocate the next version of ``draft['model_name']`` and store it. The model
+        row is locked while the number is taken, so concurrent registrations never
+        collide (PostgreSQL: FOR UPDATE; SQLite: the IMMEDIATE write lock)."""
+        name = draft["model_name"]
+        with self.session() as s:
+            if s.get(ModelRow, name) is None:
+                try:
+                    with s.begin_nested():
+                        s.add(ModelRow(name=name, latest_version=0, created_at=utcnow()))
+                except IntegrityError:
+                    pass  # created concurrently; the lock below orders us after it
+            model = s.execute(select(ModelRow).where(ModelRow.name == name).with_for_update()).scalar_one()
+            model.latest_version += 1
+            row = ModelVersionRow(**{**draft, "version": model.latest_version, "created_at": draft.get("created_at") or utcnow()})
+            s.add(row)
+            s.flush()
+            record = _model_version(row)
+            if alias:
+                self._move_alias(s, name, alias, record.version, actor, reason)
+        return record
+
+    def set_card_uri(self, name: str, version: int, uri: str) -> None:
+        with self.session() as s:
+            row = self._version_row(s, name, version)
+            row.card_uri = uri
+
+    def get_version(self, name: str, version: int) -> ModelVersionRecord:
+        with self.session() as s:
+            return _model_version(self._version_row(s, name, version))
+
+    def resolve(self, ref: str) -> ModelVersionRecord:
+        """The version a reference (``name``, ``name@alias``, ``name:3``) points at."""
+        name, alias, version = parse_model_ref(ref)
+        with self.session() as s:
+            if alias is not None:
+                row = s.get(AliasRow, (name, alias))
+                if row is None:
+                    known = list(s.scalars(select(ModelRow.name).order_by(ModelRow.name)))
+                    hint = f"models: {', '.join(known)}" if known else "no models registered yet; run driftloop train"
+                    raise ModelNotFound(f"model {name!r} has no {alias!r} alias ({hint})")
+                version = row.version
+            assert version is not None
+            return _model_version(self._version_row(s, name, version))
+
+    def find_alias(self, name: str, alias: str) -> ModelVersionRecord | None:
+        try:
+            return self.resolve(f"{name}@{alias}")
+        except ModelNotFound:
+            return None
+
+    def list_models(self) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(select(ModelRow.name).order_by(ModelRow.name)))
+
+    def list_versions(self, name: str | None = None) -> list[ModelVersionRecord]:
+        query = select(ModelVersionRow).order_by(ModelVersionRow.model_name, ModelVersionRow.version.desc())
+        if name:
+            query = query.where(ModelVersionRow.model_name == name)
+        with self.session() as s:
+            return [_model_version(r) for r in s.scalars(query)]
+
+    def aliases(self, name: str) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.scalars(select(AliasRow).where(AliasRow.model_name == name))
+            return {r.alias: r.version for r in rows}
+
+    def alias_history(self, name: str) -> list[AliasEvent]:
+        query = select(AliasEventRow).where(AliasEventRow.model_name == name).order_by(AliasEventRow.id)
+        with self.session() as s:
+            return [
+                AliasEvent.model_validate({c.key: getattr(r, c.key) for c in AliasEventRow.__table__.columns if c.key != "id"})
+                for r in s.scalars(query)
+            ]
+
+    def promote(self, name: str, version: int, *, actor: str, reason: str) -> None:
+        """Point ``champion`` at ``version`` and, if ``challenger`` pointed there, drop it:
+        one transaction, one history entry per moved alias."""
+        with self.session() as s:
+            self._version_row(s, name, version)
+            self._move_alias(s, name, "champion", version, actor, reason)
+            challenger = s.get(AliasRow, (name, "challenger"))
+            if challenger is not None and challenger.version == version:
+                self._move_alias(s, name, "challenger", None, actor, f"promoted to champion: {reason}")
+
+    def rollback(self, name: str, *, actor: str, reason: str) -> int:
+        """Point ``champion`` back at the version it held before its latest move."""
+        with self.session() as s:
+            current = s.get(AliasRow, (name, "champion"))
+            if current is None:
+                raise ModelNotFound(f"model {name!r} has no champion to roll back")
+            last_move = s.scalars(
+                select(AliasEventRow)
+                .where(AliasEventRow.model_name == name, AliasEventRow.alias == "champion",
+                       AliasEventRow.to_version == current.version)
+                .order_by(AliasEventRow.id.desc())
+                .limit(1)
+            ).first()
+            previous = last_move.from_version if last_move is not None else None
+            if previous is None:
+                raise DriftloopError(
+                    f"model {name!r}: champion v{current.version} was the first champion; nothing to roll back to "
+                    f"(promote a version instead: driftloop models promote {name} VERSION)"
+                )
+            self._move_alias(s, name, "champion", previous, actor, f"rollback: {reason}")
+            return previous
+
+    def _version_row(self, s: Session, name: str, version: int) -> ModelVersionRow:
+        row = s.scalars(
+            select(ModelVersionRow).where(ModelVersionRow.model_name == name, ModelVersionRow.version == version)
+        ).first()
+        if row is None:
+            latest = s.scalar(select(func.max(ModelVersionRow.version)).where(ModelVersionRow.model_name == name))
+            hint = f"latest is {latest}" if latest else "no versions registered"
+            raise ModelNotFound(f"model {name!r} has no version {version} ({hint})")
+        return row
+
+    def _move_alias(self, s: Session, name: str, alias: str, version: int | None, actor: str, reason: str) -> None:
+        if alias not in ALIASES:
+            raise DriftloopError(f"alias {alias!r} is not one of {', '.join(ALIASES)}")
+        row = s.get(AliasRow, (name, alias), with_for_update=True)
+        before = row.version if row is not None else None
+        if before == version:
+            return
+        now = utcnow()
+        if version is None:
+            s.delete(row)
+        elif row is None:
+            s.add(AliasRow(model_name=name, alias=alias, version=version, updated_at=now))
+        else:
+            row.version, row.updated_at = version, now
+        s.add(AliasEventRow(model_name=name, alias=alias, from_version=before, to_version=version,
+                            actor=actor, reason=reason, created_at=now))
+
+
+def _utc(data: dict[str, Any], key: str) -> dict[str, Any]:
+    if data[key] is not None and data[key].tzinfo is None:  # SQLite drops the zone; we store UTC
+        data[key] = data[key].replace(tzinfo=UTC)
+    return data
+
+
 def _dataset(row: DatasetRow) -> DatasetRecord:
     data = {c.key: getattr(row, c.key) for c in DatasetRow.__table__.columns}
-    if data["created_at"].tzinfo is None:  # SQLite drops the zone; we always store UTC
-        data["created_at"] = data["created_at"].replace(tzinfo=UTC)
-    return DatasetRecord.model_validate(data)
+    return DatasetRecord.model_validate(_utc(data, "created_at"))
+
+
+def _model_version(row: ModelVersionRow) -> ModelVersionRecord:
+    data = {c.key: getattr(row, c.key) for c in ModelVersionRow.__table__.columns if c.key != "id"}
+    return ModelVersionRecord.model_validate(_utc(data, "created_at"))
 
 
 def utcnow() -> datetime:

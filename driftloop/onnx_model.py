@@ -1,0 +1,69 @@
+"""The one scorer: run a driftloop ONNX artifact on validated rows.
+
+An artifact takes one input per feature, named as in the spec: numeric and bool
+features as float32 ``[N, 1]``, categorical ones as string ``[N, 1]`` (the category
+encoding is inside the graph). Its metadata says how to read its outputs. Only
+onnxruntime is needed here: edge devices import this without training libraries.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import polars as pl
+
+METADATA_KEY = "driftloop"
+
+
+@dataclass
+class LoadedModel:
+    session: ort.InferenceSession
+    metadata: dict[str, Any]
+
+    @property
+    def task(self) -> str:
+        return str(self.metadata["task"])
+
+    @property
+    def inputs(self) -> list[tuple[str, str]]:
+        return [(name, kind) for name, kind in self.metadata["inputs"]]
+
+
+def load_model(onnx_bytes: bytes, *, threads: int | None = None) -> LoadedModel:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the tree converters declare label shapes ORT warns about
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in meta:
+        raise ValueError("not a driftloop ONNX artifact (no 'driftloop' metadata)")
+    return LoadedModel(session, json.loads(meta[METADATA_KEY]))
+
+
+def input_feed(model: LoadedModel, frame: pl.DataFrame) -> dict[str, np.ndarray]:
+    feed = {}
+    for name, kind in model.inputs:
+        col = frame[name]
+        if kind == "string":
+            values = col.cast(pl.String).fill_null("").to_numpy().astype(object)
+        else:
+            values = col.cast(pl.Float32).fill_null(float("nan")).to_numpy().astype(np.float32, copy=False)
+        feed[name] = values.reshape(-1, 1)
+    return feed
+
+
+def predict_scores(model: LoadedModel, frame: pl.DataFrame) -> np.ndarray:
+    """P(class 1) for binary, the (n, k) probabilities for multiclass, the prediction for
+    regression."""
+    (out,) = model.session.run([model.metadata["score_output"]], input_feed(model, frame))
+    if model.task == "binary_classification":
+        return np.asarray(out)[:, 1]
+    if model.task == "regression":
+        return np.asarray(out).reshape(-1)
+    return np.asarray(out)

@@ -1,0 +1,167 @@
+"""ONNX export with the feature encoding inside the graph, and the parity gate.
+
+Design: the artifact scores raw validated rows. Each categorical feature goes through an
+``ai.onnx.ml.LabelEncoder`` (level -> index, unseen -> NaN), numeric ones pass through,
+a ``Concat`` builds the matrix the tree ensemble was trained on. No sidecar to keep in
+step with the model: the sha256 of the .onnx covers everything.
+
+LightGBM boosters arrive with float32-exact thresholds (``tasks.tune.fit_model`` rounds
+them), so the float32 comparisons of ONNX make the same decisions as native LightGBM.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NONE
+
+from driftloop.features import FeatureEncoding
+from driftloop.onnx_model import METADATA_KEY, load_model, predict_scores
+from driftloop.spec import DatasetSpec
+from tasks.evaluate import predicted_labels
+from tasks.tune import FittedModel
+
+TARGET_OPSET = 15
+ML_OPSET = 3
+PARITY_TOLERANCE = 1e-5
+PARITY_MIN_ROWS = 100_000
+
+
+@dataclass
+class ParityReport:
+    rows: int
+    max_abs_diff: float
+    label_flips: int
+    tolerance: float
+    passed: bool
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"ONNX parity {verdict}: max |native - onnx| = {self.max_abs_diff:.3g} "
+            f"(limit {self.tolerance:g}), {self.label_flips} label flips on {self.rows:,} rows"
+        )
+
+
+def native_scores(fitted: FittedModel, x: np.ndarray, task: str) -> np.ndarray:
+    if fitted.algorithm == "xgboost":
+        import xgboost as xgb
+
+        out = fitted.booster.predict(xgb.DMatrix(x))
+    else:
+        out = fitted.booster.predict(x)
+    return np.asarray(out)
+
+
+def _convert_ensemble(fitted: FittedModel, n_features: int) -> Any:
+    import onnxmltools
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    initial = [("features", FloatTensorType([None, n_features]))]
+    if fitted.algorithm == "xgboost":
+        booster = fitted.booster.copy()
+        booster.feature_names = None  # the converter wants f0..fN
+        booster.feature_types = None
+        return onnxmltools.convert_xgboost(booster, initial_types=initial, target_opset=TARGET_OPSET)
+    return onnxmltools.convert_lightgbm(fitted.booster, initial_types=initial, zipmap=False, target_opset=TARGET_OPSET)
+
+
+def build_onnx(fitted: FittedModel, encoding: FeatureEncoding, spec: DatasetSpec, metadata: dict[str, Any]) -> bytes:
+    """The model as ONNX bytes: raw feature inputs -> encoding -> tree ensemble."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = _convert_ensemble(fitted, len(encoding.features))
+    graph = model.graph
+    (features_input,) = [i for i in graph.input if i.name == "features"]
+    graph.input.remove(features_input)
+
+    pre_nodes, inputs, columns = [], [], []
+    for name in encoding.features:
+        if name in encoding.categories:
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.STRING, [None, 1]))
+            levels = list(encoding.categories[name])
+            pre_nodes.append(
+                helper.make_node(
+                    "LabelEncoder", [name], [f"{name}__code"], domain="ai.onnx.ml",
+                    keys_strings=levels, values_floats=[float(i) for i in range(len(levels))],
+                    default_float=float("nan"), name=f"encode_{name}",
+                )
+            )
+            columns.append(f"{name}__code")
+        else:
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, 1]))
+            columns.append(name)
+    pre_nodes.append(helper.make_node("Concat", columns, ["features"], axis=1, name="assemble_features"))
+
+    graph.input.extend(inputs)
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(pre_nodes + existing)
+    for opset in model.opset_import:
+        if opset.domain == "ai.onnx.ml":
+            opset.version = max(opset.version, ML_OPSET)
+    domains = {o.domain for o in model.opset_import}
+    if "ai.onnx.ml" not in domains:
+        model.opset_import.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
+    if "" not in domains:  # Concat lives in the default domain
+        model.opset_import.append(helper.make_opsetid("", TARGET_OPSET))
+
+    outputs = [o.name for o in graph.output]
+    score_output = "variable" if spec.task == "regression" else "probabilities"
+    if score_output not in outputs:
+        raise RuntimeError(f"converted {fitted.algorithm} model has outputs {outputs}, expected {score_output!r}")
+    meta = {
+        **metadata,
+        "task": spec.task,
+        "algorithm": fitted.algorithm,
+        "inputs": [[n, "string" if n in encoding.categories else "float"] for n in encoding.features],
+        "encoding": encoding.to_dict(),
+        "score_output": score_output,
+    }
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    model.producer_name = "driftloop"
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def parity_rows(train: pl.DataFrame, holdout: pl.DataFrame, features: list[str], *, rows: int, seed: int) -> pl.DataFrame:
+    """The holdout plus synthetic rows drawn column by column from the training values,
+    so that combinations the holdout lacks exercise the trees too."""
+    rng = np.random.default_rng(seed)
+    n_synth = max(0, rows - holdout.height)
+    synthetic = pl.DataFrame(
+        {name: train[name].gather(rng.integers(0, train.height, n_synth)) for name in features}
+    )
+    return pl.concat([holdout.select(features), synthetic])
+
+
+def check_parity(fitted: FittedModel, encoding: FeatureEncoding, onnx_bytes: bytes, frame: pl.DataFrame, task_kind: str) -> ParityReport:
+    native = native_scores(fitted, encoding.matrix(frame), task_kind)
+    exported = predict_scores(load_model(onnx_bytes), frame)
+    if task_kind == "binary_classification" and native.ndim == 2:
+        native = native[:, 1]
+    diff = float(np.max(np.abs(native.astype(np.float64) - exported.astype(np.float64)))) if len(frame) else 0.0
+    if task_kind == "regression":
+        flips = 0
+    else:
+        flips = int(np.sum(predicted_labels(task_kind, native) != predicted_labels(task_kind, exported)))  # type: ignore[arg-type]
+    return ParityReport(frame.height, diff, flips, PARITY_TOLERANCE, diff <= PARITY_TOLERANCE and flips == 0)
+
+
+@task(name="export-onnx", cache_policy=NONE, task_run_name="export-onnx-{fitted.algorithm}")
+def export_task(fitted: FittedModel, encoding: FeatureEncoding, spec: DatasetSpec, metadata: dict[str, Any]) -> bytes:
+    return build_onnx(fitted, encoding, spec, metadata)
+
+
+@task(name="parity", cache_policy=NONE)
+def parity_task(fitted: FittedModel, encoding: FeatureEncoding, onnx_bytes: bytes, train: pl.DataFrame,
+                holdout: pl.DataFrame, task_kind: str, min_rows: int, seed: int) -> dict[str, Any]:
+    rows = parity_rows(train, holdout, list(encoding.features), rows=min_rows, seed=seed)
+    return asdict(check_parity(fitted, encoding, onnx_bytes, rows, task_kind))
