@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -233,15 +234,27 @@ def _lightgbm_pruning(trial: optuna.Trial, metric: str) -> Any:
     return EveryFewRounds(trial, metric, valid_name="valid")
 
 
-def open_study(study_name: str, storage: str, *, seed: int) -> optuna.Study:
-    return optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        load_if_exists=True,
-        direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=20, interval_steps=REPORT_EVERY),
-    )
+def open_study(study_name: str, storage: str, *, seed: int, attempts: int = 5) -> optuna.Study:
+    """Create or join the study. Workers starting together race to create Optuna's
+    tables in a fresh database (on PostgreSQL the loser fails on an existing type): the
+    loser retries and joins."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(
+                study_name=study_name,
+                storage=storage,
+                load_if_exists=True,
+                direction="minimize",
+                sampler=optuna.samplers.TPESampler(seed=seed),
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=20, interval_steps=REPORT_EVERY),
+            )
+        except (IntegrityError, ProgrammingError, optuna.exceptions.DuplicatedStudyError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def tune(

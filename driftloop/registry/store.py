@@ -19,6 +19,7 @@ from driftloop.registry import schema
 from driftloop.registry.tables import AliasEventRow, AliasRow, DatasetRow, ModelRow, ModelVersionRow
 
 ALIASES = ("champion", "challenger")
+_ROLLBACK = "rollback: "
 
 
 class DatasetRecord(BaseModel):
@@ -252,7 +253,8 @@ class RegistryStore:
                 self._move_alias(s, name, "challenger", None, actor, f"promoted to champion: {reason}")
 
     def rollback(self, name: str, *, actor: str, reason: str) -> int:
-        """Point ``champion`` back at the version it held before its latest move."""
+        """Point ``champion`` back at the version it held before the current champion was
+        promoted. Repeated rollbacks keep walking back."""
         with self.session() as s:
             current = s.get(AliasRow, (name, "champion"))
             if current is None:
@@ -260,7 +262,9 @@ class RegistryStore:
             last_move = s.scalars(
                 select(AliasEventRow)
                 .where(AliasEventRow.model_name == name, AliasEventRow.alias == "champion",
-                       AliasEventRow.to_version == current.version)
+                       AliasEventRow.to_version == current.version,
+                       # A rollback walks back through promotions, not through rollbacks.
+                       AliasEventRow.reason.not_like(f"{_ROLLBACK}%"))
                 .order_by(AliasEventRow.id.desc())
                 .limit(1)
             ).first()
@@ -270,7 +274,7 @@ class RegistryStore:
                     f"model {name!r}: champion v{current.version} was the first champion; nothing to roll back to "
                     f"(promote a version instead: driftloop models promote {name} VERSION)"
                 )
-            self._move_alias(s, name, "champion", previous, actor, f"rollback: {reason}")
+            self._move_alias(s, name, "champion", previous, actor, f"{_ROLLBACK}{reason}")
             return previous
 
     def _version_row(self, s: Session, name: str, version: int) -> ModelVersionRow:

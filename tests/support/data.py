@@ -46,3 +46,35 @@ def write_csv(directory: Path, rows: list[str], header: str = HEADER, name: str 
     path = directory / name
     path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
     return path
+
+
+def make_loans(n: int, seed: int = 0, start: str = "2024-01-01"):
+    """A learnable loans frame matching LOAN_SPEC (validated types)."""
+    from datetime import datetime, timedelta
+
+    import numpy as np
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    bands = np.array(["low", "mid", "high"])
+    amount = rng.gamma(2.0, 500.0, n)
+    ratio = rng.uniform(0, 1, n)
+    band = bands[rng.integers(0, 3, n)]
+    prev_ok = rng.random(n) < 0.6
+    term = rng.integers(1, 60, n)
+    logit = -amount / 800 + 2.5 * (1 - ratio) + (band == "high") * 1.0 + prev_ok * 0.8 - term / 40
+    repaid = (logit + rng.logistic(size=n) > 0.5).astype(np.int64)
+    ratio_with_nulls = np.where(rng.random(n) < 0.05, np.nan, ratio)
+    t0 = datetime.fromisoformat(start)
+    return pl.DataFrame(
+        {
+            "id": np.arange(n, dtype=np.int64),
+            "ts": [t0 + timedelta(minutes=int(m)) for m in np.sort(rng.integers(0, n * 10, n))],
+            "amount": amount,
+            "ratio": ratio_with_nulls,
+            "band": band,
+            "prev_ok": prev_ok,
+            "term": term,
+            "repaid": repaid,
+        }
+    ).with_columns(pl.col("ratio").fill_nan(None), pl.col("ts").cast(pl.Datetime("us")))

@@ -102,3 +102,76 @@ def test_postgres_concurrent_first_open(postgres) -> None:
     url = postgres.create_database("registry_race")
     open_concurrently(url)
     assert len(open_registry(url).list_datasets()) == 5
+
+
+def version_draft(name: str = "loans", **overrides) -> dict:
+    draft = {
+        "model_name": name, "algorithm": "xgboost", "task": "binary_classification", "params": {"max_depth": 3},
+        "metrics": {"roc_auc": 0.8}, "segment_metrics": {}, "seed": 0, "dataset_id": "ds_1", "dataset_hash": "h" * 64,
+        "spec_hash": "s" * 64, "split": {"method": "time"}, "library_versions": {}, "onnx_uri": "/m.onnx",
+        "onnx_sha256": "0" * 64, "gate": {"passed": True, "reasons": []}, "parity": {"passed": True},
+    }
+    return {**draft, **overrides}
+
+
+def test_versions_aliases_promote_and_rollback(tmp_path: Path) -> None:
+    store = open_registry(f"sqlite:///{tmp_path / 'models.db'}")
+    v1 = store.register_version(version_draft())
+    v2 = store.register_version(version_draft())
+    assert (v1.version, v2.version) == (1, 2)
+    assert store.aliases("loans") == {"challenger": 2}
+    store.promote("loans", 1, actor="alice", reason="first")
+    store.promote("loans", 2, actor="bob", reason="better auc")
+    assert store.aliases("loans") == {"champion": 2}  # challenger was promoted, so it is gone
+    assert store.resolve("loans").version == 2 and store.resolve("loans@champion").version == 2
+    assert store.resolve("loans:1").version == 1
+    assert store.rollback("loans", actor="carol", reason="v2 misbehaves") == 1
+    assert store.resolve("loans@champion").version == 1
+    history = [(e.alias, e.from_version, e.to_version, e.actor) for e in store.alias_history("loans")]
+    assert history == [
+        ("challenger", None, 1, "driftloop"), ("challenger", 1, 2, "driftloop"),
+        ("champion", None, 1, "alice"), ("champion", 1, 2, "bob"), ("challenger", 2, None, "bob"),
+        ("champion", 2, 1, "carol"),
+    ]
+    assert store.alias_history("loans")[-1].reason == "rollback: v2 misbehaves"
+    with pytest.raises(Exception, match="was the first champion"):
+        store.rollback("loans", actor="carol", reason="again")
+    with pytest.raises(Exception, match="has no version 9"):
+        store.promote("loans", 9, actor="x", reason="y")
+    with pytest.raises(Exception, match="has no 'champion' alias"):
+        store.resolve("other@champion")
+
+
+_CONCURRENT_REGISTER = """
+import sys
+from driftloop.registry.store import open_registry
+from tests.unit.test_registry import version_draft
+store = open_registry(sys.argv[1])
+print(",".join(str(store.register_version(version_draft()).version) for _ in range(int(sys.argv[2]))))
+"""
+
+
+def register_concurrently(url: str, processes: int = 4, each: int = 5) -> None:
+    open_registry(url)  # schema first: this test is about version allocation
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _CONCURRENT_REGISTER, url, str(each)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
+    got = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        got += [int(v) for v in out.strip().split(",")]
+    assert sorted(got) == list(range(1, processes * each + 1))
+    versions = [v.version for v in open_registry(url).list_versions("loans")]
+    assert sorted(versions) == list(range(1, processes * each + 1))
+
+
+def test_concurrent_registration_sqlite(tmp_path: Path) -> None:
+    register_concurrently(f"sqlite:///{tmp_path / 'concurrent.db'}")
+
+
+@pytest.mark.postgres
+def test_concurrent_registration_postgres(postgres) -> None:
+    register_concurrently(postgres.create_database("registry_versions"))

@@ -1,0 +1,98 @@
+"""ONNX export: the artifact scores raw rows (categoricals included) exactly like the
+native model, for both algorithms, on 100k+ rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from driftloop.onnx_model import load_model
+from driftloop.spec import load_spec
+from tasks.export import PARITY_MIN_ROWS, build_onnx, check_parity, native_scores, parity_rows
+from tasks.split import split_dataset
+from tasks.tune import fit_model, prepare_training_data, round_lightgbm_thresholds
+from tests.support.data import make_loans, write_spec
+
+PARAMS = {"xgboost": {"max_depth": 6, "learning_rate": 0.1}, "lightgbm": {"num_leaves": 63, "learning_rate": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory):
+    spec = load_spec(write_spec(tmp_path_factory.mktemp("spec")))
+    split = split_dataset(make_loans(20_000, seed=3), spec, seed=0)
+    data, encoding, classes = prepare_training_data(spec, split.train, split.valid)
+    return spec, split, data, encoding
+
+
+@pytest.mark.parametrize("algorithm", ["xgboost", "lightgbm"])
+def test_parity_on_100k_rows_with_categoricals(prepared, algorithm: str) -> None:
+    spec, split, data, encoding = prepared
+    fitted = fit_model(algorithm, PARAMS[algorithm], data, seed=0)
+    onnx_bytes = build_onnx(fitted, encoding, spec, {"model": spec.name})
+    rows = parity_rows(split.train, split.holdout, list(encoding.features), rows=PARITY_MIN_ROWS, seed=1)
+    assert rows.height >= 100_000 and rows["band"].n_unique() == 3
+    report = check_parity(fitted, encoding, onnx_bytes, rows, spec.task)
+    assert report.passed, report.summary()
+    assert report.max_abs_diff <= 1e-5 and report.label_flips == 0
+
+    model = load_model(onnx_bytes)
+    assert model.inputs == [(name, kind) for name, kind in spec.onnx_input_signature()]
+    assert model.metadata["algorithm"] == algorithm
+
+
+def test_unseen_category_scores_as_missing(prepared) -> None:
+    spec, split, data, encoding = prepared
+    fitted = fit_model("lightgbm", PARAMS["lightgbm"], data, seed=0)
+    onnx_bytes = build_onnx(fitted, encoding, spec, {})
+    rows = split.holdout.head(50)
+    as_unknown = rows.with_columns(pl.lit("platinum").alias("band"))
+    as_null = rows.with_columns(pl.lit(None, dtype=pl.String).alias("band"))
+    from driftloop.onnx_model import predict_scores
+
+    model = load_model(onnx_bytes)
+    np.testing.assert_array_equal(predict_scores(model, as_unknown), predict_scores(model, as_null))
+    native = native_scores(fitted, encoding.matrix(as_null), spec.task)
+    np.testing.assert_allclose(predict_scores(model, as_unknown), native, atol=1e-6)
+
+
+def test_rounded_lightgbm_thresholds_leave_float32_predictions_unchanged(prepared) -> None:
+    import lightgbm as lgb
+
+    spec, split, data, encoding = prepared
+    raw = lgb.train({"objective": "binary", "num_leaves": 63, "verbose": -1, "seed": 0}, lgb.Dataset(data.x_train, data.y_train), 50)
+    rounded = round_lightgbm_thresholds(raw.model_to_string())
+    x = encoding.matrix(parity_rows(split.train, split.holdout, list(encoding.features), rows=50_000, seed=2))
+    np.testing.assert_array_equal(raw.predict(x), rounded.predict(x))
+    thresholds = [
+        float(v) for line in rounded.model_to_string().splitlines() if line.startswith("threshold=")
+        for v in line.removeprefix("threshold=").split()
+    ]
+    assert thresholds and all(float(np.float32(t)) == t for t in thresholds)
+
+
+@pytest.mark.parametrize("task", ["regression", "multiclass_classification"])
+def test_parity_for_regression_and_multiclass(tmp_path: Path, task: str) -> None:
+    columns = {
+        "amount": {"dtype": "float", "min": 0}, "ratio": {"dtype": "float", "nullable": True},
+        "band": {"dtype": "category", "allowed": ["low", "mid", "high"]}, "prev_ok": {"dtype": "bool"},
+        "term": {"dtype": "int"}, "ts": {"dtype": "datetime"}, "id": {"dtype": "int"},
+    }
+    if task == "regression":
+        spec = load_spec(write_spec(tmp_path, {"task": task, "target": "amount_next", "columns": {**columns, "amount_next": {"dtype": "float"}}}))
+        frame = make_loans(6000).with_columns((pl.col("amount") * 1.1 + pl.col("term") * 3).alias("amount_next"))
+    else:
+        spec = load_spec(write_spec(tmp_path, {"task": task, "target": "grade", "segment": None,
+                                               "features": ["amount", "ratio", "prev_ok", "term"],
+                                               "columns": {**columns, "grade": {"dtype": "category"}}}))
+        frame = make_loans(6000).with_columns(pl.col("band").alias("grade"))
+    split = split_dataset(frame, spec, seed=0)
+    data, encoding, classes = prepare_training_data(spec, split.train, split.valid)
+    for algorithm in ("xgboost", "lightgbm"):
+        fitted = fit_model(algorithm, PARAMS[algorithm], data, seed=0)
+        onnx_bytes = build_onnx(fitted, encoding, spec, {})
+        rows = parity_rows(split.train, split.holdout, list(encoding.features), rows=20_000, seed=1)
+        report = check_parity(fitted, encoding, onnx_bytes, rows, spec.task)
+        assert report.passed, f"{algorithm}: {report.summary()}"

@@ -1,0 +1,37 @@
+from driftloop.spec import GateSpec, Threshold
+from tasks.gate import decide
+
+POLICY = GateSpec(thresholds={"roc_auc": Threshold(min=0.8), "log_loss": Threshold(max=0.5)}, max_regression=0.01)
+
+
+def test_first_model_passes_on_thresholds_alone() -> None:
+    decision = decide({"roc_auc": 0.85, "log_loss": 0.4}, POLICY, "roc_auc")
+    assert decision.passed
+    assert "roc_auc 0.8500 >= min 0.8" in decision.reasons
+    assert "no champion yet: judged on absolute thresholds alone" in decision.reasons
+
+
+def test_fails_on_an_absolute_threshold() -> None:
+    decision = decide({"roc_auc": 0.75, "log_loss": 0.4}, POLICY, "roc_auc")
+    assert not decision.passed
+    assert "roc_auc 0.7500 < min 0.8" in decision.reasons
+
+
+def test_fails_on_regression_against_the_champion() -> None:
+    decision = decide({"roc_auc": 0.85, "log_loss": 0.4}, POLICY, "roc_auc", champion={"roc_auc": 0.87}, champion_version=3)
+    assert not decision.passed
+    assert decision.champion_version == 3 and decision.champion == 0.87
+    assert any("worse by 0.0200, exceeds max_regression 0.01" in r for r in decision.reasons)
+
+
+def test_small_regression_within_tolerance_passes() -> None:
+    decision = decide({"roc_auc": 0.865, "log_loss": 0.4}, POLICY, "roc_auc", champion={"roc_auc": 0.87}, champion_version=3)
+    assert decision.passed
+    assert any("within max_regression" in r for r in decision.reasons)
+
+
+def test_lower_is_better_metric_compares_the_right_way() -> None:
+    policy = GateSpec(max_regression=0.0)
+    better = decide({"rmse": 9.0}, policy, "rmse", champion={"rmse": 10.0}, champion_version=1)
+    worse = decide({"rmse": 11.0}, policy, "rmse", champion={"rmse": 10.0}, champion_version=1)
+    assert better.passed and not worse.passed
