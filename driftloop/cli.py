@@ -230,11 +230,13 @@ def cmd_models_rollback(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from driftloop.demo import run_demo
 
-    return run_demo()
+    return run_demo(trials=args.trials)
 
 
 def _human_demo(p: dict[str, Any]) -> str:
-    return "\n".join(f"{stage}:\n" + _human_ingest(result) for stage, result in p["stages"].items())
+    parts = [f"ingest {stage}:\n" + _human_ingest(result) for stage, result in p["ingest"].items()]
+    parts.append("train:\n" + _human_train(p["train"]))
+    return "\n\n".join(parts)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> dict[str, Any]:
@@ -306,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler, human=lambda q: f"{q['model']}: champion is now v{q['champion']}")
 
     demo = sub.add_parser("demo", parents=[common], help="run the lifecycle on the bundled car-loan data")
+    demo.add_argument("--trials", type=int, default=10, help="Optuna trials per algorithm (default 10)")
     demo.set_defaults(handler=cmd_demo, human=_human_demo)
 
     db = sub.add_parser("db", help="registry database")

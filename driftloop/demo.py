@@ -32,15 +32,18 @@ def demo_data_path(part: str) -> Path:
     return path
 
 
-def run_demo() -> dict[str, Any]:
+def run_demo(trials: int = 10) -> dict[str, Any]:
     from flows.ingest import ingest
+    from flows.train import train
 
-    stages = {
-        "ingest reference (training data)": ingest(
-            spec_path=str(DEMO_SPEC), source=str(demo_data_path("reference"))
-        ),
-        "ingest analysis (data to score, no labels yet)": ingest(
-            spec_path=str(DEMO_SPEC), source=str(demo_data_path("analysis")), labelled=False
-        ),
+    spec = str(DEMO_SPEC)
+    reference = ingest(spec_path=spec, source=str(demo_data_path("reference")))
+    analysis = ingest(spec_path=spec, source=str(demo_data_path("analysis")), labelled=False)
+    model = train(spec_path=spec, dataset_id=reference.dataset_id, trials=trials)
+    return {
+        "ingest": {
+            "reference (training data)": reference.model_dump(),
+            "analysis (to score, labels arrive later)": analysis.model_dump(),
+        },
+        "train": model.model_dump(),
     }
-    return {"stages": {name: result.model_dump() for name, result in stages.items()}}
