@@ -227,6 +227,57 @@ def cmd_models_rollback(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.name, "champion": version, "aliases": registry.aliases(args.name)}
 
 
+def _progress_bar(enabled: bool) -> None:
+    """A progress bar on stderr for long steps, when stderr is a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from driftloop import progress
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), transient=True, console=None)
+    tasks: dict[str, Any] = {}
+
+    def listener(step: str, done: int, total: int | None) -> None:
+        if step not in tasks:
+            bar.start()
+            tasks[step] = bar.add_task(f"{step} rows", total=total)
+        bar.update(tasks[step], completed=done, total=total)
+        if total is not None and done >= total:
+            bar.stop()
+
+    progress.add_listener(listener)
+
+
+def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.score import score
+
+    _progress_bar(not args.json)
+    result = score(input_uri=args.input, output_uri=args.output, model=args.model,
+                   batch_size=args.batch_size, threads=args.threads)
+    return result.model_dump()
+
+
+def _human_score(p: dict[str, Any]) -> str:
+    lines = [
+        f"scored with {p['model']}:{p['version']}",
+        f"  rows in          {p['rows_in']:>10,}",
+        f"  rows scored      {p['rows_scored']:>10,}",
+        f"  rows quarantined {p['rows_quarantined']:>10,}",
+        f"  output           {p['output_uri']}",
+    ]
+    if p["quarantine_uri"]:
+        lines.append(f"  quarantine       {p['quarantine_uri']}")
+    return "\n".join(lines)
+
+
+def cmd_labels(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.labels import ingest_labels
+
+    return ingest_labels(spec_path=args.spec, source=args.source).model_dump()
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from driftloop.demo import run_demo
 
@@ -290,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--study", help="study name suffix shared by workers tuning together")
     train.add_argument("--no-promote", action="store_true", help="register only; never move champion")
     train.set_defaults(handler=cmd_train, human=_human_train)
+
+    score = sub.add_parser("score", parents=[common], help="batch-score a file with a registered model")
+    score.add_argument("--model", required=True, help="NAME, NAME@alias or NAME:VERSION (bare NAME: champion)")
+    score.add_argument("--input", required=True, help="Parquet or CSV path or URI")
+    score.add_argument("--output", required=True, help="output directory (Parquet parts), path or URI")
+    score.add_argument("--batch-size", type=int, default=100_000)
+    score.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    score.set_defaults(handler=cmd_score, human=_human_score)
+
+    labels = sub.add_parser("labels", parents=[common], help="ingest ground truth that arrived after scoring")
+    labels.add_argument("--spec", required=True, help="dataset spec YAML")
+    labels.add_argument("source", help="CSV or Parquet with the id, the target and optionally the timestamp")
+    labels.set_defaults(handler=cmd_labels, human=_human_ingest)
 
     models = sub.add_parser("models", help="registered models")
     models_sub = models.add_subparsers(dest="models_command", required=True)

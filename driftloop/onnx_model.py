@@ -29,6 +29,19 @@ class LoadedModel:
         return str(self.metadata["task"])
 
     @property
+    def classes(self) -> list[str] | None:
+        return self.metadata.get("classes")
+
+    def spec(self) -> Any:
+        """The dataset spec the model was trained with (it travels inside the artifact)."""
+        from driftloop.errors import DriftloopError
+        from driftloop.spec import parse_spec
+
+        if "spec" not in self.metadata:
+            raise DriftloopError("the model artifact carries no dataset spec (made by an early build); train it again")
+        return parse_spec(self.metadata["spec"], source="model artifact")
+
+    @property
     def inputs(self) -> list[tuple[str, str]]:
         return [(name, kind) for name, kind in self.metadata["inputs"]]
 

@@ -47,13 +47,12 @@ def column_checks(spec: ColumnSpec) -> list[pa.Check]:
 
 
 def build_schema(spec: DatasetSpec, *, labelled: bool = True) -> pa.DataFrameSchema:
-    columns = {
-        name: pa.Column(
-            POLARS_DTYPES[col.dtype],
-            checks=column_checks(col),
-            nullable=col.nullable,
-            required=True,
-        )
-        for name, col in spec.schema_columns(labelled=labelled).items()
+    return build_schema_for(spec.schema_columns(labelled=labelled), spec.name)
+
+
+def build_schema_for(columns: dict[str, ColumnSpec], name: str) -> pa.DataFrameSchema:
+    pandera_columns = {
+        column: pa.Column(POLARS_DTYPES[col.dtype], checks=column_checks(col), nullable=col.nullable, required=True)
+        for column, col in columns.items()
     }
-    return pa.DataFrameSchema(columns, name=spec.name, strict=False, coerce=False)
+    return pa.DataFrameSchema(pandera_columns, name=name, strict=False, coerce=False)

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
         description="Where snapshots, quarantines and models go: a local path or fsspec URI "
         "(s3://bucket/prefix). Default: <home>/artifacts.",
     )
+    edge_cache_dir: Path | None = Field(
+        default=None, description="Where an edge agent keeps verified model artifacts. Default: <home>/edge-cache."
+    )
     device: Literal["cpu", "cuda"] = Field(
         default="cpu", description="Training device; GPU work pools set DRIFTLOOP_DEVICE=cuda."
     )
@@ -43,6 +46,9 @@ class Settings(BaseSettings):
         if self.registry_url is not None:
             return self.registry_url.get_secret_value()
         return f"sqlite:///{self.home_dir / 'registry.db'}"
+
+    def edge_cache_path(self) -> Path:
+        return (self.edge_cache_dir or self.home_dir / "edge-cache").expanduser().resolve()
 
     def artifact_root_uri(self) -> str:
         if self.artifact_root:

@@ -115,7 +115,7 @@ def train(
         champion_metrics = evaluate_champion_task(spec, read_bytes(champion.onnx_uri), split.holdout, classes)
     decision = gate_task(metrics, spec.gate, spec.gate_metric, champion_metrics, champion.version if champion else None)
 
-    onnx_bytes = export_task(best, encoding, spec, {"model": spec.name, "spec_hash": spec.fingerprint(), "dataset_id": dataset.id, "classes": list(classes) if classes else None})
+    onnx_bytes = export_task(best, encoding, spec, {"model": spec.name, "spec": spec.model_dump(mode="json"), "spec_hash": spec.fingerprint(), "dataset_id": dataset.id, "classes": list(classes) if classes else None})
     parity = parity_task(best, encoding, onnx_bytes, split.train, split.holdout, spec.task, parity_min_rows, seed)
     if not parity["passed"]:
         create_markdown_artifact(key=f"parity-{spec.name}".replace("_", "-"), markdown=f"# ONNX parity failed\n\n{parity}")

@@ -15,7 +15,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from driftloop.errors import SchemaError
-from driftloop.schema import POLARS_DTYPES, build_schema
+from driftloop.schema import POLARS_DTYPES, build_schema_for
 from driftloop.spec import ColumnSpec, DatasetSpec
 
 logger = logging.getLogger(__name__)
@@ -143,9 +143,8 @@ def _concat_failures(frames: list[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat([empty, *frames]) if frames else empty
 
 
-def check_required_columns(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool, source: str) -> list[str]:
+def check_required_columns(raw: pl.DataFrame, required: dict[str, ColumnSpec], *, spec_name: str, source: str, target: str | None = None) -> list[str]:
     """Raise on missing spec columns; return the extra columns that will be ignored."""
-    required = spec.schema_columns(labelled=labelled)
     missing = [c for c in required if c not in raw.columns]
     if missing:
         hints = []
@@ -157,28 +156,36 @@ def check_required_columns(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bo
         what = "column" if len(missing) == 1 else "columns"
         raise SchemaError(
             f"{source}: missing {what} {', '.join(repr(m) for m in missing)} required by spec "
-            f"'{spec.name}'{hint}; found columns: {', '.join(raw.columns) or '(none)'}. "
+            f"'{spec_name}'{hint}; found columns: {', '.join(raw.columns) or '(none)'}. "
             "Add the column to the input, or remove it from the spec"
-            + (" (or ingest it as unlabelled data)" if missing == [spec.target] else "")
+            + (" (or ingest it as unlabelled data)" if target is not None and missing == [target] else "")
         )
     return [c for c in raw.columns if c not in required]
 
 
-def validate_rows(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool = True, source: str = "input") -> ValidationResult:
+def validate_rows(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool = True, source: str = "input", warn_ignored: bool = True) -> ValidationResult:
     """Type and check ``raw`` against the spec with pandera; quarantine failing rows.
 
     Batch-level problems (a missing column) raise :class:`SchemaError`; row-level
     problems (unparsable value, failed check, null, duplicate id) quarantine the row.
     """
-    ignored = check_required_columns(raw, spec, labelled=labelled, source=source)
-    if ignored:
+    return validate_columns(
+        raw, spec.schema_columns(labelled=labelled), spec_name=spec.name, source=source,
+        target=spec.target if labelled else None, warn_ignored=warn_ignored,
+    )
+
+
+def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_name: str, source: str,
+                     target: str | None = None, warn_ignored: bool = True) -> ValidationResult:
+    """:func:`validate_rows` for any set of spec columns (e.g. id and target of late labels)."""
+    ignored = check_required_columns(raw, columns, spec_name=spec_name, source=source, target=target)
+    if ignored and warn_ignored:
         logger.warning(
             "%s: ignoring %d column(s) not in spec '%s': %s",
-            source, len(ignored), spec.name, ", ".join(ignored),
+            source, len(ignored), spec_name, ", ".join(ignored),
         )
-    columns = spec.schema_columns(labelled=labelled)
     typed, parse_failures = coerce_to_spec(raw, columns)
-    check_failures = _pandera_failures(typed, spec, labelled=labelled, source=source)
+    check_failures = _pandera_failures(typed, build_schema_for(columns, spec_name), spec_name=spec_name, source=source)
     # A value that failed to parse is null in `typed`; its not_nullable failure is noise.
     if parse_failures.height and check_failures.height:
         check_failures = check_failures.join(
@@ -218,8 +225,7 @@ def _empty_quarantine(raw: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _pandera_failures(typed: pl.DataFrame, spec: DatasetSpec, *, labelled: bool, source: str) -> pl.DataFrame:
-    schema = build_schema(spec, labelled=labelled)
+def _pandera_failures(typed: pl.DataFrame, schema: pa.DataFrameSchema, *, spec_name: str, source: str) -> pl.DataFrame:
     try:
         schema.validate(typed, lazy=True)
     except pa.errors.SchemaErrors as exc:
@@ -231,7 +237,7 @@ def _pandera_failures(typed: pl.DataFrame, spec: DatasetSpec, *, labelled: bool,
         first = schema_level.row(0, named=True)
         raise SchemaError(
             f"{source}: column {first['column'] or first['failure_case']!r} fails "
-            f"{first['check']} ({first['failure_case']}) for spec '{spec.name}'"
+            f"{first['check']} ({first['failure_case']}) for spec '{spec_name}'"
         )
     return cases.select(
         pl.col("index").cast(pl.Int64).alias(ROW),

@@ -6,7 +6,8 @@ from driftloop.registry.store import (
     ModelNotFound,
     ModelVersionRecord,
     RegistryStore,
+    ScoringRunRecord,
     open_registry,
 )
 
-__all__ = ["DatasetRecord", "ModelNotFound", "ModelVersionRecord", "RegistryStore", "open_registry"]
+__all__ = ["DatasetRecord", "ModelNotFound", "ModelVersionRecord", "RegistryStore", "ScoringRunRecord", "open_registry"]

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from driftloop.errors import DriftloopError, RegistryError
 from driftloop.registry import schema
-from driftloop.registry.tables import AliasEventRow, AliasRow, DatasetRow, ModelRow, ModelVersionRow
+from driftloop.registry.tables import AliasEventRow, AliasRow, DatasetRow, ModelRow, ModelVersionRow, ScoringRunRow
 
 ALIASES = ("champion", "challenger")
 _ROLLBACK = "rollback: "
@@ -62,6 +62,21 @@ class ModelVersionRecord(BaseModel):
     @property
     def ref(self) -> str:
         return f"{self.model_name}:{self.version}"
+
+
+class ScoringRunRecord(BaseModel):
+    id: str
+    model_name: str
+    model_version: int
+    onnx_sha256: str
+    input_uri: str
+    output_uri: str
+    quarantine_uri: str | None
+    rows_in: int
+    rows_scored: int
+    rows_quarantined: int
+    started_at: datetime
+    finished_at: datetime
 
 
 class AliasEvent(BaseModel):
@@ -276,6 +291,26 @@ class RegistryStore:
                 )
             self._move_alias(s, name, "champion", previous, actor, f"{_ROLLBACK}{reason}")
             return previous
+
+    # --- scoring runs ---------------------------------------------------------------
+
+    def add_scoring_run(self, record: ScoringRunRecord) -> None:
+        if record.rows_in != record.rows_scored + record.rows_quarantined:
+            raise ValueError(f"scoring run {record.id}: rows_in != rows_scored + rows_quarantined")
+        with self.session() as s:
+            s.add(ScoringRunRow(**record.model_dump()))
+
+    def list_scoring_runs(self, model_name: str | None = None) -> list[ScoringRunRecord]:
+        query = select(ScoringRunRow).order_by(ScoringRunRow.finished_at.desc())
+        if model_name:
+            query = query.where(ScoringRunRow.model_name == model_name)
+        with self.session() as s:
+            return [
+                ScoringRunRecord.model_validate(
+                    _utc(_utc({c.key: getattr(r, c.key) for c in ScoringRunRow.__table__.columns}, "started_at"), "finished_at")
+                )
+                for r in s.scalars(query)
+            ]
 
     def _version_row(self, s: Session, name: str, version: int) -> ModelVersionRow:
         row = s.scalars(

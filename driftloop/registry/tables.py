@@ -92,3 +92,22 @@ class AliasEventRow(Base):
     actor: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ScoringRunRow(Base):
+    """One batch-scoring run: which model scored what, and the row accounting."""
+
+    __tablename__ = "scoring_runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[int] = mapped_column(Integer)
+    onnx_sha256: Mapped[str] = mapped_column(String(64))
+    input_uri: Mapped[str] = mapped_column(Text)
+    output_uri: Mapped[str] = mapped_column(Text)
+    quarantine_uri: Mapped[str | None] = mapped_column(Text)
+    rows_in: Mapped[int] = mapped_column(Integer)
+    rows_scored: Mapped[int] = mapped_column(Integer)
+    rows_quarantined: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

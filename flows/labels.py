@@ -1,0 +1,39 @@
+"""Flow ``labels``: ingest ground truth that arrived after scoring."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from driftloop.registry import open_registry
+from driftloop.settings import get_settings
+from driftloop.storage import ArtifactStore
+from flows.ingest import IngestResult, load_spec_task
+from tasks.ingest import dataset_id_for, enforce_reject_limit, read_source_task, snapshot_dataset_task, write_quarantine_task
+from tasks.labels import validate_labels_task
+
+
+@flow(name="labels")
+def ingest_labels(spec_path: str, source: str) -> IngestResult:
+    """Validate ``source`` (id, target, optional timestamp) against the spec's id and
+    target and register it as the labels dataset ``<name>.labels``."""
+    logger = get_run_logger()
+    settings = get_settings()
+    store = ArtifactStore(settings.artifact_root_uri())
+    registry = open_registry(settings.registry_database_url())
+    spec = load_spec_task(spec_path)
+    labels_spec = spec.model_copy(update={"name": f"{spec.name}.labels"})
+    batch = read_source_task(source)
+    dataset_id = dataset_id_for(batch, labels_spec, labelled=True)
+    result = validate_labels_task(batch.frame, batch.malformed, spec, batch.source)
+    quarantine_uri = write_quarantine_task(result, store, labels_spec, dataset_id)
+    enforce_reject_limit(result, spec, batch.source, quarantine_uri)
+    record, created = snapshot_dataset_task(
+        result, labels_spec, dataset_id=dataset_id, content_hash=batch.content_hash, source=batch.source,
+        labelled=True, quarantine_uri=quarantine_uri, store=store, registry=registry,
+    )
+    logger.info("labels %s: %d in, %d valid, %d quarantined", record.id, record.rows_in, record.rows_valid, record.rows_quarantined)
+    return IngestResult(
+        dataset_id=record.id, name=record.name, rows_in=record.rows_in, rows_valid=record.rows_valid,
+        rows_quarantined=record.rows_quarantined, quarantine_uri=record.quarantine_uri,
+        snapshot_uri=record.snapshot_uri, created=created, ignored_columns=result.ignored_columns,
+    )

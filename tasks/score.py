@@ -1,0 +1,343 @@
+"""Batch scoring: a verified ONNX artifact over a streamed input, in bounded memory.
+
+Reading, scoring and writing overlap: a reader thread parses the next batch while the
+current one is validated and scored (ONNX Runtime releases the GIL), and a writer
+thread encodes finished batches as Parquet parts. Peak memory is a few batches,
+whatever the input size.
+
+Output is committed atomically: parts go to a hidden temporary directory beside the
+output, which is renamed into place when every batch is done (replacing an earlier
+output of the same run rather than adding to it). A crash leaves no partial output.
+This module imports no training or monitoring library: edge devices run it with the
+core install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import fsspec
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NONE
+
+from driftloop.errors import DriftloopError, SourceError
+from driftloop.onnx_model import LoadedModel, load_model, predict_scores
+from driftloop.spec import DatasetSpec
+from tasks.validate import ROW, validate_rows
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 100_000
+OUTPUT_META_COLUMNS = ("prediction", "probability", "model_name", "model_version", "scored_at")
+
+
+class IntegrityError(DriftloopError):
+    """A model artifact is missing or is not the one the registry recorded."""
+
+
+def fetch_verified(uri: str, expected_sha256: str) -> bytes:
+    """The artifact's bytes, only if their sha256 is the recorded one."""
+    try:
+        with fsspec.open(uri, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise IntegrityError(
+            f"model artifact {uri} is missing (expected sha256 {expected_sha256}); "
+            "restore it from backup or register the model again"
+        ) from None
+    found = hashlib.sha256(data).hexdigest()
+    if found != expected_sha256:
+        raise IntegrityError(
+            f"model artifact {uri} has sha256 {found}, expected {expected_sha256}: it was modified "
+            "or replaced; refusing to score with it"
+        )
+    return data
+
+
+# --- input -------------------------------------------------------------------------
+
+
+@dataclass
+class InputBatch:
+    frame: pl.DataFrame
+    malformed: pl.DataFrame  # records the reader could not split (CSV only)
+
+
+def iter_input(uri: str, batch_size: int) -> tuple[Iterator[InputBatch], int | None]:
+    """Batches of the input and, when the format says it cheaply, the total row count."""
+    lowered = uri.lower()
+    try:
+        handle = fsspec.open(uri, "rb", compression="infer").open()
+    except FileNotFoundError:
+        raise SourceError(f"input {uri} does not exist; check the path or URI") from None
+    if lowered.endswith((".parquet", ".pq")):
+        try:
+            parquet = pq.ParquetFile(handle)
+        except Exception as exc:
+            raise SourceError(f"input {uri} is not a readable Parquet file: {exc}") from None
+        batches = (
+            InputBatch(pl.from_arrow(b), _no_malformed()) for b in parquet.iter_batches(batch_size=batch_size)
+        )
+        return batches, parquet.metadata.num_rows
+    return _iter_csv(handle, uri, batch_size), None
+
+
+def _no_malformed() -> pl.DataFrame:
+    from tasks.ingest import _malformed_frame
+
+    return _malformed_frame([])
+
+
+def _iter_csv(handle: Any, uri: str, batch_size: int) -> Iterator[InputBatch]:
+    from tasks.ingest import _escape_bad_bytes, _malformed_frame, _malformed_record
+
+    first = handle.readline()
+    if not first.strip():
+        raise SourceError(f"input {uri} is empty; expected a header line and data rows")
+    names = first.decode("utf-8", errors="replace").rstrip("\r\n").split(",")
+    handle.seek(0)
+    bad: list[dict[str, object]] = []
+
+    def on_invalid_row(row: pacsv.InvalidRow) -> str:
+        bad.append(_malformed_record(
+            f"field_count(expected {row.expected_columns}, found {row.actual_columns})", _escape_bad_bytes(row.text)
+        ))
+        return "skip"  # recorded: it goes to the quarantine
+
+    reader = pacsv.open_csv(
+        handle,
+        read_options=pacsv.ReadOptions(block_size=1 << 22),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in names}, strings_can_be_null=True,
+            null_values=[""], quoted_strings_can_be_null=True,
+        ),
+    )
+    pending: list[pl.DataFrame] = []
+    pending_rows = 0
+    for record_batch in reader:
+        frame = pl.from_arrow(record_batch)
+        pending.append(frame)
+        pending_rows += frame.height
+        while pending_rows >= batch_size:
+            merged = pl.concat(pending)
+            malformed, bad[:] = _malformed_frame(list(bad)), []
+            yield InputBatch(merged.head(batch_size), malformed)
+            rest = merged.slice(batch_size)
+            pending, pending_rows = [rest], rest.height
+    if pending_rows or bad:
+        yield InputBatch(pl.concat(pending) if pending else pl.DataFrame(), _malformed_frame(list(bad)))
+
+
+def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBatch]:
+    """Read ahead in a thread so parsing overlaps validation and scoring."""
+    slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                slots.put(batch)
+            slots.put(done)
+        except BaseException as exc:  # surface reader errors in the consumer
+            slots.put(exc)
+
+    threading.Thread(target=produce, name="driftloop-reader", daemon=True).start()
+    while True:
+        item = slots.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# --- scoring -----------------------------------------------------------------------
+
+
+def prediction_frame(model: LoadedModel, spec: DatasetSpec, valid: pl.DataFrame, scores: np.ndarray,
+                     *, model_name: str, model_version: int, scored_at: datetime) -> pl.DataFrame:
+    """id, timestamp, features, prediction, probability (classification), model and time."""
+    keep = [c for c in (spec.id, spec.timestamp, *spec.feature_columns) if c]
+    out = valid.select(keep)
+    if spec.task == "binary_classification":
+        prediction = pl.Series("prediction", (scores >= 0.5).astype(np.int64))
+        probability = pl.Series("probability", scores.astype(np.float64))
+    elif spec.task == "multiclass_classification":
+        labels = np.asarray(model.classes or [str(i) for i in range(scores.shape[1])], dtype=object)
+        best = scores.argmax(axis=1)
+        prediction = pl.Series("prediction", labels[best], dtype=pl.String)
+        probability = pl.Series("probability", scores[np.arange(len(best)), best].astype(np.float64))
+    else:
+        prediction = pl.Series("prediction", scores.astype(np.float64))
+        probability = pl.Series("probability", np.full(len(scores), np.nan))
+    return out.with_columns(
+        prediction, probability,
+        pl.lit(model_name).alias("model_name"),
+        pl.lit(model_version, dtype=pl.Int64).alias("model_version"),
+        pl.lit(scored_at).dt.cast_time_unit("us").alias("scored_at"),
+    )
+
+
+@dataclass
+class ScoreResult:
+    rows_in: int
+    rows_scored: int
+    rows_quarantined: int
+    output_uri: str
+    quarantine_uri: str | None
+    batches: int
+    batch_latencies_s: list[float] = field(default_factory=list)
+
+
+def score_stream(
+    model: LoadedModel, input_uri: str, output_uri: str, *, model_name: str, model_version: int,
+    batch_size: int = DEFAULT_BATCH_SIZE, on_batch: Callable[[int, int | None], None] | None = None,
+) -> ScoreResult:
+    """Score ``input_uri`` into the Parquet dataset directory ``output_uri``."""
+    if batch_size < 1:
+        raise DriftloopError(f"batch size must be at least 1, got {batch_size}")
+    spec = model.spec()
+    fs, out_path = fsspec.core.url_to_fs(output_uri)
+    out_path = out_path.rstrip("/")
+    parent, name = out_path.rsplit("/", 1) if "/" in out_path else ("", out_path)
+    staging = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}" if parent else f".{name}.tmp-{uuid.uuid4().hex}"
+    fs.makedirs(f"{staging}/quarantine", exist_ok=True)
+    scored_at = datetime.now(UTC)
+
+    batches, total = iter_input(input_uri, batch_size)
+    rows_in = rows_scored = rows_quarantined = 0
+    latencies: list[float] = []
+    pending: list[Future[None]] = []
+    warned_columns = False
+    template: pl.DataFrame | None = None
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer") as writer:
+            for index, batch in enumerate(_prefetch(batches)):
+                started = time.perf_counter()
+                result = validate_rows(batch.frame, spec, labelled=False, source=input_uri, warn_ignored=not warned_columns) if batch.frame.height else None
+                warned_columns = True
+                valid = result.valid if result else pl.DataFrame()
+                if result is not None and template is None:
+                    template = result.quarantine.head(0)  # every quarantine part gets this schema
+                quarantine = result.quarantine.with_columns(pl.col(ROW) + rows_in) if result else pl.DataFrame()
+                if batch.malformed.height:
+                    base = quarantine if quarantine.width else (template if template is not None else pl.DataFrame())
+                    quarantine = pl.concat([base, batch.malformed], how="diagonal_relaxed")
+                if valid.height:
+                    scores = predict_scores(model, valid)
+                    predictions = prediction_frame(model, spec, valid, scores, model_name=model_name,
+                                                   model_version=model_version, scored_at=scored_at)
+                    pending.append(writer.submit(_write_part, fs, f"{staging}/part-{index:05d}.parquet", predictions))
+                if quarantine.height:
+                    pending.append(writer.submit(_write_part, fs, f"{staging}/quarantine/part-{index:05d}.parquet", quarantine))
+                latencies.append(time.perf_counter() - started)
+                rows_in += batch.frame.height + batch.malformed.height
+                rows_scored += valid.height
+                rows_quarantined += quarantine.height
+                # Bound memory: never more than two parts waiting for the writer.
+                while len(pending) > 2:
+                    pending.pop(0).result()
+                if on_batch is not None:
+                    on_batch(rows_in, total)
+            for done in pending:
+                done.result()
+        if rows_in == 0:
+            raise SourceError(f"input {input_uri} has no data rows; nothing to score")
+        _commit(fs, staging, out_path, has_quarantine=rows_quarantined > 0)
+    except BaseException:
+        fs.rm(staging, recursive=True)
+        raise
+    protocol = output_uri.split("://", 1)[0] + "://" if "://" in output_uri else ""
+    final_uri = protocol + out_path if protocol else out_path
+    return ScoreResult(
+        rows_in=rows_in, rows_scored=rows_scored, rows_quarantined=rows_quarantined, output_uri=final_uri,
+        quarantine_uri=f"{final_uri}/quarantine" if rows_quarantined else None, batches=len(latencies),
+        batch_latencies_s=latencies,
+    )
+
+
+def _write_part(fs: Any, path: str, frame: pl.DataFrame) -> None:
+    with fs.open(path, "wb") as fh:
+        frame.write_parquet(fh, compression="zstd")
+
+
+def _commit(fs: Any, staging: str, out_path: str, *, has_quarantine: bool) -> None:
+    """Swap the finished staging directory into place (replacing an earlier output), then
+    remove staging directories that crashed runs of this output left behind. Readers
+    take only directories with a ``_SUCCESS`` marker."""
+    if not has_quarantine:
+        fs.rm(f"{staging}/quarantine", recursive=True)
+    fs.touch(f"{staging}/_SUCCESS")
+    if fs.exists(out_path):
+        retired = f"{out_path}.old-{uuid.uuid4().hex}"
+        fs.mv(out_path, retired, recursive=True)
+        fs.mv(staging, out_path, recursive=True)
+        fs.rm(retired, recursive=True)
+    else:
+        fs.mv(staging, out_path, recursive=True)
+    for stale in fs.glob(f"{staging.rsplit('.tmp-', 1)[0]}.tmp-*"):
+        fs.rm(stale, recursive=True)
+
+
+def read_predictions(uri: str) -> pl.DataFrame:
+    """All committed prediction parts of a scoring output."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(f"{path}/_SUCCESS"):
+        raise SourceError(f"{uri} is not a committed scoring output (no _SUCCESS marker)")
+    parts = sorted(p for p in fs.glob(f"{path}/part-*.parquet"))
+    frames = []
+    for part in parts:
+        with fs.open(part, "rb") as fh:
+            frames.append(pl.read_parquet(fh))
+    return pl.concat(frames) if frames else pl.DataFrame()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def load_verified_model(uri: str, sha256: str, *, threads: int | None = None) -> LoadedModel:
+    return load_model(fetch_verified(uri, sha256), threads=threads)
+
+
+# --- Prefect tasks -----------------------------------------------------------------
+
+
+@task(name="fetch-model", cache_policy=NONE)
+def fetch_model_task(uri: str, sha256: str, threads: int | None) -> LoadedModel:
+    return load_verified_model(uri, sha256, threads=threads)
+
+
+@task(name="score-batches", cache_policy=NONE)
+def score_task(model: LoadedModel, input_uri: str, output_uri: str, model_name: str, model_version: int, batch_size: int) -> ScoreResult:
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from driftloop import progress
+
+    artifact_id = create_progress_artifact(0.0, description=f"Scoring {input_uri}")
+
+    def on_batch(done: int, total: int | None) -> None:
+        if total:
+            update_progress_artifact(artifact_id, progress=min(100.0, 100.0 * done / total))
+        progress.notify("score", done, total)
+
+    result = score_stream(model, input_uri, output_uri, model_name=model_name, model_version=model_version,
+                          batch_size=batch_size, on_batch=on_batch)
+    update_progress_artifact(artifact_id, progress=100.0)
+    return result

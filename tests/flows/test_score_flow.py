@@ -1,0 +1,215 @@
+"""Batch scoring, the edge agent and delayed labels against a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from driftloop.registry import open_registry
+from driftloop.settings import get_settings
+from flows.ingest import ingest
+from flows.labels import ingest_labels
+from flows.score import score
+from flows.score_edge import score_edge
+from flows.train import train
+from tasks.edge import ModelCache
+from tasks.labels import join_labels
+from tasks.score import IntegrityError, read_predictions
+from tests.support.data import HEADER, make_loans, write_spec
+
+pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """One registered champion for the module, in its own DRIFTLOOP_HOME."""
+    root = tmp_path_factory.mktemp("scoring")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DRIFTLOOP_HOME", str(root / "home"))
+        spec = write_spec(root)
+        data = root / "train.parquet"
+        make_loans(3000, seed=1).write_parquet(data)
+        dataset = ingest(spec_path=str(spec), source=str(data)).dataset_id
+        train(spec_path=str(spec), dataset_id=dataset, trials=2, algorithms=["lightgbm"], parity_min_rows=2000)
+        yield {"root": root, "spec": spec, "dataset": dataset}
+
+
+def scoring_csv(path: Path, n: int, bad: int = 0, seed: int = 7) -> Path:
+    frame = make_loans(n, seed=seed).drop("repaid").with_columns(pl.col("ts").dt.strftime("%Y-%m-%d %H:%M:%S"))
+    frame.write_csv(path)
+    if bad:
+        with path.open("a") as fh:
+            for i in range(bad):
+                fh.write(f"{10_000 + i},2024-02-01 00:00:00,-5,0.5,low,true,12\n")  # amount < 0
+            fh.write("99999,2024-02-01\n")  # wrong field count
+    return path
+
+
+def test_score_accounts_for_every_row_and_reruns_idempotently(trained, tmp_path: Path) -> None:
+    source = scoring_csv(tmp_path / "batch.csv", 2500, bad=3)
+    out = tmp_path / "predictions"
+    result = score(input_uri=str(source), output_uri=str(out), model="loans@champion", batch_size=700)
+    assert (result.rows_in, result.rows_scored, result.rows_quarantined) == (2504, 2500, 4)
+    predictions = read_predictions(str(out))
+    assert predictions.height == 2500 and predictions["id"].n_unique() == 2500
+    assert {"id", "ts", "amount", "band", "prediction", "probability", "model_name", "model_version", "scored_at"} <= set(predictions.columns)
+    assert predictions["model_version"].unique().to_list() == [1]
+    assert predictions["probability"].is_between(0, 1).all()
+    quarantine = pl.read_parquet(out / "quarantine")
+    assert quarantine.height == 4
+
+    again = score(input_uri=str(source), output_uri=str(out), model="loans:1", batch_size=1000)
+    assert again.rows_scored == 2500
+    assert read_predictions(str(out)).height == 2500  # replaced, not appended
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    runs = open_registry(get_settings().registry_database_url()).list_scoring_runs("loans")
+    assert len(runs) == 2 and all(r.rows_in == r.rows_scored + r.rows_quarantined for r in runs)
+
+
+_CRASHING_SCORER = """
+import sys
+from driftloop.registry import open_registry
+from driftloop.settings import get_settings
+from tasks.score import load_verified_model, score_stream
+record = open_registry(get_settings().registry_database_url()).resolve("loans")
+model = load_verified_model(record.onnx_uri, record.onnx_sha256)
+score_stream(model, sys.argv[1], sys.argv[2], model_name="loans", model_version=record.version, batch_size=200,
+             on_batch=lambda done, total: print(done, flush=True))
+"""
+
+
+def test_a_crash_mid_run_leaves_no_partial_output(trained, tmp_path: Path) -> None:
+    source = tmp_path / "big.parquet"
+    make_loans(60_000, seed=3).drop("repaid").write_parquet(source)
+    out = tmp_path / "predictions"
+    proc = subprocess.Popen([sys.executable, "-c", _CRASHING_SCORER, str(source), str(out)],
+                            stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert proc.stdout is not None
+    for _ in range(5):  # let it write a few parts, then kill it without warning
+        assert proc.stdout.readline(), "scorer ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    staging = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert staging and list(staging[0].glob("part-*.parquet"))  # it really was mid-run
+    assert not out.exists()
+    with pytest.raises(Exception, match="not a committed scoring output"):
+        read_predictions(str(out))
+
+    result = score(input_uri=str(source), output_uri=str(out), model="loans", batch_size=20_000)
+    assert result.rows_scored == 60_000 and read_predictions(str(out)).height == 60_000
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the crash's leftovers are gone
+
+
+def test_tampered_or_missing_artifact_is_refused(trained, tmp_path: Path) -> None:
+    registry = open_registry(get_settings().registry_database_url())
+    record = registry.resolve("loans")
+    artifact = Path(record.onnx_uri)
+    original = artifact.read_bytes()
+    source = scoring_csv(tmp_path / "b.csv", 50)
+    out = tmp_path / "out"
+    try:
+        artifact.write_bytes(original[:-10] + b"0123456789")
+        with pytest.raises(IntegrityError) as err:
+            score(input_uri=str(source), output_uri=str(out), model="loans")
+        assert f"expected {record.onnx_sha256}" in str(err.value) and "has sha256" in str(err.value)
+        artifact.unlink()
+        with pytest.raises(IntegrityError, match="is missing"):
+            score(input_uri=str(source), output_uri=str(out), model="loans")
+    finally:
+        artifact.write_bytes(original)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_edge_agent_caches_scores_offline_updates_and_rolls_back(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_EDGE_CACHE_DIR", str(tmp_path / "cache"))
+    source = scoring_csv(tmp_path / "edge.csv", 400)
+    first = score_edge(input_uri=str(source), output_uri=str(tmp_path / "e1"), model="loans", batch_size=100)
+    assert not first.cache_hit and not first.offline and first.rows_scored == 400
+    assert first.latency_p95_ms >= first.latency_p50_ms > 0
+    second = score_edge(input_uri=str(source), output_uri=str(tmp_path / "e2"), model="loans")
+    assert second.cache_hit and not second.offline
+
+    # The registry cannot be reached: score with the cached model and say so.
+    with monkeypatch.context() as offline:
+        offline.setenv("DRIFTLOOP_REGISTRY_URL", "postgresql+psycopg://edge@127.0.0.1:1/registry")
+        third = score_edge(input_uri=str(source), output_uri=str(tmp_path / "e3"), model="loans")
+    assert third.offline and third.cache_hit and third.version == first.version
+    assert "unreachable" in third.note
+    assert read_predictions(str(tmp_path / "e3")).height == 400
+
+    # A new champion: the cache moves to it and keeps the previous one for rollback.
+    registry = open_registry(get_settings().registry_database_url())
+    data = tmp_path / "more.parquet"
+    make_loans(3000, seed=9).write_parquet(data)
+    dataset = ingest(spec_path=str(trained["spec"]), source=str(data)).dataset_id
+    new = train(spec_path=str(trained["spec"]), dataset_id=dataset, trials=2, algorithms=["xgboost"], parity_min_rows=2000, promote=False)
+    registry.promote("loans", new.version, actor="test", reason="new data")
+    fourth = score_edge(input_uri=str(source), output_uri=str(tmp_path / "e4"), model="loans")
+    assert fourth.version == new.version and not fourth.cache_hit
+    cache = ModelCache(tmp_path / "cache", "loans")
+    state = cache.state()
+    assert state["current"]["version"] == new.version and state["previous"]["version"] == first.version
+    assert len(list((tmp_path / "cache" / "loans" / "artifacts").glob("*.onnx"))) == 2
+    cache.rollback()
+    assert cache.state()["current"]["version"] == first.version
+    registry.rollback("loans", actor="test", reason="restore")
+
+
+def test_delayed_labels_are_validated_and_joined(trained, tmp_path: Path) -> None:
+    scored = score(input_uri=str(scoring_csv(tmp_path / "s.csv", 300)), output_uri=str(tmp_path / "p"), model="loans")
+    predictions = read_predictions(scored.output_uri)
+    labels = tmp_path / "labels.csv"
+    rows = [f"{i},{i % 2}" for i in range(0, 200)] + ["5000,7", "abc,1"]  # bad label, bad id
+    labels.write_text("id,repaid\n" + "\n".join(rows) + "\n")
+    result = ingest_labels(spec_path=str(trained["spec"]), source=str(labels))
+    assert (result.rows_in, result.rows_valid, result.rows_quarantined) == (202, 200, 2)
+    joined = join_labels(predictions, pl.read_parquet(result.snapshot_uri), spec=__import__("driftloop.spec", fromlist=["load_spec"]).load_spec(trained["spec"]))
+    assert joined.height == 300 and joined["repaid"].null_count() == 100
+
+
+_GUARD = """
+import sys
+BLOCKED = {"xgboost", "lightgbm", "optuna", "optuna_integration", "onnxmltools", "nannyml", "sklearn", "onnx"}
+class Guard:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"light install: {name} must not be imported when scoring")
+sys.meta_path.insert(0, Guard())
+from flows.score import score
+result = score(input_uri=sys.argv[1], output_uri=sys.argv[2], model="loans")
+loaded = sorted(m for m in BLOCKED if m in sys.modules)
+print(result.rows_scored, loaded)
+"""
+
+
+def test_scoring_imports_no_training_or_monitoring_library(trained, tmp_path: Path) -> None:
+    source = scoring_csv(tmp_path / "light.csv", 120)
+    run = subprocess.run([sys.executable, "-c", _GUARD, str(source), str(tmp_path / "o")],
+                         capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "120 []"
+
+
+def test_score_and_labels_cli(trained, tmp_path: Path) -> None:
+    driftloop = str(Path(sys.executable).with_name("driftloop"))
+    source = scoring_csv(tmp_path / "cli.csv", 150, bad=1)
+    run = subprocess.run([driftloop, "score", "--model", "loans@champion", "--input", str(source), "--output",
+                          str(tmp_path / "cli-out"), "--batch-size", "50", "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    payload = json.loads(run.stdout)
+    assert {k: payload[k] for k in ("rows_in", "rows_scored", "rows_quarantined", "model", "version")} == {
+        "rows_in": 152, "rows_scored": 150, "rows_quarantined": 2, "model": "loans", "version": 1}
+    labels = tmp_path / "l.csv"
+    labels.write_text("id,repaid,ts\n1,1,2024-03-01 00:00:00\n2,0,\n")
+    run = subprocess.run([driftloop, "labels", "--spec", str(trained["spec"]), str(labels), "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["rows_valid"] == 2
