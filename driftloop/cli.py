@@ -278,6 +278,27 @@ def cmd_labels(args: argparse.Namespace) -> dict[str, Any]:
     return ingest_labels(spec_path=args.spec, source=args.source).model_dump()
 
 
+def cmd_monitor(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.monitor import monitor
+
+    return monitor(input_uri=args.input, model=args.model, labels_uri=args.labels).model_dump()
+
+
+def _human_monitor(p: dict[str, Any]) -> str:
+    def fmt(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "-"
+
+    lines = [f"monitoring {p['model']}:{p['version']}", f"  {'chunk start':<26} {'chunk end':<26} {'estimated':>9} {'realized':>9}  drifting features"]
+    for c in p["chunks"]:
+        lines.append(f"  {str(c['start'])[:26]:<26} {str(c['end'])[:26]:<26} {fmt(c['estimated']):>9} {fmt(c['realized']):>9}  {', '.join(c['drifting_features']) or '-'}")
+    verdict = "FIRED" if p["policy"]["fired"] else "no retraining"
+    lines.append(f"policy: {verdict}: " + "; ".join(p["policy"]["reasons"]))
+    event = p.get("event")
+    lines.append(f"event: {event['event']} for {event['resource']['prefect.resource.id']}" if event else "event: none")
+    lines.append(f"report: {p['report_uri']}")
+    return "\n".join(lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from driftloop.demo import run_demo
 
@@ -287,6 +308,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 def _human_demo(p: dict[str, Any]) -> str:
     parts = [f"ingest {stage}:\n" + _human_ingest(result) for stage, result in p["ingest"].items()]
     parts.append("train:\n" + _human_train(p["train"]))
+    parts.append("score analysis data:\n" + _human_score(p["score"]))
+    parts.append(_human_monitor(p["monitor"]))
     return "\n\n".join(parts)
 
 
@@ -354,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--spec", required=True, help="dataset spec YAML")
     labels.add_argument("source", help="CSV or Parquet with the id, the target and optionally the timestamp")
     labels.set_defaults(handler=cmd_labels, human=_human_ingest)
+
+    mon = sub.add_parser("monitor", parents=[common], help="drift and performance of a model on scored data")
+    mon.add_argument("--model", required=True, help="NAME or NAME@alias (bare NAME: champion)")
+    mon.add_argument("--input", required=True, help="a `driftloop score` output directory")
+    mon.add_argument("--labels", help="Parquet/CSV with id and target, for realized performance")
+    mon.set_defaults(handler=cmd_monitor, human=_human_monitor)
 
     models = sub.add_parser("models", help="registered models")
     models_sub = models.add_subparsers(dest="models_command", required=True)

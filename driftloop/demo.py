@@ -33,17 +33,26 @@ def demo_data_path(part: str) -> Path:
 
 
 def run_demo(trials: int = 10) -> dict[str, Any]:
+    from driftloop.settings import get_settings
     from flows.ingest import ingest
+    from flows.monitor import monitor
+    from flows.score import score
     from flows.train import train
 
     spec = str(DEMO_SPEC)
     reference = ingest(spec_path=spec, source=str(demo_data_path("reference")))
     analysis = ingest(spec_path=spec, source=str(demo_data_path("analysis")), labelled=False)
     model = train(spec_path=spec, dataset_id=reference.dataset_id, trials=trials)
+    scored_dir = get_settings().home_dir / "demo" / "scored-analysis"
+    scored = score(input_uri=str(demo_data_path("analysis")), output_uri=str(scored_dir), model="car_loan@champion")
+    watched = monitor(input_uri=scored.output_uri, model="car_loan@champion",
+                      labels_uri=str(demo_data_path("analysis_targets")))
     return {
         "ingest": {
             "reference (training data)": reference.model_dump(),
             "analysis (to score, labels arrive later)": analysis.model_dump(),
         },
         "train": model.model_dump(),
+        "score": scored.model_dump(),
+        "monitor": watched.model_dump(),
     }

@@ -91,6 +91,40 @@ class GateSpec(BaseModel):
         return self
 
 
+class PerformanceRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alerts: int = Field(default=2, ge=1, description="Retrain when this many ...")
+    of_last: int = Field(default=3, ge=1, description="... of the last N analysis chunks alert.")
+
+
+class MonitoringPolicy(BaseModel):
+    """What monitoring computes and what warrants retraining."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chunk_size: int | None = Field(default=None, ge=10, description="Rows per chunk (default: reference rows / 8).")
+    chunk_period: str | None = Field(default=None, description="Chunk by period instead: D, W, M, Q or Y.")
+    min_reference_chunks: int = Field(default=4, ge=2, description="Fewer reference chunks make thresholds meaningless.")
+    continuous_methods: list[Literal["jensen_shannon", "kolmogorov_smirnov", "wasserstein", "hellinger"]] = ["jensen_shannon"]
+    categorical_methods: list[Literal["jensen_shannon", "chi2", "l_infinity", "hellinger"]] = ["jensen_shannon"]
+    estimated_metric: str | None = Field(default=None, description="Metric CBPE/DLE estimates (default: roc_auc / mae).")
+    performance: PerformanceRule | None = Field(default_factory=PerformanceRule, description="Retrain on performance alerts.")
+    multivariate_drift: bool = Field(default=True, description="Retrain on a multivariate drift alert in the last chunk window.")
+    min_drifting_features: int | None = Field(default=None, ge=1, description="Retrain when at least this many features drift.")
+    window: int = Field(default=3, ge=1, description="Drift rules look at the last N analysis chunks.")
+
+    @model_validator(mode="after")
+    def _chunking(self) -> MonitoringPolicy:
+        if self.chunk_size and self.chunk_period:
+            raise ValueError("give chunk_size or chunk_period, not both")
+        if self.chunk_period and self.chunk_period not in ("D", "W", "M", "Q", "Y"):
+            raise ValueError(f"chunk_period {self.chunk_period!r} must be one of D, W, M, Q, Y")
+        if self.estimated_metric and self.estimated_metric not in HIGHER_IS_BETTER:
+            raise ValueError(f"unknown estimated_metric {self.estimated_metric!r}")
+        return self
+
+
 class DatasetSpec(BaseModel):
     """A tabular dataset: its target, identity, time axis and typed columns."""
 
@@ -106,6 +140,7 @@ class DatasetSpec(BaseModel):
     columns: dict[str, ColumnSpec]
     features: list[str] | None = None
     gate: GateSpec = Field(default_factory=GateSpec)
+    monitoring: MonitoringPolicy = Field(default_factory=MonitoringPolicy)
     description: str | None = None
 
     @property
@@ -211,8 +246,9 @@ class DatasetSpec(BaseModel):
         return mapping
 
     def fingerprint(self) -> str:
-        """sha256 of the spec's canonical JSON: changes whenever validation would."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """sha256 of the spec's data part (columns, roles, limits): changes whenever
+        validation would, not when the gate or monitoring policy is edited."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"gate", "monitoring", "description"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -19,7 +19,7 @@ from tasks.evaluate import evaluate_champion_task, evaluate_task
 from tasks.export import PARITY_MIN_ROWS, export_task, native_scores, parity_task
 from tasks.gate import gate_task
 from tasks.ingest import load_dataset_task
-from tasks.register import card_headline, library_versions, register_task, render_model_card
+from tasks.register import card_headline, library_versions, register_task, render_model_card, store_reference_task
 from tasks.split import split_task
 from tasks.tune import ALGORITHMS, check_device, fit_task, prepare_task, tune_task
 
@@ -133,6 +133,7 @@ def train(
     }
     actor = f"flow train/{runtime.flow_run.name or 'local'}"
     record, promoted = register_task(registry, store, draft, onnx_bytes, promote, actor)
+    store_reference_task(registry, store, record, spec, split.holdout, onnx_bytes)
 
     headline = card_headline(record, promoted=promoted)
     logger.info("%s; gate: %s", headline, "; ".join(decision.reasons))

@@ -118,3 +118,32 @@ def render_model_card(record: ModelVersionRecord, *, promoted: bool) -> str:
 def register_task(registry: RegistryStore, store: ArtifactStore, draft: dict[str, Any], onnx_bytes: bytes,
                   promote: bool, actor: str) -> tuple[ModelVersionRecord, bool]:
     return register_model(registry, store, draft, onnx_bytes, promote=promote, actor=actor)
+
+
+def store_reference(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, spec: Any,
+                    holdout: Any, onnx_bytes: bytes) -> tuple[str, str]:
+    """The version's monitoring reference: the holdout's features, the artifact's own
+    predictions on them, and the targets, as Parquet (hashed, linked to the version)."""
+    import io
+    from datetime import UTC, datetime
+
+    from driftloop.onnx_model import load_model, predict_scores
+    from tasks.score import prediction_frame
+
+    model = load_model(onnx_bytes)
+    frame = prediction_frame(model, spec, holdout, predict_scores(model, holdout), model_name=record.model_name,
+                             model_version=record.version, scored_at=datetime.now(UTC))
+    frame = frame.with_columns(holdout[spec.target])
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer, compression="zstd")
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    uri = store.write_bytes(f"models/{record.model_name}/v{record.version}/reference.parquet", data)
+    registry.set_reference(record.model_name, record.version, uri, digest)
+    return uri, digest
+
+
+@task(name="store-reference", cache_policy=NONE)
+def store_reference_task(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, spec: Any,
+                         holdout: Any, onnx_bytes: bytes) -> tuple[str, str]:
+    return store_reference(registry, store, record, spec, holdout, onnx_bytes)

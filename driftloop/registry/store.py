@@ -16,7 +16,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from driftloop.errors import DriftloopError, RegistryError
 from driftloop.registry import schema
-from driftloop.registry.tables import AliasEventRow, AliasRow, DatasetRow, ModelRow, ModelVersionRow, ScoringRunRow
+from driftloop.registry.tables import (
+    AliasEventRow,
+    AliasRow,
+    DatasetRow,
+    ModelRow,
+    ModelVersionRow,
+    MonitoringResultRow,
+    MonitoringRunRow,
+    ScoringRunRow,
+)
 
 ALIASES = ("champion", "challenger")
 _ROLLBACK = "rollback: "
@@ -57,6 +66,8 @@ class ModelVersionRecord(BaseModel):
     gate: dict[str, Any]
     parity: dict[str, Any]
     card_uri: str | None = None
+    reference_uri: str | None = None
+    reference_sha256: str | None = None
     created_at: datetime
 
     @property
@@ -208,6 +219,29 @@ class RegistryStore:
         with self.session() as s:
             row = self._version_row(s, name, version)
             row.card_uri = uri
+
+    def set_reference(self, name: str, version: int, uri: str, sha256: str) -> None:
+        with self.session() as s:
+            row = self._version_row(s, name, version)
+            row.reference_uri, row.reference_sha256 = uri, sha256
+
+    # --- monitoring -----------------------------------------------------------------
+
+    def add_monitoring_run(self, run: dict[str, Any], results: list[dict[str, Any]]) -> None:
+        with self.session() as s:
+            s.add(MonitoringRunRow(**run))
+            s.flush()
+            s.add_all(MonitoringResultRow(run_id=run["id"], **r) for r in results)
+
+    def list_monitoring_runs(self, model_name: str) -> list[dict[str, Any]]:
+        query = select(MonitoringRunRow).where(MonitoringRunRow.model_name == model_name).order_by(MonitoringRunRow.created_at.desc())
+        with self.session() as s:
+            return [{c.key: getattr(r, c.key) for c in MonitoringRunRow.__table__.columns} for r in s.scalars(query)]
+
+    def monitoring_results(self, run_id: str) -> list[dict[str, Any]]:
+        query = select(MonitoringResultRow).where(MonitoringResultRow.run_id == run_id).order_by(MonitoringResultRow.id)
+        with self.session() as s:
+            return [{c.key: getattr(r, c.key) for c in MonitoringResultRow.__table__.columns} for r in s.scalars(query)]
 
     def get_version(self, name: str, version: int) -> ModelVersionRecord:
         with self.session() as s:

@@ -67,6 +67,8 @@ class ModelVersionRow(Base):
     gate: Mapped[dict[str, Any]] = mapped_column(JSON)
     parity: Mapped[dict[str, Any]] = mapped_column(JSON)
     card_uri: Mapped[str | None] = mapped_column(Text)
+    reference_uri: Mapped[str | None] = mapped_column(Text)
+    reference_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -111,3 +113,37 @@ class ScoringRunRow(Base):
     rows_quarantined: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class MonitoringRunRow(Base):
+    __tablename__ = "monitoring_runs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[int] = mapped_column(Integer)
+    analysis_uri: Mapped[str] = mapped_column(Text)
+    labels_uri: Mapped[str | None] = mapped_column(Text)
+    decision: Mapped[dict[str, Any]] = mapped_column(JSON)
+    event: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    report_uri: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class MonitoringResultRow(Base):
+    """One number of a monitoring run: a chunk, a feature or metric, a method."""
+
+    __tablename__ = "monitoring_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(36), ForeignKey("monitoring_runs.id"), index=True)
+    chunk_index: Mapped[int] = mapped_column(Integer)
+    chunk_key: Mapped[str] = mapped_column(String(100))
+    chunk_start: Mapped[str | None] = mapped_column(String(40))
+    chunk_end: Mapped[str | None] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(20))  # univariate, multivariate, estimated, realized
+    name: Mapped[str] = mapped_column(String(100))  # feature or metric
+    method: Mapped[str] = mapped_column(String(40))
+    value: Mapped[float | None]
+    lower_threshold: Mapped[float | None]
+    upper_threshold: Mapped[float | None]
+    alert: Mapped[bool]

@@ -1,0 +1,168 @@
+"""Flow ``monitor``: scored outputs (+ labels where they arrived) vs the model's
+reference -> NannyML -> policy -> results, report, plots -> event when the policy fires."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.events import emit_event
+from pydantic import BaseModel
+
+from driftloop.errors import DriftloopError
+from driftloop.onnx_model import load_model
+from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
+from driftloop.settings import get_settings
+from driftloop.spec import DatasetSpec, MonitoringPolicy
+from driftloop.storage import ArtifactStore, read_bytes
+from tasks.labels import join_labels
+from tasks.monitor import MonitorReport, PolicyDecision, chunk_summaries, decide_task, monitor_task, render_summary
+from tasks.score import fetch_verified, read_predictions
+
+
+class ChunkSummary(BaseModel):
+    start: str | None
+    end: str | None
+    drifting_features: list[str]
+    estimated: float | None
+    realized: float | None
+
+
+class PolicyVerdict(BaseModel):
+    fired: bool
+    reasons: list[str]
+
+
+class EmittedEvent(BaseModel):
+    event: str
+    resource: dict[str, str]
+    payload: dict[str, Any]
+
+
+class MonitorResult(BaseModel):
+    run_id: str
+    model: str
+    version: int
+    chunks: list[ChunkSummary]
+    policy: PolicyVerdict
+    event: EmittedEvent | None
+    report_uri: str
+
+
+@task(name="load-monitoring-inputs", cache_policy=NONE)
+def load_inputs_task(record: ModelVersionRecord, input_uri: str, labels_uri: str | None) -> tuple[DatasetSpec, pl.DataFrame, pl.DataFrame]:
+    if not record.reference_uri or not record.reference_sha256:
+        raise DriftloopError(f"{record.ref} has no monitoring reference (trained by an early build); train it again")
+    spec = load_model(fetch_verified(record.onnx_uri, record.onnx_sha256)).spec()
+    reference_bytes = read_bytes(record.reference_uri)
+    if hashlib.sha256(reference_bytes).hexdigest() != record.reference_sha256:
+        raise DriftloopError(f"monitoring reference {record.reference_uri} does not match its recorded sha256; refusing to use it")
+    reference = pl.read_parquet(io.BytesIO(reference_bytes))
+    analysis = read_predictions(input_uri)
+    if labels_uri:
+        labels = pl.read_parquet(labels_uri) if labels_uri.endswith((".parquet", ".pq")) else pl.read_csv(labels_uri)
+        analysis = join_labels(analysis, labels.select(spec.id, pl.col(spec.target).cast(reference.schema[spec.target])), spec)
+    return spec, reference, analysis
+
+
+def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: MonitorReport, input_uri: str,
+                training_source: str | None, training_dataset_id: str) -> EmittedEvent:
+    window = [c for c in report.chunks if c.index in decision.window]
+    estimates = [
+        {"chunk": r["chunk_key"], "start": r["chunk_start"], "end": r["chunk_end"], "value": r["value"],
+         "lower_threshold": r["lower_threshold"], "upper_threshold": r["upper_threshold"], "alert": r["alert"]}
+        for r in report.rows("estimated") if r["chunk_index"] in decision.window
+    ]
+    return EmittedEvent(
+        event=str(decision.event),
+        resource={
+            "prefect.resource.id": f"driftloop.model.{record.model_name}",
+            "driftloop.model.name": record.model_name,
+            "driftloop.model.version": str(record.version),
+        },
+        payload={
+            "model": record.model_name,
+            "version": record.version,
+            "reasons": decision.reasons,
+            "drifting_features": decision.drifting_features,
+            "metric": report.estimated_metric,
+            "estimates": estimates,
+            "chunk_span": {"start": window[0].start if window else None, "end": window[-1].end if window else None},
+            "analysis_uri": input_uri,
+            "training_source": training_source,
+            "training_dataset_id": training_dataset_id,
+        },
+    )
+
+
+@task(name="publish-monitoring", cache_policy=NONE)
+def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, report: MonitorReport,
+                 decision: PolicyDecision, event: EmittedEvent | None, input_uri: str, labels_uri: str | None) -> tuple[str, str]:
+    run_id = str(uuid.uuid4())
+    base = f"monitoring/{record.model_name}/{run_id}"
+    summary = render_summary(record.ref, report, decision, event.model_dump() if event else None)
+    report_uri = store.write_text(f"{base}/summary.md", summary)
+    links = {}
+    for name, figure in report.figures.items():
+        links[name] = store.write_text(f"{base}/{name}.html", figure.to_html(include_plotlyjs=True, full_html=True))
+    registry.add_monitoring_run(
+        {"id": run_id, "model_name": record.model_name, "model_version": record.version, "analysis_uri": input_uri,
+         "labels_uri": labels_uri, "decision": {"fired": decision.fired, "event": decision.event, "reasons": decision.reasons,
+                                                "drifting_features": decision.drifting_features},
+         "event": event.model_dump() if event else None, "report_uri": report_uri, "created_at": datetime.now(UTC)},
+        report.results,
+    )
+    key = record.model_name.replace("_", "-")
+    create_markdown_artifact(key=f"monitoring-{key}", markdown=summary, description=f"Monitoring of {record.ref}")
+    create_table_artifact(
+        key=f"monitoring-results-{key}",
+        table=[{k: r[k] for k in ("chunk_key", "kind", "name", "method", "value", "lower_threshold", "upper_threshold", "alert")} for r in report.results],
+        description="NannyML results per chunk",
+    )
+    for name, uri in links.items():
+        create_link_artifact(key=f"{name.replace('_', '-')}-{key}", link=uri if "://" in uri else f"file://{uri}",
+                             description=f"NannyML {name.replace('_', ' ')} plot (standalone HTML)")
+    return run_id, report_uri
+
+
+@flow(name="monitor")
+def monitor(
+    input_uri: str,
+    model: str = "car_loan@champion",
+    labels_uri: str | None = None,
+    policy: MonitoringPolicy | None = None,
+) -> MonitorResult:
+    """Monitor the scored output at ``input_uri`` (a `driftloop score` output directory)
+    for ``model``; ``labels_uri`` (Parquet/CSV with id and target) adds realized
+    performance. ``policy`` overrides the spec's ``monitoring`` section."""
+    logger = get_run_logger()
+    settings = get_settings()
+    registry = open_registry(settings.registry_database_url())
+    store = ArtifactStore(settings.artifact_root_uri())
+    record = registry.resolve(model)
+    spec, reference, analysis = load_inputs_task(record, input_uri, labels_uri)
+    active = policy or spec.monitoring
+    report = monitor_task(reference, analysis, spec, active)
+    decision = decide_task(report, active)
+
+    event = None
+    if decision.fired:
+        dataset = registry.get_dataset(record.dataset_id)
+        event = build_event(record, decision, report, input_uri, dataset.source if dataset else None, record.dataset_id)
+        emit_event(event=event.event, resource=event.resource, payload=event.payload)
+        logger.warning("policy fired: %s (%s)", event.event, "; ".join(decision.reasons))
+    else:
+        logger.info("policy did not fire: %s", "; ".join(decision.reasons))
+    run_id, report_uri = publish_task(registry, store, record, report, decision, event, input_uri, labels_uri)
+    return MonitorResult(
+        run_id=run_id, model=record.model_name, version=record.version,
+        chunks=[ChunkSummary(**{k: c[k] for k in ("start", "end", "drifting_features", "estimated", "realized")}) for c in chunk_summaries(report)],
+        policy=PolicyVerdict(fired=decision.fired, reasons=decision.reasons), event=event, report_uri=report_uri,
+    )

@@ -1,0 +1,298 @@
+"""Monitoring with NannyML: univariate and multivariate drift, performance estimated
+without labels (CBPE for classification, DLE for regression) and realized where labels
+have arrived; then the policy's verdict.
+
+The reference is the model version's holdout, scored by its own ONNX artifact at
+training time. NannyML's usage telemetry is switched off before it is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NONE
+
+from driftloop.errors import DriftloopError
+from driftloop.metrics import HIGHER_IS_BETTER
+from driftloop.spec import DatasetSpec, MonitoringPolicy
+
+logger = logging.getLogger(__name__)
+
+DRIFT_EVENT = "driftloop.model.drift-detected"
+PERFORMANCE_EVENT = "driftloop.model.performance-degraded"
+_ESTIMATED_DEFAULT = {"binary_classification": "roc_auc", "regression": "mae"}
+
+
+class MonitoringError(DriftloopError):
+    """Monitoring cannot run as configured (for example too few reference chunks)."""
+
+
+def _nannyml() -> Any:
+    os.environ["NML_DISABLE_USAGE_LOGGING"] = "1"  # before the first import, always
+    import nannyml
+
+    return nannyml
+
+
+@dataclass
+class Chunk:
+    index: int
+    key: str
+    start: str | None
+    end: str | None
+
+
+@dataclass
+class MonitorReport:
+    chunks: list[Chunk]
+    results: list[dict[str, Any]]  # one per chunk x (kind, name, method)
+    estimated_metric: str | None
+    has_labels: bool
+    figures: dict[str, Any] = field(default_factory=dict)  # name -> plotly figure
+
+    def rows(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.results if r["kind"] == kind]
+
+
+@dataclass
+class PolicyDecision:
+    fired: bool
+    event: str | None
+    reasons: list[str]
+    drifting_features: list[str]
+    window: list[int]
+
+
+def chunking(policy: MonitoringPolicy, reference_rows: int) -> dict[str, Any]:
+    if policy.chunk_period:
+        return {"chunk_period": policy.chunk_period}
+    # Default: one chunk more than the minimum, as large as that allows (less noise).
+    return {"chunk_size": policy.chunk_size or max(10, reference_rows // (policy.min_reference_chunks + 1))}
+
+
+def to_pandas(frame: pl.DataFrame, spec: DatasetSpec) -> Any:
+    if spec.timestamp:
+        frame = frame.sort(spec.timestamp)
+    return frame.to_pandas()
+
+
+def check_reference_chunks(reference: Any, spec: DatasetSpec, policy: MonitoringPolicy, chunk_args: dict[str, Any]) -> int:
+    nml = _nannyml()
+    if "chunk_period" in chunk_args:
+        if not spec.timestamp:
+            raise MonitoringError(f"chunk_period needs a timestamp column; spec '{spec.name}' has none: use chunk_size")
+        chunker = nml.chunk.PeriodBasedChunker(offset=chunk_args["chunk_period"], timestamp_column_name=spec.timestamp)
+    else:
+        chunker = nml.chunk.SizeBasedChunker(chunk_size=chunk_args["chunk_size"], incomplete="keep")
+    count = len(chunker.split(reference))
+    if count < policy.min_reference_chunks:
+        size = chunk_args.get("chunk_size") or chunk_args.get("chunk_period")
+        raise MonitoringError(
+            f"monitoring '{spec.name}': the reference ({len(reference)} rows) makes {count} chunk(s) of "
+            f"{size}, fewer than min_reference_chunks={policy.min_reference_chunks}; with so few reference "
+            "chunks the drift thresholds are meaningless (with one, every chunk alerts). Use a smaller "
+            "chunk_size or a shorter chunk_period"
+        )
+    return count
+
+
+def _long_results(result: Any, kind: str) -> list[dict[str, Any]]:
+    """NannyML's multi-level result frame as one record per chunk x column x method."""
+    frame = result.filter(period="analysis").to_df()
+    chunk_cols = {c[-1]: c for c in frame.columns if c[0] == "chunk"}
+    groups: dict[tuple[str, ...], dict[str, tuple]] = {}
+    for col in frame.columns:
+        if col[0] == "chunk":
+            continue
+        groups.setdefault(tuple(col[:-1]), {})[col[-1]] = col
+    out = []
+    for i in range(len(frame)):
+        row = frame.iloc[i]
+        for name_parts, fields in groups.items():
+            name = name_parts[0]
+            method = name_parts[1] if len(name_parts) > 1 else kind
+            value = row[fields["value"]] if "value" in fields else None
+            if kind == "realized" and "realized" in fields:
+                value = row[fields["realized"]]
+            out.append({
+                "chunk_index": int(row[chunk_cols["chunk_index"]]),
+                "chunk_key": str(row[chunk_cols["key"]]),
+                "chunk_start": str(row[chunk_cols["start_date"]]) if "start_date" in chunk_cols and row[chunk_cols["start_date"]] is not None else None,
+                "chunk_end": str(row[chunk_cols["end_date"]]) if "end_date" in chunk_cols and row[chunk_cols["end_date"]] is not None else None,
+                "kind": kind, "name": str(name), "method": str(method),
+                "value": _num(value),
+                "lower_threshold": _num(row[fields["lower_threshold"]]) if "lower_threshold" in fields else None,
+                "upper_threshold": _num(row[fields["upper_threshold"]]) if "upper_threshold" in fields else None,
+                "alert": bool(row[fields["alert"]]) if "alert" in fields and row[fields["alert"]] is not None and not _isnan(row[fields["alert"]]) else False,
+            })
+    return out
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: DatasetSpec, policy: MonitoringPolicy, *, with_plots: bool = True) -> MonitorReport:
+    """NannyML on ``analysis`` against ``reference``. Both carry the features,
+    ``prediction``, ``probability`` and (reference always, analysis where arrived) the
+    target."""
+    nml = _nannyml()
+    features = spec.feature_columns
+    categorical = [c for c in features if spec.column_spec(c).dtype in ("category", "string", "bool")]
+    ref = to_pandas(reference, spec)
+    ana = to_pandas(analysis, spec)
+    chunk_args = chunking(policy, len(ref))
+    check_reference_chunks(ref, spec, policy, chunk_args)
+    common = {"timestamp_column_name": spec.timestamp, **chunk_args}
+    results: list[dict[str, Any]] = []
+    figures: dict[str, Any] = {}
+
+    univariate = nml.UnivariateDriftCalculator(
+        column_names=features, treat_as_categorical=categorical or None,
+        continuous_methods=list(policy.continuous_methods), categorical_methods=list(policy.categorical_methods),
+        **common,
+    ).fit(ref).calculate(ana)
+    results += _long_results(univariate, "univariate")
+
+    multivariate = nml.DataReconstructionDriftCalculator(column_names=features, **common).fit(ref).calculate(ana)
+    results += _long_results(multivariate, "multivariate")
+
+    metric = policy.estimated_metric or _ESTIMATED_DEFAULT.get(spec.task)
+    has_labels = spec.target in ana.columns and bool(ana[spec.target].notna().any())
+    estimated = realized = None
+    if spec.task == "binary_classification":
+        estimated = nml.CBPE(
+            y_pred_proba="probability", y_pred="prediction", y_true=spec.target,
+            problem_type="classification_binary", metrics=[metric], **common,
+        ).fit(ref).estimate(ana.drop(columns=[spec.target], errors="ignore"))
+    elif spec.task == "regression":
+        estimated = nml.DLE(
+            feature_column_names=features, y_pred="prediction", y_true=spec.target, metrics=[metric], **common,
+        ).fit(ref).estimate(ana.drop(columns=[spec.target], errors="ignore"))
+    else:
+        metric = None  # multiclass: drift only (the scored output keeps the top class's probability)
+    if estimated is not None:
+        results += _long_results(estimated, "estimated")
+    if has_labels and metric is not None:
+        labelled = ana[ana[spec.target].notna()]
+        problem = "classification_binary" if spec.task == "binary_classification" else "regression"
+        calc_args = {"y_pred_proba": "probability"} if problem == "classification_binary" else {}
+        realized = nml.PerformanceCalculator(
+            metrics=[metric], y_true=spec.target, y_pred="prediction", problem_type=problem, **calc_args, **common,
+        ).fit(ref).calculate(labelled)
+        results += _long_results(realized, "realized")
+
+    if with_plots:
+        figures["univariate_drift"] = univariate.filter(period="all").plot(kind="drift")
+        figures["multivariate_drift"] = multivariate.plot()
+        if estimated is not None:
+            figures["estimated_performance"] = estimated.plot()
+        if realized is not None:
+            figures["realized_performance"] = realized.plot()
+
+    seen: dict[int, Chunk] = {}
+    for r in results:
+        seen.setdefault(r["chunk_index"], Chunk(r["chunk_index"], r["chunk_key"], r["chunk_start"], r["chunk_end"]))
+    return MonitorReport(sorted(seen.values(), key=lambda c: c.index), results, metric, has_labels, figures)
+
+
+def decide(report: MonitorReport, policy: MonitoringPolicy) -> PolicyDecision:
+    """Apply the policy to the most recent chunks. Drift alone is reported; it triggers
+    retraining only through the rules the policy enables."""
+    indices = [c.index for c in report.chunks]
+    reasons: list[str] = []
+    event: str | None = None
+
+    perf_rows = sorted(report.rows("estimated"), key=lambda r: r["chunk_index"])
+    if policy.performance is not None and perf_rows:
+        recent = perf_rows[-policy.performance.of_last:]
+        alerts = sum(r["alert"] for r in recent)
+        if alerts >= policy.performance.alerts:
+            event = PERFORMANCE_EVENT
+            reasons.append(
+                f"estimated {report.estimated_metric} alerted in {alerts} of the last {len(recent)} chunks "
+                f"(policy: {policy.performance.alerts} of {policy.performance.of_last})"
+            )
+
+    window = indices[-policy.window:]
+    drifting = sorted({r["name"] for r in report.rows("univariate") if r["alert"] and r["chunk_index"] in window})
+    multivariate_alerts = [r["chunk_index"] for r in report.rows("multivariate") if r["alert"] and r["chunk_index"] in window]
+    if policy.multivariate_drift and multivariate_alerts:
+        event = event or DRIFT_EVENT
+        reasons.append(f"multivariate drift (data reconstruction) alerted in chunk(s) {multivariate_alerts}")
+    if policy.min_drifting_features is not None and len(drifting) >= policy.min_drifting_features:
+        event = event or DRIFT_EVENT
+        reasons.append(f"{len(drifting)} features drift in the last {len(window)} chunks (policy: at least {policy.min_drifting_features})")
+    if event is None:
+        if drifting or multivariate_alerts:
+            reasons.append("drift reported, but no retraining rule fired")
+        else:
+            reasons.append("no alerts in the policy window")
+    return PolicyDecision(event is not None, event, reasons, drifting, window)
+
+
+def chunk_summaries(report: MonitorReport) -> list[dict[str, Any]]:
+    """Per chunk: span, drifting features, estimated and realized metric."""
+    out = []
+    for chunk in report.chunks:
+        rows = [r for r in report.results if r["chunk_index"] == chunk.index]
+        est = next((r["value"] for r in rows if r["kind"] == "estimated"), None)
+        real = next((r["value"] for r in rows if r["kind"] == "realized"), None)
+        out.append({
+            "start": chunk.start, "end": chunk.end, "key": chunk.key,
+            "drifting_features": sorted({r["name"] for r in rows if r["kind"] == "univariate" and r["alert"]}),
+            "multivariate_alert": any(r["alert"] for r in rows if r["kind"] == "multivariate"),
+            "estimated": est, "realized": real,
+            "performance_alert": any(r["alert"] for r in rows if r["kind"] == "estimated"),
+        })
+    return out
+
+
+def render_summary(model_ref: str, report: MonitorReport, decision: PolicyDecision, event: dict[str, Any] | None) -> str:
+    metric = report.estimated_metric or "metric"
+    better = "higher" if HIGHER_IS_BETTER.get(metric, True) else "lower"
+    lines = [
+        f"# Monitoring {model_ref}",
+        "",
+        f"**Policy: {'FIRED - ' + str(decision.event) if decision.fired else 'no retraining'}**",
+        "",
+        *[f"- {r}" for r in decision.reasons],
+        "",
+        f"| chunk | start | end | drifting features | estimated {metric} | realized {metric} |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for c in chunk_summaries(report):
+        est = f"{c['estimated']:.4f}" + (" ⚠" if c["performance_alert"] else "") if c["estimated"] is not None else "-"
+        real = f"{c['realized']:.4f}" if c["realized"] is not None else "-"
+        feats = ", ".join(c["drifting_features"]) + (" (+multivariate)" if c["multivariate_alert"] else "")
+        lines.append(f"| {c['key']} | {c['start'] or ''} | {c['end'] or ''} | {feats or '-'} | {est} | {real} |")
+    lines += ["", f"({better} {metric} is better.)"]
+    if event:
+        lines += ["", f"Event emitted: `{event['event']}` for `{event['resource']['prefect.resource.id']}`"]
+    return "\n".join(lines)
+
+
+@task(name="nannyml", cache_policy=NONE)
+def monitor_task(reference: pl.DataFrame, analysis: pl.DataFrame, spec: DatasetSpec, policy: MonitoringPolicy) -> MonitorReport:
+    return run_monitoring(reference, analysis, spec, policy)
+
+
+@task(name="policy", cache_policy=NONE)
+def decide_task(report: MonitorReport, policy: MonitoringPolicy) -> PolicyDecision:
+    return decide(report, policy)
