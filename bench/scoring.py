@@ -39,6 +39,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -83,10 +84,11 @@ class Sizes:
     batch_sizes: tuple[int, ...]
     breakdown_batch: int
     breakdown_batches: int
+    experiment_batch: int
 
 
-FULL = Sizes(200_000, 1_000_000, 5_000_000, (50_000, 100_000, 250_000), 100_000, 5)
-QUICK = Sizes(50_000, 100_000, 500_000, (10_000, 25_000, 50_000), 25_000, 3)
+FULL = Sizes(200_000, 1_000_000, 5_000_000, (50_000, 100_000, 250_000), 100_000, 5, 25_000)
+QUICK = Sizes(50_000, 100_000, 500_000, (10_000, 25_000, 50_000), 25_000, 3, 10_000)
 
 
 # --- data ------------------------------------------------------------------------------
@@ -216,24 +218,41 @@ def score_once(onnx: bytes, input_path: Path, out_root: Path, *, threads: int, b
     return elapsed
 
 
+def proc_status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` figure in KiB (Linux), for a cross-check of ru_maxrss."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    found = re.search(rf"^{field}:\s+(\d+) kB", text, flags=re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
 def child_rss(onnx_path: str, input_path: str, batch_size: int, threads: int) -> None:
     """Child mode: score one file, print peak RSS (and the RSS before scoring) as JSON."""
     from driftloop.onnx_model import load_model
     from tasks.score import score_stream
 
     model = load_model(Path(onnx_path).read_bytes(), threads=threads)
-    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
         started = time.perf_counter()
         result = score_stream(model, input_path, f"{tmp}/scored", model_name="bench", model_version=1, batch_size=batch_size)
         elapsed = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"rows": result.rows_scored, "seconds": elapsed, "before_kib": before_kib, "peak_kib": peak_kib}))
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rows": result.rows_scored, "seconds": elapsed, "before_kib": before_kib, "peak_kib": peak_kib,
+                      "vm_hwm_kib": proc_status_kib("VmHWM")}))
+
+
+# Linux carries ru_maxrss across execve: a child exec'd straight from this (large) process
+# would start with this process's peak. A small trampoline process in between starts the
+# measured child from its own few-MiB image instead.
+TRAMPOLINE = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 
 
 def measure_rss(onnx_path: Path, input_path: Path, batch_size: int, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-rss", str(onnx_path), str(input_path),
-           "--batch-size", str(batch_size), "--threads", str(threads)]
+    cmd = [sys.executable, "-c", TRAMPOLINE, sys.executable, str(Path(__file__).resolve()), "--child-rss",
+           str(onnx_path), str(input_path), "--batch-size", str(batch_size), "--threads", str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"child failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -285,7 +304,7 @@ def median_ms(values: list[float]) -> float:
     return 1000.0 * statistics.median(values)
 
 
-def timed(run: Callable[[], Any], repeats: int = 3) -> float:
+def timed(run: Callable[[], Any], repeats: int = 5) -> float:
     """Median milliseconds of ``repeats`` calls."""
     times = []
     for _ in range(repeats):
@@ -361,10 +380,11 @@ def experiments(models: list[Model], spec: Any, input_path: Path, out_dir: Path,
     out = prediction_frame(loaded, spec, valid, predict_scores(loaded, valid), model_name="bench", model_version=1,
                            scored_at=datetime.now(UTC))
     sizes = []
-    for compression in ("zstd", "lz4", "snappy", "uncompressed"):
-        path = out_dir / f"compression-{compression}.parquet"
-        ms = timed(lambda path=path, compression=compression: out.write_parquet(path, compression=compression))
-        sizes.append(f"{compression} {ms:.1f} ms ({path.stat().st_size / 1e6:.1f} MB)")
+    for compression, level in (("zstd", None), ("zstd", 1), ("lz4", None), ("snappy", None), ("uncompressed", None)):
+        label = compression if level is None else f"{compression}(level {level})"
+        path = out_dir / f"compression-{compression}-{level}.parquet"
+        ms = timed(lambda path=path, c=compression, lv=level: out.write_parquet(path, compression=c, compression_level=lv))
+        sizes.append(f"{label} {ms:.1f} ms ({path.stat().st_size / 1e6:.1f} MB)")
     lines.append(f"writing one {out.height:,}-row output part: " + ", ".join(sizes))
     return lines
 
@@ -424,7 +444,8 @@ def main() -> None:
     print(f"bench/scoring.py{' --quick' if args.quick else ''}: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, "
           f"xgboost {xgboost.__version__}, lightgbm {lightgbm.__version__}, polars {pl.__version__}, "
-          f"pyarrow {pa.__version__}; best of {args.repeats} runs per timing")
+          f"pyarrow {pa.__version__}; best of {args.repeats} runs per timing; "
+          f"load average at the start {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
     with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp_name:
         tmp = Path(tmp_name)
@@ -452,19 +473,14 @@ def main() -> None:
             print(f"{model.algorithm}: {model.trees} trees, trained in {model.train_s:.1f} s; ONNX {len(model.onnx) / 1e6:.1f} MB; "
                   f"max |onnx - native| on 20k rows {diff:.1e}")
 
-        section(f"batch size sweep (score_stream, {models[0].algorithm}, {sizes.score_rows:,} rows, single runs)")
-        sweep_rows = []
-        speeds: dict[int, list[float]] = {}
-        for batch_size in sizes.batch_sizes:
-            cells = [f"{batch_size:,}"]
-            for threads in (1, 2):
-                seconds = score_once(models[0].onnx, score_path, tmp, threads=threads, batch_size=batch_size, rows=sizes.score_rows)
-                speeds.setdefault(batch_size, []).append(sizes.score_rows / seconds)
-                cells.append(rate(sizes.score_rows, seconds))
-            sweep_rows.append(cells)
-        print(table(["batch size", "t=1 rows/s", "t=2 rows/s"], sweep_rows))
-        batch_size = max(speeds, key=lambda b: statistics.geometric_mean(speeds[b]))
-        print(f"using batch size {batch_size:,} (best geometric mean over t=1 and t=2)")
+        section(f"batch size sweep (score_stream, {models[0].algorithm}, t=1, {sizes.score_rows:,} rows, single runs)")
+        sweep: dict[int, float] = {}
+        for candidate in sizes.batch_sizes:
+            sweep[candidate] = score_once(models[0].onnx, score_path, tmp, threads=1, batch_size=candidate, rows=sizes.score_rows)
+        print(table(["batch size", "seconds", "rows/s"],
+                    [[f"{b:,}", f"{s:.2f}", rate(sizes.score_rows, s)] for b, s in sweep.items()]))
+        batch_size = min(sweep, key=sweep.__getitem__)
+        print(f"using batch size {batch_size:,} (the fastest)")
 
         section(f"throughput: score_stream vs native predict, {sizes.score_rows:,} rows, batch size {batch_size:,}")
         rows_out = []
@@ -486,10 +502,11 @@ def main() -> None:
         big = measure_rss(onnx_path, big_path, batch_size, 2)
         mib = lambda kib: f"{kib / 1024:,.0f}"  # noqa: E731
         print(table(
-            ["input rows", "RSS before scoring MiB", "peak RSS MiB", "peak - before MiB", "rows/s"],
+            ["input rows", "maxrss before scoring MiB", "peak maxrss MiB", "peak - before MiB", "VmHWM MiB", "rows/s"],
             [[f"{r['rows']:,}", mib(r["before_kib"]), mib(r["peak_kib"]), mib(r["peak_kib"] - r["before_kib"]),
-              rate(r["rows"], r["seconds"])] for r in (small, big)],
+              mib(r["vm_hwm_kib"]) if r["vm_hwm_kib"] else "-", rate(r["rows"], r["seconds"])] for r in (small, big)],
         ))
+        print("before scoring = after imports and loading the model.")
         ratio = big["peak_kib"] / small["peak_kib"]
         print(f"peak RSS {sizes.big_rows // sizes.score_rows}x rows / 1x rows = {ratio:.3f} "
               f"(target < 1.2: {'met' if ratio < 1.2 else 'NOT met'})")
@@ -511,13 +528,14 @@ def main() -> None:
         print(table(["algorithm", "threads", "(a) read", "(b) validate", "(c) ORT infer", "(d1) build out", "(d2) write zstd",
                      "serial total", "serial rows/s"], stage_rows))
 
-        section(f"experiments on one {sizes.breakdown_batch:,}-row batch (median of 3)")
+        section(f"experiments on one {sizes.experiment_batch:,}-row batch (median of 5)")
         parts.mkdir()
-        for line in experiments(models, spec, score_path, parts, sizes.breakdown_batch):
+        for line in experiments(models, spec, score_path, parts, sizes.experiment_batch):
             print(line)
         print("ONNX ops: onnxmltools emits ai.onnx.ml TreeEnsembleClassifier (declared ml opset 3 by build_onnx).")
 
-    print(f"\ntotal benchmark time {time.perf_counter() - total_started:.0f} s")
+    print(f"\ntotal benchmark time {time.perf_counter() - total_started:.0f} s; "
+          f"load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

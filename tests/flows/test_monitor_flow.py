@@ -1,0 +1,129 @@
+"""Monitoring on the demo's car-loan data against a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from driftloop.demo import DEMO_SPEC, demo_data_path
+from driftloop.registry import open_registry
+from driftloop.settings import get_settings
+from driftloop.spec import MonitoringPolicy
+from flows.ingest import ingest
+from flows.monitor import monitor
+from flows.score import score
+from flows.train import train
+from tasks.monitor import DRIFT_EVENT, PERFORMANCE_EVENT, MonitoringError
+
+pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("monitoring")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DRIFTLOOP_HOME", str(root / "home"))
+        reference = ingest(spec_path=str(DEMO_SPEC), source=str(demo_data_path("reference")))
+        train(spec_path=str(DEMO_SPEC), dataset_id=reference.dataset_id, trials=2, algorithms=["xgboost"], parity_min_rows=5000)
+        drifted = score(input_uri=str(demo_data_path("analysis")), output_uri=str(root / "analysis"), model="car_loan")
+        stationary = score(input_uri=str(demo_data_path("reference")), output_uri=str(root / "reference"), model="car_loan")
+        yield {"root": root, "drifted": drifted.output_uri, "stationary": stationary.output_uri}
+
+
+def model_events(prefect_server, since: float) -> list[dict]:
+    """driftloop model events the server has stored since ``since`` (epoch seconds)."""
+    from datetime import UTC, datetime
+
+    body = {
+        "filter": {
+            "occurred": {"since": datetime.fromtimestamp(since, UTC).isoformat()},
+            "event": {"prefix": ["driftloop.model."]},
+            "resource": {"id": ["driftloop.model.car_loan"]},
+        },
+        "limit": 50,
+    }
+    response = httpx.post(f"{prefect_server.api_url}/events/filter", json=body, timeout=10)
+    response.raise_for_status()
+    return response.json()["events"]
+
+
+def wait_for_events(prefect_server, since: float, count: int, timeout: float = 20) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    events = model_events(prefect_server, since)
+    while len(events) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+        events = model_events(prefect_server, since)
+    return events
+
+
+def test_drift_in_the_drifted_period_fires_the_policy_and_one_event(demo, prefect_server, monkeypatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
+    since = time.time() - 1
+    result = monitor(input_uri=demo["drifted"], model="car_loan", labels_uri=str(demo_data_path("analysis_targets")))
+    assert result.policy.fired and result.event is not None
+    # NannyML's car-loan analysis drifts in its second half: alerts concentrate there.
+    third = len(result.chunks) // 3
+    early, late = result.chunks[:third], result.chunks[-third:]
+    drifting = lambda chunks: sum(len(c.drifting_features) for c in chunks)  # noqa: E731
+    assert drifting(late) > 2 * drifting(early)
+    assert all("repaid_loan_on_prev_car" in c.drifting_features for c in late)
+    assert all(c.estimated is not None and c.realized is not None for c in result.chunks)
+
+    event = result.event
+    assert event.event in (DRIFT_EVENT, PERFORMANCE_EVENT)
+    assert event.resource == {"prefect.resource.id": "driftloop.model.car_loan", "driftloop.model.name": "car_loan",
+                              "driftloop.model.version": str(result.version)}
+    assert set(event.payload) >= {"drifting_features", "estimates", "chunk_span", "analysis_uri", "training_source"}
+    assert event.payload["analysis_uri"] == demo["drifted"]
+    assert event.payload["training_source"].endswith("synthetic_car_loan_reference.csv")
+    assert event.payload["chunk_span"]["start"] >= "2019"
+
+    stored = wait_for_events(prefect_server, since, 1)
+    assert [e["event"] for e in stored] == [event.event]
+    assert stored[0]["payload"]["drifting_features"] == event.payload["drifting_features"]
+
+    registry = open_registry(get_settings().registry_database_url())
+    (run,) = [r for r in registry.list_monitoring_runs("car_loan") if r["id"] == result.run_id]
+    assert run["decision"]["fired"] and run["event"]["event"] == event.event
+    results = registry.monitoring_results(result.run_id)
+    assert {r["kind"] for r in results} == {"univariate", "multivariate", "estimated", "realized"}
+    multivariate = sorted((r["chunk_index"], r["alert"]) for r in results if r["kind"] == "multivariate")
+    assert not any(alert for _, alert in multivariate[:third])
+    assert all(alert for _, alert in multivariate[-third:])
+    report_dir = Path(result.report_uri).parent
+    assert {"univariate_drift.html", "multivariate_drift.html", "estimated_performance.html"} <= {p.name for p in report_dir.iterdir()}
+
+
+def test_stationary_control_raises_no_policy_alert_and_no_event(demo, prefect_server, monkeypatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
+    since = time.time() - 1
+    result = monitor(input_uri=demo["stationary"], model="car_loan")
+    assert not result.policy.fired and result.event is None
+    assert all(c.realized is None for c in result.chunks)  # no labels given
+    time.sleep(3)  # give a (wrong) event time to arrive
+    assert model_events(prefect_server, since) == []
+
+
+def test_too_few_reference_chunks_is_refused(demo, monkeypatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
+    with pytest.raises(MonitoringError, match="fewer than min_reference_chunks=4"):
+        monitor(input_uri=demo["drifted"], model="car_loan", policy=MonitoringPolicy(chunk_size=5000))
+
+
+def test_monitor_cli_json(demo, monkeypatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
+    driftloop = str(Path(sys.executable).with_name("driftloop"))
+    run = subprocess.run([driftloop, "monitor", "--model", "car_loan@champion", "--input", demo["stationary"], "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    payload = json.loads(run.stdout)
+    assert set(payload) >= {"chunks", "policy", "event"}
+    assert set(payload["chunks"][0]) == {"start", "end", "drifting_features", "estimated", "realized"}
+    assert payload["policy"]["fired"] is False and payload["event"] is None
