@@ -299,6 +299,12 @@ def _human_monitor(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_infra_apply(args: argparse.Namespace) -> dict[str, Any]:
+    from driftloop.infra import apply_pools
+
+    return {"pools": apply_pools(gpu_device=args.gpu_device, gpus=args.gpus)}
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from driftloop.demo import run_demo
 
@@ -368,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", parents=[common], help="batch-score a file with a registered model")
     score.add_argument("--model", required=True, help="NAME, NAME@alias or NAME:VERSION (bare NAME: champion)")
     score.add_argument("--input", required=True, help="Parquet or CSV path or URI")
-    score.add_argument("--output", required=True, help="output directory (Parquet parts), path or URI")
+    score.add_argument("--output", help="output directory (Parquet parts), path or URI (default: <artifact root>/predictions/<model>/<input name>)")
     score.add_argument("--batch-size", type=int, default=100_000)
     score.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     score.set_defaults(handler=cmd_score, human=_human_score)
@@ -380,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     mon = sub.add_parser("monitor", parents=[common], help="drift and performance of a model on scored data")
     mon.add_argument("--model", required=True, help="NAME or NAME@alias (bare NAME: champion)")
-    mon.add_argument("--input", required=True, help="a `driftloop score` output directory")
+    mon.add_argument("--input", help="a `driftloop score` output directory (default: the model's latest scoring run)")
     mon.add_argument("--labels", help="Parquet/CSV with id and target, for realized performance")
     mon.set_defaults(handler=cmd_monitor, human=_human_monitor)
 
@@ -399,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", required=True, help="why (kept in the alias history)")
         p.add_argument("--actor", help="who (default cli:$USER)")
         p.set_defaults(handler=handler, human=lambda q: f"{q['model']}: champion is now v{q['champion']}")
+
+    infra = sub.add_parser("infra", help="Prefect work pools")
+    infra_sub = infra.add_subparsers(dest="infra_command", required=True)
+    apply = infra_sub.add_parser("apply", parents=[common], help="create or update the cpu, gpu and edge pools")
+    apply.add_argument("--gpu-device", choices=["cuda", "cpu"], help="DRIFTLOOP_DEVICE for the gpu pool (cpu where there is no GPU)")
+    apply.add_argument("--gpus", type=int, help="gpu pool concurrency (default: GPUs nvidia-smi sees)")
+    apply.set_defaults(handler=cmd_infra_apply, human=lambda p: "\n".join(f"{x['pool']}: {x['action']} (concurrency {x['concurrency_limit']}, env {x['env']})" for x in p["pools"]))
 
     demo = sub.add_parser("demo", parents=[common], help="run the lifecycle on the bundled car-loan data")
     demo.add_argument("--trials", type=int, default=10, help="Optuna trials per algorithm (default 10)")

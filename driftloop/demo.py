@@ -32,6 +32,18 @@ def demo_data_path(part: str) -> Path:
     return path
 
 
+def resolve_demo_uri(uri: str) -> str:
+    """``demo:reference``, ``demo:analysis`` and ``demo:analysis_targets`` name the
+    car-loan files inside the installed nannyml package (so deployments carry no
+    machine paths); any other URI is returned as it is."""
+    if uri.startswith("demo:"):
+        part = uri.removeprefix("demo:")
+        if part not in _FILES:
+            raise DriftloopError(f"unknown demo data {uri!r}; use one of " + ", ".join(f"demo:{p}" for p in _FILES))
+        return str(demo_data_path(part))
+    return uri
+
+
 def run_demo(trials: int = 10) -> dict[str, Any]:
     from driftloop.settings import get_settings
     from flows.ingest import ingest

@@ -67,6 +67,9 @@ def load_inputs_task(record: ModelVersionRecord, input_uri: str, labels_uri: str
     reference = pl.read_parquet(io.BytesIO(reference_bytes))
     analysis = read_predictions(input_uri)
     if labels_uri:
+        from driftloop.demo import resolve_demo_uri
+
+        labels_uri = resolve_demo_uri(labels_uri)
         labels = pl.read_parquet(labels_uri) if labels_uri.endswith((".parquet", ".pq")) else pl.read_csv(labels_uri)
         analysis = join_labels(analysis, labels.select(spec.id, pl.col(spec.target).cast(reference.schema[spec.target])), spec)
     return spec, reference, analysis
@@ -134,20 +137,31 @@ def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVer
 
 @flow(name="monitor")
 def monitor(
-    input_uri: str,
+    input_uri: str | None = None,
     model: str = "car_loan@champion",
     labels_uri: str | None = None,
     policy: MonitoringPolicy | None = None,
+    policy_block: str | None = None,
 ) -> MonitorResult:
-    """Monitor the scored output at ``input_uri`` (a `driftloop score` output directory)
-    for ``model``; ``labels_uri`` (Parquet/CSV with id and target) adds realized
-    performance. ``policy`` overrides the spec's ``monitoring`` section."""
+    """Monitor the scored output at ``input_uri`` (a `driftloop score` output directory;
+    default: the model's latest scoring run) for ``model``; ``labels_uri`` (Parquet/CSV with id and target) adds realized
+    performance. ``policy``, or the saved MonitoringPolicyBlock named ``policy_block``,
+    overrides the spec's ``monitoring`` section."""
     logger = get_run_logger()
     settings = get_settings()
     registry = open_registry(settings.registry_database_url())
     store = ArtifactStore(settings.artifact_root_uri())
     record = registry.resolve(model)
+    if input_uri is None:
+        runs = registry.list_scoring_runs(record.model_name)
+        if not runs:
+            raise DriftloopError(f"no scoring runs of {record.model_name} yet; score some data first or pass input_uri")
+        input_uri = runs[0].output_uri
     spec, reference, analysis = load_inputs_task(record, input_uri, labels_uri)
+    if policy is None and policy_block:
+        from blocks.driftloop_blocks import MonitoringPolicyBlock
+
+        policy = MonitoringPolicyBlock.load(policy_block).policy
     active = policy or spec.monitoring
     report = monitor_task(reference, analysis, spec, active)
     decision = decide_task(report, active)

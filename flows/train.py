@@ -73,6 +73,7 @@ def train(
     study_name: str | None = None,
     promote: bool = True,
     parity_min_rows: int = PARITY_MIN_ROWS,
+    trigger: str = "manual",
 ) -> TrainResult:
     """Train a model for the spec at ``spec_path`` on a registered dataset
     (``dataset_id``) or on ``source``, ingested first. Studies are named
@@ -130,6 +131,7 @@ def train(
         "metrics": metrics, "segment_metrics": segments, "seed": seed, "dataset_id": dataset.id,
         "dataset_hash": dataset.content_hash, "spec_hash": spec.fingerprint(), "split": split.boundaries,
         "library_versions": library_versions(), "gate": decision.model_dump(), "parity": parity,
+        "trigger": trigger,
     }
     actor = f"flow train/{runtime.flow_run.name or 'local'}"
     record, promoted = register_task(registry, store, draft, onnx_bytes, promote, actor)

@@ -108,6 +108,9 @@ class RawBatch:
 
 def read_file(uri: str) -> RawBatch:
     """Read a CSV or Parquet file from a path or fsspec URI (read once, hashed as read)."""
+    from driftloop.demo import resolve_demo_uri
+
+    uri = resolve_demo_uri(uri)
     try:
         with fsspec.open(uri, "rb", compression="infer") as fh:
             data = fh.read()

@@ -68,6 +68,7 @@ class ModelVersionRecord(BaseModel):
     card_uri: str | None = None
     reference_uri: str | None = None
     reference_sha256: str | None = None
+    trigger: str = "manual"
     created_at: datetime
 
     @property

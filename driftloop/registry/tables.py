@@ -69,6 +69,7 @@ class ModelVersionRow(Base):
     card_uri: Mapped[str | None] = mapped_column(Text)
     reference_uri: Mapped[str | None] = mapped_column(Text)
     reference_sha256: Mapped[str | None] = mapped_column(String(64))
+    trigger: Mapped[str] = mapped_column(String(32), default="manual")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

@@ -1,0 +1,54 @@
+"""Work pools from ``infra/pools/*.json``: create or update them, idempotently."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+POOLS_DIR = Path(__file__).resolve().parent.parent / "infra" / "pools"
+POOLS = ("cpu", "gpu", "edge")
+
+
+def gpu_count() -> int:
+    """GPUs nvidia-smi sees (at least 1, so the pool can run where none is visible yet)."""
+    if shutil.which("nvidia-smi") is None:
+        return 1
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 1
+    return max(1, sum(1 for line in out.splitlines() if line.startswith("GPU ")))
+
+
+def load_template(name: str, *, gpu_device: str | None = None) -> dict[str, Any]:
+    template = json.loads((POOLS_DIR / f"{name}.json").read_text())
+    if name == "gpu" and gpu_device:
+        template["variables"]["properties"]["env"]["default"]["DRIFTLOOP_DEVICE"] = gpu_device
+    return template
+
+
+def apply_pools(*, gpu_device: str | None = None, gpus: int | None = None) -> list[dict[str, Any]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    applied = []
+    with get_client(sync_client=True) as client:
+        for name in POOLS:
+            template = load_template(name, gpu_device=gpu_device)
+            limit = (gpus or gpu_count()) if name == "gpu" else None
+            try:
+                client.read_work_pool(name)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template,
+                                                       concurrency_limit=limit))
+                action = "created"
+            else:
+                client.update_work_pool(name, WorkPoolUpdate(base_job_template=template, concurrency_limit=limit))
+                action = "updated"
+            applied.append({"pool": name, "action": action, "concurrency_limit": limit,
+                            "env": template["variables"]["properties"]["env"]["default"]})
+    return applied

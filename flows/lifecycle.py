@@ -1,0 +1,38 @@
+"""Flow ``lifecycle``: the whole chain for one dataset, ingest -> train -> score ->
+monitor (the monitor's event, if the policy fires, starts the retrain automation)."""
+
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import BaseModel
+
+from driftloop.registry.store import parse_model_ref
+from driftloop.spec import load_spec
+from flows.ingest import IngestResult, ingest
+from flows.monitor import MonitorResult, monitor
+from flows.score import ScoreSummary, score
+from flows.train import TrainResult, train
+
+
+class LifecycleResult(BaseModel):
+    ingest: IngestResult
+    train: TrainResult
+    score: ScoreSummary
+    monitor: MonitorResult
+
+
+@flow(name="lifecycle")
+def lifecycle(
+    spec_path: str,
+    training_source: str,
+    score_input: str,
+    score_output: str | None = None,
+    labels_uri: str | None = None,
+    trials: int = 10,
+) -> LifecycleResult:
+    name = load_spec(spec_path).name
+    ingested = ingest(spec_path=spec_path, source=training_source)
+    trained = train(spec_path=spec_path, dataset_id=ingested.dataset_id, trials=trials)
+    scored = score(input_uri=score_input, output_uri=score_output, model=f"{name}@champion")
+    watched = monitor(input_uri=scored.output_uri, model=parse_model_ref(f"{name}@champion")[0], labels_uri=labels_uri)
+    return LifecycleResult(ingest=ingested, train=trained, score=scored, monitor=watched)

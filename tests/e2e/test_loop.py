@@ -1,0 +1,157 @@
+"""The loop closes by itself on a real Prefect server with real workers: deployments
+from prefect.yaml, pools from infra/, blocks registered, a champion trained through the
+deployments, monitoring that emits a drift event, and the automation's retrain."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def api(server, method: str, path: str, **kwargs):
+    # The server shares two cores with the workers' training runs: be patient with it.
+    for attempt in range(5):
+        try:
+            response = httpx.request(method, f"{server.api_url}{path}", timeout=120, **kwargs)
+            break
+        except httpx.TransportError:
+            if attempt == 4:
+                raise
+            time.sleep(2)
+    response.raise_for_status()
+    return response.json()
+
+
+def flow_runs(server, deployment_id: str) -> list[dict]:
+    return api(server, "POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "limit": 200})
+
+
+def deployment_id(server, flow: str, name: str = "car-loan") -> str:
+    return api(server, "GET", f"/deployments/name/{flow}/{name}")["id"]
+
+
+def wait_for(predicate, timeout: float, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture()
+def env(prefect_server, tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server.api_url,
+        "DRIFTLOOP_HOME": str(tmp_path / "home"),
+        "DRIFTLOOP_PROJECT_DIR": str(REPO),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
+
+
+@pytest.fixture()
+def workers(env: dict[str, str], tmp_path: Path):
+    procs = []
+    for pool in ("cpu", "gpu"):
+        log = (tmp_path / f"worker-{pool}.log").open("wb")
+        procs.append(subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "2"],
+                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    yield procs
+    for proc in procs:  # workers stop before the (session) server
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_drift_event_triggers_one_retrain_at_a_time(prefect_server, env, workers, tmp_path: Path) -> None:
+    started = time.monotonic()
+    run([str(BIN / "driftloop"), "infra", "apply", "--gpu-device", "cpu"], env)
+    run([str(BIN / "prefect"), "block", "register", "-f", "blocks/driftloop_blocks.py"], env)
+    run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
+    pools = {p["name"]: p for p in api(prefect_server, "POST", "/work_pools/filter", json={})}
+    assert {"cpu", "gpu", "edge"} <= set(pools)
+
+    prefect = str(BIN / "prefect")
+    run([prefect, "deployment", "run", "train/car-loan", "--param", "trials=2", "--watch", "--watch-timeout", "900"], env, timeout=960)
+    run([prefect, "deployment", "run", "score/car-loan", "--watch", "--watch-timeout", "600"], env, timeout=660)
+
+    from driftloop.registry import open_registry
+
+    registry_url = f"sqlite:///{tmp_path / 'home' / 'registry.db'}"
+    champion = open_registry(registry_url).resolve("car_loan@champion")
+    assert champion.version == 1
+
+    retrain_id = deployment_id(prefect_server, "retrain")
+    assert flow_runs(prefect_server, retrain_id) == []
+    run([prefect, "deployment", "run", "monitor/car-loan", "--watch", "--watch-timeout", "600"], env, timeout=660)
+    monitored_at = time.monotonic()
+
+    triggered = wait_for(lambda: flow_runs(prefect_server, retrain_id), timeout=60)
+    assert triggered, "the automation did not create a retrain flow run within 60 s"
+    drift_to_run_s = time.monotonic() - monitored_at
+    (first,) = triggered
+    assert first["parameters"]["model"] == "car_loan"
+    assert first["parameters"]["source"].endswith("synthetic_car_loan_reference.csv")
+
+    finished = wait_for(lambda: (r := api(prefect_server, "GET", f"/flow_runs/{first['id']}"))["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and r, timeout=900, interval=3)
+    assert finished["state_type"] == "COMPLETED", finished["state"]
+    versions = open_registry(registry_url).list_versions("car_loan")
+    retrained = [v for v in versions if v.trigger == "retrain"]
+    assert len(retrained) == 1 and retrained[0].version == 2
+    assert retrained[0].gate["reasons"] and any("vs champion v1" in r for r in retrained[0].gate["reasons"])
+    aliases = open_registry(registry_url).aliases("car_loan")
+    assert aliases["champion"] == (2 if retrained[0].gate["passed"] else 1)
+
+    # A burst of ten drift events: never two retrains of car_loan running together.
+    from prefect.events import emit_event
+
+    for i in range(10):
+        emit_event(
+            event="driftloop.model.drift-detected",
+            resource={"prefect.resource.id": "driftloop.model.car_loan", "driftloop.model.name": "car_loan", "driftloop.model.version": "2"},
+            payload={"training_source": first["parameters"]["source"], "burst": i},
+        )
+    wait_for(lambda: len(flow_runs(prefect_server, retrain_id)) > 1, timeout=60)
+    time.sleep(15)
+    settled = wait_for(
+        lambda: all(r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in flow_runs(prefect_server, retrain_id)),
+        timeout=600, interval=3,
+    )
+    assert settled
+    runs = flow_runs(prefect_server, retrain_id)
+    assert len(runs) >= 2
+    intervals = sorted(
+        (datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"] or datetime.now(UTC).isoformat()))
+        for r in runs if r["start_time"]
+    )
+    for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+        assert start >= end, f"two retrains overlapped: {intervals}"
+    assert len(open_registry(registry_url).list_versions("car_loan")) == 2  # the cooldown stopped the storm
+    assert not (REPO / ".driftloop").exists()  # runs wrote under DRIFTLOOP_HOME, not into the checkout
+    print(f"\ne2e: {time.monotonic() - started:.0f} s in all; drift event -> retrain run created in {drift_to_run_s:.1f} s")
