@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 export NML_DISABLE_USAGE_LOGGING := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv demo test test-fast lock postgres-bin lint clean
+.PHONY: venv demo test test-fast lock postgres-bin lint clean server worker pools deploy
 
 venv: $(STAMP)
 
@@ -33,8 +33,10 @@ lock: venv
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 	  --quiet -o $(LOCK)
 
+# The loop on a real Prefect server: deploy, workers, train -> score -> monitor, and
+# the drift event's automated retrain. KEEP=1 leaves server and workers running.
 demo: venv
-	$(BIN)/driftloop demo
+	$(BIN)/driftloop demo --loop --trials 5 $(if $(KEEP),--keep-running,)
 
 # PostgreSQL server binaries for the registry tests (Debian's package; CI runs as root).
 postgres-bin:
@@ -49,6 +51,26 @@ test: venv postgres-bin
 # Unit tests only: no Prefect server, no PostgreSQL.
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not postgres and not prefect" $(PYTEST_ARGS)
+
+# A local Prefect server on 127.0.0.1 with SQLite under .driftloop/ (PostgreSQL: set
+# PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host/prefect first).
+PORT ?= 4200
+server: venv
+	@mkdir -p .driftloop/prefect
+	@echo ">> Prefect UI: http://127.0.0.1:$(PORT)  (export PREFECT_API_URL=http://127.0.0.1:$(PORT)/api)"
+	PREFECT_HOME=$(CURDIR)/.driftloop/prefect $(BIN)/prefect server start --host 127.0.0.1 --port $(PORT) --analytics-off
+
+# make worker POOL=cpu (or gpu, edge); needs PREFECT_API_URL.
+POOL ?= cpu
+worker: venv
+	$(BIN)/prefect worker start --pool $(POOL)
+
+pools: venv
+	$(BIN)/driftloop infra apply
+
+deploy: venv pools
+	$(BIN)/prefect block register -f blocks/driftloop_blocks.py
+	DRIFTLOOP_PROJECT_DIR=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
 lint: venv
 	$(BIN)/ruff check driftloop flows tasks blocks tests

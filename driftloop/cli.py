@@ -306,12 +306,23 @@ def cmd_infra_apply(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    from driftloop.demo import run_demo
+    from driftloop.demo import run_demo, run_loop_demo
 
+    if args.loop:
+        return run_loop_demo(trials=args.trials, keep_running=args.keep_running)
     return run_demo(trials=args.trials)
 
 
 def _human_demo(p: dict[str, Any]) -> str:
+    if "retrain" in p:
+        lines = [f"Prefect UI: {p['ui']}" + ("" if p["kept_running"] else " (stopped; rerun with --keep-running to browse it)")]
+        lines += [f"  {name:<18} {step['state']:<10} flow run {step['flow_run']}" for name, step in p["steps"].items()]
+        r = p["retrain"]
+        lines.append(f"  automation: drift event -> retrain/car-loan: {r['state']}" + (f" (flow run {r['flow_run']})" if r.get("flow_run") else ""))
+        for v in p["versions"]:
+            lines.append(f"  car_loan v{v['version']} ({v['trigger']}): gate {'passed' if v['gate_passed'] else 'failed'}: " + "; ".join(v["reasons"]))
+        lines.append("  aliases: " + ", ".join(f"{a} -> v{n}" for a, n in p["aliases"].items()))
+        return "\n".join(lines)
     parts = [f"ingest {stage}:\n" + _human_ingest(result) for stage, result in p["ingest"].items()]
     parts.append("train:\n" + _human_train(p["train"]))
     parts.append("score analysis data:\n" + _human_score(p["score"]))
@@ -415,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common], help="run the lifecycle on the bundled car-loan data")
     demo.add_argument("--trials", type=int, default=10, help="Optuna trials per algorithm (default 10)")
+    demo.add_argument("--loop", action="store_true", help="on a real Prefect server with workers, through the deployments and the retrain automation")
+    demo.add_argument("--keep-running", action="store_true", help="with --loop: leave the server and workers running")
     demo.set_defaults(handler=cmd_demo, human=_human_demo)
 
     db = sub.add_parser("db", help="registry database")

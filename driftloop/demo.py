@@ -68,3 +68,77 @@ def run_demo(trials: int = 10) -> dict[str, Any]:
         "score": scored.model_dump(),
         "monitor": watched.model_dump(),
     }
+
+
+def run_loop_demo(trials: int = 5, keep_running: bool = False) -> dict[str, Any]:
+    """The loop on a real Prefect server: deploy, start workers, run train -> score ->
+    monitor through the deployments, and let the drift event start the retrain."""
+    import os
+
+    from driftloop.local_stack import LocalStack
+    from driftloop.settings import get_settings
+
+    settings = get_settings()
+    with LocalStack(settings.home_dir, keep_running=keep_running) as stack:
+        os.environ["PREFECT_API_URL"] = stack.api_url  # before Prefect reads its settings
+        from driftloop.registry import open_registry
+
+        has_gpu = _cuda_available()
+        stack.deploy(gpu_device="cuda" if has_gpu else "cpu")
+        stack.start_workers(("cpu", "gpu"))
+        steps = {}
+        for name, params in (("train/car-loan", {"trials": trials}), ("score/car-loan", {}), ("monitor/car-loan", {})):
+            steps[name] = _run_and_wait(name, params)
+        retrain = _wait_for_retrain(timeout_s=120)
+        registry = open_registry(settings.registry_database_url())
+        versions = [
+            {"version": v.version, "trigger": v.trigger, "gate_passed": v.gate["passed"], "reasons": v.gate["reasons"]}
+            for v in sorted(registry.list_versions("car_loan"), key=lambda v: v.version)
+        ]
+        ui = stack.api_url.removesuffix("/api")
+        return {
+            "ui": ui, "kept_running": keep_running, "steps": steps, "retrain": retrain,
+            "versions": versions, "aliases": registry.aliases("car_loan"),
+        }
+
+
+def _cuda_available() -> bool:
+    try:
+        from tasks.tune import check_device
+
+        check_device("cuda")
+        return True
+    except DriftloopError:
+        return False
+
+
+def _run_and_wait(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name, parameters=parameters, timeout=3600)
+    if run.state is None or not run.state.is_completed():
+        raise DriftloopError(f"deployment {name} ended {run.state.name if run.state else 'without a state'}; see the Prefect UI")
+    return {"flow_run": run.name, "state": run.state.name}
+
+
+def _wait_for_retrain(timeout_s: float) -> dict[str, Any]:
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+
+    started = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])),
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["car-loan"])),
+            )
+            if runs:
+                run = runs[0]
+                if run.state is not None and run.state.is_final():
+                    return {"flow_run": run.name, "state": run.state.name, "parameters": run.parameters,
+                            "seconds_to_created": None}
+            elif time.monotonic() - started > timeout_s:
+                return {"flow_run": None, "state": "not triggered (the monitor's policy did not fire)"}
+            time.sleep(2)

@@ -109,6 +109,9 @@ def test_drift_event_triggers_one_retrain_at_a_time(prefect_server, env, workers
 
     retrain_id = deployment_id(prefect_server, "retrain")
     assert flow_runs(prefect_server, retrain_id) == []
+    # As a user would in the UI: fewer tuning trials for the automation's retrains here.
+    retrain = api(prefect_server, "GET", f"/deployments/{retrain_id}")
+    api(prefect_server, "PATCH", f"/deployments/{retrain_id}", json={"parameters": {**retrain["parameters"], "trials": 2}})
     run([prefect, "deployment", "run", "monitor/car-loan", "--watch", "--watch-timeout", "600"], env, timeout=660)
     monitored_at = time.monotonic()
 

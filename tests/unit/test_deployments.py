@@ -1,0 +1,57 @@
+"""prefect.yaml: every entrypoint imports, every deployment's parameters validate
+against its flow, and the retrain trigger listens for the monitoring events."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.monitor import DRIFT_EVENT, PERFORMANCE_EVENT
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())
+DEPLOYMENTS = PREFECT_YAML["deployments"]
+EXPECTED = {"ingest", "train", "score", "score-edge", "monitor", "lifecycle", "retrain"}
+
+
+def load_flow(entrypoint: str):
+    path, name = entrypoint.split(":")
+    return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+
+
+def test_every_stage_has_a_deployment() -> None:
+    assert {load_flow(d["entrypoint"]).name for d in DEPLOYMENTS} == EXPECTED
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["entrypoint"])
+def test_entrypoint_imports_and_parameters_validate(deployment: dict) -> None:
+    flow = load_flow(deployment["entrypoint"])
+    assert deployment["entrypoint"].startswith("flows/")
+    flow.validate_parameters(deployment.get("parameters", {}))
+    assert deployment["work_pool"]["name"] in {"cpu", "gpu", "edge"}
+
+
+def test_pools_match_the_design() -> None:
+    pool = {load_flow(d["entrypoint"]).name: d["work_pool"]["name"] for d in DEPLOYMENTS}
+    assert pool["train"] == pool["retrain"] == "gpu"
+    assert pool["score"] == pool["monitor"] == "cpu"
+    assert pool["score-edge"] == "edge"
+    for name in ("cpu", "gpu", "edge"):
+        template = json.loads((REPO / "infra" / "pools" / f"{name}.json").read_text())
+        env = template["variables"]["properties"]["env"]["default"]
+        assert env["DRIFTLOOP_DEVICE"] == ("cuda" if name == "gpu" else "cpu")
+
+
+def test_retrain_trigger_expects_the_monitoring_events_and_passes_typed_parameters() -> None:
+    (retrain,) = [d for d in DEPLOYMENTS if d["entrypoint"] == "flows/retrain.py:retrain"]
+    (trigger,) = retrain["triggers"]
+    assert set(trigger["expect"]) == {DRIFT_EVENT, PERFORMANCE_EVENT}
+    assert trigger["match"]["prefect.resource.id"] == "driftloop.model.car_loan"
+    assert set(trigger["parameters"]) == {"model", "source"}
+    assert retrain["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    # With the event's values filled in, the parameters validate against the flow.
+    load_flow(retrain["entrypoint"]).validate_parameters({**retrain["parameters"], "model": "car_loan", "source": "x.csv"})
