@@ -25,7 +25,7 @@ Input Parquet files are written in 100k-row row groups (snappy), features as flo
 
 Run from the repository root:
 
-    .venv/bin/python bench/scoring.py            # full run: 1M / 5M rows, ~10 minutes on 2 cores
+    .venv/bin/python bench/scoring.py            # full run: 1M / 5M rows, ~12 minutes on 2 cores
     .venv/bin/python bench/scoring.py --quick    # smoke run: 100k / 500k rows
 """
 
@@ -403,9 +403,18 @@ def plain_checks(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        padded = (c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return " | ".join(padded)
+
     return "\n".join([line(headers), "-+-".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:,.0f}"
 
 
 def rate(rows: int, seconds: float) -> str:
@@ -500,7 +509,6 @@ def main() -> None:
         onnx_path = tmp / f"{models[0].algorithm}.onnx"
         small = measure_rss(onnx_path, score_path, batch_size, 2)
         big = measure_rss(onnx_path, big_path, batch_size, 2)
-        mib = lambda kib: f"{kib / 1024:,.0f}"  # noqa: E731
         print(table(
             ["input rows", "maxrss before scoring MiB", "peak maxrss MiB", "peak - before MiB", "VmHWM MiB", "rows/s"],
             [[f"{r['rows']:,}", mib(r["before_kib"]), mib(r["peak_kib"]), mib(r["peak_kib"] - r["before_kib"]),
