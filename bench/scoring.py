@@ -19,7 +19,8 @@ What it measures, on seeded synthetic data (20 float features, an int id, binary
 3. Where the time goes, per 100k-row batch, run serially: Parquet read, validation
    (``validate_rows``), ONNX Runtime inference (``predict_scores``), building the output
    frame (``prediction_frame``) and writing it (Parquet, zstd); plus a few cheap
-   experiments (validation split, ONNX Runtime options, output compression).
+   experiments on a 25k-row batch (validation split, ONNX Runtime options, output
+   compression).
 
 Input Parquet files are written in 100k-row row groups (snappy), features as float64.
 
@@ -71,7 +72,11 @@ SPEC = {
     "target": TARGET,
     "id": "id",
     "max_reject_fraction": 1.0,
-    "columns": {"id": {"dtype": "int"}, **{f: {"dtype": "float"} for f in FEATURES}, TARGET: {"dtype": "int"}},
+    "columns": {
+        "id": {"dtype": "int"},
+        **{f: {"dtype": "float"} for f in FEATURES},
+        TARGET: {"dtype": "int"},
+    },
     "features": FEATURES,
 }
 
@@ -158,24 +163,52 @@ def train_models(spec: Any, train: pl.DataFrame, threads: int) -> tuple[Any, lis
 
     started = time.perf_counter()
     xgb_params = {
-        "objective": "binary:logistic", "eval_metric": "logloss", "tree_method": "hist", "max_depth": 6,
-        "learning_rate": 0.1, "nthread": threads, "seed": 0, "verbosity": 0,
+        "objective": "binary:logistic",
+        "eval_metric": "logloss",
+        "tree_method": "hist",
+        "max_depth": 6,
+        "learning_rate": 0.1,
+        "nthread": threads,
+        "seed": 0,
+        "verbosity": 0,
     }
     booster = xgb.train(xgb_params, xgb.DMatrix(x, label=y), num_boost_round=N_TREES)
     fitted = FittedModel("xgboost", booster, xgb_params, N_TREES, float("nan"))
     elapsed = time.perf_counter() - started
-    models.append(Model("xgboost", fitted, build_onnx(fitted, encoding, spec, metadata), booster.num_boosted_rounds(), elapsed))
+    models.append(
+        Model(
+            "xgboost",
+            fitted,
+            build_onnx(fitted, encoding, spec, metadata),
+            booster.num_boosted_rounds(),
+            elapsed,
+        )
+    )
 
     started = time.perf_counter()
     lgb_params = {
-        "objective": "binary", "num_leaves": 63, "learning_rate": 0.1, "num_threads": threads, "seed": 0,
-        "deterministic": True, "force_row_wise": True, "verbose": -1,
+        "objective": "binary",
+        "num_leaves": 63,
+        "learning_rate": 0.1,
+        "num_threads": threads,
+        "seed": 0,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbose": -1,
     }
     raw = lgb.train(lgb_params, lgb.Dataset(x, label=y), num_boost_round=N_TREES)
     booster = round_lightgbm_thresholds(raw.model_to_string())
     fitted = FittedModel("lightgbm", booster, lgb_params, N_TREES, float("nan"))
     elapsed = time.perf_counter() - started
-    models.append(Model("lightgbm", fitted, build_onnx(fitted, encoding, spec, metadata), booster.num_trees(), elapsed))
+    models.append(
+        Model(
+            "lightgbm",
+            fitted,
+            build_onnx(fitted, encoding, spec, metadata),
+            booster.num_trees(),
+            elapsed,
+        )
+    )
     return encoding, models
 
 
@@ -202,7 +235,9 @@ def best_of(repeats: int, run: Callable[[], float]) -> float:
     return min(run() for _ in range(repeats))
 
 
-def score_once(onnx: bytes, input_path: Path, out_root: Path, *, threads: int, batch_size: int, rows: int) -> float:
+def score_once(
+    onnx: bytes, input_path: Path, out_root: Path, *, threads: int, batch_size: int, rows: int
+) -> float:
     """Seconds for one end-to-end ``score_stream`` run (model loading excluded)."""
     from driftloop.onnx_model import load_model
     from tasks.score import score_stream
@@ -210,10 +245,14 @@ def score_once(onnx: bytes, input_path: Path, out_root: Path, *, threads: int, b
     model = load_model(onnx, threads=threads)
     out = out_root / "scored"
     started = time.perf_counter()
-    result = score_stream(model, str(input_path), str(out), model_name="bench", model_version=1, batch_size=batch_size)
+    result = score_stream(
+        model, str(input_path), str(out), model_name="bench", model_version=1, batch_size=batch_size
+    )
     elapsed = time.perf_counter() - started
     if result.rows_scored != rows or result.rows_quarantined:
-        raise RuntimeError(f"scored {result.rows_scored} of {rows} rows ({result.rows_quarantined} quarantined)")
+        raise RuntimeError(
+            f"scored {result.rows_scored} of {rows} rows ({result.rows_quarantined} quarantined)"
+        )
     shutil.rmtree(out)
     return elapsed
 
@@ -237,11 +276,27 @@ def child_rss(onnx_path: str, input_path: str, batch_size: int, threads: int) ->
     before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
         started = time.perf_counter()
-        result = score_stream(model, input_path, f"{tmp}/scored", model_name="bench", model_version=1, batch_size=batch_size)
+        result = score_stream(
+            model,
+            input_path,
+            f"{tmp}/scored",
+            model_name="bench",
+            model_version=1,
+            batch_size=batch_size,
+        )
         elapsed = time.perf_counter() - started
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rows": result.rows_scored, "seconds": elapsed, "before_kib": before_kib, "peak_kib": peak_kib,
-                      "vm_hwm_kib": proc_status_kib("VmHWM")}))
+    print(
+        json.dumps(
+            {
+                "rows": result.rows_scored,
+                "seconds": elapsed,
+                "before_kib": before_kib,
+                "peak_kib": peak_kib,
+                "vm_hwm_kib": proc_status_kib("VmHWM"),
+            }
+        )
+    )
 
 
 # Linux carries ru_maxrss across execve: a child exec'd straight from this (large) process
@@ -251,8 +306,20 @@ TRAMPOLINE = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 
 
 def measure_rss(onnx_path: Path, input_path: Path, batch_size: int, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-c", TRAMPOLINE, sys.executable, str(Path(__file__).resolve()), "--child-rss",
-           str(onnx_path), str(input_path), "--batch-size", str(batch_size), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-c",
+        TRAMPOLINE,
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child-rss",
+        str(onnx_path),
+        str(input_path),
+        "--batch-size",
+        str(batch_size),
+        "--threads",
+        str(threads),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"child failed ({done.returncode}):\n{done.stderr[-4000:]}")
@@ -268,7 +335,16 @@ class Stages:
     write: list[float]
 
 
-def stage_times(onnx: bytes, spec: Any, input_path: Path, out_dir: Path, *, threads: int, batch_size: int, batches: int) -> Stages:
+def stage_times(
+    onnx: bytes,
+    spec: Any,
+    input_path: Path,
+    out_dir: Path,
+    *,
+    threads: int,
+    batch_size: int,
+    batches: int,
+) -> Stages:
     """Each stage of the scoring loop, timed separately and serially, per batch."""
     from datetime import UTC, datetime
 
@@ -288,13 +364,16 @@ def stage_times(onnx: bytes, spec: Any, input_path: Path, out_dir: Path, *, thre
         t2 = time.perf_counter()
         scores = predict_scores(model, valid)
         t3 = time.perf_counter()
-        out = prediction_frame(model, spec, valid, scores, model_name="bench", model_version=1, scored_at=scored_at)
+        out = prediction_frame(
+            model, spec, valid, scores, model_name="bench", model_version=1, scored_at=scored_at
+        )
         t4 = time.perf_counter()
         out.write_parquet(out_dir / f"part-{index:05d}.parquet", compression="zstd")
         t5 = time.perf_counter()
         for bucket, seconds in zip(
             (stages.read, stages.validate, stages.infer, stages.build, stages.write),
-            (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True,
+            (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4),
+            strict=True,
         ):
             bucket.append(seconds)
     return stages
@@ -314,11 +393,15 @@ def timed(run: Callable[[], Any], repeats: int = 5) -> float:
     return median_ms(times)
 
 
-def experiments(models: list[Model], spec: Any, input_path: Path, out_dir: Path, batch_size: int) -> list[str]:
+def experiments(
+    models: list[Model], spec: Any, input_path: Path, out_dir: Path, batch_size: int
+) -> list[str]:
     """Cheap what-ifs on one batch: validation split, ONNX Runtime options, compression."""
+    from datetime import UTC, datetime
+
     import onnxruntime as ort
 
-    from driftloop.onnx_model import input_feed, load_model
+    from driftloop.onnx_model import input_feed, load_model, predict_scores
     from driftloop.schema import build_schema_for
     from tasks.export import _convert_ensemble
     from tasks.score import prediction_frame
@@ -348,14 +431,18 @@ def experiments(models: list[Model], spec: Any, input_path: Path, out_dir: Path,
             name = loaded.metadata["score_output"]
             feed = input_feed(loaded, valid)
             feed_ms = timed(lambda loaded=loaded: input_feed(loaded, valid))
-            run_ms = timed(lambda loaded=loaded, feed=feed, name=name: loaded.session.run([name], feed))
+            run_ms = timed(
+                lambda loaded=loaded, feed=feed, name=name: loaded.session.run([name], feed)
+            )
 
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            no_spin = ort.InferenceSession(model.onnx, sess_options=opts, providers=["CPUExecutionProvider"])
+            no_spin = ort.InferenceSession(
+                model.onnx, sess_options=opts, providers=["CPUExecutionProvider"]
+            )
             no_spin_ms = timed(lambda s=no_spin, feed=feed, name=name: s.run([name], feed))
 
             opts = ort.SessionOptions()
@@ -363,9 +450,17 @@ def experiments(models: list[Model], spec: Any, input_path: Path, out_dir: Path,
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             bare = _convert_ensemble(model.fitted, N_FEATURES).SerializeToString()
-            matrix = ort.InferenceSession(bare, sess_options=opts, providers=["CPUExecutionProvider"])
-            out_name = "probabilities" if "probabilities" in [o.name for o in matrix.get_outputs()] else matrix.get_outputs()[-1].name
-            matrix_ms = timed(lambda s=matrix, out_name=out_name: s.run([out_name], {"features": x}))
+            matrix = ort.InferenceSession(
+                bare, sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+            out_name = (
+                "probabilities"
+                if "probabilities" in [o.name for o in matrix.get_outputs()]
+                else matrix.get_outputs()[-1].name
+            )
+            matrix_ms = timed(
+                lambda s=matrix, out_name=out_name: s.run([out_name], {"features": x})
+            )
             lines.append(
                 f"{model.algorithm:8s} t={threads} ORT on {frame.height:,} rows: input_feed {feed_ms:.1f} ms, "
                 f"session.run {run_ms:.1f} ms; allow_spinning=0: {no_spin_ms:.1f} ms; "
@@ -373,17 +468,30 @@ def experiments(models: list[Model], spec: Any, input_path: Path, out_dir: Path,
             )
 
     loaded = load_model(models[0].onnx, threads=1)
-    from datetime import UTC, datetime
-
-    from driftloop.onnx_model import predict_scores
-
-    out = prediction_frame(loaded, spec, valid, predict_scores(loaded, valid), model_name="bench", model_version=1,
-                           scored_at=datetime.now(UTC))
+    out = prediction_frame(
+        loaded,
+        spec,
+        valid,
+        predict_scores(loaded, valid),
+        model_name="bench",
+        model_version=1,
+        scored_at=datetime.now(UTC),
+    )
     sizes = []
-    for compression, level in (("zstd", None), ("zstd", 1), ("lz4", None), ("snappy", None), ("uncompressed", None)):
+    for compression, level in (
+        ("zstd", None),
+        ("zstd", 1),
+        ("lz4", None),
+        ("snappy", None),
+        ("uncompressed", None),
+    ):
         label = compression if level is None else f"{compression}(level {level})"
         path = out_dir / f"compression-{compression}-{level}.parquet"
-        ms = timed(lambda path=path, c=compression, lv=level: out.write_parquet(path, compression=c, compression_level=lv))
+        ms = timed(
+            lambda path=path, c=compression, lv=level: out.write_parquet(
+                path, compression=c, compression_level=lv
+            )
+        )
         sizes.append(f"{label} {ms:.1f} ms ({path.stat().st_size / 1e6:.1f} MB)")
     lines.append(f"writing one {out.height:,}-row output part: " + ", ".join(sizes))
     return lines
@@ -391,9 +499,12 @@ def experiments(models: list[Model], spec: Any, input_path: Path, out_dir: Path,
 
 def plain_checks(frame: pl.DataFrame) -> pl.DataFrame:
     """What validation does for this spec, written directly in polars (for comparison)."""
-    typed = frame.select(pl.col("id").cast(pl.Int64), *(pl.col(f).cast(pl.Float64).fill_nan(None) for f in FEATURES))
+    typed = frame.select(
+        pl.col("id").cast(pl.Int64), *(pl.col(f).cast(pl.Float64).fill_nan(None) for f in FEATURES)
+    )
     bad = pl.any_horizontal(
-        ~pl.col("id").is_first_distinct(), pl.col("id").is_null(),
+        ~pl.col("id").is_first_distinct(),
+        pl.col("id").is_null(),
         *(pl.col(f).is_null() | ~pl.col(f).is_finite() for f in FEATURES),
     )
     return typed.filter(~typed.select(bad.alias("bad"))["bad"])
@@ -407,7 +518,10 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
-        padded = (c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        padded = (
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
         return " | ".join(padded)
 
     return "\n".join([line(headers), "-+-".join("-" * w for w in widths), *(line(r) for r in rows)])
@@ -431,7 +545,9 @@ def section(title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="100k / 500k rows: a fast smoke run")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per timing; the best is kept (default 2)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs per timing; the best is kept (default 2)"
+    )
     parser.add_argument("--child-rss", nargs=2, metavar=("ONNX", "INPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=100_000, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
@@ -445,28 +561,35 @@ def main() -> None:
     import onnxruntime
     import xgboost
 
+    from driftloop.onnx_model import load_model, predict_scores
     from driftloop.spec import parse_spec
 
     sizes = QUICK if args.quick else FULL
     spec = parse_spec(SPEC, source="bench/scoring.py")
     total_started = time.perf_counter()
-    print(f"bench/scoring.py{' --quick' if args.quick else ''}: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs; python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, "
-          f"xgboost {xgboost.__version__}, lightgbm {lightgbm.__version__}, polars {pl.__version__}, "
-          f"pyarrow {pa.__version__}; best of {args.repeats} runs per timing; "
-          f"load average at the start {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(
+        f"bench/scoring.py{' --quick' if args.quick else ''}: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs; python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, "
+        f"xgboost {xgboost.__version__}, lightgbm {lightgbm.__version__}, polars {pl.__version__}, "
+        f"pyarrow {pa.__version__}; best of {args.repeats} runs per timing; "
+        f"load average at the start {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp_name:
         tmp = Path(tmp_name)
         section("setup")
         started = time.perf_counter()
-        train = pl.from_arrow(make_chunk(np.random.default_rng(SEED), 0, sizes.train_rows, labelled=True))
+        train = pl.from_arrow(
+            make_chunk(np.random.default_rng(SEED), 0, sizes.train_rows, labelled=True)
+        )
         score_path, big_path = tmp / "score.parquet", tmp / "score-big.parquet"
         write_input(score_path, sizes.score_rows, SEED + 1)
         write_input(big_path, sizes.big_rows, SEED + 2)
-        print(f"data: {sizes.train_rows:,} training rows (positive rate {train[TARGET].mean():.2f}); scoring inputs "
-              f"{sizes.score_rows:,} rows ({score_path.stat().st_size / 1e6:.0f} MB) and {sizes.big_rows:,} rows "
-              f"({big_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.1f} s")
+        print(
+            f"data: {sizes.train_rows:,} training rows (positive rate {train[TARGET].mean():.2f}); scoring inputs "
+            f"{sizes.score_rows:,} rows ({score_path.stat().st_size / 1e6:.0f} MB) and {sizes.big_rows:,} rows "
+            f"({big_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.1f} s"
+        )
 
         encoding, models = train_models(spec, train, threads=os.cpu_count() or 2)
         del train
@@ -475,75 +598,174 @@ def main() -> None:
             onnx_path = tmp / f"{model.algorithm}.onnx"
             onnx_path.write_bytes(model.onnx)
             # Sanity: the ONNX artifact and the native booster agree (same work is compared).
-            from driftloop.onnx_model import load_model, predict_scores
-
             head = pl.read_parquet(score_path, n_rows=20_000)
-            diff = np.abs(predict_scores(load_model(model.onnx), head) - native_predict(model, x[:20_000], 1)[0]).max()
-            print(f"{model.algorithm}: {model.trees} trees, trained in {model.train_s:.1f} s; ONNX {len(model.onnx) / 1e6:.1f} MB; "
-                  f"max |onnx - native| on 20k rows {diff:.1e}")
+            diff = np.abs(
+                predict_scores(load_model(model.onnx), head)
+                - native_predict(model, x[:20_000], 1)[0]
+            ).max()
+            print(
+                f"{model.algorithm}: {model.trees} trees, trained in {model.train_s:.1f} s; ONNX {len(model.onnx) / 1e6:.1f} MB; "
+                f"max |onnx - native| on 20k rows {diff:.1e}"
+            )
 
-        section(f"batch size sweep (score_stream, {models[0].algorithm}, t=1, {sizes.score_rows:,} rows, single runs)")
+        section(
+            f"batch size sweep (score_stream, {models[0].algorithm}, t=1, {sizes.score_rows:,} rows, single runs)"
+        )
         sweep: dict[int, float] = {}
         for candidate in sizes.batch_sizes:
-            sweep[candidate] = score_once(models[0].onnx, score_path, tmp, threads=1, batch_size=candidate, rows=sizes.score_rows)
-        print(table(["batch size", "seconds", "rows/s"],
-                    [[f"{b:,}", f"{s:.2f}", rate(sizes.score_rows, s)] for b, s in sweep.items()]))
+            sweep[candidate] = score_once(
+                models[0].onnx,
+                score_path,
+                tmp,
+                threads=1,
+                batch_size=candidate,
+                rows=sizes.score_rows,
+            )
+        print(
+            table(
+                ["batch size", "seconds", "rows/s"],
+                [[f"{b:,}", f"{s:.2f}", rate(sizes.score_rows, s)] for b, s in sweep.items()],
+            )
+        )
         batch_size = min(sweep, key=sweep.__getitem__)
         print(f"using batch size {batch_size:,} (the fastest)")
 
-        section(f"throughput: score_stream vs native predict, {sizes.score_rows:,} rows, batch size {batch_size:,}")
+        section(
+            f"throughput: score_stream vs native predict, {sizes.score_rows:,} rows, batch size {batch_size:,}"
+        )
         rows_out = []
         for model in models:
             for threads in (1, 2):
-                ours = best_of(args.repeats, lambda m=model, t=threads: score_once(
-                    m.onnx, score_path, tmp, threads=t, batch_size=batch_size, rows=sizes.score_rows))
-                native = best_of(args.repeats, lambda m=model, t=threads: native_predict(m, x, t)[1])
-                rows_out.append([model.algorithm, str(threads), rate(sizes.score_rows, ours),
-                                 rate(sizes.score_rows, native), f"{native / ours:.3f}"])
-                print(f"  {model.algorithm} t={threads}: ours {ours:.2f} s, native {native:.2f} s", flush=True)
+                ours = best_of(
+                    args.repeats,
+                    lambda m=model, t=threads: score_once(
+                        m.onnx,
+                        score_path,
+                        tmp,
+                        threads=t,
+                        batch_size=batch_size,
+                        rows=sizes.score_rows,
+                    ),
+                )
+                native = best_of(
+                    args.repeats, lambda m=model, t=threads: native_predict(m, x, t)[1]
+                )
+                rows_out.append(
+                    [
+                        model.algorithm,
+                        str(threads),
+                        rate(sizes.score_rows, ours),
+                        rate(sizes.score_rows, native),
+                        f"{native / ours:.3f}",
+                    ]
+                )
+                print(
+                    f"  {model.algorithm} t={threads}: ours {ours:.2f} s, native {native:.2f} s",
+                    flush=True,
+                )
         print(table(["algorithm", "threads", "ours rows/s", "native rows/s", "ratio"], rows_out))
-        print("ours: Parquet file -> validate -> ONNX Runtime -> Parquet dataset (zstd), wall clock, model loading excluded.\n"
-              "native: float32 matrix already in memory -> predict (XGBoost: DMatrix construction included).")
+        print(
+            "ours: Parquet file -> validate -> ONNX Runtime -> Parquet dataset (zstd), wall clock, model loading excluded.\n"
+            "native: float32 matrix already in memory -> predict (XGBoost: DMatrix construction included)."
+        )
 
-        section(f"peak RSS: score_stream in a child process ({models[0].algorithm}, t=2, batch size {batch_size:,})")
+        section(
+            f"peak RSS: score_stream in a child process ({models[0].algorithm}, t=2, batch size {batch_size:,})"
+        )
         onnx_path = tmp / f"{models[0].algorithm}.onnx"
         small = measure_rss(onnx_path, score_path, batch_size, 2)
         big = measure_rss(onnx_path, big_path, batch_size, 2)
-        print(table(
-            ["input rows", "maxrss before scoring MiB", "peak maxrss MiB", "peak - before MiB", "VmHWM MiB", "rows/s"],
-            [[f"{r['rows']:,}", mib(r["before_kib"]), mib(r["peak_kib"]), mib(r["peak_kib"] - r["before_kib"]),
-              mib(r["vm_hwm_kib"]) if r["vm_hwm_kib"] else "-", rate(r["rows"], r["seconds"])] for r in (small, big)],
-        ))
+        print(
+            table(
+                [
+                    "input rows",
+                    "maxrss before scoring MiB",
+                    "peak maxrss MiB",
+                    "peak - before MiB",
+                    "VmHWM MiB",
+                    "rows/s",
+                ],
+                [
+                    [
+                        f"{r['rows']:,}",
+                        mib(r["before_kib"]),
+                        mib(r["peak_kib"]),
+                        mib(r["peak_kib"] - r["before_kib"]),
+                        mib(r["vm_hwm_kib"]) if r["vm_hwm_kib"] else "-",
+                        rate(r["rows"], r["seconds"]),
+                    ]
+                    for r in (small, big)
+                ],
+            )
+        )
         print("before scoring = after imports and loading the model.")
         ratio = big["peak_kib"] / small["peak_kib"]
-        print(f"peak RSS {sizes.big_rows // sizes.score_rows}x rows / 1x rows = {ratio:.3f} "
-              f"(target < 1.2: {'met' if ratio < 1.2 else 'NOT met'})")
+        print(
+            f"peak RSS {sizes.big_rows // sizes.score_rows}x rows / 1x rows = {ratio:.3f} "
+            f"(target < 1.2: {'met' if ratio < 1.2 else 'NOT met'})"
+        )
 
-        section(f"where the time goes: stages run serially, median ms per {sizes.breakdown_batch:,}-row batch "
-                f"(first {sizes.breakdown_batches} batches)")
+        section(
+            f"where the time goes: stages run serially, median ms per {sizes.breakdown_batch:,}-row batch "
+            f"(first {sizes.breakdown_batches} batches)"
+        )
         stage_rows = []
         parts = tmp / "parts"
         for model in models:
             for threads in (1, 2):
                 parts.mkdir()
-                st = stage_times(model.onnx, spec, score_path, parts, threads=threads,
-                                 batch_size=sizes.breakdown_batch, batches=sizes.breakdown_batches)
+                st = stage_times(
+                    model.onnx,
+                    spec,
+                    score_path,
+                    parts,
+                    threads=threads,
+                    batch_size=sizes.breakdown_batch,
+                    batches=sizes.breakdown_batches,
+                )
                 shutil.rmtree(parts)
-                medians = [median_ms(v) for v in (st.read, st.validate, st.infer, st.build, st.write)]
+                medians = [
+                    median_ms(v) for v in (st.read, st.validate, st.infer, st.build, st.write)
+                ]
                 total = sum(medians)
-                stage_rows.append([model.algorithm, str(threads), *(f"{m:.0f} ({100 * m / total:.0f}%)" for m in medians),
-                                   f"{total:.0f}", rate(sizes.breakdown_batch, total / 1000)])
-        print(table(["algorithm", "threads", "(a) read", "(b) validate", "(c) ORT infer", "(d1) build out", "(d2) write zstd",
-                     "serial total", "serial rows/s"], stage_rows))
+                stage_rows.append(
+                    [
+                        model.algorithm,
+                        str(threads),
+                        *(f"{m:.0f} ({100 * m / total:.0f}%)" for m in medians),
+                        f"{total:.0f}",
+                        rate(sizes.breakdown_batch, total / 1000),
+                    ]
+                )
+        print(
+            table(
+                [
+                    "algorithm",
+                    "threads",
+                    "(a) read",
+                    "(b) validate",
+                    "(c) ORT infer",
+                    "(d1) build out",
+                    "(d2) write zstd",
+                    "serial total",
+                    "serial rows/s",
+                ],
+                stage_rows,
+            )
+        )
 
         section(f"experiments on one {sizes.experiment_batch:,}-row batch (median of 5)")
         parts.mkdir()
         for line in experiments(models, spec, score_path, parts, sizes.experiment_batch):
             print(line)
-        print("ONNX ops: onnxmltools emits ai.onnx.ml TreeEnsembleClassifier (declared ml opset 3 by build_onnx).")
+        print(
+            "ONNX ops: onnxmltools emits ai.onnx.ml TreeEnsembleClassifier (declared ml opset 3 by build_onnx)."
+        )
 
-    print(f"\ntotal benchmark time {time.perf_counter() - total_started:.0f} s; "
-          f"load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print(
+        f"\ntotal benchmark time {time.perf_counter() - total_started:.0f} s; "
+        f"load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
+    )
 
 
 if __name__ == "__main__":

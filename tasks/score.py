@@ -90,7 +90,8 @@ def iter_input(uri: str, batch_size: int) -> tuple[Iterator[InputBatch], int | N
         raise SourceError(f"input {uri} does not exist; check the path or URI") from None
     if lowered.endswith((".parquet", ".pq")):
         try:
-            parquet = pq.ParquetFile(handle)
+            # pre_buffer keeps read data until the file is done: memory grew with file size.
+            parquet = pq.ParquetFile(handle, pre_buffer=False)
         except Exception as exc:
             raise SourceError(f"input {uri} is not a readable Parquet file: {exc}") from None
         batches = (
