@@ -37,7 +37,7 @@ def api(server, method: str, path: str, **kwargs):
                 raise
             time.sleep(2)
     response.raise_for_status()
-    return response.json()
+    return response.json() if response.content else None
 
 
 def flow_runs(server, deployment_id: str) -> list[dict]:
