@@ -125,7 +125,7 @@ def read_file(uri: str) -> RawBatch:
     digest = hashlib.sha256(data).hexdigest()
     if data[:4] == b"PAR1" or uri.lower().endswith((".parquet", ".pq")):
         frame = _read_parquet_bytes(data, uri)
-        malformed = _malformed_frame([])
+        malformed = malformed_frame([])
     else:
         frame, malformed = read_csv_bytes(data, uri)
     if frame.height + malformed.height == 0:
@@ -161,14 +161,27 @@ def read_csv_bytes(data: bytes, uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
         for row in bad.iter_rows()
     ]
     frame = frame.filter(~has_bad)
-    malformed = pl.concat([malformed, _malformed_frame(encoding_failures)])
+    malformed = pl.concat([malformed, malformed_frame(encoding_failures)])
     logger.warning("%s: %d record(s) hold bytes that are not UTF-8", uri, len(encoding_failures))
     return frame, malformed
 
 
 def _parse_csv(data: bytes, uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    header = _header(data, uri)
     bad_records: list[dict[str, object]] = []
+    parse_options, convert_options = csv_text_options(csv_header(data, uri), bad_records)
+    table = pacsv.read_csv(
+        io.BytesIO(data),
+        read_options=pacsv.ReadOptions(use_threads=True),
+        parse_options=parse_options,
+        convert_options=convert_options,
+    )
+    return pl.from_arrow(table), malformed_frame(bad_records)
+
+
+def csv_text_options(names: list[str], bad_records: list[dict[str, object]]) -> tuple[pacsv.ParseOptions, pacsv.ConvertOptions]:
+    """pyarrow CSV options shared by ingestion and scoring: every column as text, empty
+    as null; a record with the wrong number of fields is appended to ``bad_records``
+    (for the quarantine) instead of being dropped."""
 
     def on_invalid_row(row: pacsv.InvalidRow) -> str:
         bad_records.append(
@@ -179,21 +192,18 @@ def _parse_csv(data: bytes, uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
         )
         return "skip"  # recorded above: it goes to the quarantine, not away
 
-    table = pacsv.read_csv(
-        io.BytesIO(data),
-        read_options=pacsv.ReadOptions(use_threads=True),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
-        convert_options=pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in header},
+    return (
+        pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
+        pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in names},
             strings_can_be_null=True,
             null_values=[""],
             quoted_strings_can_be_null=True,
         ),
     )
-    return pl.from_arrow(table), _malformed_frame(bad_records)
 
 
-def _header(data: bytes, uri: str) -> list[str]:
+def csv_header(data: bytes, uri: str) -> list[str]:
     first_line = data.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
     names = next(csv.reader([first_line]))
     blank = [i for i, n in enumerate(names) if not n.strip()]
@@ -215,7 +225,7 @@ def _malformed_record(check: str, raw_text: str) -> dict[str, object]:
     return {ROW: None, "_columns": [None], "_checks": [check], "_values": [raw_text]}
 
 
-def _malformed_frame(records: list[dict[str, object]]) -> pl.DataFrame:
+def malformed_frame(records: list[dict[str, object]]) -> pl.DataFrame:
     schema = {
         ROW: pl.Int64,
         "_columns": pl.List(pl.String),
@@ -262,7 +272,7 @@ def read_sql(source: SqlSource) -> RawBatch:
         engine.dispose()
     if frame.height == 0:
         raise SourceError(f"SQL source {label} returned no rows; nothing to ingest")
-    return RawBatch(frame, _malformed_frame([]), label, frame_content_hash(frame))
+    return RawBatch(frame, malformed_frame([]), label, frame_content_hash(frame))
 
 
 def frame_content_hash(frame: pl.DataFrame) -> str:

@@ -29,7 +29,6 @@ from typing import Any
 import fsspec
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect import task
@@ -102,35 +101,25 @@ def iter_input(uri: str, batch_size: int) -> tuple[Iterator[InputBatch], int | N
 
 
 def _no_malformed() -> pl.DataFrame:
-    from tasks.ingest import _malformed_frame
+    from tasks.ingest import malformed_frame
 
-    return _malformed_frame([])
+    return malformed_frame([])
 
 
 def _iter_csv(handle: Any, uri: str, batch_size: int) -> Iterator[InputBatch]:
-    from tasks.ingest import _escape_bad_bytes, _malformed_frame, _malformed_record
+    from tasks.ingest import csv_header, csv_text_options, malformed_frame
 
     first = handle.readline()
     if not first.strip():
         raise SourceError(f"input {uri} is empty; expected a header line and data rows")
-    names = first.decode("utf-8", errors="replace").rstrip("\r\n").split(",")
     handle.seek(0)
     bad: list[dict[str, object]] = []
-
-    def on_invalid_row(row: pacsv.InvalidRow) -> str:
-        bad.append(_malformed_record(
-            f"field_count(expected {row.expected_columns}, found {row.actual_columns})", _escape_bad_bytes(row.text)
-        ))
-        return "skip"  # recorded: it goes to the quarantine
-
+    parse_options, convert_options = csv_text_options(csv_header(first, uri), bad)
     reader = pacsv.open_csv(
         handle,
         read_options=pacsv.ReadOptions(block_size=1 << 22),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
-        convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names}, strings_can_be_null=True,
-            null_values=[""], quoted_strings_can_be_null=True,
-        ),
+        parse_options=parse_options,
+        convert_options=convert_options,
     )
     pending: list[pl.DataFrame] = []
     pending_rows = 0
@@ -140,12 +129,12 @@ def _iter_csv(handle: Any, uri: str, batch_size: int) -> Iterator[InputBatch]:
         pending_rows += frame.height
         while pending_rows >= batch_size:
             merged = pl.concat(pending)
-            malformed, bad[:] = _malformed_frame(list(bad)), []
+            malformed, bad[:] = malformed_frame(list(bad)), []
             yield InputBatch(merged.head(batch_size), malformed)
             rest = merged.slice(batch_size)
             pending, pending_rows = [rest], rest.height
     if pending_rows or bad:
-        yield InputBatch(pl.concat(pending) if pending else pl.DataFrame(), _malformed_frame(list(bad)))
+        yield InputBatch(pl.concat(pending) if pending else pl.DataFrame(), malformed_frame(list(bad)))
 
 
 def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBatch]:
