@@ -12,7 +12,7 @@ from driftloop.spec import MonitoringPolicy
 
 class RegistryConnection(Block):
     """Where the model registry lives (a SQLAlchemy URL, password kept secret) and where
-    its artifacts go."""
+    its artifacts go. Flows take its name as ``registry_block``."""
 
     _block_type_name = "driftloop registry"
     _block_type_slug = "driftloop-registry"
@@ -21,15 +21,11 @@ class RegistryConnection(Block):
     url: SecretStr = Field(description="SQLAlchemy URL, e.g. postgresql+psycopg://user:pass@host/driftloop")
     artifact_root: str | None = Field(default=None, description="Local path or fsspec URI (s3://bucket/prefix)")
 
-    def environment(self) -> dict[str, str]:
-        env = {"DRIFTLOOP_REGISTRY_URL": self.url.get_secret_value()}
-        if self.artifact_root:
-            env["DRIFTLOOP_ARTIFACT_ROOT"] = self.artifact_root
-        return env
 
 
 class SqlDataSource(Block):
-    """A table or query in a SQL database, for ingestion."""
+    """A table or query in a SQL database, for ingestion: pass ``sql-block:<name>`` as a
+    flow's source (ingest, train, lifecycle, retrain)."""
 
     _block_type_name = "driftloop SQL source"
     _block_type_slug = "driftloop-sql-source"
@@ -37,6 +33,7 @@ class SqlDataSource(Block):
     url: SecretStr = Field(description="SQLAlchemy URL of the source database")
     table: str | None = Field(default=None, description="Table to read (schema.table allowed)")
     query: str | None = Field(default=None, description="SELECT with :named parameters")
+    params: dict[str, str | int | float | bool | None] = Field(default_factory=dict, description="Values for the query's :named parameters")
 
 
 class MonitoringPolicyBlock(Block):

@@ -9,9 +9,9 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from driftloop.registry import open_registry
-from driftloop.settings import get_settings
 from driftloop.spec import DatasetSpec, load_spec
 from driftloop.storage import ArtifactStore
+from flows.config import SQL_BLOCK_PREFIX, resolve_source, run_settings
 from tasks.ingest import (
     SqlSource,
     dataset_id_for,
@@ -46,19 +46,23 @@ def ingest(
     source: str | None = None,
     sql: SqlSource | None = None,
     labelled: bool = True,
+    registry_block: str | None = None,
 ) -> IngestResult:
-    """Ingest ``source`` (a CSV/Parquet path or URI) or ``sql`` (a table or query) as a
-    dataset of the spec at ``spec_path``. ``labelled=False`` accepts rows without the
-    target (data to be scored)."""
+    """Ingest ``source`` (a CSV/Parquet path or URI, or ``sql-block:<name>``) or ``sql``
+    (a table or query) as a dataset of the spec at ``spec_path``. ``labelled=False``
+    accepts rows without the target (data to be scored). ``registry_block`` names a
+    driftloop-registry block to use instead of the environment's registry."""
     if (source is None) == (sql is None):
         raise ValueError("give exactly one of source (a path or URI) or sql")
     logger = get_run_logger()
-    settings = get_settings()
+    settings = run_settings(registry_block)
     store = ArtifactStore(settings.artifact_root_uri())
     registry = open_registry(settings.registry_database_url())
 
     spec = load_spec_task(spec_path)
-    batch = read_source_task(sql if sql is not None else source)
+    batch = read_source_task(sql if sql is not None else resolve_source(source))
+    if source and source.startswith(SQL_BLOCK_PREFIX):
+        batch.source = source  # re-readable by a retrain, unlike the masked URL
     dataset_id = dataset_id_for(batch, spec, labelled=labelled)
     result = with_malformed(validate_task(batch.frame, spec, labelled, batch.source), batch.malformed)
     quarantine_uri = write_quarantine_task(result, store, spec, dataset_id)

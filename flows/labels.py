@@ -5,19 +5,25 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from driftloop.registry import open_registry
-from driftloop.settings import get_settings
 from driftloop.storage import ArtifactStore
+from flows.config import run_settings
 from flows.ingest import IngestResult, load_spec_task
-from tasks.ingest import dataset_id_for, enforce_reject_limit, read_source_task, snapshot_dataset_task, write_quarantine_task
+from tasks.ingest import (
+    dataset_id_for,
+    enforce_reject_limit,
+    read_source_task,
+    snapshot_dataset_task,
+    write_quarantine_task,
+)
 from tasks.labels import validate_labels_task
 
 
 @flow(name="labels")
-def ingest_labels(spec_path: str, source: str) -> IngestResult:
+def ingest_labels(spec_path: str, source: str, registry_block: str | None = None) -> IngestResult:
     """Validate ``source`` (id, target, optional timestamp) against the spec's id and
     target and register it as the labels dataset ``<name>.labels``."""
     logger = get_run_logger()
-    settings = get_settings()
+    settings = run_settings(registry_block)
     store = ArtifactStore(settings.artifact_root_uri())
     registry = open_registry(settings.registry_database_url())
     spec = load_spec_task(spec_path)

@@ -29,10 +29,11 @@ def lifecycle(
     score_output: str | None = None,
     labels_uri: str | None = None,
     trials: int = 10,
+    registry_block: str | None = None,
 ) -> LifecycleResult:
     name = load_spec(spec_path).name
-    ingested = ingest(spec_path=spec_path, source=training_source)
-    trained = train(spec_path=spec_path, dataset_id=ingested.dataset_id, trials=trials)
-    scored = score(input_uri=score_input, output_uri=score_output, model=f"{name}@champion")
-    watched = monitor(input_uri=scored.output_uri, model=parse_model_ref(f"{name}@champion")[0], labels_uri=labels_uri)
+    ingested = ingest(spec_path=spec_path, source=training_source, registry_block=registry_block)
+    trained = train(spec_path=spec_path, dataset_id=ingested.dataset_id, trials=trials, registry_block=registry_block)
+    scored = score(input_uri=score_input, output_uri=score_output, model=f"{name}@champion", registry_block=registry_block)
+    watched = monitor(input_uri=scored.output_uri, model=parse_model_ref(f"{name}@champion")[0], labels_uri=labels_uri, registry_block=registry_block)
     return LifecycleResult(ingest=ingested, train=trained, score=scored, monitor=watched)

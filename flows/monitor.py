@@ -19,11 +19,18 @@ from pydantic import BaseModel
 from driftloop.errors import DriftloopError
 from driftloop.onnx_model import load_model
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
-from driftloop.settings import get_settings
 from driftloop.spec import DatasetSpec, MonitoringPolicy
 from driftloop.storage import ArtifactStore, read_bytes
+from flows.config import run_settings
 from tasks.labels import join_labels
-from tasks.monitor import MonitorReport, PolicyDecision, chunk_summaries, decide_task, monitor_task, render_summary
+from tasks.monitor import (
+    MonitorReport,
+    PolicyDecision,
+    chunk_summaries,
+    decide_task,
+    monitor_task,
+    render_summary,
+)
 from tasks.score import fetch_verified, read_predictions
 
 
@@ -142,13 +149,15 @@ def monitor(
     labels_uri: str | None = None,
     policy: MonitoringPolicy | None = None,
     policy_block: str | None = None,
+    registry_block: str | None = None,
 ) -> MonitorResult:
     """Monitor the scored output at ``input_uri`` (a `driftloop score` output directory;
     default: the model's latest scoring run) for ``model``; ``labels_uri`` (Parquet/CSV with id and target) adds realized
     performance. ``policy``, or the saved MonitoringPolicyBlock named ``policy_block``,
-    overrides the spec's ``monitoring`` section."""
+    overrides the spec's ``monitoring`` section. ``registry_block`` names a
+    driftloop-registry block to use instead of the environment's registry."""
     logger = get_run_logger()
-    settings = get_settings()
+    settings = run_settings(registry_block)
     registry = open_registry(settings.registry_database_url())
     store = ArtifactStore(settings.artifact_root_uri())
     record = registry.resolve(model)

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from driftloop.registry import open_registry
-from driftloop.settings import get_settings
+from flows.config import run_settings
 from flows.score import ScoreSummary, score
 from flows.train import TrainResult, train
 
@@ -35,9 +35,10 @@ def retrain(
     score_input: str | None = None,
     score_output: str | None = None,
     cooldown_s: float = 600,
+    registry_block: str | None = None,
 ) -> RetrainResult:
     logger = get_run_logger()
-    registry = open_registry(get_settings().registry_database_url())
+    registry = open_registry(run_settings(registry_block).registry_database_url())
     recent = [
         v for v in registry.list_versions(model)
         if v.trigger == "retrain" and v.created_at > datetime.now(UTC) - timedelta(seconds=cooldown_s)
@@ -47,10 +48,10 @@ def retrain(
         logger.info("skipping retrain: %s", reason)
         return RetrainResult(model=model, skipped=True, reason=reason)
 
-    trained = train(spec_path=spec_path, source=source, trials=trials, promote=True, trigger="retrain")
+    trained = train(spec_path=spec_path, source=source, trials=trials, promote=True, trigger="retrain", registry_block=registry_block)
     scored = None
     if trained.promoted and score_input:
-        scored = score(input_uri=score_input, output_uri=score_output, model=f"{model}@champion")
+        scored = score(input_uri=score_input, output_uri=score_output, model=f"{model}@champion", registry_block=registry_block)
     verdict = "promoted" if trained.promoted else "rejected by the gate"
     reason = f"v{trained.version} {verdict}: " + "; ".join(trained.gate.reasons)
     logger.info("retrain of %s: %s", model, reason)

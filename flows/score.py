@@ -12,8 +12,8 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
-from driftloop.settings import get_settings
 from driftloop.storage import ArtifactStore
+from flows.config import run_settings
 from tasks.score import DEFAULT_BATCH_SIZE, ScoreResult, fetch_model_task, score_task
 
 
@@ -45,9 +45,9 @@ def record_run_task(registry: RegistryStore, record: ModelVersionRecord, input_u
     return run
 
 
-def default_output_uri(record: ModelVersionRecord, input_uri: str) -> str:
+def default_output_uri(record: ModelVersionRecord, input_uri: str, artifact_root: str) -> str:
     stem = input_uri.rstrip("/").rsplit("/", 1)[-1].split(":")[-1].split(".")[0] or "input"
-    return ArtifactStore(get_settings().artifact_root_uri()).uri(f"predictions/{record.model_name}/{stem}")
+    return ArtifactStore(artifact_root).uri(f"predictions/{record.model_name}/{stem}")
 
 
 @flow(name="score")
@@ -57,18 +57,19 @@ def score(
     model: str = "car_loan@champion",
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
+    registry_block: str | None = None,
 ) -> ScoreSummary:
     """Score ``input_uri`` (Parquet or CSV, path or URI) with ``model`` (``name``,
     ``name@alias`` or ``name:version``) into the Parquet directory ``output_uri``
     (default: ``<artifact root>/predictions/<model>/<input name>``)."""
     logger = get_run_logger()
-    settings = get_settings()
+    settings = run_settings(registry_block)
     registry = open_registry(settings.registry_database_url())
     started_at = datetime.now(UTC)
 
     record = resolve_model_task(registry, model)
     loaded = fetch_model_task(record.onnx_uri, record.onnx_sha256, threads)
-    output_uri = output_uri or default_output_uri(record, input_uri)
+    output_uri = output_uri or default_output_uri(record, input_uri, settings.artifact_root_uri())
     result = score_task(loaded, input_uri, output_uri, record.model_name, record.version, batch_size)
     run = record_run_task(registry, record, input_uri, result, started_at)
 

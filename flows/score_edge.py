@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from driftloop.onnx_model import load_model
 from driftloop.registry import open_registry
 from driftloop.registry.store import parse_model_ref
-from driftloop.settings import get_settings
+from flows.config import run_settings
 from tasks.edge import ModelCache, refresh_task
 from tasks.score import DEFAULT_BATCH_SIZE, percentile, score_task
 
@@ -40,13 +40,14 @@ def score_edge(
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
     device_name: str | None = None,
+    registry_block: str | None = None,
 ) -> EdgeResult:
     logger = get_run_logger()
-    settings = get_settings()
+    settings = run_settings(registry_block)
     name, _, _ = parse_model_ref(model)
     cache = ModelCache(settings.edge_cache_path(), name)
 
-    def resolve():  # noqa: ANN202 - a registry round trip, only when it can be reached
+    def resolve():
         return open_registry(settings.registry_database_url()).resolve(model)
 
     cached = refresh_task(cache, resolve)

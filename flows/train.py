@@ -12,14 +12,20 @@ from pydantic import BaseModel
 
 from driftloop.errors import DriftloopError
 from driftloop.registry import open_registry
-from driftloop.settings import get_settings
 from driftloop.storage import ArtifactStore, read_bytes
+from flows.config import run_settings
 from flows.ingest import ingest, load_spec_task
 from tasks.evaluate import evaluate_champion_task, evaluate_task
 from tasks.export import PARITY_MIN_ROWS, export_task, native_scores, parity_task
 from tasks.gate import gate_task
 from tasks.ingest import load_dataset_task
-from tasks.register import card_headline, library_versions, register_task, render_model_card, store_reference_task
+from tasks.register import (
+    card_headline,
+    library_versions,
+    register_task,
+    render_model_card,
+    store_reference_task,
+)
 from tasks.split import split_task
 from tasks.tune import ALGORITHMS, check_device, fit_task, prepare_task, tune_task
 
@@ -74,6 +80,7 @@ def train(
     promote: bool = True,
     parity_min_rows: int = PARITY_MIN_ROWS,
     trigger: str = "manual",
+    registry_block: str | None = None,
 ) -> TrainResult:
     """Train a model for the spec at ``spec_path`` on a registered dataset
     (``dataset_id``) or on ``source``, ingested first. Studies are named
@@ -84,14 +91,14 @@ def train(
     if not algorithms:
         raise DriftloopError("give at least one algorithm (xgboost, lightgbm)")
     logger = get_run_logger()
-    settings = get_settings()
+    settings = run_settings(registry_block)
     check_device(settings.device)  # before any training starts
     store = ArtifactStore(settings.artifact_root_uri())
     registry = open_registry(settings.registry_database_url())
 
     spec = load_spec_task(spec_path)
     if source is not None:
-        dataset_id = ingest(spec_path=spec_path, source=source).dataset_id
+        dataset_id = ingest(spec_path=spec_path, source=source, registry_block=registry_block).dataset_id
     dataset, frame = load_dataset_task(registry, dataset_id)
     split = split_task(frame, spec, seed)
     data, encoding, classes = prepare_task(spec, split.train, split.valid)

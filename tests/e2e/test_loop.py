@@ -44,6 +44,20 @@ def flow_runs(server, deployment_id: str) -> list[dict]:
     return api(server, "POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "limit": 200})
 
 
+def running_interval(server, flow_run_id: str) -> tuple[datetime, datetime] | None:
+    """When a run was RUNNING, from its state history; None when it never ran.
+
+    Not the run's start_time: Prefect sets that to the end time for runs cancelled before
+    they started (the concurrency guard's CANCEL_NEW), which would look like an overlap."""
+    states = sorted(api(server, "GET", "/flow_run_states/", params={"flow_run_id": flow_run_id}), key=lambda s: s["timestamp"])
+    running = [s["timestamp"] for s in states if s["type"] == "RUNNING"]
+    if not running:
+        return None
+    final = [s["timestamp"] for s in states if s["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
+    end = final[-1] if final else datetime.now(UTC).isoformat()
+    return datetime.fromisoformat(running[0]), datetime.fromisoformat(end)
+
+
 def deployment_id(server, flow: str, name: str = "car-loan") -> str:
     return api(server, "GET", f"/deployments/name/{flow}/{name}")["id"]
 
@@ -149,10 +163,8 @@ def test_drift_event_triggers_one_retrain_at_a_time(prefect_server, env, workers
     assert settled
     runs = flow_runs(prefect_server, retrain_id)
     assert len(runs) >= 2
-    intervals = sorted(
-        (datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"] or datetime.now(UTC).isoformat()))
-        for r in runs if r["start_time"]
-    )
+    intervals = sorted(filter(None, (running_interval(prefect_server, r["id"]) for r in runs)))
+    assert intervals, "no retrain of the burst ever ran"
     for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
         assert start >= end, f"two retrains overlapped: {intervals}"
     assert len(open_registry(registry_url).list_versions("car_loan")) == 2  # the cooldown stopped the storm

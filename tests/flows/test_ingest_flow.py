@@ -118,3 +118,40 @@ def test_sql_credentials_from_a_prefect_secret_block(tmp_path: Path, home: Path)
     Secret(value=url).save("loans-source-url", overwrite=True)
     result = ingest(spec_path=str(write_spec(tmp_path)), sql=SqlSource(secret_block="loans-source-url", table="loans"))
     assert result.rows_valid == 1
+
+
+def test_registry_and_sql_source_named_by_blocks(tmp_path: Path, home: Path) -> None:
+    """What a user configures in the UI: the flow reads the table a SqlDataSource block
+    names and writes to the registry a RegistryConnection block names, not the
+    environment's; the dataset records the block reference so a retrain can read it again."""
+    import sqlalchemy as sa
+    from pydantic import SecretStr
+
+    from blocks.driftloop_blocks import RegistryConnection, SqlDataSource
+
+    source_url = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    engine = sa.create_engine(source_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE loans (id INT, ts TEXT, amount REAL, ratio REAL, band TEXT, prev_ok INT, term INT, repaid INT)")
+        conn.exec_driver_sql("INSERT INTO loans VALUES (1,'2024-01-01',1,0.1,'low',1,12,1),(2,'2024-01-02',2,0.2,'mid',0,12,0),(3,'2024-01-03',3,0.3,'high',1,24,1)")
+    engine.dispose()
+    SqlDataSource(url=SecretStr(source_url), query="SELECT * FROM loans WHERE term = :term", params={"term": 12}).save("loans-warehouse", overwrite=True)
+    team_registry = f"sqlite:///{tmp_path / 'team-registry.db'}"
+    RegistryConnection(url=SecretStr(team_registry), artifact_root=str(tmp_path / "team-artifacts")).save("team", overwrite=True)
+
+    result = ingest(spec_path=str(write_spec(tmp_path)), source="sql-block:loans-warehouse", registry_block="team")
+
+    assert (result.rows_in, result.rows_valid) == (2, 2)
+    assert result.snapshot_uri.startswith(str(tmp_path / "team-artifacts"))
+    (dataset,) = open_registry(team_registry).list_datasets()
+    assert dataset.id == result.dataset_id and dataset.source == "sql-block:loans-warehouse"
+    assert open_registry(get_settings().registry_database_url()).list_datasets() == []
+
+
+def test_unknown_block_names_the_block_and_what_to_do(tmp_path: Path, home: Path) -> None:
+    from driftloop.errors import DriftloopError
+
+    with pytest.raises(DriftloopError, match=r"driftloop-registry block 'nowhere'.*create it in the UI"):
+        ingest(spec_path=str(write_spec(tmp_path)), source=str(write_csv(tmp_path, GOOD_ROWS)), registry_block="nowhere")
+    with pytest.raises(DriftloopError, match=r"driftloop-sql-source block 'absent'"):
+        ingest(spec_path=str(write_spec(tmp_path)), source="sql-block:absent")
