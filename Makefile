@@ -46,6 +46,7 @@ postgres-bin:
 	fi
 
 test: venv postgres-bin
+	$(BIN)/ruff check driftloop flows tasks blocks tests bench
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Unit tests only: no Prefect server, no PostgreSQL.
@@ -73,7 +74,7 @@ deploy: venv pools
 	DRIFTLOOP_PROJECT_DIR=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
 lint: venv
-	$(BIN)/ruff check driftloop flows tasks blocks tests
+	$(BIN)/ruff check driftloop flows tasks blocks tests bench
 
 clean:
 	rm -rf $(VENV) .driftloop .pytest_cache

@@ -18,11 +18,11 @@ import time
 
 os.environ["NML_DISABLE_USAGE_LOGGING"] = "1"
 
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
+import numpy as np
+import polars as pl
 
-from driftloop.spec import parse_spec  # noqa: E402
-from tasks.monitor import run_monitoring  # noqa: E402
+from driftloop.spec import parse_spec
+from tasks.monitor import run_monitoring
 
 N_CONTINUOUS, N_CATEGORICAL = 16, 4
 

@@ -203,7 +203,7 @@ def _human_show(p: dict[str, Any]) -> str:
         f"  onnx     {p['onnx_uri']}",
         f"  sha256   {p['onnx_sha256']}",
         f"  card     {p['card_uri']}",
-        f"  aliases  " + (", ".join(f"{a} -> v{v}" for a, v in p["aliases"].items()) or "(none)"),
+        "  aliases  " + (", ".join(f"{a} -> v{v}" for a, v in p["aliases"].items()) or "(none)"),
         "  history:",
     ]
     for e in p["alias_history"]:

@@ -125,7 +125,12 @@ def _wait_for_retrain(timeout_s: float) -> dict[str, Any]:
     import time
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
+    )
 
     started = time.monotonic()
     with get_client(sync_client=True) as client:

@@ -17,7 +17,7 @@ def gpu_count() -> int:
     if shutil.which("nvidia-smi") is None:
         return 1
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(["nvidia-smi", "-L"], check=False, capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
         return 1
     return max(1, sum(1 for line in out.splitlines() if line.startswith("GPU ")))

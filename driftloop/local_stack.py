@@ -14,7 +14,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Self
 
 from driftloop.errors import DriftloopError
 
@@ -76,7 +76,7 @@ class LocalStack:
             time.sleep(0.5)
 
     def run(self, *args: str) -> str:
-        done = subprocess.run(list(args), cwd=REPO, env=self.env(), capture_output=True, text=True)
+        done = subprocess.run(list(args), cwd=REPO, env=self.env(), check=False, capture_output=True, text=True)
         if done.returncode != 0:
             raise DriftloopError(f"{' '.join(args)} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
         return done.stdout
@@ -108,10 +108,10 @@ class LocalStack:
                 proc.kill()
                 proc.wait()
 
-    def __enter__(self) -> LocalStack:
+    def __enter__(self) -> Self:
         self.home.mkdir(parents=True, exist_ok=True)
         self.start_server()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -13,5 +13,5 @@ def add_listener(listener: Listener) -> None:
 
 
 def notify(step: str, done: int, total: int | None) -> None:
-    for listener in list(_listeners):
+    for listener in list(_listeners):  # noqa: PERF101 - a listener may remove itself
         listener(step, done, total)

@@ -168,9 +168,8 @@ class DatasetSpec(BaseModel):
             raise ValueError(f"segment {self.segment!r} is not declared under columns")
         if self.id and self.id in self.columns and self.columns[self.id].nullable:
             raise ValueError(f"the id column {self.id!r} cannot be nullable")
-        if self.timestamp and self.timestamp in self.columns:
-            if self.columns[self.timestamp].dtype != "datetime":
-                raise ValueError(f"the timestamp column {self.timestamp!r} must have dtype datetime")
+        if self.timestamp and self.timestamp in self.columns and self.columns[self.timestamp].dtype != "datetime":
+            raise ValueError(f"the timestamp column {self.timestamp!r} must have dtype datetime")
         if not self.feature_columns:
             raise ValueError("no feature columns: declare some under columns")
         dated = [f for f in self.feature_columns if self.column_spec(f).dtype == "datetime"]

@@ -18,6 +18,7 @@ from sklearn import metrics as skm
 from driftloop.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC  # noqa: F401  (re-exported)
 from driftloop.spec import DatasetSpec, TaskKind
 
+
 def predicted_labels(task: TaskKind, scores: np.ndarray) -> np.ndarray:
     """Binary: probability of class 1 >= 0.5; multiclass: the most probable class."""
     if task == "binary_classification":

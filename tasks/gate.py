@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel
 from prefect import task
 from prefect.cache_policies import NONE
+from pydantic import BaseModel
 
 from driftloop.metrics import HIGHER_IS_BETTER
 from driftloop.spec import GateSpec

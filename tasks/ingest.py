@@ -136,7 +136,7 @@ def read_file(uri: str) -> RawBatch:
 def _read_parquet_bytes(data: bytes, uri: str) -> pl.DataFrame:
     try:
         return pl.read_parquet(io.BytesIO(data))
-    except Exception as exc:  # polars raises several error types for corrupt files
+    except Exception as exc:  # noqa: BLE001 - polars raises several error types for corrupt files
         raise SourceError(f"input {uri} is not a readable Parquet file: {exc}") from None
 
 

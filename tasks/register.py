@@ -95,15 +95,15 @@ def render_model_card(record: ModelVersionRecord, *, promoted: bool) -> str:
         "## Training",
         f"- algorithm: {record.algorithm}, seed {record.seed}",
         f"- params: `{ {k: v for k, v in record.params.items()} }`",
-        f"- libraries: " + ", ".join(f"{k} {v}" for k, v in record.library_versions.items()),
+        "- libraries: " + ", ".join(f"{k} {v}" for k, v in record.library_versions.items()),
         "",
         "## Promotion gate",
         f"- decision: **{'passed' if gate['passed'] else 'failed'}**" + (" - promoted to champion" if promoted else ""),
         *[f"- {reason}" for reason in gate["reasons"]],
         "",
         "## ONNX parity",
-        f"- max |native - onnx| = {parity['max_abs_diff']:.3g} (limit {parity['tolerance']:g}), "
-        f"{parity['label_flips']} label flips on {parity['rows']:,} rows: {'passed' if parity['passed'] else 'FAILED'}",
+        (f"- max |native - onnx| = {parity['max_abs_diff']:.3g} (limit {parity['tolerance']:g}), "
+        f"{parity['label_flips']} label flips on {parity['rows']:,} rows: {'passed' if parity['passed'] else 'FAILED'}"),
         f"- artifact `{record.onnx_uri}`, sha256 `{record.onnx_sha256}`",
         "",
         "## Known limitations",

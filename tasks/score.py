@@ -91,7 +91,7 @@ def iter_input(uri: str, batch_size: int) -> tuple[Iterator[InputBatch], int | N
         try:
             # pre_buffer keeps read data until the file is done: memory grew with file size.
             parquet = pq.ParquetFile(handle, pre_buffer=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several error types for corrupt files
             raise SourceError(f"input {uri} is not a readable Parquet file: {exc}") from None
         batches = (
             InputBatch(pl.from_arrow(b), _no_malformed()) for b in parquet.iter_batches(batch_size=batch_size)
@@ -147,7 +147,7 @@ def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBa
             for batch in batches:
                 slots.put(batch)
             slots.put(done)
-        except BaseException as exc:  # surface reader errors in the consumer
+        except BaseException as exc:  # noqa: BLE001 - surface reader errors in the consumer
             slots.put(exc)
 
     threading.Thread(target=produce, name="driftloop-reader", daemon=True).start()

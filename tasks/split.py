@@ -79,8 +79,8 @@ def _split_stratified(frame: pl.DataFrame, spec: DatasetSpec, valid_fraction: fl
         groups = [np.flatnonzero(labels == value) for value in np.unique(labels)]
     for idx in groups:
         idx = rng.permutation(idx)
-        n_hold = int(round(len(idx) * holdout_fraction))
-        n_valid = int(round(len(idx) * valid_fraction))
+        n_hold = round(len(idx) * holdout_fraction)
+        n_valid = round(len(idx) * valid_fraction)
         part[idx[:n_hold]] = 2
         part[idx[n_hold : n_hold + n_valid]] = 1
         part[idx[n_hold + n_valid :]] = 0

@@ -31,9 +31,9 @@ os.environ.pop("DRIFTLOOP_REGISTRY_URL", None)
 os.environ.pop("DRIFTLOOP_ARTIFACT_ROOT", None)
 (_SESSION_DIR / "prefect").mkdir(parents=True, exist_ok=True)
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.support.services import PostgresServer, PrefectServer  # noqa: E402
+from tests.support.services import PostgresServer, PrefectServer
 
 
 @pytest.fixture(scope="session")

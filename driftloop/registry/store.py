@@ -123,7 +123,7 @@ def masked_url(url: str) -> str:
     """The URL with any password replaced by ***, safe to log and show."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL: show only its scheme
+    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show only its scheme
         return url.split("://", 1)[0] + "://***"
 
 

@@ -23,7 +23,7 @@ PARAMS = {"xgboost": {"max_depth": 6, "learning_rate": 0.1}, "lightgbm": {"num_l
 def prepared(tmp_path_factory: pytest.TempPathFactory):
     spec = load_spec(write_spec(tmp_path_factory.mktemp("spec")))
     split = split_dataset(make_loans(20_000, seed=3), spec, seed=0)
-    data, encoding, classes = prepare_training_data(spec, split.train, split.valid)
+    data, encoding, _classes = prepare_training_data(spec, split.train, split.valid)
     return spec, split, data, encoding
 
 
@@ -61,7 +61,7 @@ def test_unseen_category_scores_as_missing(prepared) -> None:
 def test_rounded_lightgbm_thresholds_leave_float32_predictions_unchanged(prepared) -> None:
     import lightgbm as lgb
 
-    spec, split, data, encoding = prepared
+    _spec, split, data, encoding = prepared
     raw = lgb.train({"objective": "binary", "num_leaves": 63, "verbose": -1, "seed": 0}, lgb.Dataset(data.x_train, data.y_train), 50)
     rounded = round_lightgbm_thresholds(raw.model_to_string())
     x = encoding.matrix(parity_rows(split.train, split.holdout, list(encoding.features), rows=50_000, seed=2))
@@ -89,7 +89,7 @@ def test_parity_for_regression_and_multiclass(tmp_path: Path, task: str) -> None
                                                "columns": {**columns, "grade": {"dtype": "category"}}}))
         frame = make_loans(6000).with_columns(pl.col("band").alias("grade"))
     split = split_dataset(frame, spec, seed=0)
-    data, encoding, classes = prepare_training_data(spec, split.train, split.valid)
+    data, encoding, _classes = prepare_training_data(spec, split.train, split.valid)
     for algorithm in ("xgboost", "lightgbm"):
         fitted = fit_model(algorithm, PARAMS[algorithm], data, seed=0)
         onnx_bytes = build_onnx(fitted, encoding, spec, {})
