@@ -74,12 +74,65 @@ def _convert_ensemble(fitted: FittedModel, n_features: int) -> Any:
     return onnxmltools.convert_lightgbm(fitted.booster, initial_types=initial, zipmap=False, target_opset=TARGET_OPSET)
 
 
+def binary_classifier_as_margin(model: Any) -> None:
+    """Rewrite a binary ``TreeEnsembleClassifier`` (one margin, LOGISTIC) in place as
+    ``TreeEnsembleRegressor`` (the margin) -> ``Sigmoid`` -> ``[1 - p, p]``.
+
+    Same trees, thresholds and float32 arithmetic, so the same probabilities; ONNX
+    Runtime's regressor kernel runs about 15% faster on these ensembles than its
+    classifier kernel (bench/scoring.py, "experiments"). The label output becomes
+    ``p >= 0.5``, the rule driftloop's predictions use. Anything else is left as it is.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    found = [n for n in graph.node if n.op_type == "TreeEnsembleClassifier"]
+    if len(found) != 1:
+        return
+    (node,) = found
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    one_margin = set(attrs.get("class_ids", [])) == {0} and len(attrs.get("classlabels_int64s", [])) == 2
+    if not one_margin or attrs.get("post_transform") != b"LOGISTIC" or len(node.output) != 2:
+        return
+    label_out, proba_out = node.output
+    tag = node.name or "trees"
+    regressor = helper.make_node(
+        "TreeEnsembleRegressor", list(node.input), [f"{tag}__margin"], domain="ai.onnx.ml", name=f"{tag}__regressor",
+        n_targets=1, aggregate_function="SUM", post_transform="NONE",
+        target_ids=[0] * len(attrs["class_ids"]), target_nodeids=attrs["class_nodeids"],
+        target_treeids=attrs["class_treeids"], target_weights=attrs["class_weights"],
+        **{k: v for k, v in attrs.items() if k.startswith("nodes_") or k == "base_values"},
+    )
+    constants = [
+        helper.make_tensor(f"{tag}__one", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor(f"{tag}__half", TensorProto.FLOAT, [], [0.5]),
+    ]
+    tail = [
+        helper.make_node("Sigmoid", [f"{tag}__margin"], [f"{tag}__p"]),
+        helper.make_node("Sub", [f"{tag}__one", f"{tag}__p"], [f"{tag}__q"]),
+        helper.make_node("Concat", [f"{tag}__q", f"{tag}__p"], [proba_out], axis=1),
+        # Ops that exist at opset 9 (the LightGBM converter's default domain version).
+        helper.make_node("Less", [f"{tag}__p", f"{tag}__half"], [f"{tag}__negative"]),
+        helper.make_node("Not", [f"{tag}__negative"], [f"{tag}__positive"]),
+        helper.make_node("Cast", [f"{tag}__positive"], [f"{tag}__label"], to=TensorProto.INT64),
+        helper.make_node("Reshape", [f"{tag}__label", f"{tag}__flat"], [label_out]),
+    ]
+    constants.append(helper.make_tensor(f"{tag}__flat", TensorProto.INT64, [1], [-1]))
+    at = list(graph.node).index(node)
+    graph.node.remove(node)
+    for offset, new in enumerate([regressor, *tail]):
+        graph.node.insert(at + offset, new)
+    graph.initializer.extend(constants)
+
+
 def build_onnx(fitted: FittedModel, encoding: FeatureEncoding, spec: DatasetSpec, metadata: dict[str, Any]) -> bytes:
     """The model as ONNX bytes: raw feature inputs -> encoding -> tree ensemble."""
     import onnx
     from onnx import TensorProto, helper
 
     model = _convert_ensemble(fitted, len(encoding.features))
+    if spec.task == "binary_classification":
+        binary_classifier_as_margin(model)
     graph = model.graph
     (features_input,) = [i for i in graph.input if i.name == "features"]
     graph.input.remove(features_input)

@@ -11,7 +11,7 @@ import pytest
 
 from driftloop.onnx_model import load_model
 from driftloop.spec import load_spec
-from tasks.export import PARITY_MIN_ROWS, build_onnx, check_parity, native_scores, parity_rows
+from tasks.export import PARITY_MIN_ROWS, _convert_ensemble, binary_classifier_as_margin, build_onnx, check_parity, native_scores, parity_rows
 from tasks.split import split_dataset
 from tasks.tune import fit_model, prepare_training_data, round_lightgbm_thresholds
 from tests.support.data import make_loans, write_spec
@@ -96,3 +96,31 @@ def test_parity_for_regression_and_multiclass(tmp_path: Path, task: str) -> None
         rows = parity_rows(split.train, split.holdout, list(encoding.features), rows=20_000, seed=1)
         report = check_parity(fitted, encoding, onnx_bytes, rows, spec.task)
         assert report.passed, f"{algorithm}: {report.summary()}"
+
+
+@pytest.mark.parametrize("algorithm", ["xgboost", "lightgbm"])
+def test_margin_rewrite_keeps_the_classifier_outputs(prepared, algorithm: str) -> None:
+    """The faster regressor form gives ONNX Runtime's classifier probabilities to float32
+    rounding and labels p >= 0.5, with nothing else in the graph changed."""
+    import copy
+
+    import onnxruntime as ort
+
+    spec, split, data, encoding = prepared
+    fitted = fit_model(algorithm, PARAMS[algorithm], data, seed=0)
+    classifier = _convert_ensemble(fitted, len(encoding.features))
+    rewritten = copy.deepcopy(classifier)
+    binary_classifier_as_margin(rewritten)
+    assert [n.op_type for n in rewritten.graph.node].count("TreeEnsembleClassifier") == 0
+    assert [o.name for o in rewritten.graph.output] == [o.name for o in classifier.graph.output]
+
+    x = encoding.matrix(split.holdout).astype(np.float32)
+
+    def run(model):  # noqa: ANN001, ANN202
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"features": x})
+
+    (label_before, proba_before), (label_after, proba_after) = run(classifier), run(rewritten)
+    np.testing.assert_allclose(proba_after, proba_before, atol=1e-6)
+    np.testing.assert_array_equal(label_after, (proba_after[:, 1] >= 0.5).astype(label_after.dtype))
+    assert label_after.shape == label_before.shape
