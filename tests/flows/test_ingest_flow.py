@@ -26,6 +26,19 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(driftloop), *args], check=False, capture_output=True, text=True, timeout=300)
 
 
+def loans_table(path: Path, values: str) -> str:
+    """A SQLite database at ``path`` with a ``loans`` table holding ``values``; its URL."""
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{path}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE loans (id INT, ts TEXT, amount REAL, ratio REAL, band TEXT, prev_ok INT, term INT, repaid INT)")
+        conn.exec_driver_sql(f"INSERT INTO loans VALUES {values}")
+    engine.dispose()
+    return url
+
+
 def test_ingest_snapshots_valid_rows_and_quarantines_the_rest(tmp_path: Path, home: Path) -> None:
     spec = write_spec(tmp_path)
     result = ingest(spec_path=str(spec), source=str(write_csv(tmp_path, GOOD_ROWS + BAD_ROWS)))
@@ -72,14 +85,7 @@ def test_cli_ingest_and_list_print_one_json_object(tmp_path: Path, home: Path) -
 
 
 def test_cli_ingest_from_sql_table(tmp_path: Path, home: Path) -> None:
-    import sqlalchemy as sa
-
-    url = f"sqlite:///{tmp_path / 'src.db'}"
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE loans (id INT, ts TEXT, amount REAL, ratio REAL, band TEXT, prev_ok INT, term INT, repaid INT)")
-        conn.exec_driver_sql("INSERT INTO loans VALUES (1,'2024-01-01',1,0.1,'low',1,12,1),(2,'2024-01-02',2,0.2,'mid',0,12,0)")
-    engine.dispose()
+    url = loans_table(tmp_path / "src.db", "(1,'2024-01-01',1,0.1,'low',1,12,1),(2,'2024-01-02',2,0.2,'mid',0,12,0)")
     run = cli("ingest", "--spec", str(write_spec(tmp_path)), "--sql-url", url, "--table", "loans", "--json")
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["rows_valid"] == 2
@@ -104,17 +110,11 @@ def test_cli_failure_is_one_clear_line(tmp_path: Path, home: Path, make_args, ex
 
 
 def test_sql_credentials_from_a_prefect_secret_block(tmp_path: Path, home: Path) -> None:
-    import sqlalchemy as sa
     from prefect.blocks.system import Secret
 
     from tasks.ingest import SqlSource
 
-    url = f"sqlite:///{tmp_path / 'secret-src.db'}"
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE loans (id INT, ts TEXT, amount REAL, ratio REAL, band TEXT, prev_ok INT, term INT, repaid INT)")
-        conn.exec_driver_sql("INSERT INTO loans VALUES (7,'2024-01-01',1,0.1,'low',1,12,1)")
-    engine.dispose()
+    url = loans_table(tmp_path / "secret-src.db", "(7,'2024-01-01',1,0.1,'low',1,12,1)")
     Secret(value=url).save("loans-source-url", overwrite=True)
     result = ingest(spec_path=str(write_spec(tmp_path)), sql=SqlSource(secret_block="loans-source-url", table="loans"))
     assert result.rows_valid == 1
@@ -124,17 +124,11 @@ def test_registry_and_sql_source_named_by_blocks(tmp_path: Path, home: Path) -> 
     """What a user configures in the UI: the flow reads the table a SqlDataSource block
     names and writes to the registry a RegistryConnection block names, not the
     environment's; the dataset records the block reference so a retrain can read it again."""
-    import sqlalchemy as sa
     from pydantic import SecretStr
 
     from blocks.driftloop_blocks import RegistryConnection, SqlDataSource
 
-    source_url = f"sqlite:///{tmp_path / 'warehouse.db'}"
-    engine = sa.create_engine(source_url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE loans (id INT, ts TEXT, amount REAL, ratio REAL, band TEXT, prev_ok INT, term INT, repaid INT)")
-        conn.exec_driver_sql("INSERT INTO loans VALUES (1,'2024-01-01',1,0.1,'low',1,12,1),(2,'2024-01-02',2,0.2,'mid',0,12,0),(3,'2024-01-03',3,0.3,'high',1,24,1)")
-    engine.dispose()
+    source_url = loans_table(tmp_path / "warehouse.db", "(1,'2024-01-01',1,0.1,'low',1,12,1),(2,'2024-01-02',2,0.2,'mid',0,12,0),(3,'2024-01-03',3,0.3,'high',1,24,1)")
     SqlDataSource(url=SecretStr(source_url), query="SELECT * FROM loans WHERE term = :term", params={"term": 12}).save("loans-warehouse", overwrite=True)
     team_registry = f"sqlite:///{tmp_path / 'team-registry.db'}"
     RegistryConnection(url=SecretStr(team_registry), artifact_root=str(tmp_path / "team-artifacts")).save("team", overwrite=True)

@@ -11,7 +11,15 @@ import pytest
 
 from driftloop.onnx_model import load_model
 from driftloop.spec import load_spec
-from tasks.export import PARITY_MIN_ROWS, _convert_ensemble, binary_classifier_as_margin, build_onnx, check_parity, native_scores, parity_rows
+from tasks.export import (
+    PARITY_MIN_ROWS,
+    _convert_ensemble,
+    binary_classifier_as_margin,
+    build_onnx,
+    check_parity,
+    native_scores,
+    parity_rows,
+)
 from tasks.split import split_dataset
 from tasks.tune import fit_model, prepare_training_data, round_lightgbm_thresholds
 from tests.support.data import make_loans, write_spec
@@ -106,7 +114,7 @@ def test_margin_rewrite_keeps_the_classifier_outputs(prepared, algorithm: str) -
 
     import onnxruntime as ort
 
-    spec, split, data, encoding = prepared
+    _spec, split, data, encoding = prepared
     fitted = fit_model(algorithm, PARAMS[algorithm], data, seed=0)
     classifier = _convert_ensemble(fitted, len(encoding.features))
     rewritten = copy.deepcopy(classifier)
@@ -116,7 +124,7 @@ def test_margin_rewrite_keeps_the_classifier_outputs(prepared, algorithm: str) -
 
     x = encoding.matrix(split.holdout).astype(np.float32)
 
-    def run(model):  # noqa: ANN001, ANN202
+    def run(model):
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return session.run(None, {"features": x})
 
