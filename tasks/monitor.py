@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 DRIFT_EVENT = "driftloop.model.drift-detected"
 PERFORMANCE_EVENT = "driftloop.model.performance-degraded"
-_ESTIMATED_DEFAULT = {"binary_classification": "roc_auc", "regression": "mae"}
+_ESTIMATED_DEFAULT = {"binary_classification": "roc_auc", "multiclass_classification": "roc_auc", "regression": "mae"}
+_PROBLEM = {"binary_classification": "classification_binary", "multiclass_classification": "classification_multiclass", "regression": "regression"}
 
 
 class MonitoringError(DriftloopError):
@@ -79,7 +80,10 @@ def chunking(policy: MonitoringPolicy, reference_rows: int) -> dict[str, Any]:
 def to_pandas(frame: pl.DataFrame, spec: DatasetSpec) -> Any:
     if spec.timestamp:
         frame = frame.sort(spec.timestamp)
-    return frame.to_pandas()
+    # Bool features as "true"/"false": NannyML's data reconstruction imputes a numpy bool
+    # column as continuous and fails; as strings they are categorical everywhere.
+    flags = [c for c in spec.feature_columns if c in frame.columns and frame.schema[c] == pl.Boolean]
+    return frame.with_columns(pl.col(flags).cast(pl.String)).to_pandas()
 
 
 def check_reference_chunks(reference: Any, spec: DatasetSpec, policy: MonitoringPolicy, chunk_args: dict[str, Any]) -> int:
@@ -155,6 +159,10 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     nml = _nannyml()
     features = spec.feature_columns
     categorical = [c for c in features if spec.column_spec(c).dtype in ("category", "string", "bool")]
+    if spec.task == "multiclass_classification":  # labels compare as the strings the model predicts
+        reference, analysis = (
+            f.with_columns(pl.col(spec.target).cast(pl.String)) if spec.target in f.columns else f for f in (reference, analysis)
+        )
     ref = to_pandas(reference, spec)
     ana = to_pandas(analysis, spec)
     chunk_args = chunking(policy, len(ref))
@@ -173,26 +181,29 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     multivariate = nml.DataReconstructionDriftCalculator(column_names=features, **common).fit(ref).calculate(ana)
     results += _long_results(multivariate, "multivariate")
 
-    metric = policy.estimated_metric or _ESTIMATED_DEFAULT.get(spec.task)
+    metric = policy.estimated_metric or _ESTIMATED_DEFAULT[spec.task]
     has_labels = spec.target in ana.columns and bool(ana[spec.target].notna().any())
+    problem = _PROBLEM[spec.task]
+    proba: str | dict[str, str] | None = "probability"
+    if problem == "classification_multiclass":
+        proba = class_probability_columns(ref, ana)
+    if proba is None:
+        metric = None  # scored by an early build without per-class probabilities: drift only
+        logger.warning("no probability_<class> columns in the scored output: performance is not estimated")
     estimated = realized = None
-    if spec.task == "binary_classification":
-        estimated = nml.CBPE(
-            y_pred_proba="probability", y_pred="prediction", y_true=spec.target,
-            problem_type="classification_binary", metrics=[metric], **common,
-        ).fit(ref).estimate(ana.drop(columns=[spec.target], errors="ignore"))
-    elif spec.task == "regression":
+    if metric is not None and problem == "regression":
         estimated = nml.DLE(
             feature_column_names=features, y_pred="prediction", y_true=spec.target, metrics=[metric], **common,
         ).fit(ref).estimate(ana.drop(columns=[spec.target], errors="ignore"))
-    else:
-        metric = None  # multiclass: drift only (the scored output keeps the top class's probability)
+    elif metric is not None:
+        estimated = nml.CBPE(
+            y_pred_proba=proba, y_pred="prediction", y_true=spec.target, problem_type=problem, metrics=[metric], **common,
+        ).fit(ref).estimate(ana.drop(columns=[spec.target], errors="ignore"))
     if estimated is not None:
         results += _long_results(estimated, "estimated")
     if has_labels and metric is not None:
         labelled = ana[ana[spec.target].notna()]
-        problem = "classification_binary" if spec.task == "binary_classification" else "regression"
-        calc_args = {"y_pred_proba": "probability"} if problem == "classification_binary" else {}
+        calc_args = {} if problem == "regression" else {"y_pred_proba": proba}
         realized = nml.PerformanceCalculator(
             metrics=[metric], y_true=spec.target, y_pred="prediction", problem_type=problem, **calc_args, **common,
         ).fit(ref).calculate(labelled)
@@ -210,6 +221,16 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     for r in results:
         seen.setdefault(r["chunk_index"], Chunk(r["chunk_index"], r["chunk_key"], r["chunk_start"], r["chunk_end"]))
     return MonitorReport(sorted(seen.values(), key=lambda c: c.index), results, metric, has_labels, figures)
+
+
+def class_probability_columns(reference: Any, analysis: Any) -> dict[str, str] | None:
+    """class label -> its probability column, when both frames have them."""
+    from tasks.score import PROBABILITY_PREFIX
+
+    columns = {c.removeprefix(PROBABILITY_PREFIX): c for c in reference.columns if c.startswith(PROBABILITY_PREFIX)}
+    if not columns or not set(columns.values()) <= set(analysis.columns):
+        return None
+    return columns
 
 
 def decide(report: MonitorReport, policy: MonitoringPolicy) -> PolicyDecision:

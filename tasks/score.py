@@ -42,7 +42,7 @@ from tasks.validate import ROW, validate_rows
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 100_000
-OUTPUT_META_COLUMNS = ("prediction", "probability", "model_name", "model_version", "scored_at")
+PROBABILITY_PREFIX = "probability_"  # multiclass outputs: one probability_<class> column per class
 
 
 class IntegrityError(DriftloopError):
@@ -165,9 +165,11 @@ def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBa
 
 def prediction_frame(model: LoadedModel, spec: DatasetSpec, valid: pl.DataFrame, scores: np.ndarray,
                      *, model_name: str, model_version: int, scored_at: datetime) -> pl.DataFrame:
-    """id, timestamp, features, prediction, probability (classification), model and time."""
+    """id, timestamp, features, prediction, probability (classification; multiclass also
+    ``probability_<class>`` for each class, which monitoring's CBPE needs), model and time."""
     keep = [c for c in (spec.id, spec.timestamp, *spec.feature_columns) if c]
     out = valid.select(keep)
+    per_class: list[pl.Series] = []
     if spec.task == "binary_classification":
         prediction = pl.Series("prediction", (scores >= 0.5).astype(np.int64))
         probability = pl.Series("probability", scores.astype(np.float64))
@@ -176,11 +178,12 @@ def prediction_frame(model: LoadedModel, spec: DatasetSpec, valid: pl.DataFrame,
         best = scores.argmax(axis=1)
         prediction = pl.Series("prediction", labels[best], dtype=pl.String)
         probability = pl.Series("probability", scores[np.arange(len(best)), best].astype(np.float64))
+        per_class = [pl.Series(f"{PROBABILITY_PREFIX}{label}", scores[:, i].astype(np.float64)) for i, label in enumerate(labels)]
     else:
         prediction = pl.Series("prediction", scores.astype(np.float64))
         probability = pl.Series("probability", np.full(len(scores), np.nan))
     return out.with_columns(
-        prediction, probability,
+        prediction, probability, *per_class,
         pl.lit(model_name).alias("model_name"),
         pl.lit(model_version, dtype=pl.Int64).alias("model_version"),
         pl.lit(scored_at).dt.cast_time_unit("us").alias("scored_at"),
