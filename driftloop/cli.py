@@ -317,6 +317,8 @@ def _human_demo(p: dict[str, Any]) -> str:
     if "retrain" in p:
         lines = [f"Prefect UI: {p['ui']}" + ("" if p["kept_running"] else " (stopped; rerun with --keep-running to browse it)")]
         lines += [f"  {name:<18} {step['state']:<10} flow run {step['flow_run']}" for name, step in p["steps"].items()]
+        if p.get("monitor"):
+            lines += ["", _human_monitor(p["monitor"]), ""]
         r = p["retrain"]
         lines.append(f"  automation: drift event -> retrain/car-loan: {r['state']}" + (f" (flow run {r['flow_run']})" if r.get("flow_run") else ""))
         for v in p["versions"]:

@@ -97,9 +97,28 @@ def run_loop_demo(trials: int = 5, keep_running: bool = False) -> dict[str, Any]
         ]
         ui = stack.api_url.removesuffix("/api")
         return {
-            "ui": ui, "kept_running": keep_running, "steps": steps, "retrain": retrain,
-            "versions": versions, "aliases": registry.aliases("car_loan"),
+            "ui": ui, "kept_running": keep_running, "steps": steps, "monitor": latest_monitoring(registry, "car_loan"),
+            "retrain": retrain, "versions": versions, "aliases": registry.aliases("car_loan"),
         }
+
+
+def latest_monitoring(registry: Any, model: str) -> dict[str, Any] | None:
+    """What the model's latest monitoring run found, read back from the registry, in the
+    shape of the monitor flow's result."""
+    from tasks.monitor import Chunk, MonitorReport, chunk_summaries
+
+    runs = registry.list_monitoring_runs(model)
+    if not runs:
+        return None
+    run = runs[0]
+    results = registry.monitoring_results(run["id"])
+    chunks = {r["chunk_index"]: Chunk(r["chunk_index"], r["chunk_key"], r["chunk_start"], r["chunk_end"]) for r in results}
+    report = MonitorReport(sorted(chunks.values(), key=lambda c: c.index), results, None, False)
+    return {
+        "run_id": run["id"], "model": run["model_name"], "version": run["model_version"],
+        "chunks": chunk_summaries(report), "policy": {"fired": run["decision"]["fired"], "reasons": run["decision"]["reasons"]},
+        "event": run["event"], "report_uri": run["report_uri"],
+    }
 
 
 def _cuda_available() -> bool:

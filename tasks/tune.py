@@ -117,17 +117,33 @@ def search_space(trial: optuna.Trial, algorithm: Algorithm) -> dict[str, Any]:
     }
 
 
+# Objective and validation metric, per algorithm and task.
+_OBJECTIVES: dict[str, dict[str, dict[str, str]]] = {
+    "xgboost": {
+        "binary_classification": {"objective": "binary:logistic", "eval_metric": "logloss"},
+        "multiclass_classification": {"objective": "multi:softprob", "eval_metric": "mlogloss"},
+        "regression": {"objective": "reg:squarederror", "eval_metric": "rmse"},
+    },
+    "lightgbm": {
+        "binary_classification": {"objective": "binary", "metric": "binary_logloss"},
+        "multiclass_classification": {"objective": "multiclass", "metric": "multi_logloss"},
+        "regression": {"objective": "regression", "metric": "rmse"},
+    },
+}
+
+
+def _objective(algorithm: Algorithm, data: TrainingData) -> dict[str, Any]:
+    objective: dict[str, Any] = dict(_OBJECTIVES[algorithm][data.task])
+    if data.task == "multiclass_classification":
+        objective["num_class"] = data.n_classes
+    return objective
+
+
 def _xgb_fixed(data: TrainingData, seed: int, device: str, threads: int | None) -> dict[str, Any]:
     fixed: dict[str, Any] = {"tree_method": "hist", "device": device, "seed": seed, "verbosity": 0}
     if threads:
         fixed["nthread"] = threads
-    if data.task == "binary_classification":
-        fixed |= {"objective": "binary:logistic", "eval_metric": "logloss"}
-    elif data.task == "multiclass_classification":
-        fixed |= {"objective": "multi:softprob", "eval_metric": "mlogloss", "num_class": data.n_classes}
-    else:
-        fixed |= {"objective": "reg:squarederror", "eval_metric": "rmse"}
-    return fixed
+    return fixed | _objective("xgboost", data)
 
 
 def _lgb_fixed(data: TrainingData, seed: int, device: str, threads: int | None) -> dict[str, Any]:
@@ -137,13 +153,7 @@ def _lgb_fixed(data: TrainingData, seed: int, device: str, threads: int | None) 
     }
     if threads:
         fixed["num_threads"] = threads
-    if data.task == "binary_classification":
-        fixed |= {"objective": "binary", "metric": "binary_logloss"}
-    elif data.task == "multiclass_classification":
-        fixed |= {"objective": "multiclass", "metric": "multi_logloss", "num_class": data.n_classes}
-    else:
-        fixed |= {"objective": "regression", "metric": "rmse"}
-    return fixed
+    return fixed | _objective("lightgbm", data)
 
 
 def fit_model(

@@ -100,6 +100,16 @@ def test_drift_in_the_drifted_period_fires_the_policy_and_one_event(demo, prefec
     report_dir = Path(result.report_uri).parent
     assert {"univariate_drift.html", "multivariate_drift.html", "estimated_performance.html"} <= {p.name for p in report_dir.iterdir()}
 
+    # What `make demo` prints after the loop, read back from the registry: the run's findings.
+    from driftloop.demo import latest_monitoring
+
+    stored_run = latest_monitoring(registry, "car_loan")
+    assert stored_run["run_id"] == result.run_id
+    assert stored_run["policy"] == result.policy.model_dump() and stored_run["event"] == event.model_dump()
+    assert [(c["drifting_features"], c["estimated"], c["realized"]) for c in stored_run["chunks"]] == [
+        (c.drifting_features, c.estimated, c.realized) for c in result.chunks
+    ]
+
 
 def test_stationary_control_raises_no_policy_alert_and_no_event(demo, prefect_server, monkeypatch) -> None:
     monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
