@@ -163,20 +163,24 @@ def check_required_columns(raw: pl.DataFrame, required: dict[str, ColumnSpec], *
     return [c for c in raw.columns if c not in required]
 
 
-def validate_rows(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool = True, source: str = "input", warn_ignored: bool = True) -> ValidationResult:
+def validate_rows(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool = True, source: str = "input",
+                  warn_ignored: bool = True, seen: dict[str, pl.Series] | None = None) -> ValidationResult:
     """Type and check ``raw`` against the spec with pandera; quarantine failing rows.
 
     Batch-level problems (a missing column) raise :class:`SchemaError`; row-level
     problems (unparsable value, failed check, null, duplicate id) quarantine the row.
+    ``seen``: for unique columns, the values earlier batches of the same input kept;
+    a row repeating one fails ``unique(earlier batch)``.
     """
     return validate_columns(
         raw, spec.schema_columns(labelled=labelled), spec_name=spec.name, source=source,
-        target=spec.target if labelled else None, warn_ignored=warn_ignored,
+        target=spec.target if labelled else None, warn_ignored=warn_ignored, seen=seen,
     )
 
 
 def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_name: str, source: str,
-                     target: str | None = None, warn_ignored: bool = True) -> ValidationResult:
+                     target: str | None = None, warn_ignored: bool = True,
+                     seen: dict[str, pl.Series] | None = None) -> ValidationResult:
     """:func:`validate_rows` for any set of spec columns (e.g. id and target of late labels)."""
     ignored = check_required_columns(raw, columns, spec_name=spec_name, source=source, target=target)
     if ignored and warn_ignored:
@@ -191,7 +195,7 @@ def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_
         check_failures = check_failures.join(
             parse_failures.select(ROW, "column"), on=[ROW, "column"], how="anti"
         )
-    failures = pl.concat([parse_failures, check_failures])
+    failures = pl.concat([parse_failures, check_failures, _repeat_failures(typed, seen or {})])
     if failures.height == 0:
         return ValidationResult(typed, _empty_quarantine(raw), raw.height, ignored)
 
@@ -214,6 +218,23 @@ def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_
         .sort(ROW)
     )
     return ValidationResult(valid, quarantine, raw.height, ignored)
+
+
+def _repeat_failures(typed: pl.DataFrame, seen: dict[str, pl.Series]) -> pl.DataFrame:
+    frames = []
+    for name, values in seen.items():
+        repeats = typed[name].is_in(values.implode()).fill_null(False)
+        if repeats.any():
+            idx = repeats.arg_true()
+            frames.append(pl.DataFrame({
+                ROW: idx.cast(pl.Int64), "column": pl.repeat(name, len(idx), eager=True),
+                "check": pl.repeat("unique(earlier batch)", len(idx), eager=True), "value": typed[name].gather(idx).cast(pl.String),
+            }))
+    return _concat_failures(frames)
+
+
+def unique_columns(spec: DatasetSpec, *, labelled: bool) -> list[str]:
+    return [name for name, column in spec.schema_columns(labelled=labelled).items() if column.unique]
 
 
 def _empty_quarantine(raw: pl.DataFrame) -> pl.DataFrame:

@@ -212,3 +212,17 @@ def test_score_and_labels_cli(trained, tmp_path: Path) -> None:
     run = subprocess.run([driftloop, "labels", "--spec", str(trained["spec"]), str(labels), "--json"], check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["rows_valid"] == 2
+
+
+def test_an_id_repeated_in_a_later_batch_is_quarantined(trained, tmp_path: Path) -> None:
+    source = scoring_csv(tmp_path / "repeats.csv", 300)
+    with source.open("a") as fh:  # ids 5, 250 and 299 again, in a fourth batch
+        for line in source.read_text().splitlines()[1:]:
+            if line.split(",")[0] in ("5", "250", "299"):
+                fh.write(line + "\n")
+    result = score(input_uri=str(source), output_uri=str(tmp_path / "out"), model="loans@champion", batch_size=100)
+    assert (result.rows_in, result.rows_scored, result.rows_quarantined) == (303, 300, 3)
+    assert read_predictions(str(tmp_path / "out"))["id"].n_unique() == 300
+    quarantine = pl.read_parquet(tmp_path / "out" / "quarantine").sort("id")
+    assert quarantine["id"].to_list() == ["250", "299", "5"]
+    assert quarantine["_checks"].to_list() == [["unique(earlier batch)"]] * 3
