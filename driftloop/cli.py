@@ -320,7 +320,8 @@ def _human_demo(p: dict[str, Any]) -> str:
         if p.get("monitor"):
             lines += ["", _human_monitor(p["monitor"]), ""]
         r = p["retrain"]
-        lines.append(f"  automation: drift event -> retrain/car-loan: {r['state']}" + (f" (flow run {r['flow_run']})" if r.get("flow_run") else ""))
+        lines.append(f"  automation: drift event -> retrain/car-loan: {r['state']}" + (f" (flow run {r['flow_run']})" if r.get("flow_run") else "")
+                     + (f": {r['verdict']}" if r.get("verdict") else ""))
         for v in p["versions"]:
             lines.append(f"  car_loan v{v['version']} ({v['trigger']}): gate {'passed' if v['gate_passed'] else 'failed'}: " + "; ".join(v["reasons"]))
         lines.append("  aliases: " + ", ".join(f"{a} -> v{n}" for a, n in p["aliases"].items()))

@@ -86,10 +86,13 @@ def run_loop_demo(trials: int = 5, keep_running: bool = False) -> dict[str, Any]
         has_gpu = _cuda_available()
         stack.deploy(gpu_device="cuda" if has_gpu else "cpu")
         stack.start_workers(("cpu", "gpu"))
+        from datetime import UTC, datetime
+
+        started = datetime.now(UTC)
         steps = {}
         for name, params in (("train/car-loan", {"trials": trials}), ("score/car-loan", {}), ("monitor/car-loan", {})):
             steps[name] = _run_and_wait(name, params)
-        retrain = _wait_for_retrain(timeout_s=120)
+        retrain = _wait_for_retrain(since=started, timeout_s=120)
         registry = open_registry(settings.registry_database_url())
         versions = [
             {"version": v.version, "trigger": v.trigger, "gate_passed": v.gate["passed"], "reasons": v.gate["reasons"]}
@@ -140,11 +143,15 @@ def _run_and_wait(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
     return {"flow_run": run.name, "state": run.state.name}
 
 
-def _wait_for_retrain(timeout_s: float) -> dict[str, Any]:
+def _wait_for_retrain(since: Any, timeout_s: float) -> dict[str, Any]:
+    """The retrain run the automation started after ``since``, once it has ended, with
+    the verdict its artifact records (promoted, rejected, or skipped by the cooldown)."""
     import time
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
         DeploymentFilter,
         DeploymentFilterName,
         FlowFilter,
@@ -154,15 +161,20 @@ def _wait_for_retrain(timeout_s: float) -> dict[str, Any]:
     started = time.monotonic()
     with get_client(sync_client=True) as client:
         while True:
-            runs = client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])),
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["car-loan"])),
-            )
+            runs = [
+                run for run in client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])),
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["car-loan"])),
+                )
+                if run.created is not None and run.created >= since
+            ]
             if runs:
-                run = runs[0]
+                run = min(runs, key=lambda r: r.created)
                 if run.state is not None and run.state.is_final():
+                    artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+                    verdicts = [a.description for a in artifacts if a.key and a.key.startswith("retrain-")]
                     return {"flow_run": run.name, "state": run.state.name, "parameters": run.parameters,
-                            "seconds_to_created": None}
+                            "verdict": verdicts[0] if verdicts else None}
             elif time.monotonic() - started > timeout_s:
-                return {"flow_run": None, "state": "not triggered (the monitor's policy did not fire)"}
+                return {"flow_run": None, "state": "not triggered (the monitor's policy did not fire)", "verdict": None}
             time.sleep(2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from driftloop.registry import open_registry
@@ -46,6 +47,7 @@ def retrain(
     if recent:
         reason = f"cooldown: {model} v{recent[0].version} was retrained at {recent[0].created_at:%H:%M:%S}, within {cooldown_s:g}s"
         logger.info("skipping retrain: %s", reason)
+        _verdict_artifact(model, f"skipped: {reason}")
         return RetrainResult(model=model, skipped=True, reason=reason)
 
     trained = train(spec_path=spec_path, source=source, trials=trials, promote=True, trigger="retrain", registry_block=registry_block)
@@ -55,4 +57,11 @@ def retrain(
     verdict = "promoted" if trained.promoted else "rejected by the gate"
     reason = f"v{trained.version} {verdict}: " + "; ".join(trained.gate.reasons)
     logger.info("retrain of %s: %s", model, reason)
+    _verdict_artifact(model, reason)
     return RetrainResult(model=model, skipped=False, reason=reason, train=trained, score=scored)
+
+
+def _verdict_artifact(model: str, verdict: str) -> None:
+    """What this retrain did and why, on the flow run's Artifacts tab (make demo reads it)."""
+    create_markdown_artifact(key=f"retrain-{model}".replace("_", "-"), markdown=f"# Retrain of {model}\n\n{verdict}",
+                             description=verdict)

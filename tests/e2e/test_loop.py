@@ -59,6 +59,12 @@ def running_interval(server, flow_run_id: str) -> tuple[datetime, datetime] | No
     return datetime.fromisoformat(running[0]), datetime.fromisoformat(end)
 
 
+def verdict(server, flow_run_id: str) -> str:
+    """What a retrain run did, from the artifact it leaves."""
+    (artifact,) = api(server, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["retrain-car-loan"]}}})
+    return artifact["description"]
+
+
 def deployment_id(server, flow: str, name: str = "car-loan") -> str:
     return api(server, "GET", f"/deployments/name/{flow}/{name}")["id"]
 
@@ -145,6 +151,7 @@ def test_drift_event_triggers_one_retrain_at_a_time(prefect_server, env, workers
     assert retrained[0].gate["reasons"] and any("vs champion v1" in r for r in retrained[0].gate["reasons"])
     aliases = open_registry(registry_url).aliases("car_loan")
     assert aliases["champion"] == (2 if retrained[0].gate["passed"] else 1)
+    assert verdict(prefect_server, first["id"]).startswith(f"v2 {'promoted' if retrained[0].gate['passed'] else 'rejected by the gate'}: ")
 
     # A burst of ten drift events: never two retrains of car_loan running together.
     from prefect.events import emit_event
@@ -169,5 +176,7 @@ def test_drift_event_triggers_one_retrain_at_a_time(prefect_server, env, workers
     for (_, end), (start, _) in itertools.pairwise(intervals):
         assert start >= end, f"two retrains overlapped: {intervals}"
     assert len(open_registry(registry_url).list_versions("car_loan")) == 2  # the cooldown stopped the storm
+    burst = [r for r in runs if r["id"] != first["id"] and r["state_type"] == "COMPLETED"]
+    assert burst and all(verdict(prefect_server, r["id"]).startswith("skipped: cooldown: car_loan v2") for r in burst)
     assert not (REPO / ".driftloop").exists()  # runs wrote under DRIFTLOOP_HOME, not into the checkout
     print(f"\ne2e: {time.monotonic() - started:.0f} s in all; drift event -> retrain run created in {drift_to_run_s:.1f} s")
