@@ -74,6 +74,31 @@ class LocalStack:
             if self.server.poll() is not None or time.monotonic() > deadline:
                 raise DriftloopError(f"the Prefect server did not start; see {self.home / 'prefect-server.log'}")
             time.sleep(0.5)
+        self.crash_orphaned_runs()
+
+    def crash_orphaned_runs(self) -> list[str]:
+        """End the runs an earlier, interrupted stack left behind: pending or running ones
+        as Crashed, overdue scheduled ones as Cancelled.
+
+        Only for a server this stack started: no worker of it was alive, so in-flight
+        runs never finish and would hold the pools' and deployments' concurrency slots
+        (the gpu pool has one per GPU), and overdue runs would start with the workers."""
+        from datetime import UTC, datetime
+
+        import httpx
+
+        def runs(states: list[str], **extra: object) -> list[dict]:
+            body = {"flow_runs": {"state": {"type": {"any_": states}}, **extra}, "limit": 200}
+            return httpx.post(f"{self.api_url}/flow_runs/filter", timeout=30, json=body).raise_for_status().json()
+
+        now = datetime.now(UTC).isoformat()
+        ended = [(run, "CRASHED", "Crashed") for run in runs(["PENDING", "RUNNING", "CANCELLING"])]
+        ended += [(run, "CANCELLED", "Cancelled") for run in runs(["SCHEDULED"], expected_start_time={"before_": now})]
+        for run, state_type, name in ended:
+            httpx.post(f"{self.api_url}/flow_runs/{run['id']}/set_state", timeout=30, json={
+                "state": {"type": state_type, "name": name, "message": "left behind by an interrupted driftloop stack"},
+            }).raise_for_status()
+        return [run["name"] for run, _, _ in ended]
 
     def run(self, *args: str) -> str:
         done = subprocess.run(list(args), cwd=REPO, env=self.env(), check=False, capture_output=True, text=True)
