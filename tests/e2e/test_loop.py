@@ -27,16 +27,23 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess
     return done
 
 
+RETRYABLE = {429, 502, 503, 504}  # what Prefect's own client retries; 503 = its SQLite was busy
+
+
 def api(server, method: str, path: str, **kwargs):
-    # The server shares two cores with the workers' training runs: be patient with it.
-    for attempt in range(5):
+    # The server shares two cores with the workers' training runs and answers 503 while
+    # its SQLite database is locked: be patient with it, as Prefect's client is.
+    attempts = 8
+    for attempt in range(attempts):
         try:
             response = httpx.request(method, f"{server.api_url}{path}", timeout=120, **kwargs)
-            break
         except httpx.TransportError:
-            if attempt == 4:
+            if attempt == attempts - 1:
                 raise
-            time.sleep(2)
+        else:
+            if response.status_code not in RETRYABLE or attempt == attempts - 1:
+                break
+        time.sleep(min(2 * (attempt + 1), 10))
     response.raise_for_status()
     return response.json() if response.content else None
 
