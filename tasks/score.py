@@ -224,7 +224,7 @@ def score_stream(
     template: pl.DataFrame | None = None
     # Ids (and other unique columns) kept so far: a repeat in a later batch is quarantined.
     # Memory grows by the id column only (8 bytes a row for int ids).
-    seen: dict[str, pl.Series] = {}
+    seen: dict[str, list[pl.Series]] = {}
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer") as writer:
             for index, batch in enumerate(_prefetch(batches)):
@@ -234,7 +234,7 @@ def score_stream(
                 warned_columns = True
                 valid = result.valid if result else pl.DataFrame()
                 for name in unique_columns(spec, labelled=False) if valid.height else ():
-                    seen[name] = pl.concat([seen[name], valid[name]]) if name in seen else valid[name]
+                    seen.setdefault(name, []).append(valid[name])
                 if result is not None and template is None:
                     template = result.quarantine.head(0)  # every quarantine part gets this schema
                 quarantine = result.quarantine.with_columns(pl.col(ROW) + rows_in) if result else pl.DataFrame()

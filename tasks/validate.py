@@ -164,7 +164,7 @@ def check_required_columns(raw: pl.DataFrame, required: dict[str, ColumnSpec], *
 
 
 def validate_rows(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool = True, source: str = "input",
-                  warn_ignored: bool = True, seen: dict[str, pl.Series] | None = None) -> ValidationResult:
+                  warn_ignored: bool = True, seen: dict[str, list[pl.Series]] | None = None) -> ValidationResult:
     """Type and check ``raw`` against the spec with pandera; quarantine failing rows.
 
     Batch-level problems (a missing column) raise :class:`SchemaError`; row-level
@@ -180,7 +180,7 @@ def validate_rows(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool = True
 
 def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_name: str, source: str,
                      target: str | None = None, warn_ignored: bool = True,
-                     seen: dict[str, pl.Series] | None = None) -> ValidationResult:
+                     seen: dict[str, list[pl.Series]] | None = None) -> ValidationResult:
     """:func:`validate_rows` for any set of spec columns (e.g. id and target of late labels)."""
     ignored = check_required_columns(raw, columns, spec_name=spec_name, source=source, target=target)
     if ignored and warn_ignored:
@@ -220,10 +220,12 @@ def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_
     return ValidationResult(valid, quarantine, raw.height, ignored)
 
 
-def _repeat_failures(typed: pl.DataFrame, seen: dict[str, pl.Series]) -> pl.DataFrame:
+def _repeat_failures(typed: pl.DataFrame, seen: dict[str, list[pl.Series]]) -> pl.DataFrame:
     frames = []
-    for name, values in seen.items():
-        repeats = typed[name].is_in(values.implode()).fill_null(False)
+    for name, batches in seen.items():
+        repeats = pl.Series(name, [False] * typed.height)
+        for values in batches:  # batch by batch: no concatenated copy of every id so far
+            repeats = repeats | typed[name].is_in(values.implode()).fill_null(False)
         if repeats.any():
             idx = repeats.arg_true()
             frames.append(pl.DataFrame({
