@@ -118,22 +118,23 @@ def coerce_to_spec(raw: pl.DataFrame, columns: dict[str, ColumnSpec]) -> tuple[p
         if raw.schema[name] == pl.String:
             bad = bad & (raw[name].str.strip_chars() != "")
         if bad.any():
-            idx = bad.arg_true()
-            failures.append(
-                pl.DataFrame(
-                    {
-                        ROW: idx.cast(pl.Int64),
-                        "column": pl.repeat(name, len(idx), eager=True),
-                        "check": pl.repeat(f"dtype({spec.dtype})", len(idx), eager=True),
-                        "value": raw[name].gather(idx).cast(pl.String),
-                    }
-                )
-            )
+            failures.append(_failures_where(bad, raw[name], f"dtype({spec.dtype})"))
     # NaN parses as a float but means missing: the column's nullable decides.
     typed = typed.with_columns(
         pl.col(name).fill_nan(None) for name, spec in columns.items() if spec.dtype == "float"
     )
     return typed, _concat_failures(failures)
+
+
+def _failures_where(mask: pl.Series, column: pl.Series, check: str) -> pl.DataFrame:
+    """One failure row (_row, column, check, value) per row where ``mask`` is true."""
+    idx = mask.arg_true()
+    return pl.DataFrame({
+        ROW: idx.cast(pl.Int64),
+        "column": pl.repeat(column.name, len(idx), eager=True),
+        "check": pl.repeat(check, len(idx), eager=True),
+        "value": column.gather(idx).cast(pl.String),
+    })
 
 
 def _concat_failures(frames: list[pl.DataFrame]) -> pl.DataFrame:
@@ -227,11 +228,7 @@ def _repeat_failures(typed: pl.DataFrame, seen: dict[str, list[pl.Series]]) -> p
         for values in batches:  # batch by batch: no concatenated copy of every id so far
             repeats = repeats | typed[name].is_in(values.implode()).fill_null(False)
         if repeats.any():
-            idx = repeats.arg_true()
-            frames.append(pl.DataFrame({
-                ROW: idx.cast(pl.Int64), "column": pl.repeat(name, len(idx), eager=True),
-                "check": pl.repeat("unique(earlier batch)", len(idx), eager=True), "value": typed[name].gather(idx).cast(pl.String),
-            }))
+            frames.append(_failures_where(repeats, typed[name], "unique(earlier batch)"))
     return _concat_failures(frames)
 
 
