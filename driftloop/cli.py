@@ -272,6 +272,32 @@ def _human_score(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_retrain(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.retrain import retrain
+
+    result = retrain(model=args.model, trials=args.trials, cooldown_s=args.cooldown)
+    payload = result.model_dump(mode="json", exclude={"score"})
+    payload["scored"] = result.score.model_dump(mode="json") if result.score else None
+    return payload
+
+
+def _human_retrain(p: dict[str, Any]) -> str:
+    lines = [f"{p['model']}: {'skipped: ' if p['skipped'] else ''}{p['reason']}"]
+    if p["window"]:
+        w = p["window"]
+        lines.append(f"  window      {w['policy']}: {w['rows']:,} rows, {w['start'] or '-'} .. {w['end'] or '-'} "
+                     f"({w['new_labels']:,} newer than the champion's data)")
+    for role in ("champion", "challenger"):
+        side = p.get(role)
+        if side:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in (side.get("metrics") or {}).items()) or "-"
+            lines.append(f"  {role:<11} v{side['version']}: {shown}")
+    if p["labels_unscored"]:
+        lines.append(f"  labels      {p['labels_unscored']:,} of {p['labels']:,} match no scored id (not used)")
+    lines.append(f"  promoted    {'yes' if p['promoted'] else 'no'}")
+    return "\n".join(lines)
+
+
 def cmd_labels(args: argparse.Namespace) -> dict[str, Any]:
     from flows.labels import ingest_labels
 
@@ -392,6 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=int, default=100_000)
     score.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     score.set_defaults(handler=cmd_score, human=_human_score)
+
+    retrain = sub.add_parser(
+        "retrain", parents=[common],
+        help="retrain a model on its training window (labelled data + scored rows with their labels)",
+        description="Decide, then train: wait for the spec's retrain.min_new_labels, train on the window, judge "
+                    "the challenger against the champion on the window's newest rows, promote if better.",
+    )
+    retrain.add_argument("--model", required=True, help="model name")
+    retrain.add_argument("--trials", type=int, default=10, help="Optuna trials per algorithm (default 10)")
+    retrain.add_argument("--cooldown", type=float, default=0, help="skip if the last retrain started within this many seconds (default 0)")
+    retrain.set_defaults(handler=cmd_retrain, human=_human_retrain)
 
     labels = sub.add_parser("labels", parents=[common], help="ingest ground truth that arrived after scoring")
     labels.add_argument("--spec", required=True, help="dataset spec YAML")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,6 +127,73 @@ class MonitoringPolicy(BaseModel):
         return self
 
 
+_DURATION = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
+_DURATION_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``36h``, ``92d`` or ``12w`` as a timedelta."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration; write a whole number with h, d or w (36h, 92d, 12w)")
+    return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
+
+
+class TrainingWindow(BaseModel):
+    """Which labelled rows a retrain learns from: the most recent span of time, the most
+    recent rows, or all of them. Give exactly one key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    last: str | None = Field(default=None, description="The newest span of time, e.g. 92d (needs a timestamp).")
+    rows: int | None = Field(default=None, ge=30, description="The newest N labelled rows.")
+    all: bool | None = Field(default=None, description="Every labelled row (the default).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TrainingWindow:
+        given = [k for k in ("last", "rows", "all") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of last, rows or all (got {', '.join(given) or 'none'})")
+        if self.all is False:
+            raise ValueError("all: false means nothing; give last or rows instead")
+        if self.last is not None:
+            parse_duration(self.last)
+        return self
+
+    @property
+    def span(self) -> timedelta | None:
+        return parse_duration(self.last) if self.last is not None else None
+
+    def describe(self) -> str:
+        if self.last is not None:
+            return f"last {self.last}"
+        return f"newest {self.rows} rows" if self.rows is not None else "all labelled rows"
+
+
+class RetrainPolicy(BaseModel):
+    """What a retrain learns from and when a retrained model may replace the champion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window: TrainingWindow = Field(default_factory=lambda: TrainingWindow(all=True))
+    skip_recent: str = Field(default="0d", description="Leave out the newest labels (still maturing), e.g. 7d.")
+    min_new_labels: int = Field(
+        default=1000, ge=0, description="Labelled rows newer than the champion's training data needed to retrain."
+    )
+    min_improvement: float = Field(
+        default=0.0, ge=0, description="The challenger must beat the champion by this on the gate metric."
+    )
+
+    @model_validator(mode="after")
+    def _durations(self) -> RetrainPolicy:
+        parse_duration(self.skip_recent)
+        return self
+
+    @property
+    def skip_recent_span(self) -> timedelta:
+        return parse_duration(self.skip_recent)
+
+
 class DatasetSpec(BaseModel):
     """A tabular dataset: its target, identity, time axis and typed columns."""
 
@@ -141,6 +210,7 @@ class DatasetSpec(BaseModel):
     features: list[str] | None = None
     gate: GateSpec = Field(default_factory=GateSpec)
     monitoring: MonitoringPolicy = Field(default_factory=MonitoringPolicy)
+    retrain: RetrainPolicy = Field(default_factory=RetrainPolicy)
     description: str | None = None
 
     @property
@@ -164,6 +234,13 @@ class DatasetSpec(BaseModel):
                     raise ValueError(f"the {role} column {col!r} cannot also be a feature")
             if len(set(self.features)) != len(self.features):
                 raise ValueError("features lists a column twice")
+        if not self.timestamp and self.retrain.window.last is not None:
+            raise ValueError(
+                f"retrain.window.last ({self.retrain.window.last}) needs a timestamp column and this spec has none; "
+                "use window: {rows: N} or {all: true}"
+            )
+        if not self.timestamp and self.retrain.skip_recent_span:
+            raise ValueError("retrain.skip_recent needs a timestamp column and this spec has none; remove it")
         if self.segment is not None and self.segment not in self.columns:
             raise ValueError(f"segment {self.segment!r} is not declared under columns")
         if self.id and self.id in self.columns and self.columns[self.id].nullable:
@@ -246,8 +323,8 @@ class DatasetSpec(BaseModel):
 
     def fingerprint(self) -> str:
         """sha256 of the spec's data part (columns, roles, limits): changes whenever
-        validation would, not when the gate or monitoring policy is edited."""
-        canonical = json.dumps(self.model_dump(mode="json", exclude={"gate", "monitoring", "description"}), sort_keys=True)
+        validation would, not when the gate, monitoring or retrain policy is edited."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"gate", "monitoring", "retrain", "description"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

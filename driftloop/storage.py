@@ -49,6 +49,20 @@ def read_parquet(uri: str) -> pl.DataFrame:
         return pl.read_parquet(fh)
 
 
+def read_predictions(uri: str) -> pl.DataFrame:
+    """All committed prediction parts of a scoring output directory."""
+    from driftloop.errors import SourceError
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(f"{path}/_SUCCESS"):
+        raise SourceError(f"{uri} is not a committed scoring output (no _SUCCESS marker)")
+    frames = []
+    for part in sorted(fs.glob(f"{path}/part-*.parquet")):
+        with fs.open(part, "rb") as fh:
+            frames.append(pl.read_parquet(fh))
+    return pl.concat(frames) if frames else pl.DataFrame()
+
+
 def read_bytes(uri: str) -> bytes:
     with fsspec.open(uri, "rb") as fh:
         return fh.read()

@@ -20,7 +20,7 @@ from driftloop.errors import DriftloopError
 from driftloop.onnx_model import load_model
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
 from driftloop.spec import DatasetSpec, MonitoringPolicy
-from driftloop.storage import ArtifactStore, read_bytes
+from driftloop.storage import ArtifactStore, read_bytes, read_predictions
 from flows.config import run_settings
 from tasks.labels import join_labels
 from tasks.monitor import (
@@ -31,7 +31,7 @@ from tasks.monitor import (
     monitor_task,
     render_summary,
 )
-from tasks.score import fetch_verified, read_predictions
+from tasks.score import fetch_verified
 
 
 class ChunkSummary(BaseModel):
@@ -173,7 +173,7 @@ def monitor(
         policy = MonitoringPolicyBlock.load(policy_block).policy
     active = policy or spec.monitoring
     report = monitor_task(reference, analysis, spec, active)
-    decision = decide_task(report, active)
+    decision = decide_task(report, active, spec.gate, spec.gate_metric)
 
     event = None
     if decision.fired:

@@ -1,67 +1,155 @@
-"""Flow ``retrain``: what the drift automation runs. Train on the latest data -> gate ->
-promote if it passes -> score the latest data with the new champion.
+"""Flow ``retrain``: what the drift and performance automations run, for any model.
 
-A cooldown stops retrain storms: a retrain that starts within ``cooldown_s`` of the
-model's previous retrain-made version is skipped (the deployment's concurrency limit
-already keeps a burst of events to one running retrain)."""
+Decide, then train: (a) take the model's retrain lease (one retrain per model at a
+time; one that trained or failed holds the cooldown), (b) count labelled rows newer
+than the champion's data and wait for ``min_new_labels`` of them, (c) assemble the
+training window from the registry (labelled datasets + scored rows joined to their
+labels), train, judge the challenger against the champion on the window's newest rows,
+promote if it is better, and score the latest scored input with the new champion.
+
+The only input from outside is the model's name. The spec and the data come from the
+registry: an event's payload cannot choose what a model is trained on.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import uuid
+from typing import Literal
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from driftloop.registry import open_registry
+from driftloop.feedback import WindowRecord
+from driftloop.registry import ModelNotFound, open_registry
+from driftloop.storage import ArtifactStore
 from flows.config import run_settings
 from flows.score import ScoreSummary, score
-from flows.train import TrainResult, train
+from flows.train import TrainOptions, train_and_register
+from tasks.retrain import (
+    acquire_lease_task,
+    champion_spec_task,
+    check_model_name,
+    collect_labelled_task,
+    select_window_task,
+    snapshot_window_task,
+)
+from tasks.tune import ALGORITHMS
+
+Algorithm = Literal["xgboost", "lightgbm"]
+
+
+class ModelOnHoldout(BaseModel):
+    version: int
+    metrics: dict[str, float] | None = None
 
 
 class RetrainResult(BaseModel):
     model: str
     skipped: bool
     reason: str
-    train: TrainResult | None = None
+    window: WindowRecord | None = None
+    champion: ModelOnHoldout | None = None  # the champion judged against (its metrics on the new holdout)
+    challenger: ModelOnHoldout | None = None
+    promoted: bool = False
+    labels: int = 0  # distinct labelled ids registered for scored rows
+    labels_unscored: int = 0  # ... whose id no scoring output holds
     score: ScoreSummary | None = None
 
 
 @flow(name="retrain")
 def retrain(
     model: str,
-    spec_path: str,
-    source: str,
     trials: int = 10,
+    algorithms: list[Algorithm] = list(ALGORITHMS),  # noqa: B006 (pydantic copies it)
     score_input: str | None = None,
     score_output: str | None = None,
     cooldown_s: float = 600,
+    lease_ttl_s: float = 6 * 3600,
     registry_block: str | None = None,
 ) -> RetrainResult:
+    """Retrain ``model`` on its training window (the spec's ``retrain`` section, as
+    registered with the champion). ``score_input`` defaults to the input of the model's
+    latest scoring run. ``lease_ttl_s``: after this long a retrain that died without
+    releasing its lease no longer blocks the next one."""
     logger = get_run_logger()
-    registry = open_registry(run_settings(registry_block).registry_database_url())
-    recent = [
-        v for v in registry.list_versions(model)
-        if v.trigger == "retrain" and v.created_at > datetime.now(UTC) - timedelta(seconds=cooldown_s)
-    ]
-    if recent:
-        reason = f"cooldown: {model} v{recent[0].version} was retrained at {recent[0].created_at:%H:%M:%S}, within {cooldown_s:g}s"
-        logger.info("skipping retrain: %s", reason)
-        _verdict_artifact(model, f"skipped: {reason}")
-        return RetrainResult(model=model, skipped=True, reason=reason)
+    model = check_model_name(model)
+    settings = run_settings(registry_block)
+    registry = open_registry(settings.registry_database_url())
+    champion = registry.find_alias(model, "champion")
+    if champion is None:
+        raise ModelNotFound(f"model {model!r} has no champion to retrain; train one first (driftloop train --spec SPEC SOURCE)")
 
-    trained = train(spec_path=spec_path, source=source, trials=trials, promote=True, trigger="retrain", registry_block=registry_block)
-    scored = None
-    if trained.promoted and score_input:
-        scored = score(input_uri=score_input, output_uri=score_output, model=f"{model}@champion", registry_block=registry_block)
-    verdict = "promoted" if trained.promoted else "rejected by the gate"
-    reason = f"v{trained.version} {verdict}: " + "; ".join(trained.gate.reasons)
-    logger.info("retrain of %s: %s", model, reason)
-    _verdict_artifact(model, reason)
-    return RetrainResult(model=model, skipped=False, reason=reason, train=trained, score=scored)
+    holder = f"flow-run/{runtime.flow_run.id or uuid.uuid4()}"
+    lease = acquire_lease_task(registry, model, holder, cooldown_s, lease_ttl_s)
+    if not lease.acquired:
+        return _finish(RetrainResult(model=model, skipped=True, reason=lease.reason,
+                                     champion=ModelOnHoldout(version=champion.version)))
+    outcome = "failed"
+    try:
+        spec = champion_spec_task(champion)
+        data = collect_labelled_task(registry, spec)
+        for problem in data.skipped:
+            logger.warning("labelled data left out: %s", problem)
+        window = select_window_task(data, spec, champion)
+        result = RetrainResult(model=model, skipped=True, reason="", window=window.record,
+                               champion=ModelOnHoldout(version=champion.version), labels=data.labels,
+                               labels_unscored=data.labels_unscored)
+        if data.labels_unscored:
+            logger.warning("%d registered label(s) of %s match no scored row (by id); they are not used",
+                           data.labels_unscored, model)
+        needed = spec.retrain.min_new_labels
+        if window.record.new_labels < needed:
+            outcome = "waiting"
+            result.reason = (f"waiting for labels: {window.record.new_labels} of {needed} labelled rows newer than "
+                             f"champion v{champion.version}'s training data")
+            return _finish(result)
+        dataset = snapshot_window_task(registry, ArtifactStore(settings.artifact_root_uri()), spec, window)
+        if dataset.id == champion.dataset_id:
+            outcome = "nothing new"
+            result.reason = f"nothing new: the window is exactly champion v{champion.version}'s training data ({dataset.id})"
+            return _finish(result)
+
+        options = TrainOptions(trials=trials, algorithms=algorithms, trigger="retrain")
+        trained = train_and_register(spec, dataset, window.frame, settings, options, window=window.record,
+                                     min_improvement=spec.retrain.min_improvement)
+        outcome = "trained"
+        verdict = "promoted" if trained.promoted else "rejected by the gate"
+        result.skipped = False
+        result.promoted = trained.promoted
+        result.reason = f"v{trained.version} {verdict}: " + "; ".join(trained.gate.reasons)
+        result.challenger = ModelOnHoldout(version=trained.version, metrics=trained.metrics)
+        result.champion = ModelOnHoldout(version=champion.version, metrics=trained.gate.champion_metrics)
+        if trained.promoted:
+            result.score = _score_latest_input(registry, model, score_input, score_output, registry_block)
+        return _finish(result)
+    finally:
+        registry.release_retrain_lease(model, holder, outcome)
 
 
-def _verdict_artifact(model: str, verdict: str) -> None:
-    """What this retrain did and why, on the flow run's Artifacts tab (make demo reads it)."""
-    create_markdown_artifact(key=f"retrain-{model}".replace("_", "-"), markdown=f"# Retrain of {model}\n\n{verdict}",
-                             description=verdict)
+def _score_latest_input(registry, model: str, score_input: str | None, score_output: str | None,
+                        registry_block: str | None) -> ScoreSummary | None:
+    if score_input is None:
+        runs = registry.list_scoring_runs(model)
+        if not runs:
+            return None
+        score_input = runs[0].input_uri
+    return score(input_uri=score_input, output_uri=score_output, model=f"{model}@champion", registry_block=registry_block)
+
+
+def _finish(result: RetrainResult) -> RetrainResult:
+    """Log the verdict and leave it on the flow run's Artifacts tab (make demo reads it)."""
+    verdict = f"skipped: {result.reason}" if result.skipped else result.reason
+    get_run_logger().info("retrain of %s: %s", result.model, verdict)
+    lines = [f"# Retrain of {result.model}", "", verdict, ""]
+    if result.window:
+        w = result.window
+        lines += [(f"- window ({w.policy}): {w.rows:,} rows, {w.start or '-'} .. {w.end or '-'}; "
+                  f"{w.new_labels:,} labelled rows newer than the champion's data"),
+                  f"- labels registered for scored rows: {result.labels:,}; matching no scored id: {result.labels_unscored:,}"]
+    for role, side in (("champion", result.champion), ("challenger", result.challenger)):
+        if side is not None and side.metrics:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in side.metrics.items())
+            lines.append(f"- {role} v{side.version} on the window's holdout: {shown}")
+    create_markdown_artifact(key=f"retrain-{result.model}".replace("_", "-"), markdown="\n".join(lines), description=verdict)
+    return result

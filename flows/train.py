@@ -1,31 +1,41 @@
 """Flow ``train``: split -> tune (XGBoost, LightGBM) -> fit best -> evaluate -> gate ->
-export ONNX -> parity -> register (and promote when the gate passes)."""
+export ONNX -> parity -> register -> reference, model card -> promote when the gate
+passes. The retrain flow runs the same steps (``train_and_register``) on its window."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Literal
 
+import polars as pl
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from driftloop.errors import DriftloopError
-from driftloop.registry import open_registry
-from driftloop.storage import ArtifactStore, read_bytes
+from driftloop.feedback import WindowRecord
+from driftloop.registry import DatasetRecord, VersionDraft, open_registry
+from driftloop.settings import Settings
+from driftloop.spec import DatasetSpec
+from driftloop.storage import ArtifactStore
 from flows.config import run_settings
 from flows.ingest import ingest, load_spec_task
-from tasks.evaluate import evaluate_champion_task, evaluate_task
-from tasks.export import PARITY_MIN_ROWS, export_task, native_scores, parity_task
-from tasks.gate import gate_task
+from tasks.evaluate import evaluate_champion_task, evaluate_task, same_predictions_task
+from tasks.export import PARITY_MIN_ROWS, ParityReport, export_task, native_scores, parity_task
+from tasks.gate import GateDecision, gate_task
 from tasks.ingest import load_dataset_task
 from tasks.register import (
     card_headline,
     library_versions,
+    model_card_task,
+    promote_task,
     register_task,
     render_model_card,
+    store_onnx_task,
     store_reference_task,
 )
+from tasks.score import fetch_verified
 from tasks.split import split_task
 from tasks.tune import ALGORITHMS, check_device, fit_task, prepare_task, tune_task
 
@@ -36,15 +46,17 @@ class ParityFailed(DriftloopError):
     """The ONNX artifact does not reproduce the native model; registration is blocked."""
 
 
-class GateSummary(BaseModel):
-    passed: bool
-    reasons: list[str]
+class TrainOptions(BaseModel):
+    """How to tune and what to do with the result (shared by train and retrain)."""
 
-
-class ParitySummary(BaseModel):
-    max_abs_diff: float
-    label_flips: int
-    rows: int
+    trials: int = 20
+    algorithms: list[Algorithm] = list(ALGORITHMS)
+    seed: int = 0
+    timeout_s: float | None = None
+    study_name: str | None = None
+    promote: bool = True
+    parity_min_rows: int = PARITY_MIN_ROWS
+    trigger: str = "manual"
 
 
 class TrainResult(BaseModel):
@@ -52,13 +64,14 @@ class TrainResult(BaseModel):
     version: int
     algorithm: str
     metrics: dict[str, float]
-    gate: GateSummary
-    parity: ParitySummary
+    gate: GateDecision
+    parity: ParityReport
     onnx_uri: str
     onnx_sha256: str
     promoted: bool
     card_uri: str | None
     headline: str
+    window: WindowRecord | None = None
 
 
 @task(name="predict-native", cache_policy=NONE)
@@ -88,78 +101,108 @@ def train(
     several runs to tune one study together."""
     if (dataset_id is None) == (source is None):
         raise DriftloopError("give exactly one of dataset_id or source")
-    if not algorithms:
-        raise DriftloopError("give at least one algorithm (xgboost, lightgbm)")
-    logger = get_run_logger()
+    options = TrainOptions(trials=trials, algorithms=algorithms, seed=seed, timeout_s=timeout_s, study_name=study_name,
+                           promote=promote, parity_min_rows=parity_min_rows, trigger=trigger)
     settings = run_settings(registry_block)
     check_device(settings.device)  # before any training starts
-    store = ArtifactStore(settings.artifact_root_uri())
     registry = open_registry(settings.registry_database_url())
-
     spec = load_spec_task(spec_path)
     if source is not None:
         dataset_id = ingest(spec_path=spec_path, source=source, registry_block=registry_block).dataset_id
     dataset, frame = load_dataset_task(registry, dataset_id)
-    split = split_task(frame, spec, seed)
-    data, encoding, classes = prepare_task(spec, split.train, split.valid)
+    return train_and_register(spec, dataset, frame, settings, options)
 
-    run_key = study_name or str(runtime.flow_run.id or "local")
+
+def train_and_register(
+    spec: DatasetSpec, dataset: DatasetRecord, frame: pl.DataFrame, settings: Settings, options: TrainOptions, *,
+    window: WindowRecord | None = None, min_improvement: float | None = None,
+) -> TrainResult:
+    """The training steps, wired inside the calling flow run (train or retrain):
+    split -> tune -> fit -> evaluate -> gate against the champion on the same holdout ->
+    export -> parity -> register as challenger -> reference and model card -> promote
+    (only if the champion is still the one judged against)."""
+    if not options.algorithms:
+        raise DriftloopError("give at least one algorithm (xgboost, lightgbm)")
+    logger = get_run_logger()
+    check_device(settings.device)
+    store = ArtifactStore(settings.artifact_root_uri())
+    registry = open_registry(settings.registry_database_url())
+
+    split = split_task(frame, spec, options.seed)
+    data, encoding, classes = prepare_task(spec, split.train, split.valid)
+    run_key = options.study_name or str(runtime.flow_run.id or "local")
     fitted_models = []
-    for algorithm in dict.fromkeys(algorithms):
+    for algorithm in dict.fromkeys(options.algorithms):
         tuned = tune_task(
             algorithm, data, f"{spec.name}-{algorithm}-{run_key}", settings.registry_database_url(),
-            trials, timeout_s, seed, settings.device,
+            options.trials, options.timeout_s, options.seed, settings.device,
         )
         logger.info("%s: best validation loss %.5f after %d trials", algorithm, tuned.best_value, tuned.trials_run)
-        fitted_models.append(fit_task(algorithm, tuned.best_params, data, seed, settings.device))
+        fitted_models.append(fit_task(algorithm, tuned.best_params, data, options.seed, settings.device))
     best = min(fitted_models, key=lambda f: f.valid_loss)
 
     holdout_scores = predict_native_task(best, encoding, split.holdout, spec.task)
     metrics, segments = evaluate_task(spec, split.holdout, holdout_scores, classes)
-
-    champion = registry.find_alias(spec.name, "champion")
-    champion_metrics = None
-    if champion is not None:
-        champion_metrics = evaluate_champion_task(spec, read_bytes(champion.onnx_uri), split.holdout, classes)
-    decision = gate_task(metrics, spec.gate, spec.gate_metric, champion_metrics, champion.version if champion else None)
-
-    onnx_bytes = export_task(best, encoding, spec, {"model": spec.name, "spec": spec.model_dump(mode="json"), "spec_hash": spec.fingerprint(), "dataset_id": dataset.id, "classes": list(classes) if classes else None})
-    parity = parity_task(best, encoding, onnx_bytes, split.train, split.holdout, spec.task, parity_min_rows, seed)
-    if not parity["passed"]:
-        create_markdown_artifact(key=f"parity-{spec.name}".replace("_", "-"), markdown=f"# ONNX parity failed\n\n{parity}")
+    onnx_bytes = export_task(best, encoding, spec, {
+        "model": spec.name, "spec": spec.model_dump(mode="json"), "spec_hash": spec.fingerprint(),
+        "dataset_id": dataset.id, "classes": list(classes) if classes else None,
+    })
+    parity = parity_task(best, encoding, onnx_bytes, split.train, split.holdout, spec.task, options.parity_min_rows, options.seed)
+    if not parity.passed:
+        create_markdown_artifact(key=f"parity-{spec.name}".replace("_", "-"), markdown=f"# ONNX parity failed\n\n{parity.summary()}")
         raise ParityFailed(
-            f"ONNX export of {spec.name} ({best.algorithm}) does not match the native model: max |diff| "
-            f"{parity['max_abs_diff']:.3g} (limit {parity['tolerance']:g}), {parity['label_flips']} label flips on "
-            f"{parity['rows']} rows; registration blocked"
+            f"ONNX export of {spec.name} ({best.algorithm}) does not match the native model: {parity.summary()}; "
+            "registration blocked"
         )
+    onnx_uri, onnx_sha256 = store_onnx_task(store, spec.name, onnx_bytes)
 
-    draft = {
-        "model_name": spec.name, "algorithm": best.algorithm, "task": spec.task, "params": best.params | {"n_rounds": best.best_iteration},
-        "metrics": metrics, "segment_metrics": segments, "seed": seed, "dataset_id": dataset.id,
-        "dataset_hash": dataset.content_hash, "spec_hash": spec.fingerprint(), "split": split.boundaries,
-        "library_versions": library_versions(), "gate": decision.model_dump(), "parity": parity,
-        "trigger": trigger,
-    }
-    actor = f"flow train/{runtime.flow_run.name or 'local'}"
-    record, promoted = register_task(registry, store, draft, onnx_bytes, promote, actor)
-    store_reference_task(registry, store, record, spec, split.holdout, onnx_bytes)
-
-    headline = card_headline(record, promoted=promoted)
-    logger.info("%s; gate: %s", headline, "; ".join(decision.reasons))
-    create_markdown_artifact(
-        key=f"model-card-{spec.name}".replace("_", "-"),
-        markdown=render_model_card(record, promoted=promoted),
-        description=headline,
+    # The champion is judged on the challenger's holdout: the newest rows of its data.
+    champion = registry.find_alias(spec.name, "champion")
+    champion_metrics, clone = None, False
+    if champion is not None:
+        champion_onnx = fetch_verified(champion.onnx_uri, champion.onnx_sha256)
+        champion_metrics = evaluate_champion_task(spec, champion_onnx, split.holdout, classes)
+        clone = same_predictions_task(champion_onnx, onnx_bytes, split.holdout)
+    decision = gate_task(
+        metrics, spec.gate, spec.gate_metric, champion_metrics, champion.version if champion else None,
+        min_improvement if champion is not None else None, clone,
     )
+
+    draft = VersionDraft(
+        model_name=spec.name, algorithm=best.algorithm, task=spec.task,
+        params=best.params | {"n_rounds": best.best_iteration}, metrics=metrics, segment_metrics=segments,
+        seed=options.seed, dataset_id=dataset.id, dataset_hash=dataset.content_hash, spec_hash=spec.fingerprint(),
+        split=split.boundaries, library_versions=library_versions(), gate=decision.model_dump(),
+        parity=asdict(parity), trigger=options.trigger, window=window.model_dump() if window else None,
+        onnx_uri=onnx_uri, onnx_sha256=onnx_sha256,
+    )
+    actor = f"flow {runtime.flow_run.flow_name or 'train'}/{runtime.flow_run.name or 'local'}"
+    record = register_task(registry, draft, actor)
+    store_reference_task(registry, store, record, spec, split.holdout, onnx_bytes)
+    will_promote = options.promote and decision.passed
+    record = model_card_task(registry, store, record, will_promote)
+    promoted = False
+    if will_promote:
+        promoted, refused = promote_task(registry, record, champion.version if champion else None, actor)
+        if refused:
+            logger.warning("not promoted: %s", refused)
+            record = model_card_task(registry, store, record, False)
+    return _report(record, spec, decision, parity, metrics, promoted, window)
+
+
+def _report(record: Any, spec: DatasetSpec, decision: GateDecision, parity: ParityReport, metrics: dict[str, float],
+            promoted: bool, window: WindowRecord | None) -> TrainResult:
+    """Log, leave the model card and metrics on the flow run, and return the result."""
+    headline = card_headline(record, promoted=promoted)
+    get_run_logger().info("%s; gate: %s", headline, "; ".join(decision.reasons))
+    key = spec.name.replace("_", "-")
+    create_markdown_artifact(key=f"model-card-{key}", markdown=render_model_card(record, promoted=promoted), description=headline)
     create_table_artifact(
-        key=f"metrics-{spec.name}".replace("_", "-"),
-        table=[{"metric": k, "value": round(v, 6)} for k, v in metrics.items()],
+        key=f"metrics-{key}", table=[{"metric": k, "value": round(v, 6)} for k, v in metrics.items()],
         description=f"Holdout metrics of {record.ref}",
     )
     return TrainResult(
-        model=record.model_name, version=record.version, algorithm=record.algorithm, metrics=metrics,
-        gate=GateSummary(passed=decision.passed, reasons=decision.reasons),
-        parity=ParitySummary(max_abs_diff=parity["max_abs_diff"], label_flips=parity["label_flips"], rows=parity["rows"]),
-        onnx_uri=record.onnx_uri, onnx_sha256=record.onnx_sha256, promoted=promoted, card_uri=record.card_uri,
-        headline=headline,
+        model=record.model_name, version=record.version, algorithm=record.algorithm, metrics=metrics, gate=decision,
+        parity=parity, onnx_uri=record.onnx_uri, onnx_sha256=record.onnx_sha256, promoted=promoted,
+        card_uri=record.card_uri, headline=headline, window=window,
     )

@@ -89,7 +89,18 @@ def evaluate_task(spec: DatasetSpec, frame: pl.DataFrame, scores: np.ndarray, cl
     return evaluate_scores(spec, frame, scores, classes)
 
 
+def same_predictions(onnx_a: bytes, onnx_b: bytes, frame: pl.DataFrame) -> bool:
+    """Whether two artifacts give exactly the same prediction for every row (a clone;
+    the bytes of two exports of one model may differ)."""
+    return onnx_a == onnx_b or bool(np.array_equal(score_with_onnx(onnx_a, frame), score_with_onnx(onnx_b, frame)))
+
+
 @task(name="evaluate-champion", cache_policy=NONE)
 def evaluate_champion_task(spec: DatasetSpec, onnx_bytes: bytes, frame: pl.DataFrame, classes: tuple[str, ...] | None) -> dict[str, float]:
     """The champion's metrics on the challenger's holdout (same rows, same metrics)."""
     return evaluate_scores(spec, frame, score_with_onnx(onnx_bytes, frame), classes)[0]
+
+
+@task(name="compare-with-champion", cache_policy=NONE)
+def same_predictions_task(champion_onnx: bytes, challenger_onnx: bytes, frame: pl.DataFrame) -> bool:
+    return same_predictions(champion_onnx, challenger_onnx, frame)

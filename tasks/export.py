@@ -12,7 +12,7 @@ them), so the float32 comparisons of ONNX make the same decisions as native Ligh
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -221,6 +221,6 @@ def export_task(fitted: FittedModel, encoding: FeatureEncoding, spec: DatasetSpe
 
 @task(name="parity", cache_policy=NONE)
 def parity_task(fitted: FittedModel, encoding: FeatureEncoding, onnx_bytes: bytes, train: pl.DataFrame,
-                holdout: pl.DataFrame, task_kind: str, min_rows: int, seed: int) -> dict[str, Any]:
+                holdout: pl.DataFrame, task_kind: str, min_rows: int, seed: int) -> ParityReport:
     rows = parity_rows(train, holdout, list(encoding.features), rows=min_rows, seed=seed)
-    return asdict(check_parity(fitted, encoding, onnx_bytes, rows, task_kind))
+    return check_parity(fitted, encoding, onnx_bytes, rows, task_kind)

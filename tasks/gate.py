@@ -1,6 +1,8 @@
 """The promotion gate, in the manner of TFX's Evaluator: a challenger must meet absolute
 thresholds and must not be worse than the champion (scored on the same holdout) by
-more than ``max_regression``. The first model is judged on thresholds alone."""
+more than ``max_regression``; a retrain's challenger must also beat it by
+``min_improvement`` (the spec's ``retrain`` section). A challenger that predicts exactly
+what the champion does (a clone) is never promoted. The first model is judged on thresholds alone."""
 
 from __future__ import annotations
 
@@ -22,11 +24,16 @@ class GateDecision(BaseModel):
     challenger: float | None
     champion: float | None = None
     champion_version: int | None = None
+    # Both models' metrics on the same holdout (the challenger's own are ``challenger_metrics``).
+    challenger_metrics: dict[str, float] = {}
+    champion_metrics: dict[str, float] | None = None
+    min_improvement: float | None = None
 
 
 def decide(
     challenger: dict[str, float], policy: GateSpec, metric: str, *,
     champion: dict[str, float] | None = None, champion_version: int | None = None,
+    min_improvement: float | None = None, identical_to_champion: bool = False,
 ) -> GateDecision:
     passed = True
     reasons: list[str] = []
@@ -66,12 +73,27 @@ def decide(
                 f"{metric} {ours:.4f} vs champion v{champion_version} {theirs:.4f}: worse by "
                 f"{worse_by:.4f}, {verdict} max_regression {policy.max_regression:g}"
             )
+        if min_improvement is not None:
+            improved_by = -worse_by
+            ok = improved_by >= min_improvement
+            passed &= ok
+            reasons.append(
+                f"improvement {improved_by:+.4f} over champion v{champion_version} "
+                f"{'meets' if ok else 'is below'} min_improvement {min_improvement:g}"
+            )
+    if identical_to_champion:
+        passed = False
+        reasons.append(f"identical model: the same prediction as champion v{champion_version} for every holdout row")
     return GateDecision(
         passed=passed, reasons=reasons, metric=metric, challenger=ours, champion=theirs,
-        champion_version=champion_version,
+        champion_version=champion_version, challenger_metrics=challenger, champion_metrics=champion,
+        min_improvement=min_improvement,
     )
 
 
 @task(name="gate", cache_policy=NONE)
-def gate_task(challenger: dict[str, Any], policy: GateSpec, metric: str, champion: dict[str, Any] | None, champion_version: int | None) -> GateDecision:
-    return decide(challenger, policy, metric, champion=champion, champion_version=champion_version)
+def gate_task(challenger: dict[str, Any], policy: GateSpec, metric: str, champion: dict[str, Any] | None,
+              champion_version: int | None, min_improvement: float | None = None,
+              identical_to_champion: bool = False) -> GateDecision:
+    return decide(challenger, policy, metric, champion=champion, champion_version=champion_version,
+                  min_improvement=min_improvement, identical_to_champion=identical_to_champion)

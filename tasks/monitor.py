@@ -2,6 +2,11 @@
 without labels (CBPE for classification, DLE for regression) and realized where labels
 have arrived; then the policy's verdict.
 
+Realized performance is computed for the estimated metric and for the spec's gate metric.
+The policy retrains on realized performance too: concept drift (the relation of the
+features to the target changes) shows neither in feature drift nor in CBPE, only in
+realized performance once labels arrive.
+
 The reference is the model version's holdout, scored by its own ONNX artifact at
 training time. NannyML's usage telemetry is switched off before it is imported.
 """
@@ -20,7 +25,7 @@ from prefect.cache_policies import NONE
 
 from driftloop.errors import DriftloopError
 from driftloop.metrics import HIGHER_IS_BETTER
-from driftloop.spec import DatasetSpec, MonitoringPolicy
+from driftloop.spec import DatasetSpec, GateSpec, MonitoringPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,17 @@ DRIFT_EVENT = "driftloop.model.drift-detected"
 PERFORMANCE_EVENT = "driftloop.model.performance-degraded"
 _ESTIMATED_DEFAULT = {"binary_classification": "roc_auc", "multiclass_classification": "roc_auc", "regression": "mae"}
 _PROBLEM = {"binary_classification": "classification_binary", "multiclass_classification": "classification_multiclass", "regression": "regression"}
+# Our metric names (driftloop.metrics) -> NannyML 0.13's, per task; the same names serve
+# CBPE/DLE and PerformanceCalculator. Absent: metrics NannyML lacks (log_loss, r2, the
+# weighted multiclass ones; pr_auc for multiclass, which tasks.evaluate does not report).
+# NannyML's multiclass roc_auc and f1 are macro averages (one-vs-rest for roc_auc).
+_NANNYML_METRIC: dict[str, dict[str, str]] = {
+    "binary_classification": {"roc_auc": "roc_auc", "pr_auc": "average_precision", "f1": "f1", "accuracy": "accuracy"},
+    "multiclass_classification": {
+        "roc_auc": "roc_auc", "roc_auc_macro": "roc_auc", "f1": "f1", "f1_macro": "f1", "accuracy": "accuracy",
+    },
+    "regression": {"mae": "mae", "rmse": "rmse"},
+}
 
 
 class MonitoringError(DriftloopError):
@@ -56,6 +72,12 @@ class MonitorReport:
     estimated_metric: str | None
     has_labels: bool
     figures: dict[str, Any] = field(default_factory=dict)  # name -> plotly figure
+    gate_metric: str | None = None  # the spec's gate metric, realized where NannyML has it
+    # Labelled rows per analysis chunk index, and the rows of a full chunk: the realized
+    # rule ignores chunks that are mostly unlabelled (or a tiny last chunk). Kept out of
+    # ``results``, whose rows have the registry's fixed columns.
+    labelled_rows: dict[int, int] = field(default_factory=dict)
+    chunk_rows: int | None = None
 
     def rows(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.results if r["kind"] == kind]
@@ -68,6 +90,11 @@ class PolicyDecision:
     reasons: list[str]
     drifting_features: list[str]
     window: list[int]
+
+
+def nannyml_metric(task: str, metric: str) -> str | None:
+    """NannyML's name for our ``metric`` on ``task``; None where NannyML lacks it."""
+    return _NANNYML_METRIC[task].get(metric)
 
 
 def chunking(policy: MonitoringPolicy, reference_rows: int) -> dict[str, Any]:
@@ -138,6 +165,27 @@ def _long_results(result: Any, kind: str) -> list[dict[str, Any]]:
     return out
 
 
+def _renamed(rows: list[dict[str, Any]], names: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Rows named by NannyML's metric as one row per our metric name (two of ours can share
+    one of NannyML's: multiclass roc_auc and roc_auc_macro)."""
+    return [{**r, "name": ours} for r in rows for ours in names.get(r["name"], [r["name"]])]
+
+
+def _labelled_rows(result: Any) -> tuple[dict[int, int], list[int]]:
+    """Labelled rows and all rows per analysis chunk, from PerformanceCalculator's chunk
+    columns (``end_index`` is inclusive; ``targets_missing_rate`` is per chunk)."""
+    frame = result.filter(period="analysis").to_df()
+    labelled: dict[int, int] = {}
+    sizes: list[int] = []
+    for i in range(len(frame)):
+        row = frame.iloc[i]
+        size = int(row[("chunk", "end_index")]) - int(row[("chunk", "start_index")]) + 1
+        missing = _num(row[("chunk", "targets_missing_rate")]) or 0.0
+        labelled[int(row[("chunk", "chunk_index")])] = round(size * (1.0 - missing))
+        sizes.append(size)
+    return labelled, sizes
+
+
 def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
@@ -190,24 +238,38 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     if proba is None:
         metric = None  # scored by an early build without per-class probabilities: drift only
         logger.warning("no probability_<class> columns in the scored output: performance is not estimated")
+    nml_metric = None
+    if metric is not None:
+        nml_metric = nannyml_metric(spec.task, metric)
+        if nml_metric is None:
+            known = ", ".join(_NANNYML_METRIC[spec.task])
+            raise MonitoringError(f"NannyML cannot estimate {metric!r} for {spec.task}; estimated_metric may be: {known}")
     estimated = realized = None
-    if metric is not None and problem == "regression":
+    if nml_metric is not None and problem == "regression":
         estimated = nml.DLE(
-            feature_column_names=features, y_pred="prediction", y_true=spec.target, metrics=[metric], **common,
+            feature_column_names=features, y_pred="prediction", y_true=spec.target, metrics=[nml_metric], **common,
         ).fit(ref).estimate(ana.drop(columns=[spec.target], errors="ignore"))
-    elif metric is not None:
+    elif nml_metric is not None:
         estimated = nml.CBPE(
-            y_pred_proba=proba, y_pred="prediction", y_true=spec.target, problem_type=problem, metrics=[metric], **common,
+            y_pred_proba=proba, y_pred="prediction", y_true=spec.target, problem_type=problem, metrics=[nml_metric], **common,
         ).fit(ref).estimate(ana.drop(columns=[spec.target], errors="ignore"))
-    if estimated is not None:
-        results += _long_results(estimated, "estimated")
-    if has_labels and metric is not None:
-        labelled = ana[ana[spec.target].notna()]
+    if estimated is not None and nml_metric is not None and metric is not None:
+        results += _renamed(_long_results(estimated, "estimated"), {nml_metric: [metric]})
+    labelled_rows: dict[int, int] = {}
+    chunk_rows: int | None = chunk_args.get("chunk_size")
+    if has_labels and nml_metric is not None and metric is not None:
+        realized_names = realized_metrics(spec.task, [spec.gate_metric, metric])
         calc_args = {} if problem == "regression" else {"y_pred_proba": proba}
+        # The whole analysis, unlabelled rows included (NannyML skips them per chunk): its
+        # chunks are then the same as the drift and estimation chunks, index for index.
         realized = nml.PerformanceCalculator(
-            metrics=[metric], y_true=spec.target, y_pred="prediction", problem_type=problem, **calc_args, **common,
-        ).fit(ref).calculate(labelled)
-        results += _long_results(realized, "realized")
+            metrics=list(realized_names), y_true=spec.target, y_pred="prediction", problem_type=problem,
+            **calc_args, **common,
+        ).fit(ref).calculate(ana)
+        results += _renamed(_long_results(realized, "realized"), realized_names)
+        labelled_rows, sizes = _labelled_rows(realized)
+        if chunk_rows is None and sizes:  # period chunks: the median chunk is the full one
+            chunk_rows = sorted(sizes)[len(sizes) // 2]
 
     if with_plots:
         figures["univariate_drift"] = univariate.filter(period="all").plot(kind="drift")
@@ -220,7 +282,23 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     seen: dict[int, Chunk] = {}
     for r in results:
         seen.setdefault(r["chunk_index"], Chunk(r["chunk_index"], r["chunk_key"], r["chunk_start"], r["chunk_end"]))
-    return MonitorReport(sorted(seen.values(), key=lambda c: c.index), results, metric, has_labels, figures)
+    return MonitorReport(
+        sorted(seen.values(), key=lambda c: c.index), results, metric, has_labels, figures,
+        gate_metric=spec.gate_metric, labelled_rows=labelled_rows, chunk_rows=chunk_rows,
+    )
+
+
+def realized_metrics(task: str, metrics: list[str]) -> dict[str, list[str]]:
+    """NannyML metric -> our metric names, for the ``metrics`` NannyML can compute; the
+    others are skipped with a warning."""
+    out: dict[str, list[str]] = {}
+    for metric in dict.fromkeys(metrics):
+        nml_name = nannyml_metric(task, metric)
+        if nml_name is None:
+            logger.warning("NannyML has no realized %s for %s: monitoring skips it", metric, task)
+            continue
+        out.setdefault(nml_name, []).append(metric)
+    return out
 
 
 def class_probability_columns(reference: Any, analysis: Any) -> dict[str, str] | None:
@@ -233,9 +311,16 @@ def class_probability_columns(reference: Any, analysis: Any) -> dict[str, str] |
     return columns
 
 
-def decide(report: MonitorReport, policy: MonitoringPolicy) -> PolicyDecision:
+def decide(
+    report: MonitorReport, policy: MonitoringPolicy, *, gate: GateSpec | None = None, gate_metric: str | None = None,
+) -> PolicyDecision:
     """Apply the policy to the most recent chunks. Drift alone is reported; it triggers
-    retraining only through the rules the policy enables."""
+    retraining only through the rules the policy enables.
+
+    Performance rules (``policy.performance``): the estimated metric alerting, and, given
+    ``gate_metric`` (default: ``gate.metric``), its realized value degrading in labelled
+    chunks (see :func:`realized_reason`). Without a gate metric only estimated performance
+    counts, as before."""
     indices = [c.index for c in report.chunks]
     reasons: list[str] = []
     event: str | None = None
@@ -250,6 +335,12 @@ def decide(report: MonitorReport, policy: MonitoringPolicy) -> PolicyDecision:
                 f"estimated {report.estimated_metric} alerted in {alerts} of the last {len(recent)} chunks "
                 f"(policy: {policy.performance.alerts} of {policy.performance.of_last})"
             )
+    gate_metric = gate_metric or (gate.metric if gate else None)
+    if policy.performance is not None and gate_metric:
+        realized = realized_reason(report, policy, gate, gate_metric)
+        if realized is not None:
+            event = PERFORMANCE_EVENT
+            reasons.append(realized)
 
     window = indices[-policy.window:]
     drifting = sorted({r["name"] for r in report.rows("univariate") if r["alert"] and r["chunk_index"] in window})
@@ -268,18 +359,76 @@ def decide(report: MonitorReport, policy: MonitoringPolicy) -> PolicyDecision:
     return PolicyDecision(event is not None, event, reasons, drifting, window)
 
 
+def labelled_enough(report: MonitorReport, chunk_index: int) -> bool:
+    """Whether a chunk has at least half a full chunk of labelled rows: realized metrics on
+    a handful of rows (a tiny last chunk, labels just starting to arrive) are noise. A
+    report without counts (read back from the registry) counts every chunk."""
+    if report.chunk_rows is None or chunk_index not in report.labelled_rows:
+        return True
+    return 2 * report.labelled_rows[chunk_index] >= report.chunk_rows
+
+
+def realized_reason(report: MonitorReport, policy: MonitoringPolicy, gate: GateSpec | None, metric: str) -> str | None:
+    """Why realized ``metric`` warrants retraining, or None. Of the last
+    ``policy.performance.of_last`` chunks with a realized value and enough labels, at least
+    ``policy.performance.alerts`` must be degraded: NannyML's realized alert fired (relative
+    to the reference) or the value is worse than the gate's absolute bar for ``metric``
+    (``min`` when higher is better, ``max`` when lower is)."""
+    assert policy.performance is not None
+    rows = sorted(
+        (r for r in report.rows("realized") if r["name"] == metric and r["value"] is not None
+         and labelled_enough(report, r["chunk_index"])),
+        key=lambda r: r["chunk_index"],
+    )
+    if not rows:
+        return None
+    recent = rows[-policy.performance.of_last:]
+    higher = HIGHER_IS_BETTER.get(metric, True)
+    bound = gate.thresholds.get(metric) if gate else None
+    limit = (bound.min if higher else bound.max) if bound else None
+    below = [r for r in recent if limit is not None and (r["value"] < limit if higher else r["value"] > limit)]
+    alerted = [r for r in recent if r["alert"]]
+    degraded = {r["chunk_index"] for r in below + alerted}
+    if len(degraded) < policy.performance.alerts:
+        return None
+
+    def values(chosen: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{r['chunk_key']}: {r['value']:.3f}" for r in chosen)
+
+    of = f"of the last {len(recent)} labelled chunks"
+    parts = []
+    if below:
+        side = "below the gate's min" if higher else "above the gate's max"
+        parts.append(f"realized {metric} {side} {limit:g} in {len(below)} {of} ({values(below)})")
+    if alerted:
+        parts.append(f"realized {metric} alerted against the reference in {len(alerted)} {of} ({values(alerted)})")
+    return "; ".join(parts) + (
+        f" (policy: {policy.performance.alerts} of {policy.performance.of_last} degraded; {len(degraded)} are)"
+    )
+
+
 def chunk_summaries(report: MonitorReport) -> list[dict[str, Any]]:
-    """Per chunk: span, drifting features, estimated and realized metric."""
+    """Per chunk: span, drifting features, estimated and realized metric (realized: the
+    estimated metric's; ``realized_gate``: the gate metric's, None unless it differs)."""
     out = []
     for chunk in report.chunks:
         rows = [r for r in report.results if r["chunk_index"] == chunk.index]
-        est = next((r["value"] for r in rows if r["kind"] == "estimated"), None)
-        real = next((r["value"] for r in rows if r["kind"] == "realized"), None)
+        est_row = next((r for r in rows if r["kind"] == "estimated"), None)
+        est = est_row["value"] if est_row else None
+        realized = [r for r in rows if r["kind"] == "realized"]
+        # The estimated metric's realized row first (a report read back from the registry
+        # has no estimated_metric: the estimated row's name says it).
+        name = report.estimated_metric or (est_row["name"] if est_row else None)
+        real_row = next((r for r in realized if r["name"] == name), realized[0] if realized else None)
+        real = real_row["value"] if real_row else None
+        gate = report.gate_metric if report.gate_metric and report.gate_metric != name else None
+        real_gate = next((r["value"] for r in realized if gate and r["name"] == gate), None)
         out.append({
             "start": chunk.start, "end": chunk.end, "key": chunk.key,
             "drifting_features": sorted({r["name"] for r in rows if r["kind"] == "univariate" and r["alert"]}),
             "multivariate_alert": any(r["alert"] for r in rows if r["kind"] == "multivariate"),
-            "estimated": est, "realized": real,
+            "estimated": est, "realized": real, "realized_gate": real_gate,
+            "labelled_rows": report.labelled_rows.get(chunk.index),
             "performance_alert": any(r["alert"] for r in rows if r["kind"] == "estimated"),
         })
     return out
@@ -288,6 +437,9 @@ def chunk_summaries(report: MonitorReport) -> list[dict[str, Any]]:
 def render_summary(model_ref: str, report: MonitorReport, decision: PolicyDecision, event: dict[str, Any] | None) -> str:
     metric = report.estimated_metric or "metric"
     better = "higher" if HIGHER_IS_BETTER.get(metric, True) else "lower"
+    summaries = chunk_summaries(report)
+    gate = report.gate_metric if any(c["realized_gate"] is not None for c in summaries) else None
+    gate_header = f" realized {gate} |" if gate else ""
     lines = [
         f"# Monitoring {model_ref}",
         "",
@@ -295,15 +447,20 @@ def render_summary(model_ref: str, report: MonitorReport, decision: PolicyDecisi
         "",
         *[f"- {r}" for r in decision.reasons],
         "",
-        f"| chunk | start | end | drifting features | estimated {metric} | realized {metric} |",
-        "|---|---|---|---|---:|---:|",
+        f"| chunk | start | end | drifting features | estimated {metric} | realized {metric} |{gate_header}",
+        "|---|---|---|---|---:|---:|" + ("---:|" if gate else ""),
     ]
-    for c in chunk_summaries(report):
+    for c in summaries:
         est = f"{c['estimated']:.4f}" + (" ⚠" if c["performance_alert"] else "") if c["estimated"] is not None else "-"
         real = f"{c['realized']:.4f}" if c["realized"] is not None else "-"
+        real_gate = f" {c['realized_gate']:.4f} |" if c["realized_gate"] is not None else " - |"
         feats = ", ".join(c["drifting_features"]) + (" (+multivariate)" if c["multivariate_alert"] else "")
-        lines.append(f"| {c['key']} | {c['start'] or ''} | {c['end'] or ''} | {feats or '-'} | {est} | {real} |")
+        lines.append(
+            f"| {c['key']} | {c['start'] or ''} | {c['end'] or ''} | {feats or '-'} | {est} | {real} |{real_gate if gate else ''}"
+        )
     lines += ["", f"({better} {metric} is better.)"]
+    if gate:
+        lines += [f"({'higher' if HIGHER_IS_BETTER.get(gate, True) else 'lower'} {gate} is better.)"]
     if event:
         lines += ["", f"Event emitted: `{event['event']}` for `{event['resource']['prefect.resource.id']}`"]
     return "\n".join(lines)
@@ -315,5 +472,7 @@ def monitor_task(reference: pl.DataFrame, analysis: pl.DataFrame, spec: DatasetS
 
 
 @task(name="policy", cache_policy=NONE)
-def decide_task(report: MonitorReport, policy: MonitoringPolicy) -> PolicyDecision:
-    return decide(report, policy)
+def decide_task(
+    report: MonitorReport, policy: MonitoringPolicy, gate: GateSpec | None = None, gate_metric: str | None = None,
+) -> PolicyDecision:
+    return decide(report, policy, gate=gate, gate_metric=gate_metric)

@@ -11,7 +11,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from driftloop.registry import ModelVersionRecord, RegistryStore
+from driftloop.registry import ChampionChanged, ModelVersionRecord, RegistryStore, VersionDraft
 from driftloop.storage import ArtifactStore
 
 _LIBRARIES = ("driftloop", "xgboost", "lightgbm", "optuna", "onnxmltools", "onnx", "onnxruntime", "polars", "scikit-learn")
@@ -35,25 +35,31 @@ def store_onnx(store: ArtifactStore, model_name: str, onnx_bytes: bytes) -> tupl
     return uri, digest
 
 
-def register_model(
-    registry: RegistryStore, store: ArtifactStore, draft: dict[str, Any], onnx_bytes: bytes, *,
-    promote: bool, actor: str,
-) -> tuple[ModelVersionRecord, bool]:
-    """Store the artifact and the version (as challenger); promote it to champion when
-    the gate passed and ``promote`` is set. Returns the record and whether it was promoted."""
-    uri, digest = store_onnx(store, draft["model_name"], onnx_bytes)
-    record = registry.register_version(
-        {**draft, "onnx_uri": uri, "onnx_sha256": digest}, alias="challenger", actor=actor,
-        reason="trained; awaiting promotion" if not draft["gate"]["passed"] else "trained; gate passed",
-    )
-    promoted = False
-    if promote and record.gate["passed"]:
-        registry.promote(record.model_name, record.version, actor=actor, reason="; ".join(record.gate["reasons"]))
-        promoted = True
-    card = render_model_card(record, promoted=promoted)
-    card_uri = store.write_text(f"models/{record.model_name}/v{record.version}/model_card.md", card)
+def register_challenger(registry: RegistryStore, draft: VersionDraft, *, actor: str) -> ModelVersionRecord:
+    """Store the version as ``challenger``; the champion does not move here."""
+    reason = "trained; gate passed" if draft.gate["passed"] else "trained; gate failed"
+    return registry.register_version(draft, alias="challenger", actor=actor, reason=reason)
+
+
+def write_model_card(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, *, promoted: bool) -> ModelVersionRecord:
+    card_uri = store.write_text(f"models/{record.model_name}/v{record.version}/model_card.md",
+                                render_model_card(record, promoted=promoted))
     registry.set_card_uri(record.model_name, record.version, card_uri)
-    return registry.get_version(record.model_name, record.version), promoted
+    return registry.get_version(record.model_name, record.version)
+
+
+def promote_judged(registry: RegistryStore, record: ModelVersionRecord, *, judged_against: int | None, actor: str) -> tuple[bool, str | None]:
+    """Move ``champion`` to ``record`` if the gate passed and the champion is still the
+    version the gate judged against (compare-and-swap under the model's row lock).
+    Returns whether it moved, and why not when it did not."""
+    if not record.gate["passed"]:
+        return False, None
+    try:
+        registry.promote(record.model_name, record.version, actor=actor, reason="; ".join(record.gate["reasons"]),
+                         expected_champion=judged_against)
+    except ChampionChanged as exc:
+        return False, str(exc)
+    return True, None
 
 
 def card_headline(record: ModelVersionRecord, *, promoted: bool) -> str:
@@ -70,6 +76,17 @@ def _table(rows: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _comparison(gate: dict[str, Any]) -> list[str]:
+    """Challenger and champion side by side on the same holdout."""
+    theirs = gate.get("champion_metrics")
+    if not theirs:
+        return []
+    ours = gate.get("challenger_metrics") or {}
+    lines = [f"| metric (same holdout) | this version | champion v{gate.get('champion_version')} |", "|---|---:|---:|"]
+    lines += [f"| {k} | {ours.get(k, float('nan')):.4f} | {v:.4f} |" for k, v in theirs.items() if isinstance(v, float)]
+    return [*lines, ""]
+
+
 def render_model_card(record: ModelVersionRecord, *, promoted: bool) -> str:
     gate, parity, split = record.gate, record.parity, record.split
     lines = [
@@ -83,6 +100,13 @@ def render_model_card(record: ModelVersionRecord, *, promoted: bool) -> str:
     ]
     if split.get("method") == "time":
         lines.append(f"- periods: train {split['train']}, valid {split['valid']}, holdout {split['holdout']}")
+    if record.window:
+        w = record.window
+        lines.append(
+            f"- training window ({w['policy']}): {w['rows']:,} labelled rows from {w['start'] or '-'} to {w['end'] or '-'}; "
+            f"{w['new_labels']:,} newer than the previous champion's data; {w['skipped_recent']:,} too recent (skip_recent)"
+        )
+        lines.append(f"- drawn from datasets {', '.join(w['dataset_ids']) or '-'} and {len(w['scoring_runs'])} scoring run(s)")
     lines += ["", "## Holdout metrics", "", *_table(record.metrics), ""]
     if record.segment_metrics:
         seg_metric = gate.get("metric")
@@ -101,6 +125,7 @@ def render_model_card(record: ModelVersionRecord, *, promoted: bool) -> str:
         f"- decision: **{'passed' if gate['passed'] else 'failed'}**" + (" - promoted to champion" if promoted else ""),
         *[f"- {reason}" for reason in gate["reasons"]],
         "",
+        *_comparison(gate),
         "## ONNX parity",
         (f"- max |native - onnx| = {parity['max_abs_diff']:.3g} (limit {parity['tolerance']:g}), "
         f"{parity['label_flips']} label flips on {parity['rows']:,} rows: {'passed' if parity['passed'] else 'FAILED'}"),
@@ -114,10 +139,24 @@ def render_model_card(record: ModelVersionRecord, *, promoted: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+@task(name="store-onnx", cache_policy=NONE)
+def store_onnx_task(store: ArtifactStore, model_name: str, onnx_bytes: bytes) -> tuple[str, str]:
+    return store_onnx(store, model_name, onnx_bytes)
+
+
 @task(name="register", cache_policy=NONE)
-def register_task(registry: RegistryStore, store: ArtifactStore, draft: dict[str, Any], onnx_bytes: bytes,
-                  promote: bool, actor: str) -> tuple[ModelVersionRecord, bool]:
-    return register_model(registry, store, draft, onnx_bytes, promote=promote, actor=actor)
+def register_task(registry: RegistryStore, draft: VersionDraft, actor: str) -> ModelVersionRecord:
+    return register_challenger(registry, draft, actor=actor)
+
+
+@task(name="model-card", cache_policy=NONE)
+def model_card_task(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, promoted: bool) -> ModelVersionRecord:
+    return write_model_card(registry, store, record, promoted=promoted)
+
+
+@task(name="promote", cache_policy=NONE)
+def promote_task(registry: RegistryStore, record: ModelVersionRecord, judged_against: int | None, actor: str) -> tuple[bool, str | None]:
+    return promote_judged(registry, record, judged_against=judged_against, actor=actor)
 
 
 def store_reference(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, spec: Any,

@@ -165,9 +165,11 @@ def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBa
 
 def prediction_frame(model: LoadedModel, spec: DatasetSpec, valid: pl.DataFrame, scores: np.ndarray,
                      *, model_name: str, model_version: int, scored_at: datetime) -> pl.DataFrame:
-    """id, timestamp, features, prediction, probability (classification; multiclass also
-    ``probability_<class>`` for each class, which monitoring's CBPE needs), model and time."""
-    keep = [c for c in (spec.id, spec.timestamp, *spec.feature_columns) if c]
+    """id, timestamp, features, segment, prediction, probability (classification;
+    multiclass also ``probability_<class>`` for each class, which monitoring's CBPE
+    needs), model and time. Joined to late labels, these rows are training data
+    (:mod:`driftloop.feedback`), so they keep every column a training row needs."""
+    keep = list(dict.fromkeys(c for c in (spec.id, spec.timestamp, *spec.feature_columns, spec.segment) if c))
     out = valid.select(keep)
     per_class: list[pl.Series] = []
     if spec.task == "binary_classification":
@@ -295,19 +297,6 @@ def _commit(fs: Any, staging: str, out_path: str, *, has_quarantine: bool) -> No
         fs.mv(staging, out_path, recursive=True)
     for stale in fs.glob(f"{staging.rsplit('.tmp-', 1)[0]}.tmp-*"):
         fs.rm(stale, recursive=True)
-
-
-def read_predictions(uri: str) -> pl.DataFrame:
-    """All committed prediction parts of a scoring output."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(f"{path}/_SUCCESS"):
-        raise SourceError(f"{uri} is not a committed scoring output (no _SUCCESS marker)")
-    parts = sorted(p for p in fs.glob(f"{path}/part-*.parquet"))
-    frames = []
-    for part in parts:
-        with fs.open(part, "rb") as fh:
-            frames.append(pl.read_parquet(fh))
-    return pl.concat(frames) if frames else pl.DataFrame()
 
 
 def percentile(values: list[float], q: float) -> float:

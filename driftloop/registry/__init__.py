@@ -1,13 +1,18 @@
-"""The registry: what driftloop knows about datasets (and, later, models, aliases,
-scoring runs and monitoring results), in one SQL database with a versioned schema."""
+"""The registry: what driftloop knows about datasets, models, aliases, scoring runs,
+monitoring results and retrains, in one SQL database with a versioned schema."""
 
 from driftloop.registry.store import (
+    ChampionChanged,
     DatasetRecord,
     ModelNotFound,
     ModelVersionRecord,
     RegistryStore,
     ScoringRunRecord,
+    VersionDraft,
     open_registry,
 )
 
-__all__ = ["DatasetRecord", "ModelNotFound", "ModelVersionRecord", "RegistryStore", "ScoringRunRecord", "open_registry"]
+__all__ = [
+    "ChampionChanged", "DatasetRecord", "ModelNotFound", "ModelVersionRecord", "RegistryStore", "ScoringRunRecord",
+    "VersionDraft", "open_registry",
+]

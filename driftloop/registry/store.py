@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from driftloop.registry.tables import (
     ModelVersionRow,
     MonitoringResultRow,
     MonitoringRunRow,
+    RetrainLeaseRow,
     ScoringRunRow,
 )
 
@@ -45,6 +46,29 @@ class DatasetRecord(BaseModel):
     quarantine_uri: str | None
     column_types: dict[str, Any]
     created_at: datetime
+
+
+class VersionDraft(BaseModel):
+    """Everything a new version is registered with (the registry adds the number)."""
+
+    model_name: str
+    algorithm: str
+    task: str
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    segment_metrics: dict[str, Any]
+    seed: int
+    dataset_id: str
+    dataset_hash: str
+    spec_hash: str
+    split: dict[str, Any]
+    library_versions: dict[str, str]
+    gate: dict[str, Any]
+    parity: dict[str, Any]
+    trigger: str = "manual"
+    window: dict[str, Any] | None = None
+    onnx_uri: str
+    onnx_sha256: str
 
 
 class ModelVersionRecord(BaseModel):
@@ -69,6 +93,7 @@ class ModelVersionRecord(BaseModel):
     reference_uri: str | None = None
     reference_sha256: str | None = None
     trigger: str = "manual"
+    window: dict[str, Any] | None = None
     created_at: datetime
 
     @property
@@ -103,6 +128,25 @@ class AliasEvent(BaseModel):
 
 class ModelNotFound(DriftloopError):
     """No such model, version or alias."""
+
+
+class ChampionChanged(DriftloopError):
+    """The champion moved after a challenger was judged against it."""
+
+
+class LeaseDecision(BaseModel):
+    acquired: bool
+    reason: str
+
+
+class _Any:
+    """``promote(expected_champion=ANY)``: move the champion whatever it is now."""
+
+
+ANY = _Any()
+
+# Outcomes of a retrain that hold the cooldown: it trained (or failed trying).
+COOLDOWN_OUTCOMES = ("trained", "failed")
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:
@@ -194,27 +238,67 @@ class RegistryStore:
 
     # --- models -------------------------------------------------------------------
 
-    def register_version(self, draft: dict[str, Any], *, alias: str | None = "challenger", actor: str = "driftloop", reason: str = "registered") -> ModelVersionRecord:
-        """Allocate the next version of ``draft['model_name']`` and store it. The model
-        row is locked while the number is taken, so concurrent registrations never
-        collide (PostgreSQL: FOR UPDATE; SQLite: the IMMEDIATE write lock)."""
-        name = draft["model_name"]
+    def register_version(self, draft: VersionDraft, *, alias: str | None = "challenger", actor: str = "driftloop", reason: str = "registered") -> ModelVersionRecord:
+        """Allocate the next version of ``draft.model_name`` and store it. The model row
+        is locked while the number is taken, so concurrent registrations never collide
+        (PostgreSQL: FOR UPDATE; SQLite: the IMMEDIATE write lock)."""
+        name = draft.model_name
         with self.session() as s:
-            if s.get(ModelRow, name) is None:
-                try:
-                    with s.begin_nested():
-                        s.add(ModelRow(name=name, latest_version=0, created_at=utcnow()))
-                except IntegrityError:
-                    pass  # created concurrently; the lock below orders us after it
-            model = s.execute(select(ModelRow).where(ModelRow.name == name).with_for_update()).scalar_one()
+            model = self._locked_model(s, name, create=True)
             model.latest_version += 1
-            row = ModelVersionRow(**{**draft, "version": model.latest_version, "created_at": draft.get("created_at") or utcnow()})
+            row = ModelVersionRow(**draft.model_dump(), version=model.latest_version, created_at=utcnow())
             s.add(row)
             s.flush()
             record = _model_version(row)
             if alias:
                 self._move_alias(s, name, alias, record.version, actor, reason)
         return record
+
+    def _locked_model(self, s: Session, name: str, *, create: bool = False) -> ModelRow:
+        """The model's row, locked until the transaction ends: version numbers, promotions
+        and retrain leases of one model are taken one at a time."""
+        if create and s.get(ModelRow, name) is None:
+            try:
+                with s.begin_nested():
+                    s.add(ModelRow(name=name, latest_version=0, created_at=utcnow()))
+            except IntegrityError:
+                pass  # created concurrently; the lock below orders us after it
+        model = s.execute(select(ModelRow).where(ModelRow.name == name).with_for_update()).scalar_one_or_none()
+        if model is None:
+            raise ModelNotFound(f"model {name!r} is not registered (driftloop models list shows the models)")
+        return model
+
+    # --- retrain leases ---------------------------------------------------------------
+
+    def acquire_retrain_lease(self, name: str, holder: str, *, cooldown_s: float, ttl_s: float) -> LeaseDecision:
+        """Take the model's retrain lease unless another retrain holds it (and has not
+        expired) or the last retrain that trained or failed started within ``cooldown_s``."""
+        now = utcnow()
+        with self.session() as s:
+            self._locked_model(s, name)
+            lease = s.get(RetrainLeaseRow, name)
+            if lease is not None:
+                acquired_at, expires_at = _aware(lease.acquired_at), _aware(lease.expires_at)
+                if lease.finished_at is None and expires_at > now:
+                    return LeaseDecision(acquired=False, reason=(
+                        f"another retrain of {name} is running (lease held by {lease.holder} since {acquired_at:%Y-%m-%d %H:%M:%S} UTC)"))
+                running_or_counted = lease.finished_at is None or lease.outcome in COOLDOWN_OUTCOMES
+                if running_or_counted and acquired_at > now - timedelta(seconds=cooldown_s):
+                    return LeaseDecision(acquired=False, reason=(
+                        f"cooldown: the last retrain of {name} started at {acquired_at:%H:%M:%S} UTC "
+                        f"({lease.outcome or 'expired'}), within {cooldown_s:g}s"))
+                s.delete(lease)
+                s.flush()
+            s.add(RetrainLeaseRow(model_name=name, holder=holder, acquired_at=now,
+                                  expires_at=now + timedelta(seconds=ttl_s), finished_at=None, outcome=None))
+        return LeaseDecision(acquired=True, reason=f"lease taken by {holder}")
+
+    def release_retrain_lease(self, name: str, holder: str, outcome: str) -> None:
+        """End ``holder``'s lease with its outcome (trained, failed, waiting, ...)."""
+        with self.session() as s:
+            lease = s.get(RetrainLeaseRow, name, with_for_update=True)
+            if lease is not None and lease.holder == holder and lease.finished_at is None:
+                lease.finished_at, lease.outcome = utcnow(), outcome[:32]
 
     def set_card_uri(self, name: str, version: int, uri: str) -> None:
         with self.session() as s:
@@ -292,11 +376,23 @@ class RegistryStore:
                 for r in s.scalars(query)
             ]
 
-    def promote(self, name: str, version: int, *, actor: str, reason: str) -> None:
+    def promote(self, name: str, version: int, *, actor: str, reason: str, expected_champion: int | None | _Any = ANY) -> None:
         """Point ``champion`` at ``version`` and, if ``challenger`` pointed there, drop it:
-        one transaction, one history entry per moved alias."""
+        one transaction, one history entry per moved alias. ``expected_champion`` (a
+        version, or None for "no champion yet") makes it a compare-and-swap: if the
+        champion is not that version any more, nothing moves and :class:`ChampionChanged`
+        is raised (the challenger was judged against a champion that is gone)."""
         with self.session() as s:
+            self._locked_model(s, name)
             self._version_row(s, name, version)
+            if not isinstance(expected_champion, _Any):
+                current = s.get(AliasRow, (name, "champion"))
+                found = current.version if current is not None else None
+                if found != expected_champion:
+                    raise ChampionChanged(
+                        f"{name}: the champion is v{found} now, not v{expected_champion} that v{version} was judged "
+                        "against; judge it again (retrain, or promote by hand after review)"
+                    )
             self._move_alias(s, name, "champion", version, actor, reason)
             challenger = s.get(AliasRow, (name, "challenger"))
             if challenger is not None and challenger.version == version:
@@ -373,6 +469,10 @@ class RegistryStore:
             row.version, row.updated_at = version, now
         s.add(AliasEventRow(model_name=name, alias=alias, from_version=before, to_version=version,
                             actor=actor, reason=reason, created_at=now))
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value  # SQLite drops the zone
 
 
 def _utc(data: dict[str, Any], key: str) -> dict[str, Any]:

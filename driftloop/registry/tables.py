@@ -70,7 +70,22 @@ class ModelVersionRow(Base):
     reference_uri: Mapped[str | None] = mapped_column(Text)
     reference_sha256: Mapped[str | None] = mapped_column(String(64))
     trigger: Mapped[str] = mapped_column(String(32), default="manual")
+    window: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RetrainLeaseRow(Base):
+    """Who is retraining a model, since when, and how the last retrain ended: at most
+    one retrain per model runs, and a finished one holds the cooldown."""
+
+    __tablename__ = "retrain_leases"
+
+    model_name: Mapped[str] = mapped_column(String(64), ForeignKey("models.name"), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class AliasRow(Base):

@@ -15,6 +15,7 @@ import pytest
 
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
+from driftloop.storage import read_predictions
 from flows.ingest import ingest
 from flows.labels import ingest_labels
 from flows.score import score
@@ -22,7 +23,7 @@ from flows.score_edge import score_edge
 from flows.train import train
 from tasks.edge import ModelCache
 from tasks.labels import join_labels
-from tasks.score import IntegrityError, read_predictions
+from tasks.score import IntegrityError
 from tests.support.data import make_loans, write_spec
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]

@@ -56,9 +56,11 @@ def test_train_registers_a_champion_then_reproduces_it(loans, tmp_path: Path) ->
         predict_scores(load_model(read_bytes(v1.onnx_uri)), rows),
         predict_scores(load_model(read_bytes(v2.onnx_uri)), rows),
     )
-    # The second model was compared with the champion on the same holdout: equal, so not worse.
+    # The second model was compared with the champion on the same holdout: equal, so not
+    # worse; but it predicts exactly what the champion does, and a clone is never promoted.
     assert any("vs champion v1" in r and "not worse" in r for r in second.gate.reasons)
-    assert second.promoted and registry.aliases("loans") == {"champion": 2}
+    assert not second.promoted and "identical model: the same prediction as champion v1 for every holdout row" in second.gate.reasons
+    assert registry.aliases("loans") == {"champion": 1, "challenger": 2}
 
 
 def test_gate_failure_registers_but_does_not_promote(loans, tmp_path: Path) -> None:

@@ -78,3 +78,40 @@ def make_loans(n: int, seed: int = 0, start: str = "2024-01-01"):
             "repaid": repaid,
         }
     ).with_columns(pl.col("ratio").fill_nan(None), pl.col("ts").cast(pl.Datetime("us")))
+
+
+def make_period(n: int, *, start: str, days: int, seed: int, first_id: int, concept: str = "old"):
+    """Loans over ``days`` days from ``start`` under a concept: ``old`` (as make_loans)
+    or ``new``, where the relation of ``ratio`` and ``prev_ok`` to the target is reversed
+    (the features' distribution is unchanged: only labels reveal the change)."""
+    from datetime import datetime, timedelta
+
+    import numpy as np
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    bands = np.array(["low", "mid", "high"])
+    amount = rng.gamma(2.0, 500.0, n)
+    ratio = rng.uniform(0, 1, n)
+    band = bands[rng.integers(0, 3, n)]
+    prev_ok = rng.random(n) < 0.6
+    term = rng.integers(1, 60, n)
+    if concept == "old":
+        logit = -amount / 800 + 3.0 * (1 - ratio) + (band == "high") * 1.0 + prev_ok * 1.2 - term / 40
+    else:
+        logit = -amount / 800 + 3.0 * ratio + (band == "high") * 1.0 - prev_ok * 1.2 - term / 40 + 0.6
+    repaid = (logit + rng.logistic(size=n) > 0.5).astype(np.int64)
+    t0 = datetime.fromisoformat(start)
+    seconds = np.sort(rng.integers(0, days * 86_400, n))
+    return pl.DataFrame(
+        {
+            "id": np.arange(first_id, first_id + n, dtype=np.int64),
+            "ts": [t0 + timedelta(seconds=int(s)) for s in seconds],
+            "amount": amount,
+            "ratio": ratio,
+            "band": band,
+            "prev_ok": prev_ok,
+            "term": term,
+            "repaid": repaid,
+        }
+    ).with_columns(pl.col("ts").cast(pl.Datetime("us")))

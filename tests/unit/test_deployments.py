@@ -31,7 +31,9 @@ def test_every_stage_has_a_deployment() -> None:
 def test_entrypoint_imports_and_parameters_validate(deployment: dict) -> None:
     flow = load_flow(deployment["entrypoint"])
     assert deployment["entrypoint"].startswith("flows/")
-    flow.validate_parameters(deployment.get("parameters", {}))
+    # The retrain deployment serves every model: its trigger (or the caller) names one.
+    named = {"model": "car_loan"} if flow.name == "retrain" else {}
+    flow.validate_parameters({**deployment.get("parameters", {}), **named})
     assert deployment["work_pool"]["name"] in {"cpu", "gpu", "edge"}
 
 
@@ -46,12 +48,17 @@ def test_pools_match_the_design() -> None:
         assert env["DRIFTLOOP_DEVICE"] == ("cuda" if name == "gpu" else "cpu")
 
 
-def test_retrain_trigger_expects_the_monitoring_events_and_passes_typed_parameters() -> None:
+def test_one_retrain_deployment_serves_every_model_and_takes_only_its_name_from_the_event() -> None:
     (retrain,) = [d for d in DEPLOYMENTS if d["entrypoint"] == "flows/retrain.py:retrain"]
     (trigger,) = retrain["triggers"]
     assert set(trigger["expect"]) == {DRIFT_EVENT, PERFORMANCE_EVENT}
-    assert trigger["match"]["prefect.resource.id"] == "driftloop.model.car_loan"
-    assert set(trigger["parameters"]) == {"model", "source"}
+    assert trigger["match"]["prefect.resource.id"] == "driftloop.model.*"
+    # The payload is untrusted: nothing from it reaches the flow, only the resource's name.
+    assert trigger["parameters"] == {"model": "{{ event.resource['driftloop.model.name'] }}"}
+    assert "payload" not in json.dumps(trigger)
     assert retrain["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
-    # With the event's values filled in, the parameters validate against the flow.
-    load_flow(retrain["entrypoint"]).validate_parameters({**retrain["parameters"], "model": "car_loan", "source": "x.csv"})
+    flow = load_flow(retrain["entrypoint"])
+    flow.validate_parameters({**retrain["parameters"], "model": "car_loan"})
+    # The flow has no parameter through which a source or dataset could be chosen.
+    with pytest.raises(Exception, match="source"):
+        flow.validate_parameters({**retrain["parameters"], "model": "car_loan", "source": "s3://evil/poison.csv"})

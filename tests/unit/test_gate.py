@@ -35,3 +35,24 @@ def test_lower_is_better_metric_compares_the_right_way() -> None:
     better = decide({"rmse": 9.0}, policy, "rmse", champion={"rmse": 10.0}, champion_version=1)
     worse = decide({"rmse": 11.0}, policy, "rmse", champion={"rmse": 10.0}, champion_version=1)
     assert better.passed and not worse.passed
+
+
+def test_a_retrain_must_beat_the_champion_by_min_improvement() -> None:
+    champion = {"roc_auc": 0.85, "log_loss": 0.4}
+    small = decide({"roc_auc": 0.855, "log_loss": 0.4}, POLICY, "roc_auc", champion=champion, champion_version=2,
+                   min_improvement=0.01)
+    assert not small.passed and "improvement +0.0050 over champion v2 is below min_improvement 0.01" in small.reasons
+    clear = decide({"roc_auc": 0.87, "log_loss": 0.4}, POLICY, "roc_auc", champion=champion, champion_version=2,
+                   min_improvement=0.01)
+    assert clear.passed and clear.champion_metrics == champion and clear.challenger_metrics["roc_auc"] == 0.87
+    # Slightly worse is within max_regression for a manual train, but not for a retrain.
+    worse = {"roc_auc": 0.845, "log_loss": 0.4}
+    assert decide(worse, POLICY, "roc_auc", champion=champion, champion_version=2).passed
+    assert not decide(worse, POLICY, "roc_auc", champion=champion, champion_version=2, min_improvement=0.0).passed
+
+
+def test_an_identical_model_is_never_promoted() -> None:
+    same = {"roc_auc": 0.85, "log_loss": 0.4}
+    decision = decide(same, POLICY, "roc_auc", champion=same, champion_version=4, identical_to_champion=True)
+    assert not decision.passed
+    assert "identical model: the same prediction as champion v4 for every holdout row" in decision.reasons

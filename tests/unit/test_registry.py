@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from driftloop.errors import RegistryError
-from driftloop.registry import DatasetRecord
+from driftloop.registry import ChampionChanged, DatasetRecord, VersionDraft
 from driftloop.registry.schema import current_revision, head_revision, upgrade
 from driftloop.registry.store import RegistryStore, create_registry_engine, open_registry
 
@@ -104,14 +104,14 @@ def test_postgres_concurrent_first_open(postgres) -> None:
     assert len(open_registry(url).list_datasets()) == 5
 
 
-def version_draft(name: str = "loans", **overrides) -> dict:
+def version_draft(name: str = "loans", **overrides) -> VersionDraft:
     draft = {
         "model_name": name, "algorithm": "xgboost", "task": "binary_classification", "params": {"max_depth": 3},
         "metrics": {"roc_auc": 0.8}, "segment_metrics": {}, "seed": 0, "dataset_id": "ds_1", "dataset_hash": "h" * 64,
         "spec_hash": "s" * 64, "split": {"method": "time"}, "library_versions": {}, "onnx_uri": "/m.onnx",
         "onnx_sha256": "0" * 64, "gate": {"passed": True, "reasons": []}, "parity": {"passed": True},
     }
-    return {**draft, **overrides}
+    return VersionDraft(**{**draft, **overrides})
 
 
 def test_versions_aliases_promote_and_rollback(tmp_path: Path) -> None:
@@ -175,3 +175,66 @@ def test_concurrent_registration_sqlite(tmp_path: Path) -> None:
 @pytest.mark.postgres
 def test_concurrent_registration_postgres(postgres) -> None:
     register_concurrently(postgres.create_database("registry_versions"))
+
+
+def test_promotion_is_a_compare_and_swap(tmp_path: Path) -> None:
+    store = open_registry(f"sqlite:///{tmp_path / 'cas.db'}")
+    for _ in range(3):
+        store.register_version(version_draft())
+    store.promote("loans", 1, actor="a", reason="first", expected_champion=None)
+    store.promote("loans", 2, actor="b", reason="judged against v1", expected_champion=1)
+    # v3 was judged against v1 too, but v2 became champion meanwhile: nothing moves.
+    with pytest.raises(ChampionChanged, match="the champion is v2 now, not v1"):
+        store.promote("loans", 3, actor="c", reason="judged against v1", expected_champion=1)
+    assert store.aliases("loans")["champion"] == 2
+
+
+_LEASE = """
+import sys, time
+from driftloop.registry.store import open_registry
+store = open_registry(sys.argv[1])
+decision = store.acquire_retrain_lease("loans", sys.argv[2], cooldown_s=600, ttl_s=3600)
+print(decision.acquired, decision.reason)
+if decision.acquired:
+    time.sleep(1)
+    store.release_retrain_lease("loans", sys.argv[2], "trained")
+"""
+
+
+def lease_race(url: str, processes: int = 4) -> None:
+    store = open_registry(url)
+    store.register_version(version_draft())
+    procs = [subprocess.Popen([sys.executable, "-c", _LEASE, url, f"run-{i}"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    outcomes = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        outcomes.append(out.strip())
+    winners = [o for o in outcomes if o.startswith("True")]
+    assert len(winners) == 1, outcomes
+    losers = [o for o in outcomes if o.startswith("False")]
+    assert all("another retrain of loans is running" in o or "cooldown" in o for o in losers), losers
+    # Finished and trained: the cooldown holds; a retrain that only waited for labels does not.
+    again = store.acquire_retrain_lease("loans", "later", cooldown_s=600, ttl_s=3600)
+    assert not again.acquired and again.reason.startswith("cooldown: the last retrain of loans") and "(trained)" in again.reason
+    assert store.acquire_retrain_lease("loans", "later", cooldown_s=0, ttl_s=3600).acquired
+    store.release_retrain_lease("loans", "later", "waiting")
+    assert store.acquire_retrain_lease("loans", "next", cooldown_s=600, ttl_s=3600).acquired
+    # A lease whose holder died expires; until then it blocks.
+    assert not store.acquire_retrain_lease("loans", "other", cooldown_s=0, ttl_s=3600).acquired
+
+
+def test_retrain_lease_sqlite(tmp_path: Path) -> None:
+    lease_race(f"sqlite:///{tmp_path / 'lease.db'}")
+
+
+@pytest.mark.postgres
+def test_retrain_lease_postgres(postgres) -> None:
+    lease_race(postgres.create_database("registry_lease"))
+
+
+def test_retrain_lease_needs_a_registered_model(tmp_path: Path) -> None:
+    store = open_registry(f"sqlite:///{tmp_path / 'nolease.db'}")
+    with pytest.raises(Exception, match="model 'ghost' is not registered"):
+        store.acquire_retrain_lease("ghost", "x", cooldown_s=0, ttl_s=60)

@@ -1,0 +1,101 @@
+"""Retraining steps: the model's lease, its spec from the registry, the labelled data
+and the training window (logic in :mod:`driftloop.feedback`), and the window's snapshot
+as a registered dataset, so the version's lineage points at exactly what it learned from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from driftloop.errors import DriftloopError
+from driftloop.feedback import (
+    LabelledData,
+    TrainingWindow,
+    champion_data_end,
+    collect_labelled_data,
+    select_window,
+    window_dataset_name,
+)
+from driftloop.onnx_model import load_model
+from driftloop.registry import DatasetRecord, ModelVersionRecord, RegistryStore
+from driftloop.registry.store import LeaseDecision, utcnow
+from driftloop.spec import DatasetSpec
+from driftloop.storage import ArtifactStore
+from tasks.ingest import frame_content_hash
+from tasks.score import fetch_verified
+
+MODEL_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
+
+
+def check_model_name(name: str) -> str:
+    """A model name from outside (an event, a CLI argument) before it reaches the registry."""
+    if not isinstance(name, str) or not MODEL_NAME.match(name):
+        raise DriftloopError(
+            f"model name {name!r} is not a driftloop model name (lowercase letters, digits, _ and -, starting "
+            "with a letter); check the event's driftloop.model.name or the --model argument"
+        )
+    return name
+
+
+def champion_spec(record: ModelVersionRecord) -> DatasetSpec:
+    """The spec the champion was trained with, read from its hash-verified artifact: what
+    a retrain learns is decided by the registry, never by the event that started it."""
+    return load_model(fetch_verified(record.onnx_uri, record.onnx_sha256)).spec()
+
+
+def champion_sources(record: ModelVersionRecord) -> set[str]:
+    """The datasets and scoring runs the champion learned from."""
+    if record.window:
+        return {*record.window.get("dataset_ids", []), *record.window.get("scoring_runs", [])}
+    return {record.dataset_id}
+
+
+def snapshot_window(registry: RegistryStore, store: ArtifactStore, spec: DatasetSpec, window: TrainingWindow) -> DatasetRecord:
+    """Register the window's rows as the dataset ``<name>.window`` (content-addressed: the
+    same rows give the same dataset)."""
+    content_hash = frame_content_hash(window.frame)
+    dataset_id = "ds_" + hashlib.sha256(f"{content_hash}:{spec.fingerprint()}:window".encode()).hexdigest()[:16]
+    existing = registry.get_dataset(dataset_id)
+    if existing is not None:
+        return existing
+    name = window_dataset_name(spec.name)
+    uri = store.write_parquet(f"datasets/{name}/{dataset_id}/rows.parquet", window.frame)
+    record = DatasetRecord(
+        id=dataset_id, name=name, content_hash=content_hash, spec_hash=spec.fingerprint(),
+        source=f"window {window.record.policy}: {window.record.start or ''}..{window.record.end or ''} of "
+               f"{len(window.record.dataset_ids)} dataset(s) and {len(window.record.scoring_runs)} scoring run(s)",
+        labelled=True, rows_in=window.frame.height, rows_valid=window.frame.height, rows_quarantined=0,
+        snapshot_uri=uri, quarantine_uri=None,
+        column_types={k: str(v) for k, v in window.frame.schema.items()}, created_at=utcnow(),
+    )
+    return registry.add_dataset(record)[0]
+
+
+@task(name="retrain-lease", cache_policy=NONE)
+def acquire_lease_task(registry: RegistryStore, model: str, holder: str, cooldown_s: float, ttl_s: float) -> LeaseDecision:
+    return registry.acquire_retrain_lease(model, holder, cooldown_s=cooldown_s, ttl_s=ttl_s)
+
+
+@task(name="registered-spec", cache_policy=NONE)
+def champion_spec_task(record: ModelVersionRecord) -> DatasetSpec:
+    return champion_spec(record)
+
+
+@task(name="labelled-data", cache_policy=NONE)
+def collect_labelled_task(registry: RegistryStore, spec: DatasetSpec) -> LabelledData:
+    return collect_labelled_data(registry, spec)
+
+
+@task(name="training-window", cache_policy=NONE)
+def select_window_task(data: LabelledData, spec: DatasetSpec, champion: ModelVersionRecord) -> TrainingWindow:
+    return select_window(data, spec, spec.retrain, champion_end=champion_data_end(champion.split, champion.window),
+                         champion_sources=champion_sources(champion))
+
+
+@task(name="snapshot-window", cache_policy=NONE)
+def snapshot_window_task(registry: RegistryStore, store: ArtifactStore, spec: DatasetSpec, window: TrainingWindow) -> DatasetRecord:
+    return snapshot_window(registry, store, spec, window)
