@@ -346,11 +346,21 @@ def _human_demo(p: dict[str, Any]) -> str:
         if p.get("monitor"):
             lines += ["", _human_monitor(p["monitor"]), ""]
         r = p["retrain"]
-        lines.append(f"  automation: drift event -> retrain/car-loan: {r['state']}" + (f" (flow run {r['flow_run']})" if r.get("flow_run") else "")
+        lines.append(f"  automation: monitoring event -> retrain/every-model: {r['state']}" + (f" (flow run {r['flow_run']})" if r.get("flow_run") else "")
                      + (f": {r['verdict']}" if r.get("verdict") else ""))
         for v in p["versions"]:
             lines.append(f"  car_loan v{v['version']} ({v['trigger']}): gate {'passed' if v['gate_passed'] else 'failed'}: " + "; ".join(v["reasons"]))
+            if v.get("window"):
+                w = v["window"]
+                lines.append(f"    trained on window {w['policy']}: {w['rows']:,} labelled rows, {w['start'][:10]} .. {w['end'][:10]} "
+                             f"({w['new_labels']:,} newer than the previous champion's data, from {len(w['scoring_runs'])} scoring run(s))")
         lines.append("  aliases: " + ", ".join(f"{a} -> v{n}" for a, n in p["aliases"].items()))
+        later = p.get("later_period")
+        if later:
+            lines.append(f"  later labelled data (analysis rows from {later['from']}, {later['rows']:,} rows, unseen by every model):")
+            for m in later["models"]:
+                role = "champion" if m["champion"] else "first champion"
+                lines.append(f"    v{m['version']} ({role}, {m['trigger']}): realized {later['metric']} {m['roc_auc']:.4f}")
         return "\n".join(lines)
     parts = [f"ingest {stage}:\n" + _human_ingest(result) for stage, result in p["ingest"].items()]
     parts.append("train:\n" + _human_train(p["train"]))
@@ -438,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     mon = sub.add_parser("monitor", parents=[common], help="drift and performance of a model on scored data")
     mon.add_argument("--model", required=True, help="NAME or NAME@alias (bare NAME: champion)")
     mon.add_argument("--input", help="a `driftloop score` output directory (default: the model's latest scoring run)")
-    mon.add_argument("--labels", help="Parquet/CSV with id and target, for realized performance")
+    mon.add_argument("--labels", help="labels file (id, target), parsed and validated by the spec; default: the labels registered with `driftloop labels`")
     mon.set_defaults(handler=cmd_monitor, human=_human_monitor)
 
     models = sub.add_parser("models", help="registered models")

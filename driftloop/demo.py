@@ -3,45 +3,10 @@ the nannyml package (nothing is downloaded)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
+from driftloop.demo_data import DEMO_SPEC, demo_data_path
 from driftloop.errors import DriftloopError
-
-DEMO_SPEC = Path(__file__).resolve().parent.parent / "deployments" / "specs" / "car_loan.yaml"
-_FILES = {
-    "reference": "synthetic_car_loan_reference.csv",
-    "analysis": "synthetic_car_loan_analysis.csv",
-    "analysis_targets": "synthetic_car_loan_analysis_target.csv",
-}
-
-
-def demo_data_path(part: str) -> Path:
-    """Path of a car-loan CSV inside the installed nannyml package (found without
-    importing nannyml, which is slow to import)."""
-    found = importlib.util.find_spec("nannyml")
-    if found is None or not found.submodule_search_locations:
-        raise DriftloopError(
-            "the demo data ships with nannyml, which is not installed; "
-            "install driftloop with the monitor extra: pip install 'driftloop[monitor]'"
-        )
-    path = Path(next(iter(found.submodule_search_locations))) / "datasets" / "data" / _FILES[part]
-    if not path.exists():
-        raise DriftloopError(f"demo file {path} is missing from the nannyml package; reinstall nannyml")
-    return path
-
-
-def resolve_demo_uri(uri: str) -> str:
-    """``demo:reference``, ``demo:analysis`` and ``demo:analysis_targets`` name the
-    car-loan files inside the installed nannyml package (so deployments carry no
-    machine paths); any other URI is returned as it is."""
-    if uri.startswith("demo:"):
-        part = uri.removeprefix("demo:")
-        if part not in _FILES:
-            raise DriftloopError(f"unknown demo data {uri!r}; use one of " + ", ".join(f"demo:{p}" for p in _FILES))
-        return str(demo_data_path(part))
-    return uri
 
 
 def run_demo(trials: int = 10) -> dict[str, Any]:
@@ -70,9 +35,16 @@ def run_demo(trials: int = 10) -> dict[str, Any]:
     }
 
 
+# The car-loan analysis period runs from 2018-10-30 to 2019-08-29. In the loop demo the
+# labels of its rows up to this date arrive first (and drive monitoring and the retrain);
+# the rest are the "later labelled data" on which old and new champion are compared.
+FIRST_LABELS_UNTIL = "2019-07-01"
+
+
 def run_loop_demo(trials: int = 5, keep_running: bool = False) -> dict[str, Any]:
     """The loop on a real Prefect server: deploy, start workers, run train -> score ->
-    monitor through the deployments, and let the drift event start the retrain."""
+    labels -> monitor through the deployments, let the monitor's event start the retrain,
+    then compare the old and the new champion on labelled data neither has seen."""
     import os
 
     from driftloop.local_stack import LocalStack
@@ -88,21 +60,74 @@ def run_loop_demo(trials: int = 5, keep_running: bool = False) -> dict[str, Any]
         stack.start_workers(("cpu", "gpu"))
         from datetime import UTC, datetime
 
+        first_labels = _write_first_labels(settings.home_dir / "demo")
         started = datetime.now(UTC)
         steps = {}
-        for name, params in (("train/car-loan", {"trials": trials}), ("score/car-loan", {}), ("monitor/car-loan", {})):
+        for name, params in (("train/car-loan", {"trials": trials}), ("score/car-loan", {}),
+                             ("labels/car-loan", {"source": str(first_labels)}), ("monitor/car-loan", {})):
             steps[name] = _run_and_wait(name, params)
         retrain = _wait_for_retrain(since=started, timeout_s=120)
         registry = open_registry(settings.registry_database_url())
         versions = [
-            {"version": v.version, "trigger": v.trigger, "gate_passed": v.gate["passed"], "reasons": v.gate["reasons"]}
+            {"version": v.version, "trigger": v.trigger, "gate_passed": v.gate["passed"], "reasons": v.gate["reasons"],
+             "window": v.window}
             for v in sorted(registry.list_versions("car_loan"), key=lambda v: v.version)
         ]
         ui = stack.api_url.removesuffix("/api")
         return {
             "ui": ui, "kept_running": keep_running, "steps": steps, "monitor": latest_monitoring(registry, "car_loan"),
             "retrain": retrain, "versions": versions, "aliases": registry.aliases("car_loan"),
+            "later_period": compare_on_later_labels(registry),
         }
+
+
+def _analysis_with_labels() -> Any:
+    """The analysis rows as read (text) with their target; ISO timestamps compare as text."""
+
+    from tasks.ingest import read_file
+
+    analysis = read_file(str(demo_data_path("analysis"))).frame
+    targets = read_file(str(demo_data_path("analysis_targets"))).frame
+    return analysis.join(targets.select("id", "repaid"), on="id", how="inner")
+
+
+def _write_first_labels(directory: Any) -> Any:
+    """The labels that have arrived: ids of the analysis rows scored before
+    FIRST_LABELS_UNTIL, with their targets."""
+    import polars as pl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"labels-until-{FIRST_LABELS_UNTIL}.csv"
+    first = _analysis_with_labels().filter(pl.col("timestamp") < FIRST_LABELS_UNTIL)
+    first.select("id", "repaid").write_csv(path)
+    return path
+
+
+def compare_on_later_labels(registry: Any) -> dict[str, Any] | None:
+    """The realized ROC AUC of the first champion and of the current one on the analysis
+    rows whose labels arrive later (from FIRST_LABELS_UNTIL): data neither model has
+    seen. An honest number, whatever it is."""
+    import polars as pl
+    from sklearn.metrics import roc_auc_score
+
+    from driftloop.onnx_model import load_model, predict_scores
+    from driftloop.spec import load_spec
+    from tasks.score import fetch_verified
+    from tasks.validate import validate_rows
+
+    champion = registry.find_alias("car_loan", "champion")
+    if champion is None:
+        return None
+    spec = load_spec(DEMO_SPEC)
+    later = _analysis_with_labels().filter(pl.col("timestamp") >= FIRST_LABELS_UNTIL)
+    rows = validate_rows(later, spec, source="later labels", warn_ignored=False).valid
+    out: dict[str, Any] = {"from": FIRST_LABELS_UNTIL, "rows": rows.height, "metric": "roc_auc", "models": []}
+    for version in sorted({1, champion.version}):
+        record = registry.get_version("car_loan", version)
+        scores = predict_scores(load_model(fetch_verified(record.onnx_uri, record.onnx_sha256)), rows)
+        out["models"].append({"version": version, "trigger": record.trigger, "champion": version == champion.version,
+                              "roc_auc": float(roc_auc_score(rows["repaid"].to_numpy(), scores))})
+    return out
 
 
 def latest_monitoring(registry: Any, model: str) -> dict[str, Any] | None:
@@ -164,7 +189,7 @@ def _wait_for_retrain(since: Any, timeout_s: float) -> dict[str, Any]:
             runs = [
                 run for run in client.read_flow_runs(
                     flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])),
-                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["car-loan"])),
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["every-model"])),
                 )
                 if run.created is not None and run.created >= since
             ]

@@ -132,24 +132,51 @@ def collect_labelled_data(registry: RegistryStore, spec: DatasetSpec) -> Labelle
     return out
 
 
-def _feedback(registry: RegistryStore, spec: DatasetSpec, columns: list[str], out: LabelledData) -> pl.DataFrame | None:
-    """Scored rows joined by id to their latest registered label."""
+def registered_labels(registry: RegistryStore, spec: DatasetSpec, skipped: list[str] | None = None) -> pl.DataFrame | None:
+    """The latest registered label of every id (id, target, REGISTERED_AT), from the
+    ``<name>.labels`` datasets; None when there are none."""
     assert spec.id is not None
     id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
     target_type = POLARS_DTYPES[spec.column_spec(spec.target).dtype]
-    label_frames = []
+    frames = []
     for record in _oldest_first(registry.list_datasets(name=labels_dataset_name(spec.name))):
         try:
             raw = read_parquet(record.snapshot_uri)
-            label_frames.append(
+            frames.append(
                 raw.select(pl.col(spec.id).cast(id_type), pl.col(spec.target).cast(target_type))
                 .with_columns(pl.lit(record.created_at).dt.cast_time_unit("us").dt.replace_time_zone(None).alias(REGISTERED_AT))
             )
         except (OSError, pl.exceptions.PolarsError) as exc:
-            out.skipped.append(f"labels {record.id}: {exc}")
-    if not label_frames:
+            if skipped is not None:
+                skipped.append(f"labels {record.id}: {exc}")
+            logger.warning("labels dataset %s left out: %s", record.id, exc)
+    if not frames:
         return None
-    labels = pl.concat(label_frames).unique(subset=[spec.id], keep="last", maintain_order=True)
+    return pl.concat(frames).unique(subset=[spec.id], keep="last", maintain_order=True)
+
+
+def join_labels(scored: pl.DataFrame, labels: pl.DataFrame, spec: DatasetSpec, *, how: str = "left") -> pl.DataFrame:
+    """Scored rows with the target of their id's latest label (``labels`` in registration
+    order: a later label for an id replaces an earlier one). ``left`` keeps unlabelled
+    rows (target null), ``inner`` only labelled ones. The id is compared as the spec's
+    type, whatever type the labels file carried."""
+    assert spec.id is not None
+    id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
+    target_type = POLARS_DTYPES[spec.column_spec(spec.target).dtype]
+    latest = (
+        labels.select(pl.col(spec.id).cast(id_type), pl.col(spec.target).cast(target_type),
+                      *[c for c in (REGISTERED_AT,) if c in labels.columns])
+        .unique(subset=[spec.id], keep="last", maintain_order=True)
+    )
+    return scored.drop(spec.target, strict=False).with_columns(pl.col(spec.id).cast(id_type)).join(latest, on=spec.id, how=how)  # type: ignore[arg-type]
+
+
+def _feedback(registry: RegistryStore, spec: DatasetSpec, columns: list[str], out: LabelledData) -> pl.DataFrame | None:
+    """Scored rows joined by id to their latest registered label."""
+    assert spec.id is not None
+    labels = registered_labels(registry, spec, out.skipped)
+    if labels is None:
+        return None
     out.labels = labels.height
 
     scored_columns = [c for c in columns if c != spec.target]
@@ -170,7 +197,7 @@ def _feedback(registry: RegistryStore, spec: DatasetSpec, columns: list[str], ou
         return None
     scored = pl.concat(scored_frames).unique(subset=[spec.id], keep="last", maintain_order=True)
     out.labels_unscored = labels.join(scored.select(spec.id), on=spec.id, how="anti").height
-    joined = scored.join(labels, on=spec.id, how="inner")
+    joined = join_labels(scored, labels, spec, how="inner")
     out.scoring_runs = sorted(joined[SOURCE].unique().to_list())
     return joined.select(*columns, SOURCE, REGISTERED_AT)
 

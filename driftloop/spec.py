@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from driftloop.errors import SpecError
 from driftloop.metrics import HIGHER_IS_BETTER, PRIMARY_METRIC
@@ -184,10 +184,11 @@ class RetrainPolicy(BaseModel):
         default=0.0, ge=0, description="The challenger must beat the champion by this on the gate metric."
     )
 
-    @model_validator(mode="after")
-    def _durations(self) -> RetrainPolicy:
-        parse_duration(self.skip_recent)
-        return self
+    @field_validator("skip_recent")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
 
     @property
     def skip_recent_span(self) -> timedelta:
@@ -247,6 +248,9 @@ class DatasetSpec(BaseModel):
             raise ValueError(f"the id column {self.id!r} cannot be nullable")
         if self.timestamp and self.timestamp in self.columns and self.columns[self.timestamp].dtype != "datetime":
             raise ValueError(f"the timestamp column {self.timestamp!r} must have dtype datetime")
+        if self.timestamp and self.timestamp in self.columns and self.columns[self.timestamp].nullable:
+            # Time-ordered splits and training windows place every row in time.
+            raise ValueError(f"the timestamp column {self.timestamp!r} cannot be nullable")
         if not self.feature_columns:
             raise ValueError("no feature columns: declare some under columns")
         dated = [f for f in self.feature_columns if self.column_spec(f).dtype == "datetime"]

@@ -17,12 +17,14 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from driftloop.errors import DriftloopError
+from driftloop.feedback import join_labels, labels_dataset_name, registered_labels
 from driftloop.onnx_model import load_model
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
 from driftloop.spec import DatasetSpec, MonitoringPolicy
 from driftloop.storage import ArtifactStore, read_bytes, read_predictions
 from flows.config import run_settings
-from tasks.labels import join_labels
+from tasks.ingest import read_file
+from tasks.labels import validate_labels
 from tasks.monitor import (
     MonitorReport,
     PolicyDecision,
@@ -64,7 +66,7 @@ class MonitorResult(BaseModel):
 
 
 @task(name="load-monitoring-inputs", cache_policy=NONE)
-def load_inputs_task(record: ModelVersionRecord, input_uri: str, labels_uri: str | None) -> tuple[DatasetSpec, pl.DataFrame, pl.DataFrame]:
+def load_inputs_task(record: ModelVersionRecord, input_uri: str) -> tuple[DatasetSpec, pl.DataFrame, pl.DataFrame]:
     if not record.reference_uri or not record.reference_sha256:
         raise DriftloopError(f"{record.ref} has no monitoring reference (trained by an early build); train it again")
     spec = load_model(fetch_verified(record.onnx_uri, record.onnx_sha256)).spec()
@@ -72,18 +74,31 @@ def load_inputs_task(record: ModelVersionRecord, input_uri: str, labels_uri: str
     if hashlib.sha256(reference_bytes).hexdigest() != record.reference_sha256:
         raise DriftloopError(f"monitoring reference {record.reference_uri} does not match its recorded sha256; refusing to use it")
     reference = pl.read_parquet(io.BytesIO(reference_bytes))
-    analysis = read_predictions(input_uri)
+    return spec, reference, read_predictions(input_uri)
+
+
+@task(name="load-labels", cache_policy=NONE)
+def load_labels_task(registry: RegistryStore, spec: DatasetSpec, labels_uri: str | None) -> tuple[pl.DataFrame | None, str | None]:
+    """Labels for realized performance: a file parsed and validated by the spec like
+    ``driftloop labels`` (bad rows quarantined and counted), or by default the labels
+    registered for the model (the later label for an id wins)."""
+    if not spec.id:
+        return None, None  # nothing to join labels on
     if labels_uri:
-        from driftloop.demo import resolve_demo_uri
+        batch = read_file(labels_uri)
+        result = validate_labels(batch.frame, batch.malformed, spec, source=batch.source)
+        if result.rows_quarantined:
+            get_run_logger().warning("labels %s: %d of %d rows failed validation and are not used (register them "
+                                     "with driftloop labels to keep a quarantine file)", batch.source,
+                                     result.rows_quarantined, result.rows_in)
+        return result.valid, batch.source
+    labels = registered_labels(registry, spec)
+    return labels, (f"registry:{labels_dataset_name(spec.name)}" if labels is not None else None)
 
-        labels_uri = resolve_demo_uri(labels_uri)
-        labels = pl.read_parquet(labels_uri) if labels_uri.endswith((".parquet", ".pq")) else pl.read_csv(labels_uri)
-        analysis = join_labels(analysis, labels.select(spec.id, pl.col(spec.target).cast(reference.schema[spec.target])), spec)
-    return spec, reference, analysis
 
-
-def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: MonitorReport, input_uri: str,
-                training_source: str | None, training_dataset_id: str) -> EmittedEvent:
+def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: MonitorReport, input_uri: str) -> EmittedEvent:
+    """The event that starts a retrain. Its resource names the model; the payload is for
+    people and the UI (what fired, where): a retrain never reads it."""
     window = [c for c in report.chunks if c.index in decision.window]
     estimates = [
         {"chunk": r["chunk_key"], "start": r["chunk_start"], "end": r["chunk_end"], "value": r["value"],
@@ -106,8 +121,6 @@ def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: Mo
             "estimates": estimates,
             "chunk_span": {"start": window[0].start if window else None, "end": window[-1].end if window else None},
             "analysis_uri": input_uri,
-            "training_source": training_source,
-            "training_dataset_id": training_dataset_id,
         },
     )
 
@@ -152,8 +165,9 @@ def monitor(
     registry_block: str | None = None,
 ) -> MonitorResult:
     """Monitor the scored output at ``input_uri`` (a `driftloop score` output directory;
-    default: the model's latest scoring run) for ``model``; ``labels_uri`` (Parquet/CSV with id and target) adds realized
-    performance. ``policy``, or the saved MonitoringPolicyBlock named ``policy_block``,
+    default: the model's latest scoring run) for ``model``. Realized performance uses the
+    labels registered for the model (``driftloop labels``), or ``labels_uri`` (Parquet/CSV
+    with id and target, validated by the spec) when given. ``policy``, or the saved MonitoringPolicyBlock named ``policy_block``,
     overrides the spec's ``monitoring`` section. ``registry_block`` names a
     driftloop-registry block to use instead of the environment's registry."""
     logger = get_run_logger()
@@ -166,7 +180,10 @@ def monitor(
         if not runs:
             raise DriftloopError(f"no scoring runs of {record.model_name} yet; score some data first or pass input_uri")
         input_uri = runs[0].output_uri
-    spec, reference, analysis = load_inputs_task(record, input_uri, labels_uri)
+    spec, reference, analysis = load_inputs_task(record, input_uri)
+    labels, labels_uri = load_labels_task(registry, spec, labels_uri)
+    if labels is not None:
+        analysis = join_labels(analysis, labels, spec)
     if policy is None and policy_block:
         from blocks.driftloop_blocks import MonitoringPolicyBlock
 
@@ -175,15 +192,14 @@ def monitor(
     report = monitor_task(reference, analysis, spec, active)
     decision = decide_task(report, active, spec.gate, spec.gate_metric)
 
-    event = None
-    if decision.fired:
-        dataset = registry.get_dataset(record.dataset_id)
-        event = build_event(record, decision, report, input_uri, dataset.source if dataset else None, record.dataset_id)
-        emit_event(event=event.event, resource=event.resource, payload=event.payload)
+    event = build_event(record, decision, report, input_uri) if decision.fired else None
+    # Stored first, emitted second: an event never points at results that were not kept.
+    run_id, report_uri = publish_task(registry, store, record, report, decision, event, input_uri, labels_uri)
+    if event is not None:
+        emit_event(event=event.event, resource=event.resource, payload={**event.payload, "monitoring_run": run_id})
         logger.warning("policy fired: %s (%s)", event.event, "; ".join(decision.reasons))
     else:
         logger.info("policy did not fire: %s", "; ".join(decision.reasons))
-    run_id, report_uri = publish_task(registry, store, record, report, decision, event, input_uri, labels_uri)
     return MonitorResult(
         run_id=run_id, model=record.model_name, version=record.version,
         chunks=[ChunkSummary(**{k: c[k] for k in ("start", "end", "drifting_features", "estimated", "realized")}) for c in chunk_summaries(report)],

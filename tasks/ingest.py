@@ -108,7 +108,7 @@ class RawBatch:
 
 def read_file(uri: str) -> RawBatch:
     """Read a CSV or Parquet file from a path or fsspec URI (read once, hashed as read)."""
-    from driftloop.demo import resolve_demo_uri
+    from driftloop.demo_data import resolve_demo_uri
 
     uri = resolve_demo_uri(uri)
     try:

@@ -1,6 +1,6 @@
 """Delayed labels: ground truth that arrives after scoring (id, target, optional
-timestamp), validated against the spec's id and target, stored, and joined to scored
-rows for realized performance."""
+timestamp), validated against the spec's id and target. Registered, they are joined to
+scored rows (``driftloop.feedback.join_labels``) for realized performance and retraining."""
 
 from __future__ import annotations
 
@@ -25,14 +25,6 @@ def label_columns(spec: DatasetSpec, raw_columns: list[str]) -> dict[str, Column
 def validate_labels(raw: pl.DataFrame, malformed: pl.DataFrame, spec: DatasetSpec, *, source: str) -> ValidationResult:
     result = validate_columns(raw, label_columns(spec, raw.columns), spec_name=spec.name, source=source, target=spec.target)
     return with_malformed(result, malformed)
-
-
-def join_labels(predictions: pl.DataFrame, labels: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
-    """Scored rows with the target where its label has arrived (null elsewhere). A later
-    label for the same id replaces an earlier one."""
-    assert spec.id is not None
-    latest = labels.select(spec.id, spec.target).unique(subset=[spec.id], keep="last", maintain_order=True)
-    return predictions.drop(spec.target, strict=False).join(latest, on=spec.id, how="left")
 
 
 @task(name="validate-labels", cache_policy=NONE)

@@ -79,7 +79,7 @@ class InputBatch:
 
 def iter_input(uri: str, batch_size: int) -> tuple[Iterator[InputBatch], int | None]:
     """Batches of the input and, when the format says it cheaply, the total row count."""
-    from driftloop.demo import resolve_demo_uri
+    from driftloop.demo_data import resolve_demo_uri
 
     uri = resolve_demo_uri(uri)
     lowered = uri.lower()

@@ -1,6 +1,8 @@
 """The loop closes by itself on a real Prefect server with real workers: deployments
 from prefect.yaml, pools from infra/, blocks registered, a champion trained through the
-deployments, monitoring that emits a drift event, and the automation's retrain."""
+deployments, labels registered, monitoring that emits an event, and the automation's
+retrain, which learns from the labelled analysis period; the same retrain deployment
+serves a second model."""
 
 from __future__ import annotations
 
@@ -66,10 +68,16 @@ def running_interval(server, flow_run_id: str) -> tuple[datetime, datetime] | No
     return datetime.fromisoformat(running[0]), datetime.fromisoformat(end)
 
 
-def verdict(server, flow_run_id: str) -> str:
+def verdict(server, flow_run_id: str, model: str = "car_loan") -> str:
     """What a retrain run did, from the artifact it leaves."""
-    (artifact,) = api(server, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["retrain-car-loan"]}}})
+    key = f"retrain-{model}".replace("_", "-")
+    (artifact,) = api(server, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": [key]}}})
     return artifact["description"]
+
+
+def finished(server, flow_run_id: str) -> dict | None:
+    run = api(server, "GET", f"/flow_runs/{flow_run_id}")
+    return run if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
 
 def deployment_id(server, flow: str, name: str = "car-loan") -> str:
@@ -128,6 +136,8 @@ def test_drift_event_triggers_one_retrain_at_a_time(prefect_server, env, workers
     prefect = str(BIN / "prefect")
     run([prefect, "deployment", "run", "train/car-loan", "--param", "trials=2", "--watch", "--watch-timeout", "900"], env, timeout=960)
     run([prefect, "deployment", "run", "score/car-loan", "--watch", "--watch-timeout", "600"], env, timeout=660)
+    # The labels of the scored analysis period arrive.
+    run([prefect, "deployment", "run", "labels/car-loan", "--watch", "--watch-timeout", "600"], env, timeout=660)
 
     from driftloop.registry import open_registry
 
@@ -135,7 +145,7 @@ def test_drift_event_triggers_one_retrain_at_a_time(prefect_server, env, workers
     champion = open_registry(registry_url).resolve("car_loan@champion")
     assert champion.version == 1
 
-    retrain_id = deployment_id(prefect_server, "retrain")
+    retrain_id = deployment_id(prefect_server, "retrain", "every-model")
     assert flow_runs(prefect_server, retrain_id) == []
     # As a user would in the UI: fewer tuning trials for the automation's retrains here.
     retrain = api(prefect_server, "GET", f"/deployments/{retrain_id}")
@@ -148,26 +158,33 @@ def test_drift_event_triggers_one_retrain_at_a_time(prefect_server, env, workers
     drift_to_run_s = time.monotonic() - monitored_at
     (first,) = triggered
     assert first["parameters"]["model"] == "car_loan"
-    assert first["parameters"]["source"].endswith("synthetic_car_loan_reference.csv")
+    assert not {"source", "spec_path", "training_source"} & set(first["parameters"])  # only the name crosses
 
-    finished = wait_for(lambda: (r := api(prefect_server, "GET", f"/flow_runs/{first['id']}"))["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and r, timeout=900, interval=3)
-    assert finished["state_type"] == "COMPLETED", finished["state"]
+    done = wait_for(lambda: finished(prefect_server, first["id"]), timeout=900, interval=3)
+    assert done["state_type"] == "COMPLETED", done["state"]
     versions = open_registry(registry_url).list_versions("car_loan")
     retrained = [v for v in versions if v.trigger == "retrain"]
     assert len(retrained) == 1 and retrained[0].version == 2
     assert retrained[0].gate["reasons"] and any("vs champion v1" in r for r in retrained[0].gate["reasons"])
+    # It learned from the labelled analysis period: its window ends after v1's data.
+    window = retrained[0].window
+    assert window is not None and window["scoring_runs"] and window["new_labels"] >= 1000
+    assert window["end"] > champion.split["holdout"][1] and window["end"] >= "2019-08"
     aliases = open_registry(registry_url).aliases("car_loan")
     assert aliases["champion"] == (2 if retrained[0].gate["passed"] else 1)
     assert verdict(prefect_server, first["id"]).startswith(f"v2 {'promoted' if retrained[0].gate['passed'] else 'rejected by the gate'}: ")
 
-    # A burst of ten drift events: never two retrains of car_loan running together.
+    # A burst of ten drift events, whose payload names a training source of its own:
+    # never two retrains of car_loan running together, and nothing trained on the payload.
     from prefect.events import emit_event
 
+    poison = tmp_path / "poison.csv"
+    poison.write_text("id,repaid\n1,0\n")
     for i in range(10):
         emit_event(
             event="driftloop.model.drift-detected",
             resource={"prefect.resource.id": "driftloop.model.car_loan", "driftloop.model.name": "car_loan", "driftloop.model.version": "2"},
-            payload={"training_source": first["parameters"]["source"], "burst": i},
+            payload={"training_source": str(poison), "source": str(poison), "burst": i},
         )
     wait_for(lambda: len(flow_runs(prefect_server, retrain_id)) > 1, timeout=60)
     time.sleep(15)
@@ -184,6 +201,24 @@ def test_drift_event_triggers_one_retrain_at_a_time(prefect_server, env, workers
         assert start >= end, f"two retrains overlapped: {intervals}"
     assert len(open_registry(registry_url).list_versions("car_loan")) == 2  # the cooldown stopped the storm
     burst = [r for r in runs if r["id"] != first["id"] and r["state_type"] == "COMPLETED"]
-    assert burst and all(verdict(prefect_server, r["id"]).startswith("skipped: cooldown: car_loan v2") for r in burst)
+    assert burst and all(verdict(prefect_server, r["id"]).startswith("skipped: cooldown: the last retrain of car_loan") for r in burst)
+    assert all(set(r["parameters"]) & {"source", "training_source"} == set() for r in runs)
+
+    # A second model: the same deployment's trigger serves it, no new deployment entry.
+    from tests.support.data import make_loans, write_spec
+
+    loans = tmp_path / "loans.parquet"
+    make_loans(2000, seed=3).write_parquet(loans)
+    spec = write_spec(tmp_path, {"gate": {"thresholds": {"roc_auc": {"min": 0.6}}}})
+    run([str(BIN / "driftloop"), "train", "--spec", str(spec), str(loans), "--trials", "1", "--algorithms", "lightgbm"], env)
+    before = {r["id"] for r in flow_runs(prefect_server, retrain_id)}
+    emit_event(event="driftloop.model.performance-degraded",
+               resource={"prefect.resource.id": "driftloop.model.loans", "driftloop.model.name": "loans", "driftloop.model.version": "1"})
+    (second,) = wait_for(lambda: [r for r in flow_runs(prefect_server, retrain_id) if r["id"] not in before], timeout=60)
+    assert second["parameters"]["model"] == "loans"
+    done = wait_for(lambda: finished(prefect_server, second["id"]), timeout=600, interval=3)
+    assert done["state_type"] == "COMPLETED", done["state"]
+    assert verdict(prefect_server, second["id"], "loans") == (
+        "skipped: waiting for labels: 0 of 1000 labelled rows newer than champion v1's training data")
     assert not (REPO / ".driftloop").exists()  # runs wrote under DRIFTLOOP_HOME, not into the checkout
     print(f"\ne2e: {time.monotonic() - started:.0f} s in all; drift event -> retrain run created in {drift_to_run_s:.1f} s")

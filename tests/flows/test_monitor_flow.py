@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from driftloop.demo import DEMO_SPEC, demo_data_path
+from driftloop.demo_data import DEMO_SPEC, demo_data_path
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.spec import MonitoringPolicy
@@ -80,13 +80,14 @@ def test_drift_in_the_drifted_period_fires_the_policy_and_one_event(demo, prefec
     assert event.event in (DRIFT_EVENT, PERFORMANCE_EVENT)
     assert event.resource == {"prefect.resource.id": "driftloop.model.car_loan", "driftloop.model.name": "car_loan",
                               "driftloop.model.version": str(result.version)}
-    assert set(event.payload) >= {"drifting_features", "estimates", "chunk_span", "analysis_uri", "training_source"}
+    assert set(event.payload) >= {"drifting_features", "estimates", "chunk_span", "analysis_uri"}
     assert event.payload["analysis_uri"] == demo["drifted"]
-    assert event.payload["training_source"].endswith("synthetic_car_loan_reference.csv")
+    assert "training_source" not in event.payload  # a retrain reads its data from the registry
     assert event.payload["chunk_span"]["start"] >= "2019"
 
     stored = wait_for_events(prefect_server, since, 1)
     assert [e["event"] for e in stored] == [event.event]
+    assert stored[0]["payload"]["monitoring_run"] == result.run_id  # stored before it was emitted
     assert stored[0]["payload"]["drifting_features"] == event.payload["drifting_features"]
 
     registry = open_registry(get_settings().registry_database_url())

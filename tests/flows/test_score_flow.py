@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from driftloop.feedback import join_labels
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.storage import read_predictions
@@ -22,7 +23,6 @@ from flows.score import score
 from flows.score_edge import score_edge
 from flows.train import train
 from tasks.edge import ModelCache
-from tasks.labels import join_labels
 from tasks.score import IntegrityError
 from tests.support.data import make_loans, write_spec
 

@@ -15,7 +15,7 @@ from tasks.monitor import DRIFT_EVENT, PERFORMANCE_EVENT
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())
 DEPLOYMENTS = PREFECT_YAML["deployments"]
-EXPECTED = {"ingest", "train", "score", "score-edge", "monitor", "lifecycle", "retrain"}
+EXPECTED = {"ingest", "labels", "train", "score", "score-edge", "monitor", "lifecycle", "retrain"}
 
 
 def load_flow(entrypoint: str):

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from driftloop.demo import DEMO_SPEC
+from driftloop.demo_data import DEMO_SPEC
 from driftloop.errors import SpecError
 from driftloop.schema import build_schema
 from driftloop.spec import load_spec, parse_spec
