@@ -200,6 +200,8 @@ def _human_show(p: dict[str, Any]) -> str:
         f"  gate     {'passed' if p['gate']['passed'] else 'failed'}: " + "; ".join(p["gate"]["reasons"]),
         f"  parity   max |diff| {p['parity']['max_abs_diff']:.2g}, {p['parity']['label_flips']} flips, {p['parity']['rows']:,} rows",
         f"  dataset  {p['dataset_id']}",
+        *([(f"  window   {w['policy']}: {w['rows']:,} rows, {w['start'] or '-'} .. {w['end'] or '-'}, "
+           f"{len(w['dataset_ids'])} dataset(s), {len(w['scoring_runs'])} scoring run(s)")] if (w := p.get("window")) else []),
         f"  onnx     {p['onnx_uri']}",
         f"  sha256   {p['onnx_sha256']}",
         f"  card     {p['card_uri']}",
