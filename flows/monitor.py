@@ -1,5 +1,6 @@
 """Flow ``monitor``: scored outputs (+ labels where they arrived) vs the model's
-reference -> NannyML -> policy -> results, report, plots -> event when the policy fires."""
+reference -> NannyML -> policy -> results, report and charts (inline in the UI), NannyML's plots
+(artifact store) -> event when the policy fires."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import polars as pl
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.events import emit_event
 from pydantic import BaseModel
@@ -33,6 +34,7 @@ from tasks.monitor import (
     monitor_task,
     render_summary,
 )
+from tasks.monitor_charts import artifact_markdown, render_charts
 from tasks.score import fetch_verified
 
 
@@ -132,9 +134,13 @@ def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVer
     base = f"monitoring/{record.model_name}/{run_id}"
     summary = render_summary(record.ref, report, decision, event.model_dump() if event else None)
     report_uri = store.write_text(f"{base}/summary.md", summary)
-    links = {}
-    for name, figure in report.figures.items():
-        links[name] = store.write_text(f"{base}/{name}.html", figure.to_html(include_plotlyjs=True, full_html=True))
+    # For deep dives, kept in the artifact store: NannyML's interactive plots (standalone
+    # HTML) and the charts as PNG files. The UI gets the charts inline (data URIs): it
+    # cannot open a file:// link, so no link artifacts.
+    plots = [store.write_text(f"{base}/{name}.html", figure.to_html(include_plotlyjs=True, full_html=True))
+             for name, figure in report.figures.items()]
+    charts = render_charts(report)
+    plots += [store.write_bytes(f"{base}/charts/{chart.name}.png", chart.png) for chart in charts]
     registry.add_monitoring_run(
         {"id": run_id, "model_name": record.model_name, "model_version": record.version, "analysis_uri": input_uri,
          "labels_uri": labels_uri, "decision": {"fired": decision.fired, "event": decision.event, "reasons": decision.reasons,
@@ -143,15 +149,12 @@ def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVer
         report.results,
     )
     key = record.model_name.replace("_", "-")
-    create_markdown_artifact(key=f"monitoring-{key}", markdown=summary, description=f"Monitoring of {record.ref}")
+    create_markdown_artifact(key=f"monitoring-{key}", markdown=artifact_markdown(summary, charts, plots), description=f"Monitoring of {record.ref}")
     create_table_artifact(
         key=f"monitoring-results-{key}",
         table=[{k: r[k] for k in ("chunk_key", "kind", "name", "method", "value", "lower_threshold", "upper_threshold", "alert")} for r in report.results],
         description="NannyML results per chunk",
     )
-    for name, uri in links.items():
-        create_link_artifact(key=f"{name.replace('_', '-')}-{key}", link=uri if "://" in uri else f"file://{uri}",
-                             description=f"NannyML {name.replace('_', ' ')} plot (standalone HTML)")
     return run_id, report_uri
 
 
