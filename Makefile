@@ -55,11 +55,15 @@ test-fast: venv
 
 # A local Prefect server on 127.0.0.1 with SQLite under .driftloop/ (PostgreSQL: set
 # PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host/prefect first).
+# The UI finds its API through /ui-settings, which follows PREFECT_UI_API_URL and the
+# server port settings, not --port: set them, or a UI on another port cannot reach its API.
 PORT ?= 4200
 server: venv
 	@mkdir -p .driftloop/prefect
 	@echo ">> Prefect UI: http://127.0.0.1:$(PORT)  (export PREFECT_API_URL=http://127.0.0.1:$(PORT)/api)"
-	PREFECT_HOME=$(CURDIR)/.driftloop/prefect $(BIN)/prefect server start --host 127.0.0.1 --port $(PORT) --analytics-off
+	PREFECT_HOME=$(CURDIR)/.driftloop/prefect PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(PORT) \
+	  PREFECT_UI_API_URL=http://127.0.0.1:$(PORT)/api \
+	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PORT) --analytics-off
 
 # make worker POOL=cpu (or gpu, edge); needs PREFECT_API_URL.
 POOL ?= cpu

@@ -28,6 +28,25 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def server_environment(port: int, prefect_home: Path) -> dict[str, str]:
+    """The environment of ``prefect server start --host 127.0.0.1 --port PORT``.
+
+    The UI asks ``/ui-settings`` where its API is, and that answer comes from settings
+    (``PREFECT_UI_API_URL``, else ``PREFECT_API_URL``, else ``PREFECT_SERVER_API_HOST`` and
+    ``_PORT``), never from ``--port``: without these a server on any port but 4200 serves
+    a UI that cannot reach its API."""
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)  # a client setting, maybe of another server
+    env.update({
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+    })
+    return env
+
+
 def _healthy(api_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
@@ -62,8 +81,7 @@ class LocalStack:
         self.api_url = f"http://127.0.0.1:{port}/api"
         prefect_home = self.home / "prefect"
         prefect_home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        env.pop("PREFECT_API_URL", None)
+        env = server_environment(port, prefect_home)
         log = (self.home / "prefect-server.log").open("wb")
         self.server = subprocess.Popen(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],

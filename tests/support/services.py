@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from driftloop.local_stack import server_environment
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -47,8 +49,7 @@ class PrefectServer:
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PREFECT_HOME": str(self.home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        env.pop("PREFECT_API_URL", None)
+        env = server_environment(self.port, self.home)  # its UI's /ui-settings names this port
         prefect = Path(sys.executable).with_name("prefect")
         self.proc = subprocess.Popen(
             [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--analytics-off"],
