@@ -115,6 +115,14 @@ class MonitoringPolicy(BaseModel):
     multivariate_drift: bool = Field(default=True, description="Retrain on a multivariate drift alert in the last chunk window.")
     min_drifting_features: int | None = Field(default=None, ge=1, description="Retrain when at least this many features drift.")
     window: int = Field(default=3, ge=1, description="Drift rules look at the last N analysis chunks.")
+    alert_rate: float | None = Field(
+        default=0.01, gt=0, lt=0.5,
+        description="False-alarm rate per chunk the drift thresholds are calibrated for (univariate: across all "
+        "features; multivariate: its one statistic). null: NannyML's default thresholds (reference chunks' mean ± 3 sd).",
+    )
+    calibration_draws: int = Field(
+        default=200, ge=50, le=5000, description="Chunks resampled from the reference to calibrate the thresholds."
+    )
 
     @model_validator(mode="after")
     def _chunking(self) -> MonitoringPolicy:

@@ -26,6 +26,16 @@ from prefect.cache_policies import NONE
 from driftloop.errors import DriftloopError
 from driftloop.metrics import HIGHER_IS_BETTER
 from driftloop.spec import DatasetSpec, GateSpec, MonitoringPolicy
+from tasks.calibration import (
+    MULTIVARIATE_SPLITS,
+    Calibration,
+    apply_thresholds,
+    cross_halves,
+    multivariate_threshold,
+    partial_chunks,
+    resample,
+    univariate_thresholds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +88,8 @@ class MonitorReport:
     # ``results``, whose rows have the registry's fixed columns.
     labelled_rows: dict[int, int] = field(default_factory=dict)
     chunk_rows: int | None = None
+    calibration: Calibration | None = None  # the drift thresholds' calibration (None: NannyML's defaults)
+    partial_chunks: dict[int, int] = field(default_factory=dict)  # chunk index -> rows, reported without alerts
 
     def rows(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.results if r["kind"] == kind]
@@ -186,6 +198,16 @@ def _labelled_rows(result: Any) -> tuple[dict[int, int], list[int]]:
     return labelled, sizes
 
 
+def _chunk_sizes(result: Any) -> dict[int, int]:
+    """Rows per analysis chunk (``end_index`` is inclusive)."""
+    frame = result.filter(period="analysis").to_df()
+    col = {c[-1]: c for c in frame.columns if c[0] == "chunk"}  # 2 or 3 header levels
+    return {
+        int(index): int(end) - int(start) + 1
+        for index, start, end in zip(frame[col["chunk_index"]], frame[col["start_index"]], frame[col["end_index"]], strict=True)
+    }
+
+
 def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
@@ -219,15 +241,49 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     results: list[dict[str, Any]] = []
     figures: dict[str, Any] = {}
 
-    univariate = nml.UnivariateDriftCalculator(
-        column_names=features, treat_as_categorical=categorical or None,
-        continuous_methods=list(policy.continuous_methods), categorical_methods=list(policy.categorical_methods),
-        **common,
-    ).fit(ref).calculate(ana)
-    results += _long_results(univariate, "univariate")
+    def univariate_calculator(chunks: dict[str, Any], timestamp: str | None) -> Any:
+        return nml.UnivariateDriftCalculator(
+            column_names=features, treat_as_categorical=categorical or None,
+            continuous_methods=list(policy.continuous_methods), categorical_methods=list(policy.categorical_methods),
+            timestamp_column_name=timestamp, **chunks,
+        ).fit(ref)
 
-    multivariate = nml.DataReconstructionDriftCalculator(column_names=features, **common).fit(ref).calculate(ana)
+    def multivariate_calculator(chunks: dict[str, Any], timestamp: str | None, fit_on: Any = None) -> Any:
+        return nml.DataReconstructionDriftCalculator(
+            column_names=features, timestamp_column_name=timestamp, **chunks,
+        ).fit(ref if fit_on is None else fit_on)
+
+    univariate = univariate_calculator(chunk_args, spec.timestamp).calculate(ana)
+    results += _long_results(univariate, "univariate")
+    multivariate = multivariate_calculator(chunk_args, spec.timestamp).calculate(ana)
     results += _long_results(multivariate, "multivariate")
+    sizes = _chunk_sizes(univariate)
+    full_chunk = chunk_args.get("chunk_size") or (sorted(sizes.values())[len(sizes) // 2] if sizes else None)
+    calibration = None
+    if policy.alert_rate is not None and full_chunk:
+        # The statistics of chunks drawn from the reference itself: their distribution
+        # under no drift, through the calculators the analysis went through. Without the
+        # timestamp: NannyML would sort the draws by time and every chunk would hold a few
+        # rows many times over.
+        draws = resample(ref, chunk_rows=full_chunk, draws=policy.calibration_draws, seed=0)
+        by_size = {"chunk_size": full_chunk}
+        null_uni = _long_results(univariate_calculator(by_size, None).calculate(draws), "univariate")
+        # Rows the reconstruction was fitted on reconstruct better than new ones: fit on
+        # one half of the reference and draw chunks from the other, both ways round.
+        null_multi: list[list[float]] = []
+        for fold, (fit_half, held_out) in enumerate(cross_halves(ref, splits=MULTIVARIATE_SPLITS)):
+            held_out_draws = resample(held_out, chunk_rows=full_chunk, seed=1 + fold,
+                                      draws=max(25, policy.calibration_draws // (2 * MULTIVARIATE_SPLITS)))
+            rows = _long_results(multivariate_calculator(by_size, None, fit_on=fit_half).calculate(held_out_draws), "multivariate")
+            null_multi.append([r["value"] for r in rows if r["value"] is not None])
+        calibration = Calibration(
+            alert_rate=policy.alert_rate, draws=policy.calibration_draws, chunk_rows=full_chunk,
+            reference_rows=len(ref), checks=len({(r["name"], r["method"]) for r in null_uni}),
+            univariate=univariate_thresholds(null_uni, alert_rate=policy.alert_rate, chunk_rows=full_chunk,
+                                             reference_rows=len(ref)),
+            multivariate=multivariate_threshold(null_multi, alert_rate=policy.alert_rate, chunk_rows=full_chunk,
+                                                reference_rows=len(ref)),
+        )
 
     metric = policy.estimated_metric or _ESTIMATED_DEFAULT[spec.task]
     has_labels = spec.target in ana.columns and bool(ana[spec.target].notna().any())
@@ -279,12 +335,16 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
         if realized is not None:
             figures["realized_performance"] = realized.plot()
 
+    partial = partial_chunks(sizes, chunk_args.get("chunk_size"))
+    if calibration is not None or partial:
+        results = apply_thresholds(results, calibration or Calibration(0.0, 0, 0, 0, 0), set(partial))
     seen: dict[int, Chunk] = {}
     for r in results:
         seen.setdefault(r["chunk_index"], Chunk(r["chunk_index"], r["chunk_key"], r["chunk_start"], r["chunk_end"]))
     return MonitorReport(
         sorted(seen.values(), key=lambda c: c.index), results, metric, has_labels, figures,
         gate_metric=spec.gate_metric, labelled_rows=labelled_rows, chunk_rows=chunk_rows,
+        calibration=calibration, partial_chunks=partial,
     )
 
 
@@ -461,6 +521,11 @@ def render_summary(model_ref: str, report: MonitorReport, decision: PolicyDecisi
     lines += ["", f"({better} {metric} is better.)"]
     if gate:
         lines += [f"({'higher' if HIGHER_IS_BETTER.get(gate, True) else 'lower'} {gate} is better.)"]
+    if report.calibration is not None:
+        lines += ["", f"Drift alerts: {report.calibration.describe()}."]
+    keys = {c.index: c.key for c in report.chunks}
+    for index, rows in sorted(report.partial_chunks.items()):
+        lines.append(f"Chunk {keys.get(index, index)} ({rows} rows, fewer than a full chunk) is reported without alerts.")
     if event:
         lines += ["", f"Event emitted: `{event['event']}` for `{event['resource']['prefect.resource.id']}`"]
     return "\n".join(lines)
