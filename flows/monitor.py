@@ -144,7 +144,10 @@ def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVer
     registry.add_monitoring_run(
         {"id": run_id, "model_name": record.model_name, "model_version": record.version, "analysis_uri": input_uri,
          "labels_uri": labels_uri, "decision": {"fired": decision.fired, "event": decision.event, "reasons": decision.reasons,
-                                                "drifting_features": decision.drifting_features},
+                                                "drifting_features": decision.drifting_features,
+                                                # what the drift thresholds were set for, and chunks judged without alerts
+                                                "calibration": report.calibration.as_record() if report.calibration else None,
+                                                "partial_chunks": {str(k): v for k, v in report.partial_chunks.items()}},
          "event": event.model_dump() if event else None, "report_uri": report_uri, "created_at": datetime.now(UTC)},
         report.results,
     )
