@@ -15,7 +15,7 @@ import pytest
 from driftloop.demo_data import DEMO_SPEC, demo_data_path
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
-from driftloop.spec import MonitoringPolicy
+from driftloop.spec import MonitoringPolicy, load_spec
 from flows.ingest import ingest
 from flows.monitor import monitor
 from flows.score import score
@@ -93,6 +93,9 @@ def test_drift_in_the_drifted_period_fires_the_policy_and_one_event(demo, prefec
     registry = open_registry(get_settings().registry_database_url())
     (run,) = [r for r in registry.list_monitoring_runs("car_loan") if r["id"] == result.run_id]
     assert run["decision"]["fired"] and run["event"]["event"] == event.event
+    calibration = run["decision"]["calibration"]  # what every drift threshold was set for
+    assert calibration["alert_rate"] == 0.01 and calibration["method"] == "bootstrap"
+    assert set(calibration["univariate"]) == {f"{f}/jensen_shannon" for f in load_spec(DEMO_SPEC).feature_columns}
     results = registry.monitoring_results(result.run_id)
     assert {r["kind"] for r in results} == {"univariate", "multivariate", "estimated", "realized"}
     multivariate = sorted((r["chunk_index"], r["alert"]) for r in results if r["kind"] == "multivariate")
