@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 export NML_DISABLE_USAGE_LOGGING := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv demo test test-fast lock postgres-bin lint clean server worker pools deploy
+.PHONY: venv demo test test-fast lock postgres-bin chromium-bin lint clean server worker pools deploy
 
 venv: $(STAMP)
 
@@ -45,7 +45,15 @@ postgres-bin:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	fi
 
-test: venv postgres-bin
+# Chromium and its WebDriver for the browser test of the Prefect UI (Debian's packages;
+# nothing is downloaded at test time).
+chromium-bin:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo ">> installing Chromium and chromium-driver (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+test: venv postgres-bin chromium-bin
 	$(BIN)/ruff check driftloop flows tasks blocks tests bench
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
