@@ -114,17 +114,28 @@ def body_text(driver) -> str:
     return driver.execute_script("return document.body ? document.body.innerText : ''") or ""
 
 
-def test_the_ui_reaches_its_api(browser, uis, monitored, tmp_path: Path) -> None:
-    """The runs page lists the monitor run (data only the API has) and no UI says it
-    cannot connect: /ui-settings named this server, not 127.0.0.1:4200."""
-    for version, ui in uis:
-        with evidence_on_failure(browser, tmp_path, f"runs-{version}"):
-            browser.get(f"{ui}/runs")
-            wait_for(browser, lambda d: monitored["flow_run_name"] in body_text(d) or any(m in body_text(d) for m in NO_API),
-                     f"the runs page of {ui} never listed flow run {monitored['flow_run_name']}")
+def test_the_ui_reaches_its_api(browser, uis, monitored, prefect_server, tmp_path: Path) -> None:
+    """The address the demo prints, and each UI's page of the monitor run: the UI's own
+    health check went to this server's API (not 127.0.0.1:4200) and no UI says it cannot
+    connect; the run page shows the run's name, which only the API knows."""
+    health = f"{prefect_server.api_url}/health"
+    checked = "return performance.getEntriesByType('resource').some(e => e.name === arguments[0])"
+    pages = [("home", prefect_server.api_url.removesuffix("/api") + "/", None)]
+    pages += [(f"flow-run-{version}", f"{ui}/runs/flow-run/{monitored['flow_run_id']}", monitored["flow_run_name"])
+              for version, ui in uis]
+    for name, url, expected in pages:
+        with evidence_on_failure(browser, tmp_path, name):
+            browser.get(url)
+            wait_for(browser, lambda d: d.execute_script(checked, health) or any(m in body_text(d) for m in NO_API),
+                     f"{url}: the UI never called {health}")
+            assert not [m for m in NO_API if m in body_text(browser)], f"{url}: the UI cannot reach its API"
+            if expected:
+                wait_for(browser, lambda d, e=expected: e in body_text(d) or any(m in body_text(d) for m in NO_API),
+                         f"{url}: the page never showed flow run {expected}")
             text = body_text(browser)
-            assert not [m for m in NO_API if m in text], f"{ui}: the UI cannot reach its API"
-            assert monitored["flow_run_name"] in text
+            assert not [m for m in NO_API if m in text], f"{url}: the UI cannot reach its API"
+            if expected:
+                assert expected in text
 
 
 def test_the_monitoring_artifact_shows_its_charts(browser, uis, monitored, tmp_path: Path) -> None:
