@@ -101,6 +101,16 @@ def _thresholds(ax: Axes, rows: list[dict[str, Any]]) -> None:
         label = None  # one legend entry for both
 
 
+def _shade_partial(ax: Axes, report: MonitorReport) -> None:
+    """Grey, hatched columns for chunks smaller than the chunk size: reported without
+    alerts (tasks.monitor), so a high value there is not an alarm."""
+    label: str | None = "partial chunk (no alerts)"
+    for index in sorted(report.partial_chunks):
+        ax.axvspan(index - 0.5, index + 0.5, facecolor="#d9d9d9", edgecolor="#969696", hatch="//", alpha=0.5,
+                   linewidth=0, zorder=0.5, label=label)
+        label = None
+
+
 def _legend(ax: Axes) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), framealpha=0.8)
 
@@ -137,6 +147,7 @@ def performance_chart(report: MonitorReport) -> bytes | None:
     if real[0]:
         ax.plot(real[0], real[1], marker="s", markersize=3, linewidth=1.2, color=REALIZED, label=f"realized {metric_realized}")
         _mark_alerts(ax, *real, label="alert (realized)")
+    _shade_partial(ax, report)
     ax.set_title(f"Performance per chunk: {metric or metric_realized}", fontsize=10, loc="left")
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(alpha=0.3, linewidth=0.5)
@@ -169,6 +180,7 @@ def drift_map_chart(report: MonitorReport) -> bytes | None:
     alerted cells crossed. None without univariate results."""
     import numpy as np
     from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.patches import Rectangle
 
     features, chunks, cells = _drift_cells(report)
     if not features or not chunks:
@@ -185,11 +197,17 @@ def drift_map_chart(report: MonitorReport) -> bytes | None:
     alerted = [(chunk, features.index(feature)) for (feature, chunk), (_, alert) in cells.items() if alert]
     if alerted:
         ax.scatter([c for c, _ in alerted], [f for _, f in alerted], marker="x", s=22, color="black", linewidths=1.1)
+    for index in sorted(report.partial_chunks):  # reported without alerts: hatched over the colour
+        ax.add_patch(Rectangle((index - 0.5, -0.5), 1.0, len(features), facecolor="none", edgecolor="#636363",
+                               hatch="//", linewidth=0))
     ax.set_yticks(range(len(features)))
     ax.set_yticklabels(features, fontsize=7)
     _chunk_axis(ax, report)
     ax.set_xlim(chunks[0] - 0.5, chunks[-1] + 0.5)
-    ax.set_title("Univariate drift: statistic / threshold per feature and chunk (x = alert)", fontsize=10, loc="left")
+    title = "Univariate drift: statistic / threshold per feature and chunk (x = alert)"
+    if report.partial_chunks:
+        title = "Univariate drift: statistic / threshold (x = alert; hatched: partial chunk, no alerts)"
+    ax.set_title(title, fontsize=9, loc="left")
     bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.01, ticks=[0, 1, 2])
     bar.ax.set_yticklabels(["0", "1", "≥2"], fontsize=7)
     return _png(fig)
@@ -208,6 +226,7 @@ def multivariate_chart(report: MonitorReport) -> bytes | None:
     ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.4, color=ESTIMATED, label=name)
     _thresholds(ax, rows)
     _mark_alerts(ax, xs, ys, alerts, label="alert")
+    _shade_partial(ax, report)
     ax.set_title(f"Multivariate drift: {name} per chunk", fontsize=10, loc="left")
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(alpha=0.3, linewidth=0.5)

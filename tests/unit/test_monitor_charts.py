@@ -140,3 +140,12 @@ def test_markdown_leads_with_the_verdict_then_three_charts_then_the_table(report
 def test_with_charts_without_a_table_appends() -> None:
     assert with_charts("# title\n\nno table", "![x](data:image/png;base64,AA==)").endswith("![x](data:image/png;base64,AA==)\n")
     assert with_charts("# title\n\n| a |\n|---|", "") == "# title\n\n| a |\n|---|"
+
+
+def test_a_partial_chunk_is_shaded(report: MonitorReport) -> None:
+    partial = make_report()
+    partial.partial_chunks = {CHUNKS - 1: 120}  # reported without alerts by tasks.monitor
+    for draw in (performance_chart, drift_map_chart, multivariate_chart):
+        png = draw(partial)
+        assert png is not None and png != draw(report) and len(png) < 100_000
+        png_size(png)
