@@ -28,16 +28,16 @@ from tempfile import mkdtemp
 os.environ.setdefault("NML_DISABLE_USAGE_LOGGING", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import polars as pl  # noqa: E402
+import polars as pl
 
-from driftloop.onnx_model import load_model, predict_scores  # noqa: E402
-from driftloop.spec import MonitoringPolicy, load_spec  # noqa: E402
-from tasks.export import build_onnx  # noqa: E402
-from tasks.monitor import run_monitoring  # noqa: E402
-from tasks.score import prediction_frame  # noqa: E402
-from tasks.split import split_dataset  # noqa: E402
-from tasks.tune import fit_model, prepare_training_data  # noqa: E402
-from tests.support.data import make_loans, write_spec  # noqa: E402
+from driftloop.onnx_model import load_model, predict_scores
+from driftloop.spec import MonitoringPolicy, load_spec
+from tasks.export import build_onnx
+from tasks.monitor import run_monitoring
+from tasks.score import prediction_frame
+from tasks.split import split_dataset
+from tasks.tune import fit_model, prepare_training_data
+from tests.support.data import make_loans, write_spec
 
 
 def main() -> None:

@@ -319,6 +319,9 @@ def _human_monitor(p: dict[str, Any]) -> str:
     lines = [f"monitoring {p['model']}:{p['version']}", f"  {'chunk start':<26} {'chunk end':<26} {'estimated':>9} {'realized':>9}  drifting features"]
     for c in p["chunks"]:
         lines.append(f"  {str(c['start'])[:26]:<26} {str(c['end'])[:26]:<26} {fmt(c['estimated']):>9} {fmt(c['realized']):>9}  {', '.join(c['drifting_features']) or '-'}")
+    if labels := p.get("labels"):
+        lines.append(f"labels: {labels['source']}: {labels['rows_valid']:,} of {labels['rows_in']:,} valid "
+                     f"({labels['rows_quarantined']:,} failed validation), {labels['matched']:,} scored rows labelled")
     verdict = "FIRED" if p["policy"]["fired"] else "no retraining"
     lines.append(f"policy: {verdict}: " + "; ".join(p["policy"]["reasons"]))
     event = p.get("event")

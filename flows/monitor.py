@@ -57,6 +57,16 @@ class EmittedEvent(BaseModel):
     payload: dict[str, Any]
 
 
+class LabelsUsed(BaseModel):
+    """Where realized performance's labels came from, and what validation made of them."""
+
+    source: str
+    rows_in: int
+    rows_valid: int
+    rows_quarantined: int
+    matched: int  # scored rows that got a label
+
+
 class MonitorResult(BaseModel):
     run_id: str
     model: str
@@ -65,6 +75,7 @@ class MonitorResult(BaseModel):
     policy: PolicyVerdict
     event: EmittedEvent | None
     report_uri: str
+    labels: LabelsUsed | None = None
 
 
 @task(name="load-monitoring-inputs", cache_policy=NONE)
@@ -80,7 +91,7 @@ def load_inputs_task(record: ModelVersionRecord, input_uri: str) -> tuple[Datase
 
 
 @task(name="load-labels", cache_policy=NONE)
-def load_labels_task(registry: RegistryStore, spec: DatasetSpec, labels_uri: str | None) -> tuple[pl.DataFrame | None, str | None]:
+def load_labels_task(registry: RegistryStore, spec: DatasetSpec, labels_uri: str | None) -> tuple[pl.DataFrame | None, LabelsUsed | None]:
     """Labels for realized performance: a file parsed and validated by the spec like
     ``driftloop labels`` (bad rows quarantined and counted), or by default the labels
     registered for the model (the later label for an id wins)."""
@@ -93,9 +104,13 @@ def load_labels_task(registry: RegistryStore, spec: DatasetSpec, labels_uri: str
             get_run_logger().warning("labels %s: %d of %d rows failed validation and are not used (register them "
                                      "with driftloop labels to keep a quarantine file)", batch.source,
                                      result.rows_quarantined, result.rows_in)
-        return result.valid, batch.source
+        return result.valid, LabelsUsed(source=batch.source, rows_in=result.rows_in, rows_valid=result.rows_valid,
+                                        rows_quarantined=result.rows_quarantined, matched=0)
     labels = registered_labels(registry, spec)
-    return labels, (f"registry:{labels_dataset_name(spec.name)}" if labels is not None else None)
+    if labels is None:
+        return None, None
+    return labels, LabelsUsed(source=f"registry:{labels_dataset_name(spec.name)}", rows_in=labels.height,
+                              rows_valid=labels.height, rows_quarantined=0, matched=0)
 
 
 def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: MonitorReport, input_uri: str) -> EmittedEvent:
@@ -187,9 +202,10 @@ def monitor(
             raise DriftloopError(f"no scoring runs of {record.model_name} yet; score some data first or pass input_uri")
         input_uri = runs[0].output_uri
     spec, reference, analysis = load_inputs_task(record, input_uri)
-    labels, labels_uri = load_labels_task(registry, spec, labels_uri)
-    if labels is not None:
+    labels, labels_used = load_labels_task(registry, spec, labels_uri)
+    if labels is not None and labels_used is not None:
         analysis = join_labels(analysis, labels, spec)
+        labels_used.matched = int(analysis[spec.target].is_not_null().sum())
     if policy is None and policy_block:
         from blocks.driftloop_blocks import MonitoringPolicyBlock
 
@@ -200,7 +216,8 @@ def monitor(
 
     event = build_event(record, decision, report, input_uri) if decision.fired else None
     # Stored first, emitted second: an event never points at results that were not kept.
-    run_id, report_uri = publish_task(registry, store, record, report, decision, event, input_uri, labels_uri)
+    run_id, report_uri = publish_task(registry, store, record, report, decision, event, input_uri,
+                                      labels_used.source if labels_used else None)
     if event is not None:
         emit_event(event=event.event, resource=event.resource, payload={**event.payload, "monitoring_run": run_id})
         logger.warning("policy fired: %s (%s)", event.event, "; ".join(decision.reasons))
@@ -210,4 +227,5 @@ def monitor(
         run_id=run_id, model=record.model_name, version=record.version,
         chunks=[ChunkSummary(**{k: c[k] for k in ("start", "end", "drifting_features", "estimated", "realized")}) for c in chunk_summaries(report)],
         policy=PolicyVerdict(fired=decision.fired, reasons=decision.reasons), event=event, report_uri=report_uri,
+        labels=labels_used,
     )

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from statistics import NormalDist, fmean, pstdev
+from statistics import NormalDist, fmean, median, pstdev
 from typing import Any
 
 # Distances that shrink like 1/sqrt(rows) under no drift (chi2 is a test statistic whose
@@ -129,11 +129,14 @@ def multivariate_threshold(folds: list[list[float]], *, alert_rate: float, chunk
     folds = [f for f in folds if len(f) >= 2]
     if len(folds) < 2:
         return None
+    # Medians: one unlucky halving (a reconstruction that kept one component fewer) must
+    # not move the threshold for everyone.
     means = [fmean(f) for f in folds]
-    within = fmean([pstdev(f) ** 2 for f in folds])
-    between = pstdev(means) ** 2 * len(means) / (len(means) - 1)
+    centre = median(means)
+    within = median([pstdev(f) ** 2 for f in folds])
+    between = (1.4826 * median([abs(m - centre) for m in means])) ** 2
     spread = math.sqrt(within * (1 + chunk_rows / reference_rows) + between / 2)
-    return fmean(means) + NormalDist().inv_cdf(1 - alert_rate) * spread
+    return centre + NormalDist().inv_cdf(1 - alert_rate) * spread
 
 
 def apply_thresholds(results: list[dict[str, Any]], calibration: Calibration, partial: set[int]) -> list[dict[str, Any]]:

@@ -257,8 +257,8 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     results += _long_results(univariate, "univariate")
     multivariate = multivariate_calculator(chunk_args, spec.timestamp).calculate(ana)
     results += _long_results(multivariate, "multivariate")
-    sizes = _chunk_sizes(univariate)
-    full_chunk = chunk_args.get("chunk_size") or (sorted(sizes.values())[len(sizes) // 2] if sizes else None)
+    chunk_sizes = _chunk_sizes(univariate)
+    full_chunk = chunk_args.get("chunk_size") or (sorted(chunk_sizes.values())[len(chunk_sizes) // 2] if chunk_sizes else None)
     calibration = None
     if policy.alert_rate is not None and full_chunk:
         # The statistics of chunks drawn from the reference itself: their distribution
@@ -335,7 +335,7 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
         if realized is not None:
             figures["realized_performance"] = realized.plot()
 
-    partial = partial_chunks(sizes, chunk_args.get("chunk_size"))
+    partial = partial_chunks(chunk_sizes, chunk_args.get("chunk_size"))
     if calibration is not None or partial:
         results = apply_thresholds(results, calibration or Calibration(0.0, 0, 0, 0, 0), set(partial))
     seen: dict[int, Chunk] = {}
