@@ -202,6 +202,34 @@ def _feedback(registry: RegistryStore, spec: DatasetSpec, columns: list[str], ou
     return joined.select(*columns, SOURCE, REGISTERED_AT)
 
 
+def scored_and_labelled(registry: RegistryStore, spec: DatasetSpec, *, model_version: int, start: datetime,
+                        end: datetime) -> pl.DataFrame:
+    """The rows ``model_version`` scored with a timestamp in [start, end), whole (features,
+    prediction, probabilities), with their latest registered label; unlabelled rows are
+    left out. Monitoring's reference when the policy names a reference period."""
+    if not spec.id or not spec.timestamp:
+        raise DriftloopError(f"a reference period needs the spec's id and timestamp; spec '{spec.name}' lacks one")
+    labels = registered_labels(registry, spec)
+    if labels is None:
+        return pl.DataFrame()
+    # An output directory holds what its latest run wrote: it counts only if that run was this version's.
+    latest_by_output = {run.output_uri: run for run in sorted(registry.list_scoring_runs(spec.name), key=lambda r: r.finished_at)}
+    frames = []
+    for run in latest_by_output.values():
+        if run.model_version != model_version:
+            continue
+        try:
+            scored = read_predictions(run.output_uri)
+        except (OSError, DriftloopError) as exc:
+            logger.warning("scoring run %s left out of the reference: %s", run.id, exc)
+            continue
+        frames.append(scored.filter((pl.col(spec.timestamp) >= start) & (pl.col(spec.timestamp) < end)))
+    if not frames:
+        return pl.DataFrame()
+    rows = pl.concat(frames, how="diagonal_relaxed").unique(subset=[spec.id], keep="last", maintain_order=True)
+    return join_labels(rows, labels, spec, how="inner").drop(REGISTERED_AT).sort(spec.timestamp)
+
+
 @dataclass
 class TrainingWindow:
     frame: pl.DataFrame  # training columns only

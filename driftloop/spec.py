@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,6 +100,21 @@ class PerformanceRule(BaseModel):
     of_last: int = Field(default=3, ge=1, description="... of the last N analysis chunks alert.")
 
 
+class ReferencePeriod(BaseModel):
+    """A labelled period after training, as monitoring's reference."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: datetime = Field(description="First timestamp of the period (inclusive).")
+    end: datetime = Field(description="End of the period (exclusive).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReferencePeriod:
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be before end ({self.end})")
+        return self
+
+
 class MonitoringPolicy(BaseModel):
     """What monitoring computes and what warrants retraining."""
 
@@ -122,6 +137,12 @@ class MonitoringPolicy(BaseModel):
     )
     calibration_draws: int = Field(
         default=200, ge=50, le=5000, description="Chunks resampled from the reference to calibrate the thresholds."
+    )
+    reference_period: ReferencePeriod | None = Field(
+        default=None,
+        description="Use as the reference the rows the monitored version scored in this period, with their registered "
+        "labels, instead of its holdout: data the model was not trained on, from a period of known performance, and "
+        "usually many more rows (tighter thresholds). Needs the spec's id and timestamp.",
     )
 
     @model_validator(mode="after")

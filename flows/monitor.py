@@ -18,15 +18,21 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from driftloop.errors import DriftloopError
-from driftloop.feedback import join_labels, labels_dataset_name, registered_labels
+from driftloop.feedback import (
+    join_labels,
+    labels_dataset_name,
+    registered_labels,
+    scored_and_labelled,
+)
 from driftloop.onnx_model import load_model
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
-from driftloop.spec import DatasetSpec, MonitoringPolicy
+from driftloop.spec import DatasetSpec, MonitoringPolicy, ReferencePeriod
 from driftloop.storage import ArtifactStore, read_bytes, read_predictions
 from flows.config import run_settings
 from tasks.ingest import read_file
 from tasks.labels import validate_labels
 from tasks.monitor import (
+    MonitoringError,
     MonitorReport,
     PolicyDecision,
     chunk_summaries,
@@ -88,6 +94,21 @@ def load_inputs_task(record: ModelVersionRecord, input_uri: str) -> tuple[Datase
         raise DriftloopError(f"monitoring reference {record.reference_uri} does not match its recorded sha256; refusing to use it")
     reference = pl.read_parquet(io.BytesIO(reference_bytes))
     return spec, reference, read_predictions(input_uri)
+
+
+@task(name="load-reference-period", cache_policy=NONE)
+def reference_period_task(registry: RegistryStore, spec: DatasetSpec, record: ModelVersionRecord,
+                          period: ReferencePeriod) -> pl.DataFrame:
+    """The policy's reference period instead of the holdout: what this version scored
+    then, with the labels registered since."""
+    reference = scored_and_labelled(registry, spec, model_version=record.version, start=period.start, end=period.end)
+    if reference.height < 100:
+        raise MonitoringError(
+            f"monitoring {record.ref}: the reference period {period.start} .. {period.end} holds {reference.height} "
+            f"labelled rows scored by v{record.version} (at least 100 needed); score that period with this version "
+            "and register its labels (driftloop labels), or remove monitoring.reference_period"
+        )
+    return reference
 
 
 @task(name="load-labels", cache_policy=NONE)
@@ -211,6 +232,8 @@ def monitor(
 
         policy = MonitoringPolicyBlock.load(policy_block).policy
     active = policy or spec.monitoring
+    if active.reference_period is not None:
+        reference = reference_period_task(registry, spec, record, active.reference_period)
     report = monitor_task(reference, analysis, spec, active)
     decision = decide_task(report, active, spec.gate, spec.gate_metric)
 

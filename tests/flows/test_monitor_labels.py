@@ -9,6 +9,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from driftloop.registry import open_registry
+from driftloop.settings import get_settings
 from flows.labels import ingest_labels
 from flows.monitor import monitor
 from flows.score import score
@@ -50,3 +52,26 @@ def test_integer_ids_for_a_string_id_spec_and_bad_rows(tmp_path: Path, home: Pat
 def _parquet(path: Path, frame: pl.DataFrame) -> Path:
     frame.write_parquet(path)
     return path
+
+
+def test_a_labelled_period_after_training_as_the_reference(tmp_path: Path, home: Path) -> None:
+    """The policy names a period the version scored and whose labels arrived: its rows,
+    not the holdout, are the reference (and the calibration's)."""
+    from driftloop.spec import MonitoringPolicy, ReferencePeriod
+
+    spec = write_spec(tmp_path, {"gate": {"thresholds": {}}})
+    train(spec_path=str(spec), source=str(_parquet(tmp_path / "train.parquet", make_loans(3000, seed=1))),
+          trials=1, algorithms=["lightgbm"], parity_min_rows=5_000)
+    later = make_loans(6000, seed=2, start="2024-06-01")
+    scored = score(input_uri=str(_parquet(tmp_path / "later.parquet", later.drop("repaid"))),
+                   output_uri=str(tmp_path / "scored"), model="loans")
+    period = ReferencePeriod(start=later["ts"].min(), end=later["ts"].sort()[3000])
+    policy = MonitoringPolicy(reference_period=period)
+    with pytest.raises(Exception, match="holds 0 labelled rows scored by v1"):
+        monitor(input_uri=scored.output_uri, model="loans", policy=policy)
+    ingest_labels(spec_path=str(spec), source=str(_parquet(tmp_path / "labels.parquet", later.select("id", "repaid"))))
+    result = monitor(input_uri=scored.output_uri, model="loans", policy=policy)
+    registry = open_registry(get_settings().registry_database_url())
+    (run,) = [r for r in registry.list_monitoring_runs("loans") if r["id"] == result.run_id]
+    assert run["decision"]["calibration"]["reference_rows"] == 3000  # the period's labelled rows, not the holdout
+    assert not result.policy.fired, result.policy.reasons
