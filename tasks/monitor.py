@@ -388,12 +388,12 @@ def decide(
     perf_rows = sorted(report.rows("estimated"), key=lambda r: r["chunk_index"])
     if policy.performance is not None and perf_rows:
         recent = perf_rows[-policy.performance.of_last:]
-        alerts = sum(r["alert"] for r in recent)
+        alerts = sum(worse_than_threshold(r) for r in recent)
         if alerts >= policy.performance.alerts:
             event = PERFORMANCE_EVENT
             reasons.append(
-                f"estimated {report.estimated_metric} alerted in {alerts} of the last {len(recent)} chunks "
-                f"(policy: {policy.performance.alerts} of {policy.performance.of_last})"
+                f"estimated {report.estimated_metric} alerted (worse than its threshold) in {alerts} of the last "
+                f"{len(recent)} chunks (policy: {policy.performance.alerts} of {policy.performance.of_last})"
             )
     gate_metric = gate_metric or (gate.metric if gate else None)
     if policy.performance is not None and gate_metric:
@@ -428,6 +428,15 @@ def labelled_enough(report: MonitorReport, chunk_index: int) -> bool:
     return 2 * report.labelled_rows[chunk_index] >= report.chunk_rows
 
 
+def worse_than_threshold(row: dict[str, Any]) -> bool:
+    """A performance alert on the bad side: better than the reference is no reason to retrain."""
+    if not row["alert"] or row["value"] is None:
+        return False
+    if HIGHER_IS_BETTER.get(row["name"], True):
+        return row["lower_threshold"] is not None and row["value"] < row["lower_threshold"]
+    return row["upper_threshold"] is not None and row["value"] > row["upper_threshold"]
+
+
 def realized_reason(report: MonitorReport, policy: MonitoringPolicy, gate: GateSpec | None, metric: str) -> str | None:
     """Why realized ``metric`` warrants retraining, or None. Of the last
     ``policy.performance.of_last`` chunks with a realized value and enough labels, at least
@@ -447,7 +456,7 @@ def realized_reason(report: MonitorReport, policy: MonitoringPolicy, gate: GateS
     bound = gate.thresholds.get(metric) if gate else None
     limit = (bound.min if higher else bound.max) if bound else None
     below = [r for r in recent if limit is not None and (r["value"] < limit if higher else r["value"] > limit)]
-    alerted = [r for r in recent if r["alert"]]
+    alerted = [r for r in recent if worse_than_threshold(r)]
     degraded = {r["chunk_index"] for r in below + alerted}
     if len(degraded) < policy.performance.alerts:
         return None

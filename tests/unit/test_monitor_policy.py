@@ -139,13 +139,17 @@ def test_a_tiny_last_chunk_is_ignored_and_the_gate_metric_is_realized(setup: dic
     report = run_monitoring(setup["reference"], frame, spec, POLICY, with_plots=False)
     assert report.chunk_rows == 240 and report.labelled_rows[5] == 30
     tail = realized(report)[-1]
-    assert tail["chunk_index"] == 5 and tail["alert"] and tail["value"] < 0.5, tail
+    # Its value is terrible, but a partial chunk is reported without alerts.
+    assert tail["chunk_index"] == 5 and tail["value"] < 0.5 and not tail["alert"], tail
+    assert report.partial_chunks == {5: 30}
 
     one_of_last = MonitoringPolicy(performance={"alerts": 1, "of_last": 1})
     assert decide(report, one_of_last, gate_metric="roc_auc").event != PERFORMANCE_EVENT
-    # Counted, the tail would fire: the labelled-rows rule is what keeps it out.
+    # Judged against a gate bar it would be degraded: the labelled-rows rule keeps it out.
+    strict = GateSpec(thresholds={"roc_auc": Threshold(min=0.6)})
+    assert decide(report, one_of_last, gate=strict, gate_metric="roc_auc").event != PERFORMANCE_EVENT
     uncounted = dataclasses.replace(report, chunk_rows=None)
-    assert decide(uncounted, one_of_last, gate_metric="roc_auc").event == PERFORMANCE_EVENT
+    assert decide(uncounted, one_of_last, gate=strict, gate_metric="roc_auc").event == PERFORMANCE_EVENT
 
     pr_auc = realized(report, "pr_auc")
     assert len(pr_auc) == 6 and all(0 < r["value"] <= 1 for r in pr_auc)
@@ -168,3 +172,19 @@ def test_lower_is_better_metrics_use_the_gates_max() -> None:
     assert decision.event == PERFORMANCE_EVENT
     assert "realized mae above the gate's max 2 in 2 of the last 3 labelled chunks (c2: 3.000, c3: 3.500)" in decision.reasons[0]
     assert decide(report, POLICY, gate=GateSpec(thresholds={"mae": Threshold(max=4.0)}), gate_metric="mae").fired is False
+
+
+def test_performance_better_than_the_reference_is_no_reason_to_retrain() -> None:
+    from tasks.monitor import Chunk, worse_than_threshold
+
+    def row(i: int, value: float) -> dict:
+        return {"chunk_index": i, "chunk_key": f"[{i}]", "chunk_start": None, "chunk_end": None, "kind": "estimated",
+                "name": "roc_auc", "method": "estimated", "value": value, "lower_threshold": 0.80,
+                "upper_threshold": 0.90, "alert": not 0.80 <= value <= 0.90}
+
+    better = [row(i, 0.95) for i in range(3)]
+    report = MonitorReport([Chunk(i, f"[{i}]", None, None) for i in range(3)], better, "roc_auc", False)
+    assert not decide(report, POLICY).fired and not any(worse_than_threshold(r) for r in better)
+    worse = [row(i, 0.70) for i in range(3)]
+    report = MonitorReport([Chunk(i, f"[{i}]", None, None) for i in range(3)], worse, "roc_auc", False)
+    assert decide(report, POLICY).event == PERFORMANCE_EVENT
