@@ -25,6 +25,7 @@ from driftloop.feedback import (
     scored_and_labelled,
 )
 from driftloop.onnx_model import load_model
+from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
 from driftloop.spec import DatasetSpec, MonitoringPolicy, ReferencePeriod
 from driftloop.storage import ArtifactStore, read_bytes, read_predictions
@@ -158,7 +159,7 @@ def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: Mo
             "metric": report.estimated_metric,
             "estimates": estimates,
             "chunk_span": {"start": window[0].start if window else None, "end": window[-1].end if window else None},
-            "analysis_uri": input_uri,
+            "analysis_uri": mask_uri(input_uri),
         },
     )
 
@@ -178,7 +179,7 @@ def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVer
     charts = render_charts(report)
     plots += [store.write_bytes(f"{base}/charts/{chart.name}.png", chart.png) for chart in charts]
     registry.add_monitoring_run(
-        {"id": run_id, "model_name": record.model_name, "model_version": record.version, "analysis_uri": input_uri,
+        {"id": run_id, "model_name": record.model_name, "model_version": record.version, "analysis_uri": mask_uri(input_uri),
          "labels_uri": labels_uri, "decision": {"fired": decision.fired, "event": decision.event, "reasons": decision.reasons,
                                                 "drifting_features": decision.drifting_features,
                                                 # what the drift thresholds were set for, and chunks judged without alerts
@@ -218,9 +219,11 @@ def monitor(
     store = ArtifactStore(settings.artifact_root_uri())
     record = registry.resolve(model)
     if input_uri is None:
-        runs = registry.list_scoring_runs(record.model_name)
+        # The latest run of the version being monitored: another version's outputs would be
+        # judged against this version's reference.
+        runs = [r for r in registry.list_scoring_runs(record.model_name) if r.model_version == record.version]
         if not runs:
-            raise DriftloopError(f"no scoring runs of {record.model_name} yet; score some data first or pass input_uri")
+            raise DriftloopError(f"no scoring runs of {record.ref} yet; score some data with it first or pass input_uri")
         input_uri = runs[0].output_uri
     spec, reference, analysis = load_inputs_task(record, input_uri)
     labels, labels_used = load_labels_task(registry, spec, labels_uri)

@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
+from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
 from driftloop.storage import ArtifactStore
 from flows.config import run_settings
@@ -37,7 +38,7 @@ def resolve_model_task(registry: RegistryStore, ref: str) -> ModelVersionRecord:
 def record_run_task(registry: RegistryStore, record: ModelVersionRecord, input_uri: str, result: ScoreResult, started_at: datetime) -> ScoringRunRecord:
     run = ScoringRunRecord(
         id=str(uuid.uuid4()), model_name=record.model_name, model_version=record.version,
-        onnx_sha256=record.onnx_sha256, input_uri=input_uri, output_uri=result.output_uri,
+        onnx_sha256=record.onnx_sha256, input_uri=mask_uri(input_uri), output_uri=mask_uri(result.output_uri),
         quarantine_uri=result.quarantine_uri, rows_in=result.rows_in, rows_scored=result.rows_scored,
         rows_quarantined=result.rows_quarantined, started_at=started_at, finished_at=datetime.now(UTC),
     )
@@ -75,14 +76,14 @@ def score(
 
     logger.info(
         "scored %d of %d rows with %s (%d quarantined) -> %s",
-        result.rows_scored, result.rows_in, record.ref, result.rows_quarantined, result.output_uri,
+        result.rows_scored, result.rows_in, record.ref, result.rows_quarantined, mask_uri(result.output_uri),
     )
     create_markdown_artifact(
         key=f"scoring-{record.model_name}".replace("_", "-"),
         markdown=(
             f"# Scoring with {record.ref}\n\n| rows in | scored | quarantined | batches |\n|---:|---:|---:|---:|\n"
             f"| {result.rows_in} | {result.rows_scored} | {result.rows_quarantined} | {result.batches} |\n\n"
-            f"Input: `{input_uri}`\n\nOutput: `{result.output_uri}`"
+            f"Input: `{mask_uri(input_uri)}`\n\nOutput: `{mask_uri(result.output_uri)}`"
             + (f"\n\nQuarantine: `{result.quarantine_uri}`" if result.quarantine_uri else "")
         ),
         description=f"Scoring run {run.id}",

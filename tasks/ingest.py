@@ -22,6 +22,7 @@ from sqlalchemy import MetaData, Table, create_engine, inspect, select, text
 from sqlalchemy.exc import NoSuchTableError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from driftloop.errors import RejectLimitExceeded, SourceError
+from driftloop.redact import mask_uri
 from driftloop.registry.store import DatasetRecord, RegistryStore, masked_url, utcnow
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
@@ -111,26 +112,27 @@ def read_file(uri: str) -> RawBatch:
     from driftloop.demo_data import resolve_demo_uri
 
     uri = resolve_demo_uri(uri)
+    shown = mask_uri(uri)  # what is recorded and said: never a credential in the URI
     try:
         with fsspec.open(uri, "rb", compression="infer") as fh:
             data = fh.read()
     except FileNotFoundError:
-        raise SourceError(f"input {uri} does not exist; check the path or URI") from None
+        raise SourceError(f"input {shown} does not exist; check the path or URI") from None
     except IsADirectoryError:
-        raise SourceError(f"input {uri} is a directory; pass a CSV or Parquet file") from None
+        raise SourceError(f"input {shown} is a directory; pass a CSV or Parquet file") from None
     except (OSError, ValueError, ImportError) as exc:
-        raise SourceError(f"input {uri} cannot be read: {exc}") from None
+        raise SourceError(f"input {shown} cannot be read: {exc}") from None
     if not data.strip():
-        raise SourceError(f"input {uri} is empty; expected a header line and data rows")
+        raise SourceError(f"input {shown} is empty; expected a header line and data rows")
     digest = hashlib.sha256(data).hexdigest()
     if data[:4] == b"PAR1" or uri.lower().endswith((".parquet", ".pq")):
-        frame = _read_parquet_bytes(data, uri)
+        frame = _read_parquet_bytes(data, shown)
         malformed = malformed_frame([])
     else:
-        frame, malformed = read_csv_bytes(data, uri)
+        frame, malformed = read_csv_bytes(data, shown)
     if frame.height + malformed.height == 0:
-        raise SourceError(f"input {uri} has a header but no data rows; nothing to ingest")
-    return RawBatch(frame=frame, malformed=malformed, source=uri, content_hash=digest)
+        raise SourceError(f"input {shown} has a header but no data rows; nothing to ingest")
+    return RawBatch(frame=frame, malformed=malformed, source=shown, content_hash=digest)
 
 
 def _read_parquet_bytes(data: bytes, uri: str) -> pl.DataFrame:

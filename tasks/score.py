@@ -129,12 +129,21 @@ def _iter_csv(handle: Any, uri: str, batch_size: int) -> Iterator[InputBatch]:
         pending_rows += frame.height
         while pending_rows >= batch_size:
             merged = pl.concat(pending)
-            malformed, bad[:] = malformed_frame(list(bad)), []
+            malformed = malformed_frame(_drain(bad))
             yield InputBatch(merged.head(batch_size), malformed)
             rest = merged.slice(batch_size)
             pending, pending_rows = [rest], rest.height
     if pending_rows or bad:
-        yield InputBatch(pl.concat(pending) if pending else pl.DataFrame(), malformed_frame(list(bad)))
+        yield InputBatch(pl.concat(pending) if pending else pl.DataFrame(), malformed_frame(_drain(bad)))
+
+
+def _drain(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Take the records collected so far. pyarrow's parse callbacks append from other
+    threads meanwhile: remove exactly what was taken (an append lands after it), never
+    clear the list wholesale, which would lose a record appended in between."""
+    taken = records[: len(records)]
+    del records[: len(taken)]
+    return taken
 
 
 def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBatch]:
