@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from driftloop.feedback import WindowRecord
 from driftloop.registry import ModelNotFound, open_registry
+from driftloop.spec import check_model_name
 from driftloop.storage import ArtifactStore
 from flows.config import run_settings
 from flows.score import ScoreSummary, score
@@ -29,7 +30,6 @@ from flows.train import TrainOptions, train_and_register
 from tasks.retrain import (
     acquire_lease_task,
     champion_spec_task,
-    check_model_name,
     collect_labelled_task,
     select_window_task,
     snapshot_window_task,

@@ -22,8 +22,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from driftloop.errors import DriftloopError
+from driftloop.errors import DriftloopError, is_unreachable
 from driftloop.registry.store import ModelNotFound
+from driftloop.spec import check_model_name
 from tasks.score import IntegrityError, fetch_verified
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class CachedModel:
 
 class ModelCache:
     def __init__(self, root: Path, model_name: str) -> None:
+        check_model_name(model_name)  # it becomes a path: no '..', no '/'
         self.dir = root / model_name
         self.name = model_name
 
@@ -125,7 +127,11 @@ def refresh(cache: ModelCache, resolve: Callable[[], Any]) -> CachedModel:
         return model
     except (IntegrityError, ModelNotFound):
         raise  # a tampered artifact is never installed; an unknown model is an error
-    except (DriftloopError, OSError, ConnectionError) as exc:
+    except Exception as exc:
+        # Only an outage may be ridden out on the cache: a configuration error or a revoked
+        # credential must fail the run, not score with a stale model forever.
+        if not is_unreachable(exc):
+            raise
         cached = cache.current(cache_hit=True, offline=True, note=f"registry or artifact store unreachable ({exc}); scoring with the cached model")
         if cached is None:
             raise DriftloopError(

@@ -9,7 +9,9 @@ import hashlib
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import polars as pl
@@ -19,7 +21,13 @@ from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from sqlalchemy import MetaData, Table, create_engine, inspect, select, text
-from sqlalchemy.exc import NoSuchTableError, OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    NoSuchTableError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 
 from driftloop.errors import RejectLimitExceeded, SourceError
 from driftloop.redact import mask_uri
@@ -240,6 +248,24 @@ def malformed_frame(records: list[dict[str, object]]) -> pl.DataFrame:
 # --- SQL ---------------------------------------------------------------------------
 
 
+_READ_ONLY_REFUSAL = re.compile(r"read-only transaction|readonly database|read only", re.IGNORECASE)
+
+
+def _read_only(conn: Any, label: str) -> None:
+    """Make this connection's reads a read-only transaction: a query from a block or the
+    command line must not be able to change the source."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+    elif dialect == "sqlite":
+        conn.exec_driver_sql("PRAGMA query_only = ON")
+    elif dialect in ("mysql", "mariadb"):
+        conn.exec_driver_sql("SET SESSION TRANSACTION READ ONLY")
+    else:
+        logger.warning("SQL source %s: %s has no read-only mode driftloop knows; use a read-only database user",
+                       label, dialect)
+
+
 def read_sql(source: SqlSource) -> RawBatch:
     url = source.resolve_url()
     label = source.describe(url)
@@ -249,6 +275,7 @@ def read_sql(source: SqlSource) -> RawBatch:
         raise SourceError(f"SQL source {masked_url(url)}: invalid URL or missing driver: {exc}") from None
     try:
         with engine.connect() as conn:
+            _read_only(conn, label)
             if source.table:
                 schema, _, name = source.table.rpartition(".")
                 if not inspect(conn).has_table(name, schema=schema or None):
@@ -261,8 +288,15 @@ def read_sql(source: SqlSource) -> RawBatch:
             else:
                 statement = text(source.query or "").bindparams(**source.params)
             frame = pl.read_database(statement, conn, infer_schema_length=None)
-    except OperationalError as exc:
+    except DBAPIError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        if _READ_ONLY_REFUSAL.search(reason):
+            raise SourceError(
+                f"SQL source {label}: the query tries to write ({reason}); sources are read in a read-only "
+                "transaction and nothing was changed: give a SELECT"
+            ) from None
+        if not isinstance(exc, OperationalError):
+            raise SourceError(f"SQL source {label}: {reason}") from None
         raise SourceError(
             f"SQL source {label}: cannot connect or query: {reason}; check the host, port, "
             "credentials and that the database is running"

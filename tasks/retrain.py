@@ -6,12 +6,10 @@ as a registered dataset, so the version's lineage points at exactly what it lear
 from __future__ import annotations
 
 import hashlib
-import re
 
 from prefect import task
 from prefect.cache_policies import NONE
 
-from driftloop.errors import DriftloopError
 from driftloop.feedback import (
     LabelledData,
     TrainingWindow,
@@ -27,18 +25,6 @@ from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
 from tasks.ingest import frame_content_hash
 from tasks.score import fetch_verified
-
-MODEL_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
-
-
-def check_model_name(name: str) -> str:
-    """A model name from outside (an event, a CLI argument) before it reaches the registry."""
-    if not isinstance(name, str) or not MODEL_NAME.match(name):
-        raise DriftloopError(
-            f"model name {name!r} is not a driftloop model name (lowercase letters, digits, _ and -, starting "
-            "with a letter); check the event's driftloop.model.name or the --model argument"
-        )
-    return name
 
 
 def champion_spec(record: ModelVersionRecord) -> DatasetSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from driftloop.errors import DriftloopError, RegistryError
+from driftloop.errors import DriftloopError, RegistryError, RegistryUnreachable
 from driftloop.registry import schema
 from driftloop.registry.tables import (
     AliasEventRow,
@@ -496,6 +497,11 @@ def utcnow() -> datetime:
 
 
 _opened: dict[str, RegistryStore] = {}
+_NETWORK_FAILURE = re.compile(
+    r"connection refused|could not connect|timeout expired|timed out|could not translate host name|"
+    r"no route to host|network is unreachable|name or service not known|connection reset",
+    re.IGNORECASE,
+)
 
 
 def open_registry(url: str) -> RegistryStore:
@@ -512,7 +518,10 @@ def open_registry(url: str) -> RegistryStore:
     except OperationalError as exc:
         engine.dispose()
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise RegistryError(
+        # Refused credentials or a missing database are configuration errors; a host that
+        # does not answer is an outage (an edge agent may ride it out on its cache).
+        error = RegistryUnreachable if _NETWORK_FAILURE.search(reason) else RegistryError
+        raise error(
             f"cannot open the registry database {masked_url(url)}: {reason}; "
             "check DRIFTLOOP_REGISTRY_URL (host, port, credentials) or DRIFTLOOP_HOME"
         ) from None

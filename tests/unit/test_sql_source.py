@@ -73,3 +73,32 @@ def test_source_needs_one_url_and_one_of_table_or_query() -> None:
         SqlSource(table="loans")
     with pytest.raises(ValidationError, match="exactly one of table or query"):
         SqlSource(url=SecretStr("sqlite://"), table="a", query="SELECT 1")
+
+
+def _rows(url: str) -> int:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        count = conn.exec_driver_sql("SELECT count(*) FROM loans").scalar_one()
+    engine.dispose()
+    return count
+
+
+def test_a_query_that_writes_fails_and_changes_nothing_sqlite(loans_db: str) -> None:
+    with pytest.raises(SourceError, match="the query tries to write .* nothing was changed: give a SELECT"):
+        read_sql(SqlSource(url=SecretStr(loans_db), query="DELETE FROM loans RETURNING *"))
+    assert _rows(loans_db) == 3
+
+
+@pytest.mark.postgres
+def test_a_query_that_writes_fails_and_changes_nothing_postgres(postgres) -> None:
+    url = postgres.create_database("sql_source_read_only")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE loans (id INTEGER, repaid INTEGER)")
+        conn.exec_driver_sql("INSERT INTO loans VALUES (1, 1), (2, 0)")
+    engine.dispose()
+    for query in ("DELETE FROM loans RETURNING *", "UPDATE loans SET repaid = 1 - repaid RETURNING *"):
+        with pytest.raises(SourceError, match="read-only transaction"):
+            read_sql(SqlSource(url=SecretStr(url), query=query))
+    assert _rows(url) == 2
+    assert read_sql(SqlSource(url=SecretStr(url), query="SELECT * FROM loans")).rows_in == 2
