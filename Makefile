@@ -59,7 +59,7 @@ test: venv postgres-bin chromium-bin
 
 # Unit tests only: no Prefect server, no PostgreSQL.
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not postgres and not prefect" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not postgres and not prefect and not e2e" $(PYTEST_ARGS)
 
 # A local Prefect server on 127.0.0.1 with SQLite under .driftloop/ (PostgreSQL: set
 # PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host/prefect first).

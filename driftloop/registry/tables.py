@@ -20,7 +20,8 @@ class DatasetRow(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), index=True)
+    # A spec's name (up to 64) plus a suffix: <name>.labels, <name>.window.
+    name: Mapped[str] = mapped_column(String(128), index=True)
     content_hash: Mapped[str] = mapped_column(String(64))
     spec_hash: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(Text)

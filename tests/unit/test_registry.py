@@ -238,3 +238,13 @@ def test_retrain_lease_needs_a_registered_model(tmp_path: Path) -> None:
     store = open_registry(f"sqlite:///{tmp_path / 'nolease.db'}")
     with pytest.raises(Exception, match="model 'ghost' is not registered"):
         store.acquire_retrain_lease("ghost", "x", cooldown_s=0, ttl_s=60)
+
+
+@pytest.mark.postgres
+def test_the_longest_model_name_fits_its_labels_and_window_datasets(postgres) -> None:
+    store = open_registry(postgres.create_database("registry_names"))
+    longest = "m" * 64  # what the spec's name pattern allows
+    for suffix in (".labels", ".window"):
+        stored, created = store.add_dataset(record(f"ds_{suffix[1:]}", name=longest + suffix))
+        assert created and stored.name == longest + suffix
+    assert [d.name for d in store.list_datasets(name=longest + ".labels")] == [longest + ".labels"]
