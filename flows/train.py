@@ -29,9 +29,9 @@ from tasks.register import (
     card_headline,
     library_versions,
     model_card_task,
-    promote_task,
     register_task,
     render_model_card,
+    settle_aliases_task,
     store_onnx_task,
     store_reference_task,
 )
@@ -177,16 +177,16 @@ def train_and_register(
         onnx_uri=onnx_uri, onnx_sha256=onnx_sha256,
     )
     actor = f"flow {runtime.flow_run.flow_name or 'train'}/{runtime.flow_run.name or 'local'}"
-    record = register_task(registry, draft, actor)
+    # No alias points at the version until its reference and card are written: a crash
+    # in between leaves an unaliased version, never a champion without its reference.
+    record = register_task(registry, draft)
     store_reference_task(registry, store, record, spec, split.holdout, onnx_bytes)
     will_promote = options.promote and decision.passed
     record = model_card_task(registry, store, record, will_promote)
-    promoted = False
-    if will_promote:
-        promoted, refused = promote_task(registry, record, champion.version if champion else None, actor)
-        if refused:
-            logger.warning("not promoted: %s", refused)
-            record = model_card_task(registry, store, record, False)
+    promoted, refused = settle_aliases_task(registry, record, will_promote, champion.version if champion else None, actor)
+    if refused:
+        logger.warning("not promoted: %s", refused)
+        record = model_card_task(registry, store, record, False)
     return _report(record, spec, decision, parity, metrics, promoted, window)
 
 

@@ -35,10 +35,9 @@ def store_onnx(store: ArtifactStore, model_name: str, onnx_bytes: bytes) -> tupl
     return uri, digest
 
 
-def register_challenger(registry: RegistryStore, draft: VersionDraft, *, actor: str) -> ModelVersionRecord:
-    """Store the version as ``challenger``; the champion does not move here."""
-    reason = "trained; gate passed" if draft.gate["passed"] else "trained; gate failed"
-    return registry.register_version(draft, alias="challenger", actor=actor, reason=reason)
+def register_unaliased(registry: RegistryStore, draft: VersionDraft) -> ModelVersionRecord:
+    """Store the version; no alias points at it until its reference and card exist."""
+    return registry.register_version(draft, alias=None)
 
 
 def write_model_card(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, *, promoted: bool) -> ModelVersionRecord:
@@ -48,18 +47,23 @@ def write_model_card(registry: RegistryStore, store: ArtifactStore, record: Mode
     return registry.get_version(record.model_name, record.version)
 
 
-def promote_judged(registry: RegistryStore, record: ModelVersionRecord, *, judged_against: int | None, actor: str) -> tuple[bool, str | None]:
-    """Move ``champion`` to ``record`` if the gate passed and the champion is still the
-    version the gate judged against (compare-and-swap under the model's row lock).
-    Returns whether it moved, and why not when it did not."""
-    if not record.gate["passed"]:
-        return False, None
-    try:
-        registry.promote(record.model_name, record.version, actor=actor, reason="; ".join(record.gate["reasons"]),
-                         expected_champion=judged_against)
-    except ChampionChanged as exc:
-        return False, str(exc)
-    return True, None
+def settle_aliases(registry: RegistryStore, record: ModelVersionRecord, *, promote: bool, judged_against: int | None,
+                   actor: str) -> tuple[bool, str | None]:
+    """Once the version has its reference and card: move ``champion`` to it if asked and
+    the gate passed and the champion is still the version the gate judged against
+    (compare-and-swap under the model's row lock); otherwise make it ``challenger``.
+    Returns whether it was promoted, and why not when a promotion was refused."""
+    refused = None
+    if promote and record.gate["passed"]:
+        try:
+            registry.promote(record.model_name, record.version, actor=actor, reason="; ".join(record.gate["reasons"]),
+                             expected_champion=judged_against)
+            return True, None
+        except ChampionChanged as exc:
+            refused = str(exc)
+    reason = "trained; gate passed" if record.gate["passed"] else "trained; gate failed"
+    registry.set_alias(record.model_name, "challenger", record.version, actor=actor, reason=refused or reason)
+    return False, refused
 
 
 def card_headline(record: ModelVersionRecord, *, promoted: bool) -> str:
@@ -145,8 +149,8 @@ def store_onnx_task(store: ArtifactStore, model_name: str, onnx_bytes: bytes) ->
 
 
 @task(name="register", cache_policy=NONE)
-def register_task(registry: RegistryStore, draft: VersionDraft, actor: str) -> ModelVersionRecord:
-    return register_challenger(registry, draft, actor=actor)
+def register_task(registry: RegistryStore, draft: VersionDraft) -> ModelVersionRecord:
+    return register_unaliased(registry, draft)
 
 
 @task(name="model-card", cache_policy=NONE)
@@ -155,8 +159,9 @@ def model_card_task(registry: RegistryStore, store: ArtifactStore, record: Model
 
 
 @task(name="promote", cache_policy=NONE)
-def promote_task(registry: RegistryStore, record: ModelVersionRecord, judged_against: int | None, actor: str) -> tuple[bool, str | None]:
-    return promote_judged(registry, record, judged_against=judged_against, actor=actor)
+def settle_aliases_task(registry: RegistryStore, record: ModelVersionRecord, promote: bool, judged_against: int | None,
+                        actor: str) -> tuple[bool, str | None]:
+    return settle_aliases(registry, record, promote=promote, judged_against=judged_against, actor=actor)
 
 
 def store_reference(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, spec: Any,

@@ -301,6 +301,13 @@ class RegistryStore:
             if lease is not None and lease.holder == holder and lease.finished_at is None:
                 lease.finished_at, lease.outcome = utcnow(), outcome[:32]
 
+    def set_alias(self, name: str, alias: str, version: int, *, actor: str, reason: str) -> None:
+        """Point ``alias`` at ``version`` (recorded in the alias history)."""
+        with self.session() as s:
+            self._locked_model(s, name)
+            self._version_row(s, name, version)
+            self._move_alias(s, name, alias, version, actor, reason)
+
     def set_card_uri(self, name: str, version: int, uri: str) -> None:
         with self.session() as s:
             row = self._version_row(s, name, version)

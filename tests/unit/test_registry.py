@@ -248,3 +248,21 @@ def test_the_longest_model_name_fits_its_labels_and_window_datasets(postgres) ->
         stored, created = store.add_dataset(record(f"ds_{suffix[1:]}", name=longest + suffix))
         assert created and stored.name == longest + suffix
     assert [d.name for d in store.list_datasets(name=longest + ".labels")] == [longest + ".labels"]
+
+
+def test_a_version_registered_without_an_alias_until_it_is_settled(tmp_path: Path) -> None:
+    """A crash between registration and the alias move leaves an unaliased version, never
+    a champion or challenger without its reference and card."""
+    from tasks.register import register_unaliased, settle_aliases
+
+    store = open_registry(f"sqlite:///{tmp_path / 'settle.db'}")
+    first = register_unaliased(store, version_draft())
+    assert store.aliases("loans") == {}  # what a crash here leaves behind
+    assert settle_aliases(store, first, promote=True, judged_against=None, actor="t") == (True, None)
+    second = register_unaliased(store, version_draft(gate={"passed": False, "reasons": ["roc_auc < min"]}))
+    assert settle_aliases(store, second, promote=True, judged_against=1, actor="t") == (False, None)
+    assert store.aliases("loans") == {"champion": 1, "challenger": 2}
+    third = register_unaliased(store, version_draft())
+    promoted, refused = settle_aliases(store, third, promote=True, judged_against=None, actor="t")  # stale judgement
+    assert not promoted and "the champion is v1 now" in refused
+    assert store.aliases("loans") == {"champion": 1, "challenger": 3}
