@@ -56,29 +56,7 @@ class VersionDraft(BaseModel):
     algorithm: str
     task: str
     params: dict[str, Any]
-    metrics: dict[str, float]
-    segment_metrics: dict[str, Any]
-    seed: int
-    dataset_id: str
-    dataset_hash: str
-    spec_hash: str
-    split: dict[str, Any]
-    library_versions: dict[str, str]
-    gate: dict[str, Any]
-    parity: dict[str, Any]
-    trigger: str = "manual"
-    window: dict[str, Any] | None = None
-    onnx_uri: str
-    onnx_sha256: str
-
-
-class ModelVersionRecord(BaseModel):
-    model_name: str
-    version: int
-    algorithm: str
-    task: str
-    params: dict[str, Any]
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # floats (NaN where a metric is undefined)
     segment_metrics: dict[str, Any]
     seed: int
     dataset_id: str
@@ -86,15 +64,21 @@ class ModelVersionRecord(BaseModel):
     spec_hash: str
     split: dict[str, Any]
     library_versions: dict[str, Any]
-    onnx_uri: str
-    onnx_sha256: str
     gate: dict[str, Any]
     parity: dict[str, Any]
+    trigger: str = "manual"
+    window: dict[str, Any] | None = None
+    onnx_uri: str
+    onnx_sha256: str
+
+
+class ModelVersionRecord(VersionDraft):
+    """A registered version: its draft plus what the registry added."""
+
+    version: int
     card_uri: str | None = None
     reference_uri: str | None = None
     reference_sha256: str | None = None
-    trigger: str = "manual"
-    window: dict[str, Any] | None = None
     created_at: datetime
 
     @property
