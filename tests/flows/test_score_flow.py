@@ -227,3 +227,23 @@ def test_an_id_repeated_in_a_later_batch_is_quarantined(trained, tmp_path: Path)
     quarantine = pl.read_parquet(tmp_path / "out" / "quarantine").sort("id")
     assert quarantine["id"].to_list() == ["250", "299", "5"]
     assert quarantine["_checks"].to_list() == [["unique(earlier batch)"]] * 3
+
+
+def test_each_scored_probability_belongs_to_its_own_id(trained, tmp_path: Path) -> None:
+    """Scored output joined by id to the model's own prediction for that row, computed
+    apart (one call, no batches, no threads): predictions attached to the wrong ids fail."""
+    import numpy as np
+
+    from driftloop.onnx_model import load_model, predict_scores
+    from tasks.score import fetch_verified
+
+    frame = make_loans(5000, seed=13).drop("repaid").sample(fraction=1.0, shuffle=True, seed=4)
+    source = tmp_path / "shuffled.parquet"
+    frame.write_parquet(source)
+    result = score(input_uri=str(source), output_uri=str(tmp_path / "out"), model="loans@champion", batch_size=600)
+    record = open_registry(get_settings().registry_database_url()).resolve("loans@champion")
+    expected = frame.select("id").with_columns(
+        pl.Series("expected", predict_scores(load_model(fetch_verified(record.onnx_uri, record.onnx_sha256)), frame)))
+    joined = read_predictions(result.output_uri).join(expected, on="id", how="inner")
+    assert joined.height == 5000
+    assert float(np.max(np.abs(joined["probability"].to_numpy() - joined["expected"].to_numpy()))) <= 1e-5
