@@ -92,12 +92,21 @@ def iter_input(uri: str, batch_size: int) -> tuple[Iterator[InputBatch], int | N
             # pre_buffer keeps read data until the file is done: memory grew with file size.
             parquet = pq.ParquetFile(handle, pre_buffer=False)
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several error types for corrupt files
+            handle.close()
             raise SourceError(f"input {uri} is not a readable Parquet file: {exc}") from None
         batches = (
             InputBatch(pl.from_arrow(b), _no_malformed()) for b in parquet.iter_batches(batch_size=batch_size)
         )
-        return batches, parquet.metadata.num_rows
-    return _iter_csv(handle, uri, batch_size), None
+        return _closing(handle, batches), parquet.metadata.num_rows
+    return _closing(handle, _iter_csv(handle, uri, batch_size)), None
+
+
+def _closing(handle: Any, batches: Iterator[InputBatch]) -> Iterator[InputBatch]:
+    """The batches, then the input handle closed: when they run out, fail or are closed."""
+    try:
+        yield from batches
+    finally:
+        handle.close()
 
 
 def _no_malformed() -> pl.DataFrame:
@@ -150,23 +159,43 @@ def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBa
     """Read ahead in a thread so parsing overlaps validation and scoring."""
     slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
     done = object()
+    stop = threading.Event()  # the consumer left (finished or raised): the reader stops too
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for batch in batches:
-                slots.put(batch)
-            slots.put(done)
+                if not offer(batch):
+                    return
+            offer(done)
         except BaseException as exc:  # noqa: BLE001 - surface reader errors in the consumer
-            slots.put(exc)
+            offer(exc)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # in this thread, which iterated them: closes the input handle
 
-    threading.Thread(target=produce, name="driftloop-reader", daemon=True).start()
-    while True:
-        item = slots.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    reader = threading.Thread(target=produce, name="driftloop-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join(timeout=30)
 
 
 # --- scoring -----------------------------------------------------------------------

@@ -52,3 +52,21 @@ def test_every_row_is_scored_or_quarantined(scored_input: tuple, tmp_path: Path,
     assert result.rows_in == ROWS + malformed
     assert result.rows_quarantined == malformed
     assert result.rows_in == result.rows_scored + result.rows_quarantined
+
+
+def test_a_failing_consumer_stops_the_reader_and_closes_the_input(scored_input: tuple, tmp_path: Path) -> None:
+    """The reader thread must not block forever on a full queue when scoring fails, and the
+    input handle must be closed."""
+    import threading
+
+    from tasks.score import _prefetch, iter_input
+
+    _, path, _ = scored_input
+    before = {t for t in threading.enumerate() if t.name == "driftloop-reader"}
+    batches, _ = iter_input(str(path), 1_000)
+    consumed = _prefetch(batches)
+    next(consumed)
+    consumed.close()  # what a raising consumer's generator cleanup does
+    alive = [t for t in threading.enumerate() if t.name == "driftloop-reader" and t not in before]
+    assert not alive, "the reader thread outlived its consumer"
+    assert batches.gi_frame is None  # the input generator finished: its handle was closed
