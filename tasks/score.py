@@ -37,7 +37,7 @@ from prefect.cache_policies import NONE
 from driftloop.errors import DriftloopError, SourceError
 from driftloop.onnx_model import LoadedModel, load_model, predict_scores
 from driftloop.spec import DatasetSpec
-from tasks.validate import ROW, unique_columns, validate_rows
+from tasks.validate import ROW, SeenValues, unique_columns, validate_rows
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def score_stream(
     template: pl.DataFrame | None = None
     # Ids (and other unique columns) kept so far: a repeat in a later batch is quarantined.
     # Memory grows by the id column only (8 bytes a row for int ids).
-    seen: dict[str, list[pl.Series]] = {}
+    seen: dict[str, SeenValues] = {}
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer") as writer:
             for index, batch in enumerate(_prefetch(batches)):
@@ -274,7 +274,7 @@ def score_stream(
                 warned_columns = True
                 valid = result.valid if result else pl.DataFrame()
                 for name in unique_columns(spec, labelled=False) if valid.height else ():
-                    seen.setdefault(name, []).append(valid[name])
+                    seen.setdefault(name, SeenValues()).add(valid[name])
                 if result is not None and template is None:
                     template = result.quarantine.head(0)  # every quarantine part gets this schema
                 quarantine = result.quarantine.with_columns(pl.col(ROW) + rows_in) if result else pl.DataFrame()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandera.polars as pa
 import polars as pl
 from prefect import task
@@ -165,7 +166,7 @@ def check_required_columns(raw: pl.DataFrame, required: dict[str, ColumnSpec], *
 
 
 def validate_rows(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool = True, source: str = "input",
-                  warn_ignored: bool = True, seen: dict[str, list[pl.Series]] | None = None) -> ValidationResult:
+                  warn_ignored: bool = True, seen: dict[str, SeenValues] | None = None) -> ValidationResult:
     """Type and check ``raw`` against the spec with pandera; quarantine failing rows.
 
     Batch-level problems (a missing column) raise :class:`SchemaError`; row-level
@@ -181,7 +182,7 @@ def validate_rows(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool = True
 
 def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_name: str, source: str,
                      target: str | None = None, warn_ignored: bool = True,
-                     seen: dict[str, list[pl.Series]] | None = None) -> ValidationResult:
+                     seen: dict[str, SeenValues] | None = None) -> ValidationResult:
     """:func:`validate_rows` for any set of spec columns (e.g. id and target of late labels)."""
     ignored = check_required_columns(raw, columns, spec_name=spec_name, source=source, target=target)
     if ignored and warn_ignored:
@@ -221,12 +222,48 @@ def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_
     return ValidationResult(valid, quarantine, raw.height, ignored)
 
 
-def _repeat_failures(typed: pl.DataFrame, seen: dict[str, list[pl.Series]]) -> pl.DataFrame:
+class SeenValues:
+    """The values of a unique column that earlier batches of one input kept: sorted runs,
+    merged like a log-structured tree, so a lookup is one binary search per run (at most
+    log2 of the batches) and every value is copied O(log batches) times in all. Checking
+    each new batch against every earlier batch was quadratic in the batches."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    @staticmethod
+    def _array(values: pl.Series) -> np.ndarray:
+        present = values.drop_nulls()
+        if present.dtype == pl.String:
+            return present.to_numpy().astype(str)  # fixed-width: fast sorts and searches
+        return present.to_numpy()
+
+    def add(self, values: pl.Series) -> None:
+        run = np.unique(self._array(values))  # sorted, no repeats
+        if not len(run):
+            return
+        self.runs.append(run)
+        while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
+            last = self.runs.pop()
+            self.runs[-1] = np.union1d(self.runs[-1], last)
+
+    def contains(self, values: pl.Series) -> pl.Series:
+        """Per value: whether an earlier batch kept it (nulls: False)."""
+        found = np.zeros(len(values), dtype=bool)
+        present = values.is_not_null().to_numpy()
+        probe = self._array(values)
+        hits = np.zeros(len(probe), dtype=bool)
+        for run in self.runs:
+            at = np.searchsorted(run, probe)
+            hits |= (at < len(run)) & (run[np.minimum(at, len(run) - 1)] == probe)
+        found[present] = hits
+        return pl.Series(values.name, found)
+
+
+def _repeat_failures(typed: pl.DataFrame, seen: dict[str, SeenValues]) -> pl.DataFrame:
     frames = []
-    for name, batches in seen.items():
-        repeats = pl.Series(name, [False] * typed.height)
-        for values in batches:  # batch by batch: no concatenated copy of every id so far
-            repeats = repeats | typed[name].is_in(values.implode()).fill_null(False)
+    for name, earlier in seen.items():
+        repeats = earlier.contains(typed[name])
         if repeats.any():
             frames.append(_failures_where(repeats, typed[name], "unique(earlier batch)"))
     return _concat_failures(frames)

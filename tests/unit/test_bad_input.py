@@ -198,3 +198,25 @@ def test_corrupt_parquet(tmp_path: Path) -> None:
     path.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(SourceError, match="bad.parquet is not a readable Parquet file"):
         read_file(str(path))
+
+
+def test_seen_values_finds_repeats_across_many_batches_exactly() -> None:
+    """Ids kept by earlier batches (ints and strings, with nulls): a lookup is exact
+    whatever the batch order, and runs stay few as batches accumulate."""
+    import numpy as np
+
+    from tasks.validate import SeenValues
+
+    rng = np.random.default_rng(0)
+    for make in (lambda a: pl.Series("id", a, dtype=pl.Int64), lambda a: pl.Series("id", [f"c-{v}" for v in a])):
+        seen, kept = SeenValues(), set()
+        for _ in range(200):
+            batch = rng.integers(0, 50_000, 300)
+            values = make(batch)
+            expected = np.array([v in kept for v in values.to_list()])
+            assert (seen.contains(values).to_numpy() == expected).all()
+            seen.add(values)
+            kept.update(values.to_list())
+        assert len(seen.runs) <= 10  # log-structured, not one run per batch
+        with_null = make(np.array([1, 2])).extend(pl.Series("id", [None], dtype=make(np.array([1])).dtype))
+        assert seen.contains(with_null).to_list()[-1] is False
