@@ -374,6 +374,26 @@ def _human_demo(p: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def cmd_gc(args: argparse.Namespace) -> dict[str, Any]:
+    from driftloop.gc import collect
+    from driftloop.settings import get_settings
+    from driftloop.storage import ArtifactStore
+
+    settings = get_settings()
+    keep = args.keep_days if args.keep_days is not None else settings.retention_days
+    result = collect(_registry(), ArtifactStore(settings.artifact_root_uri()), keep_days=keep, apply=args.apply)
+    return {**result.model_dump(), "keep_days": keep}
+
+
+def _human_gc(p: dict[str, Any]) -> str:
+    verb = "removed" if p["applied"] else "would remove (dry run; --apply to remove)"
+    lines = [f"retention {p['keep_days']:g} days: {verb}:",
+             f"  monitoring runs  {len(p['monitoring_runs'])}", f"  Optuna studies   {len(p['studies'])}",
+             f"  files            {len(p['files'])}"]
+    lines += [f"    {f}" for f in p["files"][:20]] + (["    ..."] if len(p["files"]) > 20 else [])
+    return "\n".join(lines)
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> dict[str, Any]:
     from driftloop.registry.schema import current_revision, head_revision
     from driftloop.registry.store import masked_url, open_registry
@@ -484,6 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--loop", action="store_true", help="on a real Prefect server with workers, through the deployments and the retrain automation")
     demo.add_argument("--keep-running", action="store_true", help="with --loop: leave the server and workers running")
     demo.set_defaults(handler=cmd_demo, human=_human_demo)
+
+    gc = sub.add_parser(
+        "gc", parents=[common], help="remove old monitoring runs, Optuna studies and crash leftovers (dry run by default)",
+        description="Versions, their artifacts, cards and references, datasets and scoring outputs are never removed.",
+    )
+    gc.add_argument("--keep-days", type=float, help="retention in days (default: DRIFTLOOP_RETENTION_DAYS, 90)")
+    gc.add_argument("--apply", action="store_true", help="remove (without it: only list what would go)")
+    gc.set_defaults(handler=cmd_gc, human=_human_gc)
 
     db = sub.add_parser("db", help="registry database")
     db_sub = db.add_subparsers(dest="db_command", required=True)

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     edge_cache_dir: Path | None = Field(
         default=None, description="Where an edge agent keeps verified model artifacts. Default: <home>/edge-cache."
     )
+    retention_days: float = Field(
+        default=90, gt=0, description="driftloop gc removes monitoring runs and Optuna studies older than this."
+    )
     device: Literal["cpu", "cuda"] = Field(
         default="cpu", description="Training device; GPU work pools set DRIFTLOOP_DEVICE=cuda."
     )

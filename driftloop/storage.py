@@ -24,6 +24,15 @@ class ArtifactStore:
     def exists(self, relpath: str) -> bool:
         return bool(self.fs.exists(self._path(relpath)))
 
+    def path(self, relpath: str) -> str:
+        """The path in the store's filesystem (``fs``) of ``relpath``."""
+        return self._path(relpath)
+
+    def remove(self, relpath: str) -> None:
+        """Delete a file or a directory tree (retention; never used on lineage)."""
+        if self.exists(relpath):
+            self.fs.rm(self._path(relpath), recursive=True)
+
     def write_bytes(self, relpath: str, data: bytes) -> str:
         """Write atomically: readers see the old object or the whole new one."""
         path = self._path(relpath)

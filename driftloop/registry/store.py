@@ -315,6 +315,16 @@ class RegistryStore:
         with self.session() as s:
             return [{c.key: getattr(r, c.key) for c in MonitoringRunRow.__table__.columns} for r in s.scalars(query)]
 
+    def delete_monitoring_runs(self, run_ids: list[str]) -> int:
+        """Remove monitoring runs and their results (retention, ``driftloop gc``)."""
+        from sqlalchemy import delete
+
+        if not run_ids:
+            return 0
+        with self.session() as s:
+            s.execute(delete(MonitoringResultRow).where(MonitoringResultRow.run_id.in_(run_ids)))
+            return s.execute(delete(MonitoringRunRow).where(MonitoringRunRow.id.in_(run_ids))).rowcount
+
     def monitoring_results(self, run_id: str) -> list[dict[str, Any]]:
         query = select(MonitoringResultRow).where(MonitoringResultRow.run_id == run_id).order_by(MonitoringResultRow.id)
         with self.session() as s:

@@ -1,0 +1,67 @@
+"""driftloop gc: a dry run lists, --apply removes, and only what no alias, version or
+recent run needs."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import optuna
+
+from driftloop.gc import collect
+from driftloop.registry.store import open_registry
+from driftloop.storage import ArtifactStore
+from tests.unit.test_registry import version_draft
+
+
+def _age(path: Path, hours: float) -> None:
+    then = time.time() - hours * 3600
+    os.utime(path, (then, then))
+
+
+def test_gc_removes_only_what_nothing_needs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = open_registry(url)
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    kept_onnx = store.write_bytes(f"models/loans/onnx/{'0' * 64}.onnx", b"registered")
+    registry.register_version(version_draft(onnx_uri=kept_onnx, onnx_sha256="0" * 64))
+    orphan = Path(store.write_bytes(f"models/loans/onnx/{'f' * 64}.onnx", b"crashed before registering"))
+    fresh_orphan = Path(store.write_bytes(f"models/loans/onnx/{'e' * 64}.onnx", b"a run registering right now"))
+    _age(orphan, 5)
+    now = datetime.now(UTC)
+    for run_id, days in (("old-1", 200), ("old-2", 120), ("recent", 3)):
+        registry.add_monitoring_run({
+            "id": run_id, "model_name": "loans", "model_version": 1, "analysis_uri": "x", "labels_uri": None,
+            "decision": {}, "event": None, "report_uri": None, "created_at": now - timedelta(days=days)}, [])
+        store.write_text(f"monitoring/loans/{run_id}/summary.md", "report")
+    only = ("old-only", 300)  # a model's newest run is kept, however old
+    registry.register_version(version_draft(name="other"))
+    registry.add_monitoring_run({"id": only[0], "model_name": "other", "model_version": 1, "analysis_uri": "x",
+                                 "labels_uri": None, "decision": {}, "event": None, "report_uri": None,
+                                 "created_at": now - timedelta(days=only[1])}, [])
+    staging = tmp_path / "artifacts" / "predictions" / "loans" / ".tmp-run-abc"
+    staging.mkdir(parents=True)
+    (staging / "part-0.parquet").write_bytes(b"half written")
+    _age(staging, 3)
+    study = optuna.create_study(study_name="loans-xgboost-run1", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+
+    dry = collect(registry, store, keep_days=90, apply=False, now=now + timedelta(days=100))
+    # 100 days on: the study is old too; each model's newest run stays, however old.
+    assert sorted(dry.monitoring_runs) == ["old-1", "old-2"] and "old-only" not in dry.monitoring_runs
+    assert dry.studies == ["loans-xgboost-run1"]
+    assert f"models/loans/onnx/{'f' * 64}.onnx" in dry.files and "predictions/loans/.tmp-run-abc" in dry.files
+    assert f"models/loans/onnx/{'0' * 64}.onnx" not in dry.files  # a version points at it
+    assert orphan.exists() and staging.exists()  # a dry run changes nothing
+
+    done = collect(registry, store, keep_days=90, apply=True, now=now)
+    assert sorted(done.monitoring_runs) == ["old-1", "old-2"] and done.applied
+    assert [r["id"] for r in registry.list_monitoring_runs("loans")] == ["recent"]
+    assert [r["id"] for r in registry.list_monitoring_runs("other")] == ["old-only"]
+    assert not orphan.exists() and not staging.exists() and fresh_orphan.exists()
+    assert not (tmp_path / "artifacts" / "monitoring" / "loans" / "old-1").exists()
+    assert (tmp_path / "artifacts" / "monitoring" / "loans" / "recent" / "summary.md").exists()
+    assert Path(kept_onnx).exists()
+    assert done.studies == []  # started today: within the retention
