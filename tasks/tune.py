@@ -246,9 +246,9 @@ def _lightgbm_pruning(trial: optuna.Trial, metric: str) -> Any:
 
 def open_study(study_name: str, storage: str, *, seed: int, attempts: int = 5) -> optuna.Study:
     """Create or join the study. Workers starting together race to create Optuna's
-    tables in a fresh database (on PostgreSQL the loser fails on an existing type): the
-    loser retries and joins."""
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    tables in a fresh database (on PostgreSQL the loser fails on an existing type, on
+    SQLite on an existing table or a locked database): the loser retries and joins."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(attempts):
         try:
@@ -260,8 +260,10 @@ def open_study(study_name: str, storage: str, *, seed: int, attempts: int = 5) -
                 sampler=optuna.samplers.TPESampler(seed=seed),
                 pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=20, interval_steps=REPORT_EVERY),
             )
-        except (IntegrityError, ProgrammingError, optuna.exceptions.DuplicatedStudyError):
-            if attempt == attempts - 1:
+        except (IntegrityError, ProgrammingError, OperationalError, optuna.exceptions.DuplicatedStudyError) as exc:
+            lost_race = not isinstance(exc, OperationalError) or any(
+                words in str(exc) for words in ("already exists", "database is locked"))
+            if not lost_race or attempt == attempts - 1:
                 raise
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")

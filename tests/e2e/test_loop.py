@@ -169,7 +169,8 @@ def test_drift_event_triggers_one_retrain_at_a_time(prefect_server, env, workers
     # It learned from the labelled analysis period: its window ends after v1's data.
     window = retrained[0].window
     assert window is not None and window["scoring_runs"] and window["new_labels"] >= 1000
-    assert window["end"] > champion.split["holdout"][1] and window["end"] >= "2019-08"
+    end = datetime.fromisoformat(window["end"])
+    assert end > datetime.fromisoformat(champion.split["holdout"][1]) and end >= datetime(2019, 8, 1)
     aliases = open_registry(registry_url).aliases("car_loan")
     assert aliases["champion"] == (2 if retrained[0].gate["passed"] else 1)
     assert verdict(prefect_server, first["id"]).startswith(f"v2 {'promoted' if retrained[0].gate['passed'] else 'rejected by the gate'}: ")

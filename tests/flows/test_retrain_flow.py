@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,7 @@ def test_retrain_learns_the_new_concept(tmp_path: Path, home: Path) -> None:
     assert window is not None and window["policy"] == "last 35d"
     assert window["end"] > v1.split["holdout"][1]  # it learned from data after v1's
     assert window["rows"] >= 2000 and window["new_labels"] == 2000 and window["labels_unscored"] == 50
-    assert window["scoring_runs"] and window["start"] >= "2024-04-25"
+    assert window["scoring_runs"] and datetime.fromisoformat(window["start"]) >= datetime(2024, 4, 25)
 
     auc_v1, auc_v2 = auc_of(v1, later), auc_of(v2, later)
     auc_new_only = new_period_only_auc(spec, new, later)
