@@ -14,6 +14,7 @@ core install.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import queue
@@ -302,8 +303,13 @@ def score_stream(
         if rows_in == 0:
             raise SourceError(f"input {input_uri} has no data rows; nothing to score")
         _commit(fs, staging, out_path, has_quarantine=rows_quarantined > 0)
-    except BaseException:
+    except BaseException as exc:
         fs.rm(staging, recursive=True)
+        if _no_room(exc):
+            raise DriftloopError(
+                f"cannot write the scoring output {output_uri}: {exc} (disk full or a file-size limit); "
+                "nothing was committed and an earlier output there is intact: free space and score again"
+            ) from None
         raise
     protocol = output_uri.split("://", 1)[0] + "://" if "://" in output_uri else ""
     final_uri = protocol + out_path if protocol else out_path
@@ -312,6 +318,16 @@ def score_stream(
         quarantine_uri=f"{final_uri}/quarantine" if rows_quarantined else None, batches=len(latencies),
         batch_latencies_s=latencies,
     )
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _no_room(exc: BaseException) -> bool:
+    """A write that failed for want of space (polars wraps the OSError in its own error)."""
+    if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+        return True
+    return any(f"[Errno {code}]" in str(exc) for code in _NO_ROOM)
 
 
 def _write_part(fs: Any, path: str, frame: pl.DataFrame) -> None:
