@@ -111,6 +111,18 @@ def _shade_partial(ax: Axes, report: MonitorReport) -> None:
         label = None
 
 
+def _finish_line_chart(fig: Figure, ax: Axes, report: MonitorReport, title: str) -> bytes:
+    """What every per-chunk line chart ends with: partial chunks shaded, title, grid,
+    chunk axis, legend; then the PNG."""
+    _shade_partial(ax, report)
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(alpha=0.3, linewidth=0.5)
+    _chunk_axis(ax, report)
+    _legend(ax)
+    return _png(fig)
+
+
 def _legend(ax: Axes) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), framealpha=0.8)
 
@@ -147,13 +159,7 @@ def performance_chart(report: MonitorReport) -> bytes | None:
     if real[0]:
         ax.plot(real[0], real[1], marker="s", markersize=3, linewidth=1.2, color=REALIZED, label=f"realized {metric_realized}")
         _mark_alerts(ax, *real, label="alert (realized)")
-    _shade_partial(ax, report)
-    ax.set_title(f"Performance per chunk: {metric or metric_realized}", fontsize=10, loc="left")
-    ax.tick_params(axis="y", labelsize=7)
-    ax.grid(alpha=0.3, linewidth=0.5)
-    _chunk_axis(ax, report)
-    _legend(ax)
-    return _png(fig)
+    return _finish_line_chart(fig, ax, report, f"Performance per chunk: {metric or metric_realized}")
 
 
 def _drift_cells(report: MonitorReport) -> tuple[list[str], list[int], dict[tuple[str, int], tuple[float | None, bool]]]:
@@ -226,13 +232,7 @@ def multivariate_chart(report: MonitorReport) -> bytes | None:
     ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.4, color=ESTIMATED, label=name)
     _thresholds(ax, rows)
     _mark_alerts(ax, xs, ys, alerts, label="alert")
-    _shade_partial(ax, report)
-    ax.set_title(f"Multivariate drift: {name} per chunk", fontsize=10, loc="left")
-    ax.tick_params(axis="y", labelsize=7)
-    ax.grid(alpha=0.3, linewidth=0.5)
-    _chunk_axis(ax, report)
-    _legend(ax)
-    return _png(fig)
+    return _finish_line_chart(fig, ax, report, f"Multivariate drift: {name} per chunk")
 
 
 @dataclass(frozen=True)
