@@ -29,7 +29,7 @@ $(STAMP): $(LOCK) pyproject.toml
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock: venv
-	$(BIN)/uv pip compile pyproject.toml --extra train --extra monitor --extra dev \
+	$(BIN)/uv pip compile pyproject.toml --extra train --extra monitor --extra scale --extra dev \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
 	  --quiet -o $(LOCK)
 
