@@ -135,6 +135,15 @@ def load_labels_task(registry: RegistryStore, spec: DatasetSpec, labels_uri: str
                               rows_valid=labels.height, rows_quarantined=0, matched=0)
 
 
+def model_resource(model_name: str, version: int) -> dict[str, str]:
+    """The resource of a model's events: what the retrain trigger matches and reads."""
+    return {
+        "prefect.resource.id": f"driftloop.model.{model_name}",
+        "driftloop.model.name": model_name,
+        "driftloop.model.version": str(version),
+    }
+
+
 def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: MonitorReport, input_uri: str) -> EmittedEvent:
     """The event that starts a retrain. Its resource names the model; the payload is for
     people and the UI (what fired, where): a retrain never reads it."""
@@ -146,11 +155,7 @@ def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: Mo
     ]
     return EmittedEvent(
         event=str(decision.event),
-        resource={
-            "prefect.resource.id": f"driftloop.model.{record.model_name}",
-            "driftloop.model.name": record.model_name,
-            "driftloop.model.version": str(record.version),
-        },
+        resource=model_resource(record.model_name, record.version),
         payload={
             "model": record.model_name,
             "version": record.version,

@@ -3,8 +3,10 @@ against its flow, and the retrain trigger listens for the monitoring events."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,54 @@ def test_one_retrain_deployment_serves_every_model_and_takes_only_its_name_from_
     # The flow has no parameter through which a source or dataset could be chosen.
     with pytest.raises(Exception, match="source"):
         flow.validate_parameters({**retrain["parameters"], "model": "car_loan", "source": "s3://evil/poison.csv"})
+
+
+def _retrain_trigger() -> dict:
+    (retrain,) = [d for d in DEPLOYMENTS if d["entrypoint"] == "flows/retrain.py:retrain"]
+    (trigger,) = retrain["triggers"]
+    return trigger
+
+
+def _received(event: str, resource: dict[str, str], payload: dict):
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.types._datetime import now
+
+    return ReceivedEvent(event=event, resource=resource, payload=payload, occurred=now("UTC"), id=uuid.uuid4())
+
+
+def _render(trigger: dict, event) -> dict:
+    """The trigger's parameters as Prefect's server renders them when the event fires it."""
+    from prefect.server.events.actions import RunDeployment
+    from prefect.server.events.schemas.automations import Automation, EventTrigger, TriggeredAction
+    from prefect.types._datetime import now
+
+    server_trigger = EventTrigger(match=trigger["match"], expect=set(trigger["expect"]), posture="Reactive", threshold=1)
+    action = RunDeployment(source="selected", deployment_id=uuid.uuid4(), parameters=trigger["parameters"])
+    automation = Automation(id=uuid.uuid4(), name="retrain", trigger=server_trigger, actions=[action])
+    assert server_trigger.covers(event), f"the trigger does not match {event.event} on {event.resource.id}"
+    triggered = TriggeredAction(automation=automation, triggered=now("UTC"), triggering_labels={},
+                                triggering_event=event, action=action)
+    return asyncio.run(action.render_parameters(triggered))
+
+
+@pytest.mark.parametrize("event_name", [DRIFT_EVENT, PERFORMANCE_EVENT])
+def test_the_monitor_event_fires_the_trigger_and_renders_only_the_model_name(event_name: str) -> None:
+    from flows.monitor import model_resource
+
+    hostile = {"model": "other_model", "source": "s3://evil/poison.csv", "version": 99}
+    event = _received(event_name, model_resource("car_loan", 3), hostile)
+    parameters = _render(_retrain_trigger(), event)
+    assert parameters == {"model": "car_loan"}
+    flow = load_flow("flows/retrain.py:retrain")
+    flow.validate_parameters(parameters)
+
+
+def test_an_event_for_another_resource_does_not_fire_the_retrain() -> None:
+    from prefect.server.events.schemas.automations import EventTrigger
+
+    trigger = _retrain_trigger()
+    server_trigger = EventTrigger(match=trigger["match"], expect=set(trigger["expect"]), posture="Reactive", threshold=1)
+    stray = _received(DRIFT_EVENT, {"prefect.resource.id": "prefect.flow-run.123"}, {})
+    assert not server_trigger.covers(stray)
+    other_kind = _received("driftloop.model.registered", {"prefect.resource.id": "driftloop.model.car_loan"}, {})
+    assert not server_trigger.covers(other_kind)
