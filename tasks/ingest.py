@@ -3,8 +3,6 @@ polars, hash its content, and snapshot the validated rows as a registered datase
 
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
 import io
 import logging
@@ -13,10 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import polars as pl
-import pyarrow as pa
-import pyarrow.csv as pacsv
 from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field, SecretStr, model_validator
@@ -30,27 +25,13 @@ from sqlalchemy.exc import (
 )
 
 from driftloop.errors import RejectLimitExceeded, SourceError
-from driftloop.redact import mask_uri
+from driftloop.inputs import malformed_frame, read_input
 from driftloop.registry.store import DatasetRecord, RegistryStore, masked_url, utcnow
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
-from tasks.validate import ROW, ValidationResult
+from tasks.validate import ValidationResult
 
 logger = logging.getLogger(__name__)
-
-# Invalid UTF-8 bytes decode to these private-use code points (one per byte value), so
-# a bad byte survives to the quarantine instead of being replaced or dropped.
-_BAD_BYTE_BASE = 0x10FF00
-_BAD_BYTE_PATTERN = "[\U0010ff00-\U0010ffff]"
-
-
-def _mark_bad_bytes(error: UnicodeDecodeError) -> tuple[str, int]:
-    bad = error.object[error.start : error.end]
-    return "".join(chr(_BAD_BYTE_BASE + b) for b in bad), error.end
-
-
-codecs.register_error("driftloop-mark-bad-bytes", _mark_bad_bytes)
-
 
 class SqlSource(BaseModel):
     """A table or a parameterised query in a SQL database. Give the connection URL
@@ -116,133 +97,10 @@ class RawBatch:
 
 
 def read_file(uri: str) -> RawBatch:
-    """Read a CSV or Parquet file from a path or fsspec URI (read once, hashed as read)."""
-    from driftloop.demo_data import resolve_demo_uri
-
-    uri = resolve_demo_uri(uri)
-    shown = mask_uri(uri)  # what is recorded and said: never a credential in the URI
-    try:
-        with fsspec.open(uri, "rb", compression="infer") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise SourceError(f"input {shown} does not exist; check the path or URI") from None
-    except IsADirectoryError:
-        raise SourceError(f"input {shown} is a directory; pass a CSV or Parquet file") from None
-    except (OSError, ValueError, ImportError) as exc:
-        raise SourceError(f"input {shown} cannot be read: {exc}") from None
-    if not data.strip():
-        raise SourceError(f"input {shown} is empty; expected a header line and data rows")
-    digest = hashlib.sha256(data).hexdigest()
-    if data[:4] == b"PAR1" or uri.lower().endswith((".parquet", ".pq")):
-        frame = _read_parquet_bytes(data, shown)
-        malformed = malformed_frame([])
-    else:
-        frame, malformed = read_csv_bytes(data, shown)
-    if frame.height + malformed.height == 0:
-        raise SourceError(f"input {shown} has a header but no data rows; nothing to ingest")
-    return RawBatch(frame=frame, malformed=malformed, source=shown, content_hash=digest)
-
-
-def _read_parquet_bytes(data: bytes, uri: str) -> pl.DataFrame:
-    try:
-        return pl.read_parquet(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001 - polars raises several error types for corrupt files
-        raise SourceError(f"input {uri} is not a readable Parquet file: {exc}") from None
-
-
-def read_csv_bytes(data: bytes, uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Parse CSV text with every column as text. Records with the wrong number of fields
-    or with bytes that are not UTF-8 go to the returned malformed frame."""
-    try:
-        return _parse_csv(data, uri)
-    except pa.ArrowInvalid as exc:
-        if "UTF8" not in str(exc) and "utf8" not in str(exc).lower():
-            raise SourceError(f"input {uri} is not a readable CSV file: {exc}") from None
-    # Slow path, only for files with invalid UTF-8: mark the bad bytes, then quarantine
-    # the records that hold them.
-    marked = data.decode("utf-8", errors="driftloop-mark-bad-bytes").encode("utf-8")
-    frame, malformed = _parse_csv(marked, uri)
-    has_bad = pl.any_horizontal(
-        pl.col(c).str.contains(_BAD_BYTE_PATTERN).fill_null(False) for c in frame.columns
-    )
-    bad = frame.with_row_index(ROW).filter(has_bad)
-    encoding_failures = [
-        _malformed_record("utf8", _escape_bad_bytes(",".join(v or "" for v in row[1:])))
-        for row in bad.iter_rows()
-    ]
-    frame = frame.filter(~has_bad)
-    malformed = pl.concat([malformed, malformed_frame(encoding_failures)])
-    logger.warning("%s: %d record(s) hold bytes that are not UTF-8", uri, len(encoding_failures))
-    return frame, malformed
-
-
-def _parse_csv(data: bytes, uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    bad_records: list[dict[str, object]] = []
-    parse_options, convert_options = csv_text_options(csv_header(data, uri), bad_records)
-    table = pacsv.read_csv(
-        io.BytesIO(data),
-        read_options=pacsv.ReadOptions(use_threads=True),
-        parse_options=parse_options,
-        convert_options=convert_options,
-    )
-    return pl.from_arrow(table), malformed_frame(bad_records)
-
-
-def csv_text_options(names: list[str], bad_records: list[dict[str, object]]) -> tuple[pacsv.ParseOptions, pacsv.ConvertOptions]:
-    """pyarrow CSV options shared by ingestion and scoring: every column as text, empty
-    as null; a record with the wrong number of fields is appended to ``bad_records``
-    (for the quarantine) instead of being dropped."""
-
-    def on_invalid_row(row: pacsv.InvalidRow) -> str:
-        bad_records.append(
-            _malformed_record(
-                f"field_count(expected {row.expected_columns}, found {row.actual_columns})",
-                _escape_bad_bytes(row.text),
-            )
-        )
-        return "skip"  # recorded above: it goes to the quarantine, not away
-
-    return (
-        pacsv.ParseOptions(invalid_row_handler=on_invalid_row),
-        pacsv.ConvertOptions(
-            column_types={name: pa.string() for name in names},
-            strings_can_be_null=True,
-            null_values=[""],
-            quoted_strings_can_be_null=True,
-        ),
-    )
-
-
-def csv_header(data: bytes, uri: str) -> list[str]:
-    first_line = data.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
-    names = next(csv.reader([first_line]))
-    blank = [i for i, n in enumerate(names) if not n.strip()]
-    if blank:
-        raise SourceError(f"input {uri}: header column {blank[0] + 1} has no name; name every column")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise SourceError(f"input {uri}: header names {dupes} more than once; make column names unique")
-    return names
-
-
-def _escape_bad_bytes(value: str) -> str:
-    return "".join(
-        f"\\x{ord(ch) - _BAD_BYTE_BASE:02x}" if ord(ch) >= _BAD_BYTE_BASE else ch for ch in value
-    )
-
-
-def _malformed_record(check: str, raw_text: str) -> dict[str, object]:
-    return {ROW: None, "_columns": [None], "_checks": [check], "_values": [raw_text]}
-
-
-def malformed_frame(records: list[dict[str, object]]) -> pl.DataFrame:
-    schema = {
-        ROW: pl.Int64,
-        "_columns": pl.List(pl.String),
-        "_checks": pl.List(pl.String),
-        "_values": pl.List(pl.String),
-    }
-    return pl.DataFrame(records, schema=schema)
+    """Read a CSV or Parquet file, or a directory or glob of them, from a path or fsspec
+    URI (read once, hashed as read) through the project's one input reader."""
+    raw = read_input(uri)
+    return RawBatch(frame=raw.frame, malformed=raw.malformed, source=raw.source, content_hash=raw.content_hash)
 
 
 # --- SQL ---------------------------------------------------------------------------

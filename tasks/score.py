@@ -30,12 +30,11 @@ from typing import Any
 import fsspec
 import numpy as np
 import polars as pl
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NONE
 
 from driftloop.errors import DriftloopError, SourceError
+from driftloop.inputs import InputBatch, iter_input
 from driftloop.onnx_model import LoadedModel, load_model, predict_scores
 from driftloop.spec import DatasetSpec
 from tasks.validate import ROW, SeenValues, unique_columns, validate_rows
@@ -69,91 +68,9 @@ def fetch_verified(uri: str, expected_sha256: str) -> bytes:
     return data
 
 
-# --- input -------------------------------------------------------------------------
-
-
-@dataclass
-class InputBatch:
-    frame: pl.DataFrame
-    malformed: pl.DataFrame  # records the reader could not split (CSV only)
-
-
-def iter_input(uri: str, batch_size: int) -> tuple[Iterator[InputBatch], int | None]:
-    """Batches of the input and, when the format says it cheaply, the total row count."""
-    from driftloop.demo_data import resolve_demo_uri
-
-    uri = resolve_demo_uri(uri)
-    lowered = uri.lower()
-    try:
-        handle = fsspec.open(uri, "rb", compression="infer").open()
-    except FileNotFoundError:
-        raise SourceError(f"input {uri} does not exist; check the path or URI") from None
-    if lowered.endswith((".parquet", ".pq")):
-        try:
-            # pre_buffer keeps read data until the file is done: memory grew with file size.
-            parquet = pq.ParquetFile(handle, pre_buffer=False)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several error types for corrupt files
-            handle.close()
-            raise SourceError(f"input {uri} is not a readable Parquet file: {exc}") from None
-        batches = (
-            InputBatch(pl.from_arrow(b), _no_malformed()) for b in parquet.iter_batches(batch_size=batch_size)
-        )
-        return _closing(handle, batches), parquet.metadata.num_rows
-    return _closing(handle, _iter_csv(handle, uri, batch_size)), None
-
-
-def _closing(handle: Any, batches: Iterator[InputBatch]) -> Iterator[InputBatch]:
-    """The batches, then the input handle closed: when they run out, fail or are closed."""
-    try:
-        yield from batches
-    finally:
-        handle.close()
-
-
-def _no_malformed() -> pl.DataFrame:
-    from tasks.ingest import malformed_frame
-
-    return malformed_frame([])
-
-
-def _iter_csv(handle: Any, uri: str, batch_size: int) -> Iterator[InputBatch]:
-    from tasks.ingest import csv_header, csv_text_options, malformed_frame
-
-    first = handle.readline()
-    if not first.strip():
-        raise SourceError(f"input {uri} is empty; expected a header line and data rows")
-    handle.seek(0)
-    bad: list[dict[str, object]] = []
-    parse_options, convert_options = csv_text_options(csv_header(first, uri), bad)
-    reader = pacsv.open_csv(
-        handle,
-        read_options=pacsv.ReadOptions(block_size=1 << 22),
-        parse_options=parse_options,
-        convert_options=convert_options,
-    )
-    pending: list[pl.DataFrame] = []
-    pending_rows = 0
-    for record_batch in reader:
-        frame = pl.from_arrow(record_batch)
-        pending.append(frame)
-        pending_rows += frame.height
-        while pending_rows >= batch_size:
-            merged = pl.concat(pending)
-            malformed = malformed_frame(_drain(bad))
-            yield InputBatch(merged.head(batch_size), malformed)
-            rest = merged.slice(batch_size)
-            pending, pending_rows = [rest], rest.height
-    if pending_rows or bad:
-        yield InputBatch(pl.concat(pending) if pending else pl.DataFrame(), malformed_frame(_drain(bad)))
-
-
-def _drain(records: list[dict[str, object]]) -> list[dict[str, object]]:
-    """Take the records collected so far. pyarrow's parse callbacks append from other
-    threads meanwhile: remove exactly what was taken (an append lands after it), never
-    clear the list wholesale, which would lose a record appended in between."""
-    taken = records[: len(records)]
-    del records[: len(taken)]
-    return taken
+# --- input ---------------------------------------------------------------------------
+# Read through the project's one input reader (driftloop.inputs): a file, a directory
+# or a glob of CSV/Parquet, the format decided by content, then name.
 
 
 def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBatch]:

@@ -16,13 +16,13 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from driftloop.errors import SchemaError
+from driftloop.inputs import ROW
 from driftloop.schema import POLARS_DTYPES, build_schema_for
 from driftloop.spec import ColumnSpec, DatasetSpec
 
 logger = logging.getLogger(__name__)
 
-ROW = "_row"
-"""Quarantine column: the row's 0-based position among the rows the reader parsed."""
+# ROW (from the input reader) is the quarantine column of a row's 0-based position among the rows the reader parsed.
 FAILURE_COLUMNS = ("_columns", "_checks", "_values")
 """Quarantine columns: parallel lists, one entry per failed check of the row."""
 
