@@ -156,10 +156,10 @@ def masked_url(url: str) -> str:
         return url.split("://", 1)[0] + "://***"
 
 
-def create_registry_engine(url: str) -> Engine:
+def create_registry_engine(url: str, *, lock_timeout_s: float = 30) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": lock_timeout_s})
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -167,7 +167,7 @@ def create_registry_engine(url: str) -> Engine:
             dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={int(lock_timeout_s * 1000)}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -188,8 +188,13 @@ class RegistryStore:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
+        """One transaction. A database that stays locked or goes away mid-transaction is
+        one clear error (nothing of the transaction is kept), not a driver traceback."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:
+            raise operational_error(self.engine.url, exc) from None
 
     # --- datasets ---------------------------------------------------------------
 
@@ -503,6 +508,30 @@ _NETWORK_FAILURE = re.compile(
     r"no route to host|network is unreachable|name or service not known|connection reset",
     re.IGNORECASE,
 )
+# A server that went away under an open connection (restart, failover, admin shutdown).
+_CONNECTION_LOST = re.compile(
+    r"server closed the connection|terminating connection|connection .*closed|the database system is "
+    r"(shutting down|starting up|in recovery mode)|consuming input failed|SSL SYSCALL error",
+    re.IGNORECASE,
+)
+
+
+def operational_error(url: Any, exc: OperationalError) -> RegistryError:
+    """The registry error for a driver failure: locked, unreachable or refused."""
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    shown = masked_url(str(url))
+    if "database is locked" in reason:
+        return RegistryError(
+            f"the registry database {shown} is locked by another process and stayed locked past "
+            "DRIFTLOOP_REGISTRY_LOCK_TIMEOUT_S; nothing was written: find the process holding it "
+            f"(fuser {make_url(str(url)).database}) and run again, or use a PostgreSQL registry for many writers"
+        )
+    if _NETWORK_FAILURE.search(reason) or _CONNECTION_LOST.search(reason):
+        return RegistryUnreachable(
+            f"lost the registry database {shown}: {reason}; nothing of the interrupted step was written: "
+            "run again when the database is back"
+        )
+    return RegistryError(f"registry database {shown}: {reason}")
 
 
 def open_registry(url: str) -> RegistryStore:
@@ -513,12 +542,16 @@ def open_registry(url: str) -> RegistryStore:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_registry_engine(url)
+    from driftloop.settings import get_settings
+
+    engine = create_registry_engine(url, lock_timeout_s=get_settings().registry_lock_timeout_s)
     try:
         schema.upgrade(engine)
     except OperationalError as exc:
         engine.dispose()
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        if "database is locked" in reason:
+            raise operational_error(url, exc) from None
         # Refused credentials or a missing database are configuration errors; a host that
         # does not answer is an outage (an edge agent may ride it out on its cache).
         error = RegistryUnreachable if _NETWORK_FAILURE.search(reason) else RegistryError
