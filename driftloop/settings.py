@@ -31,11 +31,24 @@ class Settings(BaseSettings):
         description="Where snapshots, quarantines and models go: a local path or fsspec URI "
         "(s3://bucket/prefix). Default: <home>/artifacts.",
     )
+    registry_lock_timeout_s: float = Field(
+        default=30, gt=0,
+        description="How long a write waits for a SQLite registry that another process holds locked before it "
+        "fails with an error naming the file.",
+    )
     edge_cache_dir: Path | None = Field(
         default=None, description="Where an edge agent keeps verified model artifacts. Default: <home>/edge-cache."
     )
     retention_days: float = Field(
         default=90, gt=0, description="driftloop gc removes monitoring runs and Optuna studies older than this."
+    )
+    optuna_storage: SecretStr | None = Field(
+        default=None,
+        description=(
+            "PostgreSQL URL of the Optuna study database for multi-worker tuning "
+            "(train --tuning-workers N > 1) when the registry is not on PostgreSQL, e.g. "
+            "postgresql+psycopg://user:pass@host/optuna."
+        ),
     )
     device: Literal["cpu", "cuda"] = Field(
         default="cpu", description="Training device; GPU work pools set DRIFTLOOP_DEVICE=cuda."
