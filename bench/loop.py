@@ -113,7 +113,7 @@ def world_spec(window: str) -> dict[str, Any]:
 def auc(scored_dir: str, truth: pl.DataFrame) -> float:
     from sklearn.metrics import roc_auc_score
 
-    from driftloop.storage import read_predictions
+    from driftloop.outputs import read_predictions
 
     rows = read_predictions(scored_dir).join(truth.select("id", "y"), on="id")
     return float(roc_auc_score(rows["y"].to_numpy(), rows["probability"].to_numpy()))

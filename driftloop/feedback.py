@@ -24,10 +24,11 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from driftloop.errors import DriftloopError
+from driftloop.outputs import read_predictions
 from driftloop.registry import DatasetRecord, RegistryStore
 from driftloop.schema import POLARS_DTYPES
 from driftloop.spec import DatasetSpec, RetrainPolicy
-from driftloop.storage import read_parquet, read_predictions
+from driftloop.storage import read_parquet
 
 logger = logging.getLogger(__name__)
 

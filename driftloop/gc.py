@@ -4,12 +4,15 @@ run, found and (only when asked) removed.
 - monitoring runs older than the retention (registry rows, results and their report
   directory), except each model's newest run;
 - Optuna studies that started before the retention (one is made per training run);
-- crash leftovers in the artifact store older than an hour: ``.tmp-*`` files and the
-  staging / replaced directories of scoring outputs (``.tmp-``, ``.old-``);
+- crash leftovers in the artifact store older than an hour: ``.tmp-*`` files (and the
+  ``.tmp-`` / ``.old-`` directories scoring left before outputs had manifests);
+- in each scoring output (found under the artifact store by its marker, and at every
+  output a recorded scoring run names): runs a newer manifest superseded, and run
+  prefixes with no manifest untouched for an hour (crashed runs; see driftloop.outputs);
 - model artifacts (``models/<name>/onnx/<sha256>.onnx``) no registered version points at.
 
-Versions, their artifacts, cards and references, datasets and scoring outputs are kept:
-they are lineage.
+Versions, their artifacts, cards and references, datasets and each scoring output's
+current run are kept: they are lineage.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel
 
+from driftloop.outputs import MARKER, ScoringOutput
+from driftloop.redact import mask_uri
 from driftloop.registry import RegistryStore
 from driftloop.storage import ArtifactStore
 
@@ -32,7 +37,7 @@ class Collected(BaseModel):
     applied: bool
     monitoring_runs: list[str] = []
     studies: list[str] = []
-    files: list[str] = []  # paths in the artifact store
+    files: list[str] = []  # paths in the artifact store; URIs for scoring outputs outside it
 
 
 @dataclass
@@ -58,11 +63,15 @@ def collect(registry: RegistryStore, store: ArtifactStore, *, keep_days: float, 
     plan.studies = _old_studies(registry, cutoff)
     settled = now - CRASH_LEFTOVER_AGE
     plan.files = _crash_leftovers(store, settled) + _orphaned_artifacts(registry, store, settled)
+    outputs = _scoring_outputs(registry, store)
+    output_files = _output_garbage(outputs, store, now, apply=False)
     if apply:
         registry.delete_monitoring_runs(plan.monitoring_runs)
         for relpath in [*plan.monitoring_dirs, *plan.files]:
             store.remove(relpath)
         _delete_studies(registry, plan.studies)
+        output_files = _output_garbage(outputs, store, now, apply=True)
+    plan.files += output_files
     return Collected(applied=apply, monitoring_runs=plan.monitoring_runs, studies=plan.studies,
                      files=plan.monitoring_dirs + plan.files)
 
@@ -136,3 +145,32 @@ def _orphaned_artifacts(registry: RegistryStore, store: ArtifactStore, before: d
                     and _aware(store.fs.modified(full)) < before):
                 orphans.append(f"{relpath}/{name}")
     return sorted(orphans)
+
+
+def _scoring_outputs(registry: RegistryStore, store: ArtifactStore) -> list[ScoringOutput]:
+    """Scoring outputs under the artifact store (by their marker) and wherever a recorded
+    run wrote one."""
+    uris: dict[str, None] = {}
+    base = store.path("").rstrip("/")
+    if store.fs.exists(base):
+        for marker in sorted(store.fs.glob(f"{base}/**/{MARKER}")):
+            uris[store.uri(marker.removeprefix(base + "/").rsplit("/", 1)[0])] = None
+    for run in registry.list_scoring_runs():
+        uris.setdefault(run.output_uri, None)
+    return [ScoringOutput(uri) for uri in uris]
+
+
+def _output_garbage(outputs: list[ScoringOutput], store: ArtifactStore, now: datetime, *, apply: bool) -> list[str]:
+    """What each output's collection removes: store-relative paths, or URIs outside it."""
+    base = store.uri("").rstrip("/")
+    found: list[str] = []
+    for output in outputs:
+        try:
+            relpaths = output.collect_garbage(now=now, grace=CRASH_LEFTOVER_AGE, apply=apply)
+        except Exception as exc:  # noqa: BLE001 - an unreachable or masked-credential output must not stop gc
+            logger.warning("scoring output %s skipped: %s", output.shown, exc)
+            continue
+        for relpath in relpaths:
+            uri = output.uri_of(relpath)
+            found.append(uri.removeprefix(base + "/") if uri.startswith(base + "/") else mask_uri(uri))
+    return sorted(found)

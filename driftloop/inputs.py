@@ -104,12 +104,9 @@ def _hidden(relpath: str) -> bool:
 
 
 def _qualified(fs: Any, path: str) -> str:
-    return path if _is_local(fs) else fs.unstrip_protocol(path)
+    from driftloop.outputs import is_local_fs
 
-
-def _is_local(fs: Any) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return "file" in protocols or "local" in protocols
+    return path if is_local_fs(fs) else fs.unstrip_protocol(path)
 
 
 def list_input_files(uri: str) -> list[InputFile]:

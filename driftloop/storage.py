@@ -9,6 +9,12 @@ import uuid
 import fsspec
 import polars as pl
 
+# Scoring outputs have their own commit protocol (driftloop.outputs); their reader is
+# re-exported here, where callers have always found it.
+from driftloop.outputs import is_local_fs, read_predictions
+
+__all__ = ["ArtifactStore", "read_bytes", "read_parquet", "read_predictions"]
+
 
 class ArtifactStore:
     def __init__(self, root: str) -> None:
@@ -34,8 +40,12 @@ class ArtifactStore:
             self.fs.rm(self._path(relpath), recursive=True)
 
     def write_bytes(self, relpath: str, data: bytes) -> str:
-        """Write atomically: readers see the old object or the whole new one."""
+        """Write atomically: readers see the old object or the whole new one (one PUT on
+        an object store, where a rename would be a copy and a delete)."""
         path = self._path(relpath)
+        if not is_local_fs(self.fs):
+            self.fs.pipe_file(path, data)
+            return self.uri(relpath)
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
@@ -56,20 +66,6 @@ class ArtifactStore:
 def read_parquet(uri: str) -> pl.DataFrame:
     with fsspec.open(uri, "rb") as fh:
         return pl.read_parquet(fh)
-
-
-def read_predictions(uri: str) -> pl.DataFrame:
-    """All committed prediction parts of a scoring output directory."""
-    from driftloop.errors import SourceError
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(f"{path}/_SUCCESS"):
-        raise SourceError(f"{uri} is not a committed scoring output (no _SUCCESS marker)")
-    frames = []
-    for part in sorted(fs.glob(f"{path}/part-*.parquet")):
-        with fs.open(part, "rb") as fh:
-            frames.append(pl.read_parquet(fh))
-    return pl.concat(frames) if frames else pl.DataFrame()
 
 
 def read_bytes(uri: str) -> bytes:

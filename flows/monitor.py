@@ -25,10 +25,11 @@ from driftloop.feedback import (
     scored_and_labelled,
 )
 from driftloop.onnx_model import load_model
+from driftloop.outputs import read_predictions
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
 from driftloop.spec import DatasetSpec, MonitoringPolicy, ReferencePeriod
-from driftloop.storage import ArtifactStore, read_bytes, read_predictions
+from driftloop.storage import ArtifactStore, read_bytes
 from flows.config import run_settings
 from tasks.ingest import read_file
 from tasks.labels import validate_labels

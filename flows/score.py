@@ -61,8 +61,8 @@ def score(
     registry_block: str | None = None,
 ) -> ScoreSummary:
     """Score ``input_uri`` (Parquet or CSV, path or URI) with ``model`` (``name``,
-    ``name@alias`` or ``name:version``) into the Parquet directory ``output_uri``
-    (default: ``<artifact root>/predictions/<model>/<input name>``)."""
+    ``name@alias`` or ``name:version``) into the scoring output ``output_uri``, a directory
+    or object-store prefix (default: ``<artifact root>/predictions/<model>/<input name>``)."""
     logger = get_run_logger()
     settings = run_settings(registry_block)
     registry = open_registry(settings.registry_database_url())

@@ -5,9 +5,10 @@ current one is validated and scored (ONNX Runtime releases the GIL), and a write
 thread encodes finished batches as Parquet parts. Peak memory is a few batches,
 whatever the input size.
 
-Output is committed atomically: parts go to a hidden temporary directory beside the
-output, which is renamed into place when every batch is done (replacing an earlier
-output of the same run rather than adding to it). A crash leaves no partial output.
+Output is committed by :mod:`driftloop.outputs`, the same way on a local disk and on an
+object store: parts go under the run's own prefix in the output, then one manifest
+listing them is written last; readers read only what the newest manifest lists. A crash
+leaves the previous output as it was; a rerun replaces the output rather than adding to it.
 This module imports no training or monitoring library: edge devices run it with the
 core install.
 """
@@ -20,7 +21,6 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from prefect.cache_policies import NONE
 from driftloop.errors import DriftloopError, SourceError
 from driftloop.inputs import InputBatch, iter_input
 from driftloop.onnx_model import LoadedModel, load_model, predict_scores
+from driftloop.outputs import QUARANTINE, RUNS, SINGLE_PARTITION, Manifest, ScoringOutput
 from driftloop.spec import DatasetSpec
 from tasks.validate import ROW, SeenValues, unique_columns, validate_rows
 
@@ -157,27 +158,31 @@ class ScoreResult:
     quarantine_uri: str | None
     batches: int
     batch_latencies_s: list[float] = field(default_factory=list)
+    run_id: str = ""  # the run's prefix in the output (runs/<run_id>/) and its manifest's name
+    manifest: Manifest | None = None
 
 
 def score_stream(
     model: LoadedModel, input_uri: str, output_uri: str, *, model_name: str, model_version: int,
     batch_size: int = DEFAULT_BATCH_SIZE, on_batch: Callable[[int, int | None], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> ScoreResult:
-    """Score ``input_uri`` into the Parquet dataset directory ``output_uri``."""
+    """Score ``input_uri`` into the scoring output ``output_uri`` (a directory or prefix,
+    see :mod:`driftloop.outputs`). ``before_commit`` runs after the last part is written
+    and before the manifest (tests inject crashes there)."""
     if batch_size < 1:
         raise DriftloopError(f"batch size must be at least 1, got {batch_size}")
     spec = model.spec()
-    fs, out_path = fsspec.core.url_to_fs(output_uri)
-    out_path = out_path.rstrip("/")
-    parent, name = out_path.rsplit("/", 1) if "/" in out_path else ("", out_path)
-    staging = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}" if parent else f".{name}.tmp-{uuid.uuid4().hex}"
-    fs.makedirs(f"{staging}/quarantine", exist_ok=True)
+    output = ScoringOutput(output_uri)
+    output.check_writable()  # a user's directory is refused before anything is read or written
     scored_at = datetime.now(UTC)
 
-    batches, total = iter_input(input_uri, batch_size)
+    batches, total = iter_input(input_uri, batch_size)  # a missing input fails before anything is written
+    output.claim()
+    run = output.start_run()
     rows_in = rows_scored = rows_quarantined = 0
     latencies: list[float] = []
-    pending: list[Future[None]] = []
+    pending: list[Future[Any]] = []
     warned_columns = False
     template: pl.DataFrame | None = None
     # Ids (and other unique columns) kept so far: a repeat in a later batch is quarantined.
@@ -203,9 +208,10 @@ def score_stream(
                     scores = predict_scores(model, valid)
                     predictions = prediction_frame(model, spec, valid, scores, model_name=model_name,
                                                    model_version=model_version, scored_at=scored_at)
-                    pending.append(writer.submit(_write_part, fs, f"{staging}/part-{index:05d}.parquet", predictions))
+                    pending.append(writer.submit(run.write_part, predictions, partition=SINGLE_PARTITION, index=index))
                 if quarantine.height:
-                    pending.append(writer.submit(_write_part, fs, f"{staging}/quarantine/part-{index:05d}.parquet", quarantine))
+                    pending.append(writer.submit(run.write_part, quarantine, partition=SINGLE_PARTITION, index=index,
+                                                 quarantine=True))
                 latencies.append(time.perf_counter() - started)
                 rows_in += batch.frame.height + batch.malformed.height
                 rows_scored += valid.height
@@ -219,21 +225,20 @@ def score_stream(
                 done.result()
         if rows_in == 0:
             raise SourceError(f"input {input_uri} has no data rows; nothing to score")
-        _commit(fs, staging, out_path, has_quarantine=rows_quarantined > 0)
+        manifest = run.commit(model_name=model_name, model_version=model_version, input_uri=input_uri, rows_in=rows_in,
+                              rows_scored=rows_scored, rows_quarantined=rows_quarantined, before_manifest=before_commit)
     except BaseException as exc:
-        fs.rm(staging, recursive=True)
+        run.abort()
         if _no_room(exc):
             raise DriftloopError(
                 f"cannot write the scoring output {output_uri}: {exc} (disk full or a file-size limit); "
                 "nothing was committed and an earlier output there is intact: free space and score again"
             ) from None
         raise
-    protocol = output_uri.split("://", 1)[0] + "://" if "://" in output_uri else ""
-    final_uri = protocol + out_path if protocol else out_path
     return ScoreResult(
-        rows_in=rows_in, rows_scored=rows_scored, rows_quarantined=rows_quarantined, output_uri=final_uri,
-        quarantine_uri=f"{final_uri}/quarantine" if rows_quarantined else None, batches=len(latencies),
-        batch_latencies_s=latencies,
+        rows_in=rows_in, rows_scored=rows_scored, rows_quarantined=rows_quarantined, output_uri=output.uri,
+        quarantine_uri=output.uri_of(f"{RUNS}/{run.run_id}/{QUARANTINE}") if rows_quarantined else None,
+        batches=len(latencies), batch_latencies_s=latencies, run_id=run.run_id, manifest=manifest,
     )
 
 
@@ -245,29 +250,6 @@ def _no_room(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
         return True
     return any(f"[Errno {code}]" in str(exc) for code in _NO_ROOM)
-
-
-def _write_part(fs: Any, path: str, frame: pl.DataFrame) -> None:
-    with fs.open(path, "wb") as fh:
-        frame.write_parquet(fh, compression="zstd")
-
-
-def _commit(fs: Any, staging: str, out_path: str, *, has_quarantine: bool) -> None:
-    """Swap the finished staging directory into place (replacing an earlier output), then
-    remove staging directories that crashed runs of this output left behind. Readers
-    take only directories with a ``_SUCCESS`` marker."""
-    if not has_quarantine:
-        fs.rm(f"{staging}/quarantine", recursive=True)
-    fs.touch(f"{staging}/_SUCCESS")
-    if fs.exists(out_path):
-        retired = f"{out_path}.old-{uuid.uuid4().hex}"
-        fs.mv(out_path, retired, recursive=True)
-        fs.mv(staging, out_path, recursive=True)
-        fs.rm(retired, recursive=True)
-    else:
-        fs.mv(staging, out_path, recursive=True)
-    for stale in fs.glob(f"{staging.rsplit('.tmp-', 1)[0]}.tmp-*"):
-        fs.rm(stale, recursive=True)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -8,15 +8,24 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from driftloop.feedback import join_labels
+from driftloop.outputs import (
+    MANIFESTS,
+    ORPHAN_GRACE,
+    RUNS,
+    ScoringOutput,
+    current_manifest,
+    read_predictions,
+    read_quarantine,
+)
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
-from driftloop.storage import read_predictions
 from flows.ingest import ingest
 from flows.labels import ingest_labels
 from flows.score import score
@@ -64,12 +73,19 @@ def test_score_accounts_for_every_row_and_reruns_idempotently(trained, tmp_path:
     assert {"id", "ts", "amount", "band", "prediction", "probability", "model_name", "model_version", "scored_at"} <= set(predictions.columns)
     assert predictions["model_version"].unique().to_list() == [1]
     assert predictions["probability"].is_between(0, 1).all()
-    quarantine = pl.read_parquet(out / "quarantine")
+    quarantine = read_quarantine(str(out))
     assert quarantine.height == 4
+    first = current_manifest(str(out))
+    assert first is not None and (first.rows_in, first.rows_scored, first.rows_quarantined) == (2504, 2500, 4)
 
     again = score(input_uri=str(source), output_uri=str(out), model="loans:1", batch_size=1000)
     assert again.rows_scored == 2500
     assert read_predictions(str(out)).height == 2500  # replaced, not appended
+    assert read_quarantine(str(out)).height == 4
+    # Only the new run is left: the superseded run's manifest and parts were collected.
+    second = current_manifest(str(out))
+    assert second is not None and second.run_id != first.run_id
+    assert [p.name for p in (out / RUNS).iterdir()] == [second.run_id] and len(list((out / MANIFESTS).iterdir())) == 1
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     runs = open_registry(get_settings().registry_database_url()).list_scoring_runs("loans")
     assert len(runs) == 2 and all(r.rows_in == r.rows_scored + r.rows_quarantined for r in runs)
@@ -98,15 +114,20 @@ def test_a_crash_mid_run_leaves_no_partial_output(trained, tmp_path: Path) -> No
         assert proc.stdout.readline(), "scorer ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    staging = [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    assert staging and list(staging[0].glob("part-*.parquet"))  # it really was mid-run
-    assert not out.exists()
+    crashed = list((out / RUNS).iterdir())
+    assert len(crashed) == 1 and list(crashed[0].glob("part-*.parquet"))  # it really was mid-run
+    assert not (out / MANIFESTS).exists()  # and committed nothing
     with pytest.raises(Exception, match="not a committed scoring output"):
         read_predictions(str(out))
 
     result = score(input_uri=str(source), output_uri=str(out), model="loans", batch_size=20_000)
     assert result.rows_scored == 60_000 and read_predictions(str(out)).height == 60_000
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the crash's leftovers are gone
+    # The crashed run's parts may be a run in progress for all the commit knows: they go
+    # once they have been left alone for the grace period.
+    assert crashed[0].exists()
+    later = datetime.now(UTC) + ORPHAN_GRACE + timedelta(minutes=1)
+    assert ScoringOutput(str(out)).collect_garbage(now=later) == [f"{RUNS}/{crashed[0].name}"]
+    assert not crashed[0].exists() and read_predictions(str(out)).height == 60_000
 
 
 def test_tampered_or_missing_artifact_is_refused(trained, tmp_path: Path) -> None:
@@ -224,7 +245,7 @@ def test_an_id_repeated_in_a_later_batch_is_quarantined(trained, tmp_path: Path)
     result = score(input_uri=str(source), output_uri=str(tmp_path / "out"), model="loans@champion", batch_size=100)
     assert (result.rows_in, result.rows_scored, result.rows_quarantined) == (303, 300, 3)
     assert read_predictions(str(tmp_path / "out"))["id"].n_unique() == 300
-    quarantine = pl.read_parquet(tmp_path / "out" / "quarantine").sort("id")
+    quarantine = read_quarantine(str(tmp_path / "out")).sort("id")
     assert quarantine["id"].to_list() == ["250", "299", "5"]
     assert quarantine["_checks"].to_list() == [["unique(earlier batch)"]] * 3
 
@@ -247,3 +268,22 @@ def test_each_scored_probability_belongs_to_its_own_id(trained, tmp_path: Path) 
     joined = read_predictions(result.output_uri).join(expected, on="id", how="inner")
     assert joined.height == 5000
     assert float(np.max(np.abs(joined["probability"].to_numpy() - joined["expected"].to_numpy()))) <= 1e-5
+
+
+def test_output_into_a_users_directory_is_refused_and_left_untouched(trained, tmp_path: Path) -> None:
+    """`--output ~/data` must not delete or add to the user's data."""
+    driftloop = str(Path(sys.executable).with_name("driftloop"))
+    source = scoring_csv(tmp_path / "in.csv", 40)
+    users = tmp_path / "data"
+    users.mkdir()
+    (users / "thesis.txt").write_text("years of work")
+    run = subprocess.run([driftloop, "score", "--model", "loans", "--input", str(source), "--output", str(users)],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert f"refusing to write the scoring output into {users}" in run.stderr and "thesis.txt" in run.stderr
+    assert [p.name for p in users.iterdir()] == ["thesis.txt"] and (users / "thesis.txt").read_text() == "years of work"
+    # A file where the output should go is refused the same way.
+    run = subprocess.run([driftloop, "score", "--model", "loans", "--input", str(source), "--output",
+                          str(users / "thesis.txt")], check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "is a file, not a directory" in run.stderr
+    assert (users / "thesis.txt").read_text() == "years of work"

@@ -65,3 +65,31 @@ def test_gc_removes_only_what_nothing_needs(tmp_path: Path) -> None:
     assert (tmp_path / "artifacts" / "monitoring" / "loans" / "recent" / "summary.md").exists()
     assert Path(kept_onnx).exists()
     assert done.studies == []  # started today: within the retention
+
+
+def test_gc_removes_crashed_scoring_runs_but_never_the_current_one(tmp_path: Path) -> None:
+    import polars as pl
+
+    from driftloop.outputs import RUNS, ScoringOutput, read_predictions
+
+    registry = open_registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    out = tmp_path / "artifacts" / "predictions" / "loans" / "batch"
+    output = ScoringOutput(str(out))
+    output.claim()
+    done = output.start_run()
+    done.write_part(pl.DataFrame({"id": [1, 2]}), partition="00000", index=0)
+    done.commit(model_name="loans", model_version=1, input_uri="in.csv", rows_in=2, rows_scored=2, rows_quarantined=0)
+    crashed = output.start_run()
+    crashed.write_part(pl.DataFrame({"id": [3]}), partition="00000", index=0)  # killed before its manifest
+    for path in (out / RUNS / crashed.run_id).rglob("*"):
+        _age(path, 3)
+    in_progress = output.start_run()
+    in_progress.write_part(pl.DataFrame({"id": [4]}), partition="00000", index=0)
+
+    dry = collect(registry, store, keep_days=90, apply=False)
+    assert dry.files == [f"predictions/loans/batch/{RUNS}/{crashed.run_id}"]
+    assert (out / RUNS / crashed.run_id).exists()
+    done_gc = collect(registry, store, keep_days=90, apply=True)
+    assert done_gc.files == dry.files and not (out / RUNS / crashed.run_id).exists()
+    assert (out / RUNS / in_progress.run_id).exists() and read_predictions(str(out))["id"].to_list() == [1, 2]
