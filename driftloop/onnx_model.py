@@ -46,7 +46,7 @@ class LoadedModel:
         return [(name, kind) for name, kind in self.metadata["inputs"]]
 
 
-def load_model(onnx_bytes: bytes, *, threads: int | None = None) -> LoadedModel:
+def load_model(onnx_bytes: bytes, *, threads: int | None = None, providers: list[str] | None = None) -> LoadedModel:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the tree converters declare label shapes ORT warns about
     if threads:
@@ -55,7 +55,7 @@ def load_model(onnx_bytes: bytes, *, threads: int | None = None) -> LoadedModel:
     if threads != 1:
         # Spinning idle threads halved 2-thread throughput on shared 2-core machines.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers or ["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in meta:
         raise ValueError("not a driftloop ONNX artifact (no 'driftloop' metadata)")

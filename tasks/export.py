@@ -200,7 +200,11 @@ def parity_rows(train: pl.DataFrame, holdout: pl.DataFrame, features: list[str],
 
 def check_parity(fitted: FittedModel, encoding: FeatureEncoding, onnx_bytes: bytes, frame: pl.DataFrame, task_kind: str) -> ParityReport:
     native = native_scores(fitted, encoding.matrix(frame), task_kind)
-    exported = predict_scores(load_model(onnx_bytes), frame)
+    return compare_scores(native, predict_scores(load_model(onnx_bytes), frame), task_kind)
+
+
+def compare_scores(native: np.ndarray, exported: np.ndarray, task_kind: str) -> ParityReport:
+    """How far another form's scores are from the native model's on the same rows."""
     if task_kind == "binary_classification" and native.ndim == 2:
         native = native[:, 1]
     abs_diff = np.abs(native.astype(np.float64) - exported.astype(np.float64))
@@ -208,10 +212,10 @@ def check_parity(fitted: FittedModel, encoding: FeatureEncoding, onnx_bytes: byt
         # float32 carries ~7 significant digits: compare relative to the prediction's size.
         abs_diff = abs_diff / np.maximum(1.0, np.abs(native.astype(np.float64)))
         flips = 0
-    diff = float(abs_diff.max()) if len(frame) else 0.0
+    diff = float(abs_diff.max()) if len(native) else 0.0
     if task_kind != "regression":
         flips = int(np.sum(predicted_labels(task_kind, native) != predicted_labels(task_kind, exported)))  # type: ignore[arg-type]
-    return ParityReport(frame.height, diff, flips, PARITY_TOLERANCE, diff <= PARITY_TOLERANCE and flips == 0)
+    return ParityReport(len(native), diff, flips, PARITY_TOLERANCE, diff <= PARITY_TOLERANCE and flips == 0)
 
 
 @task(name="export-onnx", cache_policy=NONE, task_run_name="export-onnx-{fitted.algorithm}")

@@ -70,6 +70,9 @@ class VersionDraft(BaseModel):
     window: dict[str, Any] | None = None
     onnx_uri: str
     onnx_sha256: str
+    # Verified scoring forms (driftloop.forms.FormRecord as dicts); None: registered
+    # before forms existed, the ONNX form only.
+    forms: list[dict[str, Any]] | None = None
 
 
 class ModelVersionRecord(VersionDraft):
@@ -97,6 +100,7 @@ class ScoringRunRecord(BaseModel):
     rows_in: int
     rows_scored: int
     rows_quarantined: int
+    form: str | None = None  # which scoring form scored (onnx, native, tensor); None before forms existed
     started_at: datetime
     finished_at: datetime
 

@@ -72,6 +72,7 @@ class ModelVersionRow(Base):
     reference_sha256: Mapped[str | None] = mapped_column(String(64))
     trigger: Mapped[str] = mapped_column(String(32), default="manual")
     window: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    forms: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -128,6 +129,7 @@ class ScoringRunRow(Base):
     rows_in: Mapped[int] = mapped_column(Integer)
     rows_scored: Mapped[int] = mapped_column(Integer)
     rows_quarantined: Mapped[int] = mapped_column(Integer)
+    form: Mapped[str | None] = mapped_column(String(16), nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -1,0 +1,200 @@
+"""Scoring forms: the ways one registered version can be run, and which one a scorer uses.
+
+Every version has the ONNX tree-kernel form (``onnx``: portable, the only one on edge
+devices). Training may register two more beside it, each with its own sha256, a parity
+check against the native model and a speed measured at registration:
+
+- ``native``: the booster in its library's own format (XGBoost UBJSON, LightGBM text).
+  Runs where that library is installed; XGBoost's predictor is ~2x ONNX Runtime's tree
+  kernel on CPU.
+- ``tensor``: the ensemble written in standard ONNX tensor ops (perfect tree traversal),
+  which every execution provider runs, CUDA included; slower than the tree kernel on CPU.
+
+The ONNX form's metadata (spec, feature encoding, classes) describes every form: a form's
+bytes never carry a second description of the features. Only onnxruntime is imported at
+module level: the training libraries are imported when a native form is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, Field
+
+from driftloop.errors import DriftloopError
+from driftloop.features import FeatureEncoding
+from driftloop.onnx_model import LoadedModel, load_model, predict_scores
+
+FormKind = Literal["onnx", "native", "tensor"]
+Engine = Literal["auto", "onnx", "native", "tensor"]
+Device = Literal["cpu", "cuda"]
+ENGINES: tuple[str, ...] = ("auto", "onnx", "native", "tensor")
+
+
+class FormRecord(BaseModel):
+    """One verified form of a version, as the registry keeps it."""
+
+    kind: FormKind
+    uri: str
+    sha256: str
+    parity_rows: int = Field(description="rows compared with the native model at registration")
+    parity_max_abs_diff: float
+    parity_flips: int
+    rows_per_s: float = Field(description="predict speed on the parity rows at registration (1 thread, CPU)")
+    library: str | None = Field(default=None, description="what runs it besides onnxruntime, e.g. 'xgboost 2.1.4'")
+
+
+class FormUnavailable(DriftloopError):
+    """The asked-for form is not registered, or cannot run on this machine."""
+
+
+def _library_of(algorithm: str) -> str:
+    return "xgboost" if algorithm == "xgboost" else "lightgbm"
+
+
+def why_unavailable(form: FormRecord, algorithm: str, device: Device) -> str | None:
+    """None if ``form`` can run here on ``device``, else the reason it cannot."""
+    if device == "cuda":
+        if form.kind != "tensor":
+            return f"the {form.kind} form has no CUDA path (ONNX Runtime runs tree-ensemble ops on CPU only)"
+        if not cuda_provider_available():
+            return "ONNX Runtime's CUDAExecutionProvider is not available here (install onnxruntime-gpu on a CUDA machine)"
+        return None
+    if form.kind == "native" and importlib.util.find_spec(_library_of(algorithm)) is None:
+        return f"{_library_of(algorithm)} is not installed here (pip install 'driftloop[train]')"
+    return None
+
+
+def cuda_provider_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def choose_form(forms: Sequence[FormRecord], *, engine: Engine, algorithm: str, device: Device = "cpu") -> tuple[FormRecord, str]:
+    """The form to score with, and why. ``auto``: the fastest verified form that runs here
+    (on CUDA: the tensor form). A forced engine that cannot run here is an error."""
+    by_kind = {f.kind: f for f in forms}
+    if engine != "auto":
+        if engine not in by_kind:
+            raise FormUnavailable(
+                f"this version has no {engine} form (registered: {', '.join(sorted(by_kind)) or 'none'}); "
+                "train it again with this release, or pick --engine onnx"
+            )
+        reason = why_unavailable(by_kind[engine], algorithm, device)
+        if reason:
+            raise FormUnavailable(f"--engine {engine} cannot run here: {reason}")
+        return by_kind[engine], f"{engine} (forced)"
+    runnable = [f for f in forms if why_unavailable(f, algorithm, device) is None]
+    if device == "cuda":
+        runnable = [f for f in runnable if f.kind == "tensor"]
+        if not runnable:
+            reason = why_unavailable(by_kind["tensor"], algorithm, device) if "tensor" in by_kind else "no tensor form registered"
+            raise FormUnavailable(f"--device cuda: {reason}")
+    if not runnable:
+        raise FormUnavailable("no registered form of this version can run here")
+    best = max(runnable, key=lambda f: f.rows_per_s)
+    others = ", ".join(f"{f.kind} {f.rows_per_s:,.0f}" for f in forms if f is not best)
+    return best, f"{best.kind} (auto: fastest verified form here, {best.rows_per_s:,.0f} rows/s at registration; {others})"
+
+
+# --- running a form ----------------------------------------------------------------
+
+
+@dataclass
+class FormScorer:
+    """A loaded form: ``predict`` takes validated rows and gives what the ONNX form gives
+    (P(class 1) for binary, (n, k) probabilities for multiclass, the value for regression)."""
+
+    kind: FormKind
+    descriptor: LoadedModel  # the ONNX form: spec, classes, encoding
+    predict: Callable[[pl.DataFrame], np.ndarray]
+
+
+def onnx_scorer(descriptor: LoadedModel) -> FormScorer:
+    return FormScorer("onnx", descriptor, lambda frame: predict_scores(descriptor, frame))
+
+
+def tensor_scorer(descriptor: LoadedModel, data: bytes, *, threads: int | None, device: Device) -> FormScorer:
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    model = load_model(data, threads=threads, providers=providers)
+    return FormScorer("tensor", descriptor, lambda frame: predict_scores(model, frame))
+
+
+def native_scorer(descriptor: LoadedModel, data: bytes, *, threads: int | None) -> FormScorer:
+    encoding = FeatureEncoding.from_dict(descriptor.metadata["encoding"])
+    algorithm = str(descriptor.metadata["algorithm"])
+    task = descriptor.task
+    if algorithm == "xgboost":
+        import xgboost as xgb
+
+        booster = xgb.Booster()
+        booster.load_model(bytearray(data))
+        if threads:
+            booster.set_param({"nthread": threads})
+
+        def predict(frame: pl.DataFrame) -> np.ndarray:
+            return _as_form_output(np.asarray(booster.inplace_predict(encoding.matrix(frame))), task)
+    else:
+        import lightgbm as lgb
+
+        booster = lgb.Booster(model_str=data.decode("utf-8"))
+        options = {"num_threads": threads} if threads else {}
+
+        def predict(frame: pl.DataFrame) -> np.ndarray:
+            return _as_form_output(np.asarray(booster.predict(encoding.matrix(frame), **options)), task)
+
+    return FormScorer("native", descriptor, predict)
+
+
+def _as_form_output(out: np.ndarray, task: str) -> np.ndarray:
+    if task == "binary_classification" and out.ndim == 2:
+        return out[:, 1]
+    if task == "regression":
+        return out.reshape(-1)
+    return out
+
+
+def load_form(form: FormRecord, descriptor: LoadedModel, data: bytes, *, threads: int | None,
+              device: Device = "cpu") -> FormScorer:
+    """A verified form's bytes (``data``, already checked against ``form.sha256``), loaded."""
+    if form.kind == "onnx":
+        return onnx_scorer(descriptor)
+    if form.kind == "tensor":
+        return tensor_scorer(descriptor, data, threads=threads, device=device)
+    return native_scorer(descriptor, data, threads=threads)
+
+
+def rows_per_second(predict: Callable[[pl.DataFrame], np.ndarray], frame: pl.DataFrame, *, min_seconds: float = 0.3) -> float:
+    """Rows a second of ``predict`` on ``frame``, repeated until ``min_seconds`` have passed
+    (best of the repeats: the least disturbed by other work on the machine)."""
+    predict(frame.head(16))  # warm-up: lazy initialisation is not scoring speed
+    best = float("inf")
+    spent, repeats = 0.0, 0
+    while spent < min_seconds or repeats < 3:
+        started = time.perf_counter()
+        predict(frame)
+        took = time.perf_counter() - started
+        best, spent, repeats = min(best, took), spent + took, repeats + 1
+    return frame.height / best if best > 0 else float("inf")
+
+
+def describe(forms: Sequence[FormRecord] | None) -> list[dict[str, Any]]:
+    return [f.model_dump() for f in forms or ()]
+
+
+def registered_forms(record: Any) -> list[FormRecord]:
+    """The forms of a registered version (``ModelVersionRecord``). Versions registered
+    before forms existed have their ONNX form only (speed unknown)."""
+    if record.forms:
+        return [FormRecord.model_validate(f) for f in record.forms]
+    parity = record.parity or {}
+    return [FormRecord(kind="onnx", uri=record.onnx_uri, sha256=record.onnx_sha256, parity_rows=int(parity.get("rows", 0)),
+                       parity_max_abs_diff=float(parity.get("max_abs_diff", 0.0)), parity_flips=int(parity.get("label_flips", 0)),
+                       rows_per_s=0.0)]
