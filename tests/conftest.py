@@ -33,7 +33,7 @@ os.environ.pop("DRIFTLOOP_ARTIFACT_ROOT", None)
 
 import pytest
 
-from tests.support.services import PostgresServer, PrefectServer
+from tests.support.services import PostgresServer, PrefectServer, S3Server
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +57,27 @@ def postgres() -> PostgresServer:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> S3Server:
+    """A real S3 endpoint (moto's server mode) on loopback, shared by the session; while
+    it runs, the environment points s3fs at it."""
+    server = S3Server()
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in server.environment().items():
+            mp.setenv(name, value)
+        yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server: S3Server) -> str:
+    """A new, empty bucket for one test: its ``s3://`` URI."""
+    import uuid
+
+    return s3_server.create_bucket(f"driftloop-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture()

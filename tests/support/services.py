@@ -123,3 +123,50 @@ class PostgresServer:
             "-o", f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200",
             "start",
         )
+
+
+class S3Server:
+    """moto's S3 server mode: a real S3 HTTP endpoint on a free loopback port, reached
+    through s3fs like any bucket. ``environment()`` is what points s3fs (botocore) at it."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": "driftloop-test",
+            "AWS_SECRET_ACCESS_KEY": "driftloop-test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,  # read by botocore under s3fs: no client options needed
+        }
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request otherwise
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        _wait(self._healthy, 30, "moto S3 server")
+
+    def create_bucket(self, name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="driftloop-test",
+                     aws_secret_access_key="driftloop-test").create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
