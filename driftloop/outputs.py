@@ -59,6 +59,7 @@ ORPHAN_GRACE = timedelta(hours=1)  # a run prefix without a manifest younger tha
 SINGLE_PARTITION = "00000"  # the partition key of a whole input scored in one process
 _TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"  # sorts as text in time order
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}$")
+_LEGACY_PART = re.compile(r"^part-\d{5}\.parquet$")
 _READ_ATTEMPTS = 5
 
 
@@ -125,6 +126,18 @@ def _modified(info: dict[str, Any]) -> datetime | None:
                 continue
             return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return None
+
+
+def _is_legacy(names: list[str]) -> bool:
+    """An output committed before manifests: ``_SUCCESS``, ``part-NNNNN.parquet`` and
+    ``quarantine/`` and nothing else (a Spark or Hadoop directory, with its own
+    ``_SUCCESS`` beside ``part-00000-<uuid>.snappy.parquet`` and ``.crc`` files, is not one)."""
+    return LEGACY_SUCCESS in names and all(
+        n in (LEGACY_SUCCESS, QUARANTINE) or _LEGACY_PART.match(n) for n in names)
+
+
+def _is_ours(names: list[str]) -> bool:
+    return MARKER in names or MANIFESTS in names or _is_legacy(names)
 
 
 def _run_of(manifest_name: str) -> str:
@@ -195,8 +208,9 @@ class ScoringOutput:
                 f"scoring output {self.shown} is a file, not a directory; nothing was written: "
                 "choose a new or empty directory for --output"
             )
-        names = self._names()
-        if names and not {MARKER, MANIFESTS, LEGACY_SUCCESS} & set(names):
+        # A temporary file is a concurrent first run writing the marker.
+        names = [n for n in self._names() if not n.startswith(".tmp-")]
+        if names and not _is_ours(names):
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise OutputError(
                 f"refusing to write the scoring output into {self.shown}: it holds files that are not a driftloop "
@@ -306,7 +320,8 @@ class ScoringOutput:
         for _ in range(_READ_ATTEMPTS):
             found = self.current()
             if found is None:
-                if LEGACY_SUCCESS in self._names():
+                # (a first run in the new layout may be under way beside the old parts)
+                if _is_legacy([n for n in self._names() if n not in (MARKER, MANIFESTS, RUNS)]):
                     return self._read_legacy(quarantine)
                 raise OutputError(
                     f"{self.shown} is not a committed scoring output (no manifest under {MANIFESTS}/); score into "
@@ -377,11 +392,8 @@ class ScoringOutput:
                 newest = self._newest_write(f"{MANIFESTS}/{name}")
                 if newest is None or newest < now - grace:
                     doomed.append(f"{MANIFESTS}/{name}")
-        if names:
-            top = self._names()
-            doomed += [n for n in top if n == LEGACY_SUCCESS or (n.startswith("part-") and n.endswith(".parquet"))]
-            if QUARANTINE in top:
-                doomed.append(QUARANTINE)
+        if names:  # the pre-manifest layout's files, superseded by the manifest
+            doomed += [n for n in self._names() if n in (LEGACY_SUCCESS, QUARANTINE) or _LEGACY_PART.match(n)]
         if apply:
             for relpath in doomed:  # in order: a superseded manifest goes before its parts
                 self._remove(relpath)
@@ -466,5 +478,4 @@ def current_manifest(uri: str) -> Manifest | None:
 
 
 def is_scoring_output(uri: str) -> bool:
-    output = ScoringOutput(uri)
-    return bool({MARKER, MANIFESTS, LEGACY_SUCCESS} & set(output._names()))
+    return _is_ours(ScoringOutput(uri)._names())

@@ -118,6 +118,13 @@ def test_a_directory_that_is_not_a_driftloop_output_is_refused_untouched(tmp_pat
         ScoringOutput(str(users)).claim()
     assert [p.name for p in users.iterdir()] == ["notes.csv"]
     assert ScoringOutput(str(users)).collect_garbage(now=datetime.now(UTC) + timedelta(days=9)) == []
+    spark = tmp_path / "spark"  # _SUCCESS and part files, but not driftloop's
+    spark.mkdir()
+    for name in ("_SUCCESS", "._SUCCESS.crc", "part-00000-1b2c.snappy.parquet"):
+        (spark / name).write_bytes(b"theirs")
+    with pytest.raises(OutputError, match="refusing to write"):
+        ScoringOutput(str(spark)).claim()
+    assert sorted(p.name for p in spark.iterdir()) == ["._SUCCESS.crc", "_SUCCESS", "part-00000-1b2c.snappy.parquet"]
     ScoringOutput(str(tmp_path / "empty")).claim()  # new or empty: fine
     assert json.loads((tmp_path / "empty" / MARKER).read_text())["kind"] == "driftloop-scoring-output"
 
@@ -131,6 +138,9 @@ def test_an_output_from_before_manifests_is_read_then_replaced(tmp_path: Path) -
     (out / "_SUCCESS").touch()
     assert read_predictions(str(out))["id"].to_list() == [1, 2, 3]
     assert read_quarantine(str(out))["id"].to_list() == [9]
+    _run(out, range(50, 53), commit=False)  # a first run in the new layout crashed: the old output still reads
+    assert read_predictions(str(out))["id"].to_list() == [1, 2, 3]
     _run(out, range(3))
     assert read_predictions(str(out))["id"].to_list() == [0, 1, 2]
     assert sorted(p.name for p in out.iterdir()) == [MARKER, MANIFESTS, RUNS]
+    assert len(list((out / RUNS).iterdir())) == 2  # the crashed run waits for the grace period
