@@ -1,4 +1,5 @@
-"""Streamed batch scoring (``tasks.score.score_stream``) against native in-memory predict.
+"""Streamed batch scoring (``tasks.score.score_stream``) against native in-memory predict
+and against the script a user would write instead.
 
 What it measures, on seeded synthetic data (20 float features, an int id, binary target):
 
@@ -11,8 +12,20 @@ What it measures, on seeded synthetic data (20 float features, an int id, binary
      native -- rows/s of the library's own predict on the same 1M rows already in memory
                as a float32 matrix (XGBoost: ``DMatrix`` construction is *included*;
                LightGBM: ``Booster.predict(x, num_threads=t)``).
-   ratio = ours / native. Batch size for ``score_stream``: the fastest of a small sweep.
-   Each figure is the best of ``--repeats`` runs (the machine is shared and noisy).
+     script -- rows/s of the script a user writes without driftloop (``user_script``,
+               printed in the header): read the Parquet file with polars, to a numpy
+               matrix, the library's ``inplace_predict`` (XGBoost) / ``predict``
+               (LightGBM) at the same thread count, write id + probability to Parquet.
+               Same input file, same run.
+   ratio_inmemory = ours / native, ratio_script = ours / script. Batch size for
+   ``score_stream``: the fastest of a small sweep. Each figure is the best of
+   ``--repeats`` runs (the machine is shared and noisy). ``ours`` scores with the ONNX
+   tree-kernel form (engine "onnx"), so ``onnx_rows_s`` equals ``ours_rows_s`` for now.
+1b. The tensor-op form (``tasks.export_tensor``: standard ONNX ops, any execution provider)
+   against the ONNX tree-kernel form, inference alone on CPU (``session.run`` on feeds
+   built beforehand, ``--tensor-rows`` rows), each form on row slices of a small sweep
+   (the tensor form runs fastest on slices that keep its [rows, trees] intermediates in
+   cache), the best slice size reported.
 2. Peak RSS. ``score_stream`` on 1M and on 5M rows, each in a fresh child process (this
    script with ``--child-rss``), peak read from ``getrusage(RUSAGE_SELF).ru_maxrss``.
    Target: peak(5M) < 1.2 x peak(1M).
@@ -28,6 +41,13 @@ Run from the repository root:
 
     .venv/bin/python bench/scoring.py            # full run: 1M / 5M rows, ~12 minutes on 2 cores
     .venv/bin/python bench/scoring.py --quick    # smoke run: 100k / 500k rows
+    .venv/bin/python bench/scoring.py --rows 200000   # 200k / 1M rows, full-size models
+
+The last line printed is one JSON object: {"results": [{"algorithm", "threads", "engine",
+"ours_rows_s", "onnx_rows_s", "native_inmemory_rows_s", "native_script_rows_s",
+"ratio_inmemory", "ratio_script", "ratio_onnx_inmemory", "kernel_rows_s", "tensor_rows_s",
+"tensor_slice_rows"}, ...], "rss_ratio_5m_1m": ...} (the RSS ratio is big / small input,
+5x the rows in every mode).
 """
 
 from __future__ import annotations
@@ -38,6 +58,7 @@ os.environ["NML_DISABLE_USAGE_LOGGING"] = "1"
 
 import argparse
 import copy
+import inspect
 import json
 import logging
 import platform
@@ -50,7 +71,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +116,8 @@ class Sizes:
 
 FULL = Sizes(200_000, 1_000_000, 5_000_000, (50_000, 100_000, 250_000), 100_000, 5, 25_000)
 QUICK = Sizes(50_000, 100_000, 500_000, (10_000, 25_000, 50_000), 25_000, 3, 10_000)
+TENSOR_SLICES = (1_000, 4_000, 16_000)
+TENSOR_ROWS = 200_000
 
 
 # --- data ------------------------------------------------------------------------------
@@ -146,6 +169,7 @@ class Model:
     onnx: bytes
     trees: int
     train_s: float
+    tensor: bytes = b""  # the tensor-op form (tasks.export_tensor)
 
 
 def train_models(spec: Any, train: pl.DataFrame, threads: int) -> tuple[Any, list[Model]]:
@@ -155,6 +179,7 @@ def train_models(spec: Any, train: pl.DataFrame, threads: int) -> tuple[Any, lis
 
     from driftloop.features import fit_encoding, target_vector
     from tasks.export import build_onnx
+    from tasks.export_tensor import build_tensor_onnx
     from tasks.tune import FittedModel, round_lightgbm_thresholds
 
     encoding = fit_encoding(spec, train)
@@ -183,6 +208,7 @@ def train_models(spec: Any, train: pl.DataFrame, threads: int) -> tuple[Any, lis
             build_onnx(fitted, encoding, spec, metadata),
             booster.num_boosted_rounds(),
             elapsed,
+            build_tensor_onnx(fitted, encoding, spec, metadata),
         )
     )
 
@@ -208,6 +234,7 @@ def train_models(spec: Any, train: pl.DataFrame, threads: int) -> tuple[Any, lis
             build_onnx(fitted, encoding, spec, metadata),
             booster.num_trees(),
             elapsed,
+            build_tensor_onnx(fitted, encoding, spec, metadata),
         )
     )
     return encoding, models
@@ -228,7 +255,89 @@ def native_predict(model: Model, x: np.ndarray, threads: int) -> tuple[np.ndarra
     return np.asarray(scores), time.perf_counter() - started
 
 
+def user_script(booster: Any, algorithm: str, input_path: Path, output_path: Path, threads: int) -> None:
+    """The peer a user writes without driftloop: no validation, no quarantine, no atomic
+    commit, the whole file in memory at once."""
+    frame = pl.read_parquet(input_path)
+    x = frame.select(FEATURES).to_numpy()
+    if algorithm == "xgboost":
+        booster.set_param({"nthread": threads})
+        probability = booster.inplace_predict(x)
+    else:
+        probability = booster.predict(x, num_threads=threads)
+    pl.DataFrame({"id": frame["id"], "probability": probability}).write_parquet(output_path)
+
+
+def script_once(model: Model, input_path: Path, out_root: Path, threads: int) -> float:
+    """Seconds for one run of ``user_script`` on the input file."""
+    out = out_root / "script-scored.parquet"
+    started = time.perf_counter()
+    user_script(model.fitted.booster, model.algorithm, input_path, out, threads)
+    elapsed = time.perf_counter() - started
+    out.unlink()
+    return elapsed
+
+
+def inference_seconds(session: Any, output: str, feed: dict[str, np.ndarray], slice_rows: int) -> float:
+    """Seconds for ``session.run`` over the feed in slices of ``slice_rows`` rows."""
+    rows = len(next(iter(feed.values())))
+    started = time.perf_counter()
+    for start in range(0, rows, slice_rows):
+        session.run([output], {name: values[start:start + slice_rows] for name, values in feed.items()})
+    return time.perf_counter() - started
+
+
 # --- measurements ----------------------------------------------------------------------
+
+
+def tensor_vs_kernel(
+    models: list[Model], frame: pl.DataFrame, repeats: int, batch_size: int, results: list[dict[str, Any]]
+) -> list[list[str]]:
+    """Rows/s of both ONNX forms on the same in-memory rows; adds ``kernel_rows_s``,
+    ``tensor_rows_s`` and ``tensor_slice_rows`` to the matching ``results`` entries."""
+    from driftloop.onnx_model import input_feed, load_model
+
+    lines = []
+    rows = frame.height
+    for model in models:
+        for threads in (1, 2):
+            kernel = load_model(model.onnx, threads=threads)
+            feed = input_feed(kernel, frame)
+            output = kernel.metadata["score_output"]
+            # Both forms at their best slice size (the kernel's barely depends on it).
+            kernel_slices = sorted({batch_size, *TENSOR_SLICES})
+            kernel_s = min(
+                best_of(
+                    repeats,
+                    lambda k=kernel, f=feed, o=output, s=s: inference_seconds(k.session, o, f, s),
+                )
+                for s in kernel_slices
+            )
+            tensor = load_model(model.tensor, threads=threads)
+            tensor_s = {
+                slice_rows: best_of(
+                    repeats,
+                    lambda t=tensor, f=feed, o=output, s=slice_rows: inference_seconds(t.session, o, f, s),
+                )
+                for slice_rows in TENSOR_SLICES
+            }
+            best_slice = min(tensor_s, key=tensor_s.__getitem__)
+            for entry in results:
+                if entry["algorithm"] == model.algorithm and entry["threads"] == threads:
+                    entry["kernel_rows_s"] = round(rows / kernel_s)
+                    entry["tensor_rows_s"] = round(rows / tensor_s[best_slice])
+                    entry["tensor_slice_rows"] = best_slice
+            lines.append(
+                [
+                    f"{model.algorithm} ({tensor.metadata['tensor_layout']}, depth {tensor.metadata['depth']})",
+                    str(threads),
+                    rate(rows, kernel_s),
+                    *(rate(rows, tensor_s[s]) for s in TENSOR_SLICES),
+                    f"{kernel_s / tensor_s[best_slice]:.2f}",
+                ]
+            )
+            print(f"  {model.algorithm} t={threads} done", flush=True)
+    return lines
 
 
 def best_of(repeats: int, run: Callable[[], float]) -> float:
@@ -546,6 +655,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="100k / 500k rows: a fast smoke run")
     parser.add_argument(
+        "--rows", type=int, help="rows of the scoring input (the RSS check also scores 5x as many)"
+    )
+    parser.add_argument(
+        "--tensor-rows", type=int, default=TENSOR_ROWS,
+        help=f"rows for the tensor-op vs tree-kernel inference comparison (default {TENSOR_ROWS:,})",
+    )
+    parser.add_argument(
         "--repeats", type=int, default=2, help="runs per timing; the best is kept (default 2)"
     )
     parser.add_argument("--child-rss", nargs=2, metavar=("ONNX", "INPUT"), help=argparse.SUPPRESS)
@@ -565,15 +681,23 @@ def main() -> None:
     from driftloop.spec import parse_spec
 
     sizes = QUICK if args.quick else FULL
+    if args.rows:
+        breakdown = max(1, min(sizes.breakdown_batches, args.rows // sizes.breakdown_batch))
+        sizes = replace(
+            sizes, score_rows=args.rows, big_rows=5 * args.rows, breakdown_batches=breakdown
+        )
+    mode = (" --quick" if args.quick else "") + (f" --rows {args.rows}" if args.rows else "")
     spec = parse_spec(SPEC, source="bench/scoring.py")
     total_started = time.perf_counter()
     print(
-        f"bench/scoring.py{' --quick' if args.quick else ''}: {platform.processor() or platform.machine()}, "
+        f"bench/scoring.py{mode}: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, "
         f"xgboost {xgboost.__version__}, lightgbm {lightgbm.__version__}, polars {pl.__version__}, "
         f"pyarrow {pa.__version__}; best of {args.repeats} runs per timing; "
         f"load average at the start {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
     )
+    print("the user's script (native_script), timed on the same input file:\n")
+    print("    " + inspect.getsource(user_script).replace("\n", "\n    ").rstrip())
 
     with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp_name:
         tmp = Path(tmp_name)
@@ -599,13 +723,14 @@ def main() -> None:
             onnx_path.write_bytes(model.onnx)
             # Sanity: the ONNX artifact and the native booster agree (same work is compared).
             head = pl.read_parquet(score_path, n_rows=20_000)
-            diff = np.abs(
-                predict_scores(load_model(model.onnx), head)
-                - native_predict(model, x[:20_000], 1)[0]
-            ).max()
+            native_head = native_predict(model, x[:20_000], 1)[0]
+            diff = np.abs(predict_scores(load_model(model.onnx), head) - native_head).max()
+            tensor = load_model(model.tensor)
+            tensor_diff = np.abs(predict_scores(tensor, head) - native_head).max()
             print(
                 f"{model.algorithm}: {model.trees} trees, trained in {model.train_s:.1f} s; ONNX {len(model.onnx) / 1e6:.1f} MB; "
-                f"max |onnx - native| on 20k rows {diff:.1e}"
+                f"max |onnx - native| on 20k rows {diff:.1e}; tensor-op form ({tensor.metadata['tensor_layout']} layout, "
+                f"depth {tensor.metadata['depth']}, {len(model.tensor) / 1e6:.1f} MB) max |tensor - native| {tensor_diff:.1e}"
             )
 
         section(
@@ -634,6 +759,7 @@ def main() -> None:
             f"throughput: score_stream vs native predict, {sizes.score_rows:,} rows, batch size {batch_size:,}"
         )
         rows_out = []
+        results: list[dict[str, Any]] = []
         for model in models:
             for threads in (1, 2):
                 ours = best_of(
@@ -650,23 +776,83 @@ def main() -> None:
                 native = best_of(
                     args.repeats, lambda m=model, t=threads: native_predict(m, x, t)[1]
                 )
+                script = best_of(
+                    args.repeats,
+                    lambda m=model, t=threads: script_once(m, score_path, tmp, t),
+                )
                 rows_out.append(
                     [
                         model.algorithm,
                         str(threads),
                         rate(sizes.score_rows, ours),
                         rate(sizes.score_rows, native),
+                        rate(sizes.score_rows, script),
                         f"{native / ours:.3f}",
+                        f"{script / ours:.3f}",
                     ]
                 )
+                results.append(
+                    {
+                        "algorithm": model.algorithm,
+                        "threads": threads,
+                        "engine": "onnx",
+                        "ours_rows_s": round(sizes.score_rows / ours),
+                        "onnx_rows_s": round(sizes.score_rows / ours),
+                        "native_inmemory_rows_s": round(sizes.score_rows / native),
+                        "native_script_rows_s": round(sizes.score_rows / script),
+                        "ratio_inmemory": round(native / ours, 3),
+                        "ratio_script": round(script / ours, 3),
+                        "ratio_onnx_inmemory": round(native / ours, 3),
+                    }
+                )
                 print(
-                    f"  {model.algorithm} t={threads}: ours {ours:.2f} s, native {native:.2f} s",
+                    f"  {model.algorithm} t={threads}: ours {ours:.2f} s, native {native:.2f} s, "
+                    f"script {script:.2f} s",
                     flush=True,
                 )
-        print(table(["algorithm", "threads", "ours rows/s", "native rows/s", "ratio"], rows_out))
+        print(
+            table(
+                [
+                    "algorithm",
+                    "threads",
+                    "ours rows/s",
+                    "native in-memory rows/s",
+                    "user's script rows/s",
+                    "ours / in-memory",
+                    "ours / script",
+                ],
+                rows_out,
+            )
+        )
         print(
             "ours: Parquet file -> validate -> ONNX Runtime -> Parquet dataset (zstd), wall clock, model loading excluded.\n"
-            "native: float32 matrix already in memory -> predict (XGBoost: DMatrix construction included)."
+            "native in-memory: float32 matrix already in memory -> predict (XGBoost: DMatrix construction included).\n"
+            "user's script: Parquet file -> polars -> numpy -> inplace_predict / predict -> id + probability Parquet."
+        )
+
+        tensor_rows = min(args.tensor_rows, sizes.score_rows)
+        section(
+            f"tensor-op form vs ONNX tree kernel: CPU inference alone, {tensor_rows:,} rows in memory"
+        )
+        tensor_table = tensor_vs_kernel(
+            models, pl.read_parquet(score_path, n_rows=tensor_rows), args.repeats, batch_size, results
+        )
+        print(
+            table(
+                [
+                    "algorithm",
+                    "threads",
+                    "tree kernel rows/s",
+                    *(f"tensor, {s:,}-row slices" for s in TENSOR_SLICES),
+                    "tensor best / kernel",
+                ],
+                tensor_table,
+            )
+        )
+        print(
+            "tree kernel: session.run on row slices, the best of "
+            f"{', '.join(f'{s:,}' for s in sorted({batch_size, *TENSOR_SLICES}))} rows; tensor: the tensor-op "
+            "form on row slices of the size shown; feeds built beforehand, not timed."
         )
 
         section(
@@ -700,6 +886,7 @@ def main() -> None:
         )
         print("before scoring = after imports and loading the model.")
         ratio = big["peak_kib"] / small["peak_kib"]
+        rss_ratio = round(ratio, 3)
         print(
             f"peak RSS {sizes.big_rows // sizes.score_rows}x rows / 1x rows = {ratio:.3f} "
             f"(target < 1.2: {'met' if ratio < 1.2 else 'NOT met'})"
@@ -766,6 +953,7 @@ def main() -> None:
         f"\ntotal benchmark time {time.perf_counter() - total_started:.0f} s; "
         f"load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
     )
+    print(json.dumps({"results": results, "rss_ratio_5m_1m": rss_ratio}))
 
 
 if __name__ == "__main__":
