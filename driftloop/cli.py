@@ -257,13 +257,13 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
 
     _progress_bar(not args.json)
     result = score(input_uri=args.input, output_uri=args.output, model=args.model,
-                   batch_size=args.batch_size, threads=args.threads)
+                   batch_size=args.batch_size, threads=args.threads, engine=args.engine, device=args.device)
     return result.model_dump()
 
 
 def _human_score(p: dict[str, Any]) -> str:
     lines = [
-        f"scored with {p['model']}:{p['version']}",
+        f"scored with {p['model']}:{p['version']}, {p['form_reason']}",
         f"  rows in          {p['rows_in']:>10,}",
         f"  rows scored      {p['rows_scored']:>10,}",
         f"  rows quarantined {p['rows_quarantined']:>10,}",
@@ -451,7 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--input", required=True, help="Parquet or CSV path or URI")
     score.add_argument("--output", help="output directory (Parquet parts), path or URI (default: <artifact root>/predictions/<model>/<input name>)")
     score.add_argument("--batch-size", type=int, default=100_000)
-    score.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    score.add_argument("--threads", type=int, help="scoring threads (default: all cores)")
+    score.add_argument("--engine", choices=["auto", "onnx", "native", "tensor"], default="auto",
+                       help="which verified form of the version scores: auto (default) takes the fastest that runs "
+                            "here, as timed at registration; onnx (tree kernel, portable), native (the booster; "
+                            "needs its library), tensor (standard tensor ops, any ONNX Runtime provider)")
+    score.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="cuda: the tensor form on ONNX Runtime's CUDA provider (needs onnxruntime-gpu)")
     score.set_defaults(handler=cmd_score, human=_human_score)
 
     retrain = sub.add_parser(

@@ -264,7 +264,9 @@ def iter_input(uri: str, batch_size: int) -> tuple[Iterator[InputBatch], int | N
     return chained(), total
 
 
-def _file_batches(file: InputFile, batch_size: int) -> tuple[Iterator[InputBatch], int | None]:
+def _file_batches(file: InputFile, batch_size: int,
+                  row_groups: tuple[int, int] | None = None) -> tuple[Iterator[InputBatch], int | None]:
+    """Batches of one file; of row groups ``[start, stop)`` only, when given (Parquet)."""
     shown = mask_uri(file.uri)
     handle = _open(file.uri)
     if input_format(file.uri, _sniff(handle)) == "parquet":
@@ -277,9 +279,21 @@ def _file_batches(file: InputFile, batch_size: int) -> tuple[Iterator[InputBatch
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several error types for corrupt files
             handle.close()
             raise SourceError(f"input {shown} is not a readable Parquet file: {exc}") from None
-        batches = (InputBatch(pl.from_arrow(b), malformed_frame([])) for b in parquet.iter_batches(batch_size=batch_size))
-        return _closing(handle, batches), parquet.metadata.num_rows
+        groups = list(range(*row_groups)) if row_groups else None
+        batches = (InputBatch(pl.from_arrow(b), malformed_frame([]))
+                   for b in parquet.iter_batches(batch_size=batch_size, row_groups=groups))
+        rows = parquet.metadata.num_rows if groups is None else sum(parquet.metadata.row_group(g).num_rows for g in groups)
+        return _closing(handle, batches), rows
+    if row_groups is not None:
+        handle.close()
+        raise SourceError(f"input {shown} is CSV: only Parquet files can be split by row groups")
     return _closing(handle, _iter_csv(handle, shown, batch_size)), None
+
+
+def iter_file(file: InputFile, batch_size: int, row_groups: tuple[int, int] | None = None) -> tuple[Iterator[InputBatch], int | None]:
+    """Batches of one file of an input (one partition of partitioned scoring): the whole
+    file, or Parquet row groups ``[start, stop)``; and its row count when cheap."""
+    return _file_batches(file, batch_size, row_groups)
 
 
 def _closing(handle: Any, batches: Iterator[InputBatch]) -> Iterator[InputBatch]:

@@ -433,6 +433,11 @@ class RunWriter:
         self.add(info, quarantine=quarantine)
         return info
 
+    def parts(self, *, quarantine: bool = False) -> list[PartInfo]:
+        """The parts recorded so far (predictions, or the quarantine's)."""
+        with self._lock:
+            return list((self._quarantine if quarantine else self._parts).values())
+
     def add(self, info: PartInfo, *, quarantine: bool = False) -> None:
         """Record a part written elsewhere; a re-written part replaces its earlier entry."""
         with self._lock:

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
             "postgresql+psycopg://user:pass@host/optuna."
         ),
     )
+    dask_address: str | None = Field(
+        default=None,
+        description="Dask scheduler (tcp://host:8786) that partitioned scoring runs on when the score flow is not "
+        "given workers or an address of its own.",
+    )
     device: Literal["cpu", "cuda"] = Field(
         default="cpu", description="Training device; GPU work pools set DRIFTLOOP_DEVICE=cuda."
     )

@@ -11,11 +11,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
+from driftloop.forms import Device, Engine
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
 from driftloop.storage import ArtifactStore
 from flows.config import run_settings
-from tasks.score import DEFAULT_BATCH_SIZE, ScoreResult, fetch_model_task, score_task
+from tasks.score import DEFAULT_BATCH_SIZE, ScoreResult, fetch_form_task, score_task
 
 
 class ScoreSummary(BaseModel):
@@ -27,6 +28,8 @@ class ScoreSummary(BaseModel):
     quarantine_uri: str | None
     model: str
     version: int
+    form: str  # the verified scoring form used: onnx, native or tensor
+    form_reason: str
 
 
 @task(name="resolve-model", cache_policy=NONE)
@@ -35,12 +38,13 @@ def resolve_model_task(registry: RegistryStore, ref: str) -> ModelVersionRecord:
 
 
 @task(name="record-scoring-run", cache_policy=NONE)
-def record_run_task(registry: RegistryStore, record: ModelVersionRecord, input_uri: str, result: ScoreResult, started_at: datetime) -> ScoringRunRecord:
+def record_run_task(registry: RegistryStore, record: ModelVersionRecord, input_uri: str, result: ScoreResult, started_at: datetime,
+                    form: str) -> ScoringRunRecord:
     run = ScoringRunRecord(
         id=str(uuid.uuid4()), model_name=record.model_name, model_version=record.version,
         onnx_sha256=record.onnx_sha256, input_uri=mask_uri(input_uri), output_uri=mask_uri(result.output_uri),
         quarantine_uri=result.quarantine_uri, rows_in=result.rows_in, rows_scored=result.rows_scored,
-        rows_quarantined=result.rows_quarantined, started_at=started_at, finished_at=datetime.now(UTC),
+        rows_quarantined=result.rows_quarantined, form=form, started_at=started_at, finished_at=datetime.now(UTC),
     )
     registry.add_scoring_run(run)
     return run
@@ -59,20 +63,42 @@ def score(
     batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
     registry_block: str | None = None,
+    engine: Engine = "auto",
+    device: Device = "cpu",
+    workers: int | None = None,
+    dask_address: str | None = None,
 ) -> ScoreSummary:
     """Score ``input_uri`` (Parquet or CSV, path or URI) with ``model`` (``name``,
     ``name@alias`` or ``name:version``) into the scoring output ``output_uri``, a directory
-    or object-store prefix (default: ``<artifact root>/predictions/<model>/<input name>``)."""
+    or object-store prefix (default: ``<artifact root>/predictions/<model>/<input name>``).
+
+    ``engine``: which verified form of the version scores (``auto``: the fastest that runs
+    here, measured at registration; or ``onnx``, ``native``, ``tensor``). ``device="cuda"``
+    scores with the tensor-op form on ONNX Runtime's CUDA provider.
+
+    ``workers`` (a temporary local Dask cluster of that many processes) or
+    ``dask_address`` (an existing scheduler; default ``DRIFTLOOP_DASK_ADDRESS``) score the
+    input as partitions in parallel (a directory or glob of files, or one Parquet file
+    split by row groups): the same result as one process, committed as one run."""
     logger = get_run_logger()
     settings = run_settings(registry_block)
     registry = open_registry(settings.registry_database_url())
     started_at = datetime.now(UTC)
 
     record = resolve_model_task(registry, model)
-    loaded = fetch_model_task(record.onnx_uri, record.onnx_sha256, threads)
+    scorer, why = fetch_form_task(record, engine, device, threads)
+    logger.info("scoring form: %s", why)
     output_uri = output_uri or default_output_uri(record, input_uri, settings.artifact_root_uri())
-    result = score_task(loaded, input_uri, output_uri, record.model_name, record.version, batch_size)
-    run = record_run_task(registry, record, input_uri, result, started_at)
+    address = dask_address or settings.dask_address
+    if workers or address:
+        from flows.score_partitioned import dask_runner, score_partitioned
+
+        runner = dask_runner(workers, address)
+        result = score_partitioned.with_options(task_runner=runner)(
+            record, input_uri, output_uri, engine, device, threads or 1, batch_size, workers or 2)
+    else:
+        result = score_task(scorer, input_uri, output_uri, record.model_name, record.version, batch_size)
+    run = record_run_task(registry, record, input_uri, result, started_at, scorer.kind)
 
     logger.info(
         "scored %d of %d rows with %s (%d quarantined) -> %s",
@@ -83,7 +109,7 @@ def score(
         markdown=(
             f"# Scoring with {record.ref}\n\n| rows in | scored | quarantined | batches |\n|---:|---:|---:|---:|\n"
             f"| {result.rows_in} | {result.rows_scored} | {result.rows_quarantined} | {result.batches} |\n\n"
-            f"Input: `{mask_uri(input_uri)}`\n\nOutput: `{mask_uri(result.output_uri)}`"
+            f"Form: {why}\n\nInput: `{mask_uri(input_uri)}`\n\nOutput: `{mask_uri(result.output_uri)}`"
             + (f"\n\nQuarantine: `{result.quarantine_uri}`" if result.quarantine_uri else "")
         ),
         description=f"Scoring run {run.id}",
@@ -92,4 +118,5 @@ def score(
         run_id=run.id, rows_in=result.rows_in, rows_scored=result.rows_scored,
         rows_quarantined=result.rows_quarantined, output_uri=result.output_uri,
         quarantine_uri=result.quarantine_uri, model=record.model_name, version=record.version,
+        form=scorer.kind, form_reason=why,
     )

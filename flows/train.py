@@ -23,6 +23,7 @@ from flows.config import run_settings
 from flows.ingest import ingest, load_spec_task
 from tasks.evaluate import evaluate_champion_task, evaluate_task, same_predictions_task
 from tasks.export import PARITY_MIN_ROWS, ParityReport, export_task, native_scores, parity_task
+from tasks.forms import forms_task
 from tasks.gate import GateDecision, gate_task
 from tasks.ingest import load_dataset_task
 from tasks.register import (
@@ -155,6 +156,9 @@ def train_and_register(
             "registration blocked"
         )
     onnx_uri, onnx_sha256 = store_onnx_task(store, spec.name, onnx_bytes)
+    # The native booster and the tensor-op form beside it, each verified and timed.
+    forms = forms_task(best, encoding, spec, onnx_bytes, split.train, split.holdout, options.parity_min_rows,
+                       options.seed, store)
 
     # The champion is judged on the challenger's holdout: the newest rows of its data.
     champion = registry.find_alias(spec.name, "champion")
@@ -174,7 +178,7 @@ def train_and_register(
         seed=options.seed, dataset_id=dataset.id, dataset_hash=dataset.content_hash, spec_hash=spec.fingerprint(),
         split=split.boundaries, library_versions=library_versions(), gate=decision.model_dump(),
         parity=asdict(parity), trigger=options.trigger, window=window.model_dump() if window else None,
-        onnx_uri=onnx_uri, onnx_sha256=onnx_sha256,
+        onnx_uri=onnx_uri, onnx_sha256=onnx_sha256, forms=[f.model_dump() for f in forms],
     )
     actor = f"flow {runtime.flow_run.flow_name or 'train'}/{runtime.flow_run.name or 'local'}"
     # No alias points at the version until its reference and card are written: a crash

@@ -34,9 +34,18 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from driftloop.errors import DriftloopError, SourceError
+from driftloop.forms import (
+    Device,
+    Engine,
+    FormScorer,
+    choose_form,
+    load_form,
+    onnx_scorer,
+    registered_forms,
+)
 from driftloop.inputs import InputBatch, iter_input
 from driftloop.onnx_model import LoadedModel, load_model, predict_scores
-from driftloop.outputs import QUARANTINE, RUNS, SINGLE_PARTITION, Manifest, ScoringOutput
+from driftloop.outputs import QUARANTINE, RUNS, SINGLE_PARTITION, Manifest, RunWriter, ScoringOutput
 from driftloop.spec import DatasetSpec
 from tasks.validate import ROW, SeenValues, unique_columns, validate_rows
 
@@ -162,14 +171,89 @@ class ScoreResult:
     manifest: Manifest | None = None
 
 
+@dataclass
+class BatchCounts:
+    """What one stream of batches (a whole input, or one partition of it) came to."""
+
+    rows_in: int = 0
+    rows_scored: int = 0
+    rows_quarantined: int = 0
+    latencies: list[float] = field(default_factory=list)
+    # Per unique column (the id): its values in the rows kept, and their row numbers in
+    # this stream, so repeats across partitions can be found afterwards.
+    kept: dict[str, list[pl.DataFrame]] = field(default_factory=dict)
+
+
+def score_batches(
+    batches: Iterator[InputBatch], model: LoadedModel, spec: DatasetSpec, run: RunWriter, *, partition: str,
+    source: str, model_name: str, model_version: int, scored_at: datetime,
+    predict: Callable[[pl.DataFrame], np.ndarray] | None = None,
+    on_batch: Callable[[int, int | None], None] | None = None, total: int | None = None, keep_ids: bool = False,
+) -> BatchCounts:
+    """Validate, score and write each batch as parts of ``run`` named by ``partition``.
+    A row repeating a unique value (the id) of an earlier batch is quarantined. Quarantine
+    rows are numbered from the start of this stream. Reading, scoring and writing overlap:
+    a reader thread parses the next batch, a writer thread encodes finished parts."""
+    counts = BatchCounts()
+    pending: list[Future[Any]] = []
+    warned_columns = False
+    template: pl.DataFrame | None = None
+    # Ids (and other unique columns) kept so far: a repeat in a later batch is quarantined.
+    # Memory grows by the id column only (8 bytes a row for int ids).
+    seen: dict[str, SeenValues] = {}
+    uniques = unique_columns(spec, labelled=False)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer") as writer:
+        for index, batch in enumerate(_prefetch(batches)):
+            started = time.perf_counter()
+            result = validate_rows(batch.frame, spec, labelled=False, source=source, warn_ignored=not warned_columns,
+                                   seen=seen) if batch.frame.height else None
+            warned_columns = True
+            valid = result.valid if result else pl.DataFrame()
+            for name in uniques if valid.height else ():
+                seen.setdefault(name, SeenValues()).add(valid[name])
+            if keep_ids and valid.height and result is not None:
+                rows = pl.int_range(0, batch.frame.height, eager=True, dtype=pl.Int64)
+                kept_rows = rows.filter(~rows.is_in(result.quarantine[ROW].implode())) + counts.rows_in
+                for name in uniques:
+                    counts.kept.setdefault(name, []).append(pl.DataFrame({ROW: kept_rows, name: valid[name]}))
+            if result is not None and template is None:
+                template = result.quarantine.head(0)  # every quarantine part gets this schema
+            quarantine = result.quarantine.with_columns(pl.col(ROW) + counts.rows_in) if result else pl.DataFrame()
+            if batch.malformed.height:
+                base = quarantine if quarantine.width else (template if template is not None else pl.DataFrame())
+                quarantine = pl.concat([base, batch.malformed], how="diagonal_relaxed")
+            if valid.height:
+                scores = predict(valid) if predict is not None else predict_scores(model, valid)
+                predictions = prediction_frame(model, spec, valid, scores, model_name=model_name,
+                                               model_version=model_version, scored_at=scored_at)
+                pending.append(writer.submit(run.write_part, predictions, partition=partition, index=index))
+            if quarantine.height:
+                pending.append(writer.submit(run.write_part, quarantine, partition=partition, index=index,
+                                             quarantine=True))
+            counts.latencies.append(time.perf_counter() - started)
+            counts.rows_in += batch.frame.height + batch.malformed.height
+            counts.rows_scored += valid.height
+            counts.rows_quarantined += quarantine.height
+            # Bound memory: never more than two parts waiting for the writer.
+            while len(pending) > 2:
+                pending.pop(0).result()
+            if on_batch is not None:
+                on_batch(counts.rows_in, total)
+        for done in pending:
+            done.result()
+    return counts
+
+
 def score_stream(
     model: LoadedModel, input_uri: str, output_uri: str, *, model_name: str, model_version: int,
     batch_size: int = DEFAULT_BATCH_SIZE, on_batch: Callable[[int, int | None], None] | None = None,
-    before_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[], None] | None = None, predict: Callable[[pl.DataFrame], np.ndarray] | None = None,
 ) -> ScoreResult:
     """Score ``input_uri`` into the scoring output ``output_uri`` (a directory or prefix,
     see :mod:`driftloop.outputs`). ``before_commit`` runs after the last part is written
-    and before the manifest (tests inject crashes there)."""
+    and before the manifest (tests inject crashes there). ``predict`` scores validated rows
+    with another verified form of the same version (:mod:`driftloop.forms`); by default
+    the ONNX form ``model``, which always describes the spec and outputs."""
     if batch_size < 1:
         raise DriftloopError(f"batch size must be at least 1, got {batch_size}")
     spec = model.spec()
@@ -180,69 +264,40 @@ def score_stream(
     batches, total = iter_input(input_uri, batch_size)  # a missing input fails before anything is written
     output.claim()
     run = output.start_run()
-    rows_in = rows_scored = rows_quarantined = 0
-    latencies: list[float] = []
-    pending: list[Future[Any]] = []
-    warned_columns = False
-    template: pl.DataFrame | None = None
-    # Ids (and other unique columns) kept so far: a repeat in a later batch is quarantined.
-    # Memory grows by the id column only (8 bytes a row for int ids).
-    seen: dict[str, SeenValues] = {}
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer") as writer:
-            for index, batch in enumerate(_prefetch(batches)):
-                started = time.perf_counter()
-                result = validate_rows(batch.frame, spec, labelled=False, source=input_uri, warn_ignored=not warned_columns,
-                                       seen=seen) if batch.frame.height else None
-                warned_columns = True
-                valid = result.valid if result else pl.DataFrame()
-                for name in unique_columns(spec, labelled=False) if valid.height else ():
-                    seen.setdefault(name, SeenValues()).add(valid[name])
-                if result is not None and template is None:
-                    template = result.quarantine.head(0)  # every quarantine part gets this schema
-                quarantine = result.quarantine.with_columns(pl.col(ROW) + rows_in) if result else pl.DataFrame()
-                if batch.malformed.height:
-                    base = quarantine if quarantine.width else (template if template is not None else pl.DataFrame())
-                    quarantine = pl.concat([base, batch.malformed], how="diagonal_relaxed")
-                if valid.height:
-                    scores = predict_scores(model, valid)
-                    predictions = prediction_frame(model, spec, valid, scores, model_name=model_name,
-                                                   model_version=model_version, scored_at=scored_at)
-                    pending.append(writer.submit(run.write_part, predictions, partition=SINGLE_PARTITION, index=index))
-                if quarantine.height:
-                    pending.append(writer.submit(run.write_part, quarantine, partition=SINGLE_PARTITION, index=index,
-                                                 quarantine=True))
-                latencies.append(time.perf_counter() - started)
-                rows_in += batch.frame.height + batch.malformed.height
-                rows_scored += valid.height
-                rows_quarantined += quarantine.height
-                # Bound memory: never more than two parts waiting for the writer.
-                while len(pending) > 2:
-                    pending.pop(0).result()
-                if on_batch is not None:
-                    on_batch(rows_in, total)
-            for done in pending:
-                done.result()
-        if rows_in == 0:
+        counts = score_batches(batches, model, spec, run, partition=SINGLE_PARTITION, source=input_uri,
+                               model_name=model_name, model_version=model_version, scored_at=scored_at,
+                               predict=predict, on_batch=on_batch, total=total)
+        if counts.rows_in == 0:
             raise SourceError(f"input {input_uri} has no data rows; nothing to score")
-        manifest = run.commit(model_name=model_name, model_version=model_version, input_uri=input_uri, rows_in=rows_in,
-                              rows_scored=rows_scored, rows_quarantined=rows_quarantined, before_manifest=before_commit)
+        manifest = run.commit(model_name=model_name, model_version=model_version, input_uri=input_uri,
+                              rows_in=counts.rows_in, rows_scored=counts.rows_scored,
+                              rows_quarantined=counts.rows_quarantined, before_manifest=before_commit)
     except BaseException as exc:
         run.abort()
-        if _no_room(exc):
-            raise DriftloopError(
-                f"cannot write the scoring output {output_uri}: {exc} (disk full or a file-size limit); "
-                "nothing was committed and an earlier output there is intact: free space and score again"
-            ) from None
+        clear = no_room_error(exc, output_uri)
+        if clear is not None:
+            raise clear from None
         raise
     return ScoreResult(
-        rows_in=rows_in, rows_scored=rows_scored, rows_quarantined=rows_quarantined, output_uri=output.uri,
-        quarantine_uri=output.uri_of(f"{RUNS}/{run.run_id}/{QUARANTINE}") if rows_quarantined else None,
-        batches=len(latencies), batch_latencies_s=latencies, run_id=run.run_id, manifest=manifest,
+        rows_in=counts.rows_in, rows_scored=counts.rows_scored, rows_quarantined=counts.rows_quarantined,
+        output_uri=output.uri,
+        quarantine_uri=output.uri_of(f"{RUNS}/{run.run_id}/{QUARANTINE}") if counts.rows_quarantined else None,
+        batches=len(counts.latencies), batch_latencies_s=counts.latencies, run_id=run.run_id, manifest=manifest,
     )
 
 
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def no_room_error(exc: BaseException, output_uri: str) -> DriftloopError | None:
+    """The clear error for a write that failed for want of space, else None."""
+    if not _no_room(exc):
+        return None
+    return DriftloopError(
+        f"cannot write the scoring output {output_uri}: {exc} (disk full or a file-size limit); "
+        "nothing was committed and an earlier output there is intact: free space and score again"
+    )
 
 
 def _no_room(exc: BaseException) -> bool:
@@ -263,13 +318,28 @@ def load_verified_model(uri: str, sha256: str, *, threads: int | None = None) ->
 # --- Prefect tasks -----------------------------------------------------------------
 
 
+def load_scoring_form(record: Any, *, engine: Engine, device: Device, threads: int | None) -> tuple[FormScorer, str]:
+    """The verified form of ``record`` (a ``ModelVersionRecord``) to score with, and why
+    it was chosen. The ONNX form is always fetched and verified: it describes the rest."""
+    chosen, why = choose_form(registered_forms(record), engine=engine, algorithm=record.algorithm, device=device)
+    descriptor = load_verified_model(record.onnx_uri, record.onnx_sha256, threads=threads)
+    data = b"" if chosen.kind == "onnx" else fetch_verified(chosen.uri, chosen.sha256)
+    return load_form(chosen, descriptor, data, threads=threads, device=device), why
+
+
 @task(name="fetch-model", cache_policy=NONE)
 def fetch_model_task(uri: str, sha256: str, threads: int | None) -> LoadedModel:
     return load_verified_model(uri, sha256, threads=threads)
 
 
+@task(name="fetch-scoring-form", cache_policy=NONE)
+def fetch_form_task(record: Any, engine: Engine, device: Device, threads: int | None) -> tuple[FormScorer, str]:
+    return load_scoring_form(record, engine=engine, device=device, threads=threads)
+
+
 @task(name="score-batches", cache_policy=NONE)
-def score_task(model: LoadedModel, input_uri: str, output_uri: str, model_name: str, model_version: int, batch_size: int) -> ScoreResult:
+def score_task(model: LoadedModel | FormScorer, input_uri: str, output_uri: str, model_name: str, model_version: int,
+               batch_size: int) -> ScoreResult:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from driftloop import progress
@@ -281,7 +351,8 @@ def score_task(model: LoadedModel, input_uri: str, output_uri: str, model_name: 
             update_progress_artifact(artifact_id, progress=min(100.0, 100.0 * done / total))
         progress.notify("score", done, total)
 
-    result = score_stream(model, input_uri, output_uri, model_name=model_name, model_version=model_version,
-                          batch_size=batch_size, on_batch=on_batch)
+    scorer = model if isinstance(model, FormScorer) else onnx_scorer(model)
+    result = score_stream(scorer.descriptor, input_uri, output_uri, model_name=model_name, model_version=model_version,
+                          batch_size=batch_size, on_batch=on_batch, predict=scorer.predict)
     update_progress_artifact(artifact_id, progress=100.0)
     return result

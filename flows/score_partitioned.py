@@ -1,0 +1,97 @@
+"""Flow ``score-partitioned``: one input scored as coarse partitions on a Dask cluster
+(Prefect's DaskTaskRunner), committed as one run. The ``score`` flow runs it as a
+subflow when given ``workers`` (a temporary local cluster) or a Dask scheduler address."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NONE
+
+from driftloop.errors import DriftloopError, SourceError
+from driftloop.forms import Device, Engine
+from driftloop.outputs import QUARANTINE, RUNS, ScoringOutput
+from tasks.partitions import (
+    Partition,
+    PartitionResult,
+    plan_partitions,
+    score_partition,
+    settle_partitions,
+)
+from tasks.score import ScoreResult, load_scoring_form, no_room_error
+
+
+@task(name="plan-partitions", cache_policy=NONE)
+def plan_task(input_uri: str, workers: int) -> list[Partition]:
+    return plan_partitions(input_uri, workers=workers)
+
+
+# Retried once: a partition is idempotent (it rewrites its own part names), so running it
+# again after a lost worker or a transient store error never duplicates rows.
+@task(name="score-partition", cache_policy=NONE, retries=1, task_run_name="score-partition-{partition.key}")
+def score_partition_task(record: Any, partition: Partition, output_uri: str, run_id: str, engine: Engine,
+                         device: Device, threads: int | None, batch_size: int, scored_at: datetime) -> PartitionResult:
+    return score_partition(record, partition, output_uri, run_id, engine=engine, device=device, threads=threads,
+                           batch_size=batch_size, scored_at=scored_at)
+
+
+def dask_runner(workers: int | None, address: str | None) -> Any:
+    """Prefect's DaskTaskRunner on an existing scheduler, or on a temporary local cluster
+    of ``workers`` single-threaded processes."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    if not workers or workers < 1:
+        raise DriftloopError(f"workers must be at least 1, got {workers}")
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+@flow(name="score-partitioned")
+def score_partitioned(record: Any, input_uri: str, output_uri: str, engine: Engine = "auto", device: Device = "cpu",
+                      threads: int | None = 1, batch_size: int = 100_000, workers: int = 2) -> ScoreResult:
+    logger = get_run_logger()
+    load_scoring_form(record, engine=engine, device=device, threads=threads)  # refuse here, not on every worker
+    partitions = plan_task(input_uri, workers)
+    output = ScoringOutput(output_uri)
+    output.claim()  # refuses a directory that is not a driftloop output, before any part
+    run = output.start_run()
+    scored_at = datetime.now(UTC)
+    logger.info("scoring %s as %d partitions into run %s", input_uri, len(partitions), run.run_id)
+    try:
+        futures = score_partition_task.map(
+            unmapped(record), partitions, unmapped(output_uri), unmapped(run.run_id), unmapped(engine),
+            unmapped(device), unmapped(threads), unmapped(batch_size), unmapped(scored_at),
+        )
+        results = [future.result() for future in futures]
+        settled = settle_partitions(output, run, record_spec(record), partitions, results, batch_size=batch_size)
+        if settled.rows_in == 0:
+            raise SourceError(f"input {input_uri} has no data rows; nothing to score")
+        manifest = run.commit(model_name=record.model_name, model_version=record.version, input_uri=input_uri,
+                              rows_in=settled.rows_in, rows_scored=settled.rows_scored,
+                              rows_quarantined=settled.rows_quarantined)
+    except BaseException as exc:
+        run.abort()
+        clear = no_room_error(exc, output_uri)
+        if clear is not None:
+            raise clear from None
+        raise
+    if settled.repeats_moved:
+        logger.info("%d rows repeated an id of an earlier partition: quarantined", settled.repeats_moved)
+    return ScoreResult(
+        rows_in=settled.rows_in, rows_scored=settled.rows_scored, rows_quarantined=settled.rows_quarantined,
+        output_uri=output.uri,
+        quarantine_uri=output.uri_of(f"{RUNS}/{run.run_id}/{QUARANTINE}") if settled.rows_quarantined else None,
+        batches=len(partitions), run_id=run.run_id, manifest=manifest,
+    )
+
+
+def record_spec(record: Any) -> Any:
+    """The spec the version's verified ONNX form carries."""
+    from tasks.score import load_verified_model
+
+    return load_verified_model(record.onnx_uri, record.onnx_sha256, threads=1).spec()

@@ -1,0 +1,107 @@
+"""Scoring forms through the real flows: training registers each verified form with its
+sha256, parity and speed; every engine scores the same rows with the same probabilities;
+the scoring record says which form scored; a damaged form is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from driftloop.forms import registered_forms
+from driftloop.registry import open_registry
+from driftloop.settings import get_settings
+from driftloop.storage import read_bytes, read_predictions
+from flows.ingest import ingest
+from flows.score import score
+from flows.train import train
+from tasks.score import IntegrityError
+from tests.support.data import make_loans, write_spec
+
+pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("engines")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DRIFTLOOP_HOME", str(root / "home"))
+        spec = write_spec(root)
+        data = root / "train.parquet"
+        make_loans(3000, seed=2).write_parquet(data)
+        dataset = ingest(spec_path=str(spec), source=str(data)).dataset_id
+        train(spec_path=str(spec), dataset_id=dataset, trials=1, algorithms=["xgboost"], parity_min_rows=5000)
+        source = root / "score.parquet"
+        make_loans(4000, seed=9).drop("repaid").write_parquet(source)
+        yield {"root": root, "source": source}
+
+
+def test_training_registers_every_verified_form(trained) -> None:
+    record = open_registry(get_settings().registry_database_url()).resolve("loans")
+    forms = {f.kind: f for f in registered_forms(record)}
+    assert set(forms) == {"onnx", "native", "tensor"}
+    assert forms["onnx"].sha256 == record.onnx_sha256
+    for form in forms.values():
+        assert hashlib.sha256(read_bytes(form.uri)).hexdigest() == form.sha256
+        assert form.parity_rows >= 5000 and form.parity_flips == 0 and form.parity_max_abs_diff <= 1e-5
+        assert form.rows_per_s > 0
+    assert forms["native"].library.startswith("xgboost ")
+
+
+def test_every_engine_scores_the_same_probabilities_and_the_record_names_the_form(trained, tmp_path: Path) -> None:
+    outputs = {}
+    for engine in ("onnx", "native", "tensor", "auto"):
+        summary = score(input_uri=str(trained["source"]), output_uri=str(tmp_path / engine), model="loans", engine=engine)
+        assert summary.rows_scored == 4000
+        if engine != "auto":
+            assert summary.form == engine and "forced" in summary.form_reason
+        outputs[engine] = read_predictions(summary.output_uri).select("id", "probability").sort("id")
+    record = open_registry(get_settings().registry_database_url()).resolve("loans")
+    fastest = max(registered_forms(record), key=lambda f: f.rows_per_s).kind
+    assert summary.form == fastest and "fastest" in summary.form_reason
+    runs = open_registry(get_settings().registry_database_url()).list_scoring_runs("loans")
+    assert sorted(r.form for r in runs[:4]) == sorted(["onnx", "native", "tensor", fastest])
+    base = outputs["onnx"]
+    for engine, frame in outputs.items():
+        assert frame["id"].to_list() == base["id"].to_list()
+        diff = (frame["probability"] - base["probability"]).abs().max()
+        assert diff <= 1e-5, f"{engine} differs from onnx by {diff}"
+
+
+def test_a_damaged_form_is_refused(trained, tmp_path: Path) -> None:
+    record = open_registry(get_settings().registry_database_url()).resolve("loans")
+    native = next(f for f in registered_forms(record) if f.kind == "native")
+    path = Path(native.uri)
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:-8] + b"\x00" * 8)
+        with pytest.raises(IntegrityError, match=native.sha256):
+            score(input_uri=str(trained["source"]), output_uri=str(tmp_path / "x"), model="loans", engine="native")
+    finally:
+        path.write_bytes(original)
+
+
+def test_the_cli_forces_an_engine_and_says_which_form_scored(trained, tmp_path: Path) -> None:
+    driftloop = Path(sys.executable).with_name("driftloop")
+    done = subprocess.run([str(driftloop), "score", "--model", "loans", "--input", str(trained["source"]),
+                           "--output", str(tmp_path / "cli"), "--engine", "tensor", "--json"],
+                          capture_output=True, text=True, timeout=300, check=False, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(done.stdout)
+    assert payload["form"] == "tensor" and payload["rows_scored"] == 4000
+    cuda = subprocess.run([str(driftloop), "score", "--model", "loans", "--input", str(trained["source"]),
+                           "--output", str(tmp_path / "gpu"), "--device", "cuda"],
+                          capture_output=True, text=True, timeout=300, check=False, env=os.environ.copy())
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert cuda.returncode != 0 and "CUDAExecutionProvider is not available" in cuda.stderr
+        assert not (tmp_path / "gpu").exists()
+    else:
+        assert cuda.returncode == 0, cuda.stderr[-3000:]

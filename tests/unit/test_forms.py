@@ -1,0 +1,92 @@
+"""Scoring forms: each form of a real model is verified against the native model, and the
+scorer's choice between them follows what is registered and what runs here."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from driftloop.forms import FormRecord, FormUnavailable, choose_form, load_form
+from driftloop.onnx_model import load_model
+from driftloop.spec import load_spec
+from driftloop.storage import ArtifactStore, read_bytes
+from tasks.export import build_onnx, native_scores
+from tasks.forms import build_forms, store_forms
+from tasks.split import split_dataset
+from tasks.tune import fit_model, prepare_training_data
+from tests.support.data import make_loans, write_spec
+
+
+@pytest.fixture(scope="module", params=["xgboost", "lightgbm"])
+def model(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    spec = load_spec(write_spec(tmp))
+    frame = make_loans(3000, seed=4)  # 5% of ratio missing: each form must route them as the trees do
+    assert frame["ratio"].null_count() > 50
+    split = split_dataset(frame, spec, seed=0)
+    data, encoding, _ = prepare_training_data(spec, split.train, split.valid)
+    params = {"max_depth": 4} if request.param == "xgboost" else {"num_leaves": 15}
+    fitted = fit_model(request.param, params, data, seed=0)
+    onnx = build_onnx(fitted, encoding, spec, {"spec": spec.model_dump(mode="json")})
+    return request.param, spec, split, encoding, fitted, onnx, tmp
+
+
+def test_every_form_matches_the_native_model_and_is_stored_under_its_hash(model) -> None:
+    _, spec, split, encoding, fitted, onnx, tmp = model
+    rows = split.holdout
+    built = build_forms(fitted, encoding, spec, onnx, rows)
+    assert {f.kind for f in built.forms} == {"onnx", "native", "tensor"}, built.skipped
+    for form in built.forms:
+        assert form.parity_rows == rows.height and form.parity_flips == 0 and form.parity_max_abs_diff <= 1e-5
+        assert form.rows_per_s > 0
+    records = store_forms(ArtifactStore(str(tmp / "artifacts")), spec.name, built)
+    descriptor = load_model(onnx)
+    expected = native_scores(fitted, encoding.matrix(rows), spec.task)
+    for record in records:
+        data = read_bytes(record.uri)
+        assert hashlib.sha256(data).hexdigest() == record.sha256
+        scores = load_form(record, descriptor, data, threads=1).predict(rows)
+        assert np.abs(scores - expected).max() <= 1e-5, record.kind
+    assert records[0].kind == "onnx" and records[0].sha256 == hashlib.sha256(onnx).hexdigest()
+
+
+def _form(kind: str, speed: float) -> FormRecord:
+    return FormRecord(kind=kind, uri=f"mem://{kind}", sha256="0" * 64, parity_rows=10, parity_max_abs_diff=0.0,
+                      parity_flips=0, rows_per_s=speed)
+
+
+def test_auto_takes_the_fastest_form_that_runs_here_and_a_forced_one_must_exist() -> None:
+    forms = [_form("onnx", 120_000), _form("native", 230_000), _form("tensor", 20_000)]
+    chosen, why = choose_form(forms, engine="auto", algorithm="xgboost")
+    assert chosen.kind == "native" and "fastest" in why
+    chosen, _ = choose_form([_form("onnx", 300_000), _form("native", 180_000)], engine="auto", algorithm="lightgbm")
+    assert chosen.kind == "onnx"
+    assert choose_form(forms, engine="tensor", algorithm="xgboost")[0].kind == "tensor"
+    with pytest.raises(FormUnavailable, match="no native form"):
+        choose_form([_form("onnx", 1.0)], engine="native", algorithm="xgboost")
+
+
+def test_cuda_needs_the_tensor_form_and_the_cuda_provider() -> None:
+    import onnxruntime as ort
+
+    forms = [_form("onnx", 120_000), _form("native", 230_000)]
+    with pytest.raises(FormUnavailable, match="cuda"):
+        choose_form(forms, engine="auto", algorithm="xgboost", device="cuda")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(FormUnavailable, match="CUDAExecutionProvider is not available"):
+            choose_form([*forms, _form("tensor", 1.0)], engine="auto", algorithm="xgboost", device="cuda")
+
+
+def test_a_version_registered_before_forms_has_its_onnx_form(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from driftloop.forms import registered_forms
+
+    old = SimpleNamespace(forms=None, onnx_uri="file:///m.onnx", onnx_sha256="a" * 64,
+                          parity={"rows": 5, "max_abs_diff": 1e-7, "label_flips": 0})
+    (only,) = registered_forms(old)
+    assert only.kind == "onnx" and only.sha256 == "a" * 64
+    assert choose_form([only], engine="auto", algorithm="xgboost")[0] is only
