@@ -15,15 +15,27 @@ The objective is the validation loss (log loss, multiclass log loss or RMSE) at 
 round. A ``MedianPruner`` stops poor trials early, fed by optuna-integration's pruning
 callbacks. Studies live in a SQL database (default: the registry's), so several workers
 can tune one study: each opens it with ``load_if_exists`` and its own sampler seed.
+
+``tune_in_workers`` runs N worker processes (local, or tasks on a Dask cluster) on one
+study in PostgreSQL, with heartbeats, retry of a dead worker's trial and an exact global
+trial cap; ``python -m tasks.tune`` is one such worker (its job comes on stdin).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -244,7 +256,8 @@ def _lightgbm_pruning(trial: optuna.Trial, metric: str) -> Any:
     return EveryFewRounds(trial, metric, valid_name="valid")
 
 
-def open_study(study_name: str, storage: str, *, seed: int, attempts: int = 5) -> optuna.Study:
+def open_study(study_name: str, storage: str | optuna.storages.BaseStorage, *, seed: int,
+               attempts: int = 5) -> optuna.Study:
     """Create or join the study. Workers starting together race to create Optuna's
     tables in a fresh database (on PostgreSQL the loser fails on an existing type, on
     SQLite on an existing table or a locked database): the loser retries and joins."""
@@ -300,18 +313,397 @@ def tune(
     return TuneResult(algorithm, study_name, dict(best.params), float(best.value), done, len(study.trials))
 
 
+# --- Several tuning workers on one study ------------------------------------------------
+
+# Heartbeats every HEARTBEAT_S; a RUNNING trial without one for GRACE_S belongs to a dead
+# worker: it is marked FAIL and queued again (same params) at most MAX_RETRY times.
+HEARTBEAT_S = 10
+GRACE_S = 60
+MAX_RETRY = 3
+# Namespace of the PostgreSQL advisory lock that serialises trial claims (per study id).
+_CLAIM_LOCK = 0x64726C70
+_HOLDS_SLOT = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+_SETTLED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres")
+
+
+def tuning_storage(registry_url: str, optuna_storage: str | None, workers: int) -> str:
+    """The study database. One worker: the registry's, as always. Several: PostgreSQL, the
+    registry's when it is PostgreSQL, else ``DRIFTLOOP_OPTUNA_STORAGE``. SQLite is refused:
+    concurrent writers lock its one file, and workers on other machines cannot reach it."""
+    if workers < 1:
+        raise DriftloopError(f"tuning workers must be at least 1, got {workers}")
+    if workers == 1:
+        return registry_url
+    for url in (registry_url, optuna_storage):
+        if url and is_postgres_url(url):
+            return url
+    from driftloop.redact import mask_uri
+
+    got = mask_uri(optuna_storage) if optuna_storage else f"no DRIFTLOOP_OPTUNA_STORAGE, registry {mask_uri(registry_url)}"
+    raise DriftloopError(
+        f"{workers} tuning workers need an Optuna study database on PostgreSQL ({got}): set "
+        "DRIFTLOOP_OPTUNA_STORAGE=postgresql+psycopg://user:pass@host/db, or use a PostgreSQL "
+        "registry (DRIFTLOOP_REGISTRY_URL), or tune with one worker"
+    )
+
+
+_ARRAYS = ("x_train", "y_train", "x_valid", "y_valid")
+
+
+def save_training_data(data: TrainingData, uri: str) -> str:
+    """Write the matrices under ``uri`` (a directory path or fsspec URI) as ``.npy`` files:
+    workers get this reference, never pickled arrays, and read exact float32 back."""
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(uri)
+    fs.makedirs(base, exist_ok=True)
+    for name in _ARRAYS:
+        with fs.open(f"{base}/{name}.npy", "wb") as fh:
+            np.save(fh, getattr(data, name), allow_pickle=False)
+    fs.pipe_file(f"{base}/meta.json", json.dumps({"task": data.task, "n_classes": data.n_classes}).encode())
+    return uri
+
+
+def load_training_data(uri: str) -> TrainingData:
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(uri)
+    meta = json.loads(fs.cat_file(f"{base}/meta.json"))
+    arrays = {}
+    for name in _ARRAYS:
+        with fs.open(f"{base}/{name}.npy", "rb") as fh:
+            arrays[name] = np.load(fh, allow_pickle=False)
+    return TrainingData(task=meta["task"], n_classes=meta["n_classes"], **arrays)
+
+
+@dataclass
+class TuningJob:
+    """What one tuning worker runs; JSON on a worker's stdin (the storage URL may hold a
+    password: never on a command line)."""
+
+    algorithm: Algorithm
+    study_name: str
+    storage: str
+    data_uri: str
+    cap: int  # the study's COMPLETE + PRUNED trials this run stops at
+    worker: int
+    seed: int
+    device: str = "cpu"
+    threads: int | None = None
+    timeout: float | None = None
+    heartbeat_s: int = HEARTBEAT_S
+    grace_s: int = GRACE_S
+    max_retry: int = MAX_RETRY
+
+
+@dataclass
+class WorkerReport:
+    worker: int
+    seed: int
+    pid: int
+    trials_run: int
+
+
+def heartbeat_storage(job: TuningJob) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with heartbeats and stale-trial retry, one connection per
+    process (the heartbeat thread shares it: its writes are short). The coordinator has
+    created the tables and checked their schema; the check opens a second connection
+    inside its first, which a one-connection pool never grants (a 30 s wait, then an error)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            job.storage,
+            engine_kwargs={"pool_size": 1, "max_overflow": 0},
+            skip_compatibility_check=True,
+            skip_table_creation=True,
+            heartbeat_interval=job.heartbeat_s,
+            grace_period=job.grace_s,
+            # Optuna 4.9 renamed failed_trial_callback to this; same callback.
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=job.max_retry),
+        )
+
+
+def claim_trial(study: optuna.Study, storage: optuna.storages.RDBStorage, lock: Any, job: TuningJob) -> optuna.Trial | None:
+    """Start the study's next trial, or None once every slot up to ``job.cap`` is settled.
+
+    A slot is held by a COMPLETE, PRUNED or RUNNING trial. Counting and ``ask()`` happen
+    under one PostgreSQL advisory lock, so two workers can never both take the last slot
+    (``MaxTrialsCallback`` counts only after a trial ends: two workers can each start the
+    last one). A dead worker's RUNNING trial turns FAIL once its heartbeat is stale, which
+    frees its slot; its retry (WAITING, same params) takes it, as ``ask()`` starts waiting
+    trials first. While all slots are held but some still run, wait: a running trial may
+    belong to a dead worker and need a retry that only a live worker can run."""
+    from sqlalchemy import text
+
+    study_id = storage.get_study_id_from_name(job.study_name)
+    while True:
+        with lock.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:ns, :study)"), {"ns": _CLAIM_LOCK, "study": study_id})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                # Under the lock: the retry is queued before anyone counts the freed slot.
+                optuna.storages.fail_stale_trials(study)
+            _fail_orphans(conn, study, storage, job.grace_s)
+            held = study.get_trials(deepcopy=False, states=_HOLDS_SLOT)
+            if len(held) < job.cap:
+                with warnings.catch_warnings():
+                    # We run the heartbeat thread ourselves (study.optimize would, but it cannot
+                    # claim a slot before a trial starts).
+                    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+                    trial = study.ask()
+                # Also under the lock: see _fail_orphans.
+                storage.record_heartbeat(trial._trial_id)
+                return trial
+            if not any(t.state == optuna.trial.TrialState.RUNNING for t in held):
+                return None
+        # Poll faster than the heartbeat: near the end a live worker's trial finishing is
+        # the usual case, and this worker's exit waits for it.
+        time.sleep(min(1.0, job.heartbeat_s))
+
+
+def _fail_orphans(conn: Any, study: optuna.Study, storage: optuna.storages.RDBStorage, grace_s: int) -> None:
+    """Optuna's stale check skips RUNNING trials that never had a heartbeat. Claimers ask
+    and record the first heartbeat under the claim lock, which we now hold, so such a
+    trial comes from a worker killed in between: fail and retry it like a stale one. The
+    age check spares trials of a single-process run sharing the study name."""
+    from datetime import datetime, timedelta
+
+    from sqlalchemy import bindparam, text
+
+    old = datetime.now() - timedelta(seconds=grace_s)
+    running = {t._trial_id: t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+               if t.datetime_start is not None and t.datetime_start < old}
+    if not running:
+        return
+    beating = {row[0] for row in conn.execute(
+        text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(bindparam("ids", expanding=True)),
+        {"ids": list(running)},
+    )}
+    retry = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in set(running) - beating:
+        try:
+            failed = storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        if failed and retry is not None:
+            retry(study, storage.get_trial(trial_id))
+
+
+def _import_trainer(algorithm: Algorithm) -> None:
+    if algorithm == "xgboost":
+        import xgboost  # noqa: F401
+        from optuna_integration import XGBoostPruningCallback  # noqa: F401
+    else:
+        import lightgbm  # noqa: F401
+        from optuna_integration import LightGBMPruningCallback  # noqa: F401
+
+
+def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval: int, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        try:
+            storage.record_heartbeat(trial_id)
+        except Exception:  # a missed beat is retried next interval; only GRACE_S of them fail the trial
+            logger.warning("heartbeat for trial %s failed", trial_id, exc_info=True)
+
+
+def run_tuning_worker(job: TuningJob) -> WorkerReport:
+    """One tuning worker: claim, train, report, until the study's cap (or ``timeout``)."""
+    from sqlalchemy import create_engine
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = heartbeat_storage(job)
+    study = open_study(job.study_name, storage, seed=job.seed)
+    data = load_training_data(job.data_uri)
+    _import_trainer(job.algorithm)  # seconds of imports, not inside the first trial's time
+    lock = create_engine(job.storage, pool_size=1, max_overflow=0)  # the claim lock's own connection
+    started, ran = time.monotonic(), 0
+    try:
+        while job.timeout is None or time.monotonic() - started < job.timeout:
+            trial = claim_trial(study, storage, lock, job)
+            if trial is None:
+                break
+            _run_trial(study, storage, trial, job, data)
+            ran += 1
+    finally:
+        lock.dispose()
+        storage.remove_session()
+        storage.engine.dispose()
+    return WorkerReport(job.worker, job.seed, os.getpid(), ran)
+
+
+def _run_trial(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: optuna.Trial, job: TuningJob,
+               data: TrainingData) -> None:
+    # Who ran it: a retry inherits the dead worker's attributes, so they are overwritten.
+    trial.set_user_attr("worker", job.worker)
+    trial.set_user_attr("worker_seed", job.seed)
+    trial.set_user_attr("worker_pid", os.getpid())
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(storage, trial._trial_id, job.heartbeat_s, stop), daemon=True)
+    beat.start()
+    try:
+        try:
+            fitted = fit_model(job.algorithm, search_space(trial, job.algorithm), data, seed=job.seed,
+                               device=job.device, threads=job.threads, trial=trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
+        except BaseException:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        trial.set_user_attr("best_iteration", fitted.best_iteration)
+        study.tell(trial, fitted.valid_loss)
+    finally:
+        stop.set()
+        beat.join()
+
+
+def settled_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=_SETTLED))
+
+
+def tune_in_workers(
+    algorithm: Algorithm, data: TrainingData, *, study_name: str, storage: str, n_trials: int, workers: int,
+    data_uri: str | None = None, dask_address: str | None = None, timeout: float | None = None, seed: int = 0,
+    device: str = "cpu", threads: int | None = None, on_trial: Callable[[int, int], None] | None = None,
+    heartbeat_s: int = HEARTBEAT_S, grace_s: int = GRACE_S,
+) -> TuneResult:
+    """Run ``n_trials`` more trials of the study, exactly, in ``workers`` processes that
+    share it: local processes, or tasks on the Dask cluster at ``dask_address``. Worker
+    ``i`` samples with seed ``seed + i``. The data goes to workers as ``.npy`` files under
+    ``data_uri`` (default: a local temporary directory; give an object-store URI when the
+    Dask workers are on other machines), removed afterwards. A killed worker costs its
+    running trial, which another worker retries."""
+    if n_trials < 1:
+        raise DriftloopError(f"trials must be at least 1, got {n_trials}")
+    tuning_storage(storage, None, workers)  # refuses anything but PostgreSQL
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Created here, once: workers starting together would otherwise race to create it.
+    study = open_study(study_name, storage, seed=seed)
+    already = settled_trials(study)
+    if threads is None and dask_address is None:
+        threads = max(1, (os.cpu_count() or 1) // workers)  # N local processes share the cores
+    data_uri = save_training_data(data, data_uri or tempfile.mkdtemp(prefix="driftloop-tune-"))
+    jobs = [
+        TuningJob(algorithm=algorithm, study_name=study_name, storage=storage, data_uri=data_uri,
+                  cap=already + n_trials, worker=i, seed=seed + i, device=device, threads=threads,
+                  timeout=timeout, heartbeat_s=heartbeat_s, grace_s=grace_s)
+        for i in range(workers)
+    ]
+
+    def progress() -> None:
+        if on_trial is not None:
+            on_trial(min(settled_trials(study) - already, n_trials), n_trials)
+
+    try:
+        runner = _on_dask if dask_address else _in_local_processes
+        reports, failures = runner(jobs, progress, dask_address)
+    finally:
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(data_uri)
+        fs.rm(base, recursive=True)
+    for failure in failures:
+        logger.warning("%s", failure)
+    completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not reports or not completed:
+        detail = "; ".join(failures) or "no trial completed (all pruned or failed); raise --trials"
+        raise DriftloopError(f"study {study_name}: tuning with {workers} workers failed: {detail}")
+    best = study.best_trial
+    return TuneResult(algorithm, study_name, dict(best.params), float(best.value),
+                      settled_trials(study) - already, len(study.get_trials(deepcopy=False)))
+
+
+def _in_local_processes(jobs: list[TuningJob], progress: Callable[[], None],
+                        _address: str | None) -> tuple[list[WorkerReport], list[str]]:
+    root = Path(__file__).resolve().parents[1]  # so `-m tasks.tune` imports this checkout
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    logs = Path(tempfile.mkdtemp(prefix="driftloop-tune-logs-"))
+    procs = []
+    for job in jobs:
+        # Files, not pipes: a worker writing more than a pipe holds would block on it.
+        out, err = (logs / f"worker-{job.worker}.out").open("w+"), (logs / f"worker-{job.worker}.err").open("w+")
+        proc = subprocess.Popen([sys.executable, "-m", "tasks.tune"], stdin=subprocess.PIPE, stdout=out,
+                                stderr=err, text=True, env=env)
+        proc.stdin.write(json.dumps(asdict(job)))
+        proc.stdin.close()
+        procs.append((job, proc, out, err))
+    reports, failures = [], []
+    try:
+        while any(proc.poll() is None for _, proc, _, _ in procs):
+            progress()
+            time.sleep(1.0)
+        progress()
+        for job, proc, out, err in procs:
+            out.seek(0)
+            err.seek(0)
+            if proc.returncode == 0:
+                reports.append(WorkerReport(**json.loads(out.read().strip().splitlines()[-1])))
+            elif proc.returncode < 0:
+                failures.append(f"tuning worker {job.worker} (pid {proc.pid}) was killed by signal {-proc.returncode}; "
+                                "its running trial was retried by the others")
+            else:
+                failures.append(f"tuning worker {job.worker} (pid {proc.pid}) exited with {proc.returncode}: "
+                                f"{err.read()[-2000:].strip()}")
+    finally:
+        for _, proc, out, err in procs:
+            if proc.poll() is None:  # only when we are interrupted ourselves
+                proc.kill()
+                proc.wait()
+            out.close()
+            err.close()
+        for path in logs.iterdir():
+            path.unlink()
+        logs.rmdir()
+    return reports, failures
+
+
+def _on_dask(jobs: list[TuningJob], progress: Callable[[], None],
+             address: str | None) -> tuple[list[WorkerReport], list[str]]:
+    """One task per worker on an existing Dask cluster. A Dask worker that dies has its
+    task rerun elsewhere by the scheduler: the rerun joins the same study and cap."""
+    from distributed import Client
+
+    reports, failures = [], []
+    with Client(address, timeout="30s") as client:
+        futures = [client.submit(run_tuning_worker, job, pure=False, key=f"tune-{job.study_name}-{job.worker}")
+                   for job in jobs]
+        while not all(future.done() for future in futures):
+            progress()
+            time.sleep(1.0)
+        progress()
+        for job, future in zip(jobs, futures, strict=True):
+            try:
+                reports.append(future.result())
+            except Exception as exc:  # noqa: BLE001 (reported with the others; the study decides)
+                failures.append(f"tuning worker {job.worker} on {address} failed: {exc!r}")
+    return reports, failures
+
+
 @task(name="tune", cache_policy=NONE, task_run_name="tune-{algorithm}")
 def tune_task(algorithm: Algorithm, data: TrainingData, study_name: str, storage: str, n_trials: int,
-              timeout: float | None, seed: int, device: str) -> TuneResult:
+              timeout: float | None, seed: int, device: str, workers: int = 1, dask_address: str | None = None,
+              data_uri: str | None = None) -> TuneResult:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     artifact_id = create_progress_artifact(0.0, description=f"Optuna trials for {study_name}")
+    last = -1
 
     def on_trial(done: int, total: int) -> None:
-        update_progress_artifact(artifact_id, progress=100.0 * done / total)
+        nonlocal last
+        if done != last:  # the multi-worker wait polls every second
+            last = done
+            update_progress_artifact(artifact_id, progress=100.0 * done / total)
 
-    return tune(algorithm, data, study_name=study_name, storage=storage, n_trials=n_trials,
-                timeout=timeout, seed=seed, device=device, on_trial=on_trial)
+    if workers == 1:
+        return tune(algorithm, data, study_name=study_name, storage=storage, n_trials=n_trials,
+                    timeout=timeout, seed=seed, device=device, on_trial=on_trial)
+    return tune_in_workers(algorithm, data, study_name=study_name, storage=storage, n_trials=n_trials,
+                           workers=workers, data_uri=data_uri, dask_address=dask_address, timeout=timeout,
+                           seed=seed, device=device, on_trial=on_trial)
 
 
 @task(name="fit", cache_policy=NONE, task_run_name="fit-{algorithm}")
@@ -337,3 +729,15 @@ def prepare_training_data(spec: Any, train: Any, valid: Any) -> tuple[TrainingDa
 @task(name="prepare-training-data", cache_policy=NONE)
 def prepare_task(spec: Any, train: Any, valid: Any) -> tuple[TrainingData, Any, tuple[str, ...] | None]:
     return prepare_training_data(spec, train, valid)
+
+
+def _worker_main() -> None:
+    """``python -m tasks.tune``: one tuning worker; its TuningJob comes as JSON on stdin,
+    its WorkerReport goes as one JSON line to stdout."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    report = run_tuning_worker(TuningJob(**json.loads(sys.stdin.read())))
+    print(json.dumps(asdict(report)), flush=True)
+
+
+if __name__ == "__main__":
+    _worker_main()
