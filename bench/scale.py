@@ -16,7 +16,12 @@ its own seed, TPE samples without the results of trials still running, and the p
 stops poor trials early, so two workers may prune fewer trials and do more work per trial.
 To separate that from the machinery, the work is also counted in boosting rounds (pruned:
 the last reported round; complete: best round + the early-stopping patience) and printed
-as rounds / minute with its own efficiency. PostgreSQL: ``--postgres-url`` (a server the script may create databases
+as rounds / minute with its own efficiency.
+
+Ceiling. What the machine gives two processes: LightGBM fits with fixed parameters on the
+same data, 1 thread each, no Optuna and no database, in 1 and then 2 processes over the
+same time window: fit_efficiency_2 = fits/s(2) / (2 x fits/s(1)). Tuning cannot scale
+better than this; on a machine shared with other jobs it is far below 1. PostgreSQL: ``--postgres-url`` (a server the script may create databases
 on), or a throwaway server started here (Debian's postgresql package, as the tests do).
 
 Scoring (rows/s with 1 and 2 Dask workers) is another section of this script: it is not
@@ -69,15 +74,9 @@ def measure_tuning(create_database: Callable[[str], str], *, workers: int, trial
     (``create_database(name)`` creates it and returns its URL)."""
     import optuna
 
-    from driftloop.spec import load_spec
-    from tasks.split import split_dataset
-    from tasks.tune import prepare_training_data, tune_in_workers
-    from tests.support.data import make_loans, write_spec
+    from tasks.tune import tune_in_workers
 
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = load_spec(write_spec(Path(tmp)))
-        split = split_dataset(make_loans(rows), spec, seed=0)
-        data = prepare_training_data(spec, split.train, split.valid)[0]
+    data = _training_data(rows)
     storage = create_database(f"bench_tune_{workers}_{uuid.uuid4().hex[:8]}")
     started = time.perf_counter()
     result = tune_in_workers(algorithm, data, study_name="bench", storage=storage, n_trials=trials,
@@ -131,6 +130,43 @@ def postgres(url: str | None) -> Iterator[Callable[[str], str]]:
             server.stop()
 
 
+def _training_data(rows: int) -> Any:
+    from driftloop.spec import load_spec
+    from tasks.split import split_dataset
+    from tasks.tune import prepare_training_data
+    from tests.support.data import make_loans, write_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = load_spec(write_spec(Path(tmp)))
+        split = split_dataset(make_loans(rows), spec, seed=0)
+        return prepare_training_data(spec, split.train, split.valid)[0]
+
+
+def _fit_loop(rows: int, start_at: float, seconds: float) -> float:
+    """Fits per second in the window [start_at, start_at + seconds] (wall clock, so that
+    processes started together measure the same moment)."""
+    from tasks.tune import fit_model
+
+    data = _training_data(rows)
+    fit_model("lightgbm", {"learning_rate": 0.05}, data, threads=1)  # imports, first-call costs
+    time.sleep(max(0.0, start_at - time.time()))
+    fits = 0
+    while time.time() < start_at + seconds:
+        fit_model("lightgbm", {"learning_rate": 0.05}, data, threads=1)
+        fits += 1
+    return fits / (time.time() - start_at)
+
+
+def measure_fit_ceiling(*, processes: int, rows: int, seconds: float = 15.0) -> float:
+    """Total fits/s of ``processes`` processes fitting at once."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    start_at = time.time() + 30  # after every process has imported and loaded its data
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return sum(pool.map(_fit_loop, [rows] * processes, [start_at] * processes, [seconds] * processes))
+
+
 def tuning_section(args: argparse.Namespace) -> dict[str, Any]:
     print(f"== tuning: {args.trials} LightGBM trials on {args.rows:,} rows, PostgreSQL study, 1 thread per worker")
     with postgres(args.postgres_url) as create:
@@ -145,8 +181,13 @@ def tuning_section(args: argparse.Namespace) -> dict[str, Any]:
     rounds = two.rounds_per_min / (2 * one.rounds_per_min)
     print(f"  efficiency with 2 workers: {efficiency:.2f} trials/min while tuning, {end_to_end:.2f} end to end, "
           f"{rounds:.2f} boosting rounds/min")
+    fits = [measure_fit_ceiling(processes=n, rows=args.rows) for n in (1, 2)]
+    ceiling = fits[1] / (2 * fits[0])
+    print(f"  ceiling: plain LightGBM fits, no Optuna, no database: {fits[0]:.2f} fits/s in 1 process, "
+          f"{fits[1]:.2f} in 2: fit_efficiency_2 {ceiling:.2f}")
     return {"tuning_efficiency_2": round(efficiency, 3), "tuning_end_to_end_efficiency_2": round(end_to_end, 3),
-            "tuning_rounds_efficiency_2": round(rounds, 3), "tuning": [asdict(f) for f in figures]}
+            "tuning_rounds_efficiency_2": round(rounds, 3), "fit_efficiency_2": round(ceiling, 3),
+            "tuning": [asdict(f) for f in figures]}
 
 
 # Sections in the order they run; each returns figures for the summary. Scoring adds its

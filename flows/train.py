@@ -11,7 +11,7 @@ import polars as pl
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from driftloop.errors import DriftloopError
 from driftloop.feedback import WindowRecord
@@ -38,7 +38,7 @@ from tasks.register import (
 )
 from tasks.score import fetch_verified
 from tasks.split import split_task
-from tasks.tune import ALGORITHMS, check_device, fit_task, prepare_task, tune_task
+from tasks.tune import ALGORITHMS, check_device, fit_task, prepare_task, tune_task, tuning_storage
 
 Algorithm = Literal["xgboost", "lightgbm"]
 
@@ -58,6 +58,11 @@ class TrainOptions(BaseModel):
     promote: bool = True
     parity_min_rows: int = PARITY_MIN_ROWS
     trigger: str = "manual"
+    tuning_workers: int = Field(
+        default=1, description="Tuning processes sharing one Optuna study; more than 1 needs PostgreSQL.")
+    dask_address: str | None = Field(
+        default=None, description="Run the tuning workers on this Dask scheduler (tcp://host:8786), "
+        "not as local processes.")
 
 
 class TrainResult(BaseModel):
@@ -95,17 +100,23 @@ def train(
     parity_min_rows: int = PARITY_MIN_ROWS,
     trigger: str = "manual",
     registry_block: str | None = None,
+    tuning_workers: int = 1,
+    dask_address: str | None = None,
 ) -> TrainResult:
     """Train a model for the spec at ``spec_path`` on a registered dataset
     (``dataset_id``) or on ``source``, ingested first. Studies are named
     ``<model>-<algorithm>-<study_name or this run's id>``: pass the same ``study_name`` to
-    several runs to tune one study together."""
+    several runs to tune one study together. ``tuning_workers`` > 1 tunes in that many
+    processes (on the Dask cluster at ``dask_address``, or ``DRIFTLOOP_DASK_ADDRESS``, if
+    set) sharing one study in PostgreSQL, with an exact total of ``trials`` per algorithm."""
     if (dataset_id is None) == (source is None):
         raise DriftloopError("give exactly one of dataset_id or source")
     options = TrainOptions(trials=trials, algorithms=algorithms, seed=seed, timeout_s=timeout_s, study_name=study_name,
-                           promote=promote, parity_min_rows=parity_min_rows, trigger=trigger)
+                           promote=promote, parity_min_rows=parity_min_rows, trigger=trigger,
+                           tuning_workers=tuning_workers, dask_address=dask_address)
     settings = run_settings(registry_block)
     check_device(settings.device)  # before any training starts
+    _study_storage(settings, options)  # as early: SQLite with several workers is refused
     registry = open_registry(settings.registry_database_url())
     spec = load_spec_task(spec_path)
     if source is not None:
@@ -132,11 +143,17 @@ def train_and_register(
     split = split_task(frame, spec, options.seed)
     data, encoding, classes = prepare_task(spec, split.train, split.valid)
     run_key = options.study_name or str(runtime.flow_run.id or "local")
+    storage = _study_storage(settings, options)
+    # Several workers go to the Dask cluster given, or configured (DRIFTLOOP_DASK_ADDRESS).
+    dask_address = (options.dask_address or settings.dask_address) if options.tuning_workers > 1 else None
     fitted_models = []
     for algorithm in dict.fromkeys(options.algorithms):
+        study = f"{spec.name}-{algorithm}-{run_key}"
+        # Dask workers may be on other machines: the data goes through the artifact store.
+        data_uri = store.uri(f"tuning/{study}") if dask_address else None
         tuned = tune_task(
-            algorithm, data, f"{spec.name}-{algorithm}-{run_key}", settings.registry_database_url(),
-            options.trials, options.timeout_s, options.seed, settings.device,
+            algorithm, data, study, storage, options.trials, options.timeout_s, options.seed, settings.device,
+            options.tuning_workers, dask_address, data_uri,
         )
         logger.info("%s: best validation loss %.5f after %d trials", algorithm, tuned.best_value, tuned.trials_run)
         fitted_models.append(fit_task(algorithm, tuned.best_params, data, options.seed, settings.device))
@@ -192,6 +209,16 @@ def train_and_register(
         logger.warning("not promoted: %s", refused)
         record = model_card_task(registry, store, record, False)
     return _report(record, spec, decision, parity, metrics, promoted, window)
+
+
+def _study_storage(settings: Settings, options: TrainOptions) -> str:
+    if options.dask_address and options.tuning_workers < 2:
+        raise DriftloopError(
+            f"dask_address {options.dask_address} is where tuning workers run, but tuning_workers is "
+            f"{options.tuning_workers}: set tuning_workers (--tuning-workers) to 2 or more, or drop dask_address"
+        )
+    optuna = settings.optuna_storage.get_secret_value() if settings.optuna_storage else None
+    return tuning_storage(settings.registry_database_url(), optuna, options.tuning_workers)
 
 
 def _report(record: Any, spec: DatasetSpec, decision: GateDecision, parity: ParityReport, metrics: dict[str, float],
