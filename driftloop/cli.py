@@ -257,7 +257,8 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
 
     _progress_bar(not args.json)
     result = score(input_uri=args.input, output_uri=args.output, model=args.model,
-                   batch_size=args.batch_size, threads=args.threads, engine=args.engine, device=args.device)
+                   batch_size=args.batch_size, threads=args.threads, engine=args.engine, device=args.device,
+                   workers=args.workers, dask_address=args.dask_address)
     return result.model_dump()
 
 
@@ -458,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "needs its library), tensor (standard tensor ops, any ONNX Runtime provider)")
     score.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                        help="cuda: the tensor form on ONNX Runtime's CUDA provider (needs onnxruntime-gpu)")
+    score.add_argument("--workers", type=int, metavar="N",
+                       help="score the input as partitions on a temporary local Dask cluster of N processes (one "
+                            "thread each): a directory or glob (one partition per file), or one Parquet file "
+                            "(row-group ranges); needs driftloop[scale]")
+    score.add_argument("--dask-address", metavar="ADDRESS",
+                       help="score as partitions on this existing Dask scheduler (tcp://host:8786; default: "
+                            "DRIFTLOOP_DASK_ADDRESS, if set); with --workers, N only sets the partition count")
     score.set_defaults(handler=cmd_score, human=_human_score)
 
     retrain = sub.add_parser(

@@ -6,6 +6,8 @@
 - ``sql-block:<name>`` as a source: the ``driftloop-sql-source`` block of that name. The
   string is what the dataset records as its source, so a drift event can hand it to
   the retrain automation and the retrain reads the same table or query again.
+- ``dask_block``: the name of a ``driftloop-dask`` block; its scheduler address is where
+  ``score`` runs partitioned scoring (see :func:`dask_block_address`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ def resolve_source(source: str) -> str | SqlSource:
         return SqlSource(url=block.url, table=block.table, query=block.query, params=block.params)
     except ValueError as exc:
         raise DriftloopError(f"{SQL_BLOCK_PREFIX}{name}: the block is incomplete: {exc}; edit it in the UI (Blocks)") from None
+
+
+def dask_block_address(name: str) -> str:
+    """The scheduler address saved in the ``driftloop-dask`` block ``name``, checked again
+    here (tcp:// or tls:// host:port): a block edited through the API is input too."""
+    from blocks.driftloop_blocks import DaskCluster, check_dask_address
+
+    try:
+        block = _load(DaskCluster, name, "driftloop-dask")
+    except RuntimeError as exc:  # Prefect's "failed validation": say which value and how to fix it
+        cause = exc.__cause__
+        detail = "; ".join(e["msg"].removeprefix("Value error, ") for e in cause.errors()) if hasattr(cause, "errors") \
+            else str(exc)
+        raise DriftloopError(f"the driftloop-dask block {name!r} is invalid: {detail}; edit it in the UI (Blocks)") from None
+    try:
+        return check_dask_address(block.address)
+    except ValueError as exc:
+        raise DriftloopError(f"the driftloop-dask block {name!r} is invalid: {exc}; edit it in the UI (Blocks)") from None
 
 
 def _load(block_type, name: str, slug: str):

@@ -15,7 +15,7 @@ from driftloop.forms import Device, Engine
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
 from driftloop.storage import ArtifactStore
-from flows.config import run_settings
+from flows.config import dask_block_address, run_settings
 from tasks.score import DEFAULT_BATCH_SIZE, ScoreResult, fetch_form_task, score_task
 
 
@@ -67,6 +67,7 @@ def score(
     device: Device = "cpu",
     workers: int | None = None,
     dask_address: str | None = None,
+    dask_block: str | None = None,
 ) -> ScoreSummary:
     """Score ``input_uri`` (Parquet or CSV, path or URI) with ``model`` (``name``,
     ``name@alias`` or ``name:version``) into the scoring output ``output_uri``, a directory
@@ -79,9 +80,19 @@ def score(
     ``workers`` (a temporary local Dask cluster of that many processes) or
     ``dask_address`` (an existing scheduler; default ``DRIFTLOOP_DASK_ADDRESS``) score the
     input as partitions in parallel (a directory or glob of files, or one Parquet file
-    split by row groups): the same result as one process, committed as one run."""
+    split by row groups): the same result as one process, committed as one run.
+
+    ``dask_block``: the name of a saved ``driftloop-dask`` block (a Dask cluster picked in
+    the UI), loaded when the run starts; its address is used unless ``dask_address`` is
+    given: an explicit ``dask_address`` wins over the block, and the block over
+    ``DRIFTLOOP_DASK_ADDRESS``."""
     logger = get_run_logger()
     settings = run_settings(registry_block)
+    if dask_block and not dask_address:
+        dask_address = dask_block_address(dask_block)
+        logger.info("Dask scheduler from the driftloop-dask block %r: %s", dask_block, dask_address)
+    elif dask_block:
+        logger.info("dask_address %s given: the driftloop-dask block %r is not used", mask_uri(dask_address), dask_block)
     registry = open_registry(settings.registry_database_url())
     started_at = datetime.now(UTC)
 

@@ -115,3 +115,23 @@ def test_an_event_for_another_resource_does_not_fire_the_retrain() -> None:
     assert not server_trigger.covers(stray)
     other_kind = _received("driftloop.model.registered", {"prefect.resource.id": "driftloop.model.car_loan"}, {})
     assert not server_trigger.covers(other_kind)
+
+
+def test_nightly_scoring_runs_in_one_process_and_its_commented_dask_options_validate() -> None:
+    """The score deployment runs in one process unless a platform team uncomments one of
+    its Dask lines (dask_block, dask_address, workers): each of those validates as it is."""
+    (deployment,) = [d for d in DEPLOYMENTS if d["entrypoint"] == "flows/score.py:score"]
+    assert not {"workers", "dask_address", "dask_block"} & set(deployment["parameters"])
+    text = (REPO / "prefect.yaml").read_text()
+    block = text[text.index("entrypoint: flows/score.py:score"):].split("\n\n", 1)[0]
+    commented = [line.strip().removeprefix("# ") for line in block.splitlines()
+                 if line.strip().startswith(("# workers:", "# dask_address:", "# dask_block:"))]
+    assert {line.split(":", 1)[0] for line in commented} == {"workers", "dask_address", "dask_block"}
+    flow = load_flow(deployment["entrypoint"])
+    for line in commented:
+        parameters = {**deployment["parameters"], **yaml.safe_load(line)}
+        flow.validate_parameters(parameters)
+        if "dask_address" in parameters:
+            from blocks.driftloop_blocks import check_dask_address
+
+            check_dask_address(parameters["dask_address"])
