@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     result = train(
         spec_path=args.spec, dataset_id=args.dataset, source=args.source, trials=args.trials,
         algorithms=algorithms, seed=args.seed, timeout_s=args.timeout, study_name=args.study,
-        promote=not args.no_promote,
+        promote=not args.no_promote, tuning_workers=args.tuning_workers, dask_address=args.dask_address,
     )
     return result.model_dump()
 
@@ -445,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--timeout", type=float, help="tuning time limit per algorithm, seconds")
     train.add_argument("--study", help="study name suffix shared by workers tuning together")
     train.add_argument("--no-promote", action="store_true", help="register only; never move champion")
+    train.add_argument("--tuning-workers", type=int, default=1, metavar="N",
+                       help="tune in N processes sharing one Optuna study; N > 1 needs PostgreSQL (the registry's, "
+                            "or DRIFTLOOP_OPTUNA_STORAGE); --trials stays the total (default 1)")
+    train.add_argument("--dask-address", metavar="ADDRESS",
+                       help="run the tuning workers on this Dask scheduler (tcp://host:8786) instead of local processes")
     train.set_defaults(handler=cmd_train, human=_human_train)
 
     score = sub.add_parser("score", parents=[common], help="batch-score a file with a registered model")
