@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     )
     dask_address: str | None = Field(
         default=None,
-        description="Dask scheduler (tcp://host:8786) that partitioned scoring runs on when the score flow is not "
-        "given workers or an address of its own.",
+        description="Dask scheduler (tcp://host:8786) that partitioned scoring and tuning workers run on when a "
+        "run is not given workers or an address of its own.",
     )
     device: Literal["cpu", "cuda"] = Field(
         default="cpu", description="Training device; GPU work pools set DRIFTLOOP_DEVICE=cuda."
