@@ -20,7 +20,7 @@ from tasks.partitions import (
     score_partition,
     settle_partitions,
 )
-from tasks.score import ScoreResult, load_scoring_form, no_room_error
+from tasks.score import ScoreResult, aborted_on_failure, load_scoring_form
 
 
 @task(name="plan-partitions", cache_policy=NONE)
@@ -62,7 +62,7 @@ def score_partitioned(record: Any, input_uri: str, output_uri: str, engine: Engi
     run = output.start_run()
     scored_at = datetime.now(UTC)
     logger.info("scoring %s as %d partitions into run %s", input_uri, len(partitions), run.run_id)
-    try:
+    with aborted_on_failure(run, output_uri):
         futures = score_partition_task.map(
             unmapped(record), partitions, unmapped(output_uri), unmapped(run.run_id), unmapped(engine),
             unmapped(device), unmapped(threads), unmapped(batch_size), unmapped(scored_at),
@@ -74,12 +74,6 @@ def score_partitioned(record: Any, input_uri: str, output_uri: str, engine: Engi
         manifest = run.commit(model_name=record.model_name, model_version=record.version, input_uri=input_uri,
                               rows_in=settled.rows_in, rows_scored=settled.rows_scored,
                               rows_quarantined=settled.rows_quarantined)
-    except BaseException as exc:
-        run.abort()
-        clear = no_room_error(exc, output_uri)
-        if clear is not None:
-            raise clear from None
-        raise
     if settled.repeats_moved:
         logger.info("%d rows repeated an id of an earlier partition: quarantined", settled.repeats_moved)
     return ScoreResult(

@@ -125,10 +125,34 @@ def binary_classifier_as_margin(model: Any) -> None:
     graph.initializer.extend(constants)
 
 
+def encoding_nodes(encoding: FeatureEncoding) -> tuple[list[Any], list[Any], str]:
+    """The raw-input contract every ONNX form shares: one ``[N, 1]`` input per feature
+    (float, or string for a categorical one, encoded by ``LabelEncoder`` with unseen ->
+    NaN), concatenated into the ``[N, F]`` float matrix named ``features``."""
+    from onnx import TensorProto, helper
+
+    nodes, inputs, columns = [], [], []
+    for name in encoding.features:
+        if name in encoding.categories:
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.STRING, [None, 1]))
+            levels = list(encoding.categories[name])
+            nodes.append(helper.make_node(
+                "LabelEncoder", [name], [f"{name}__code"], domain="ai.onnx.ml",
+                keys_strings=levels, values_floats=[float(i) for i in range(len(levels))],
+                default_float=float("nan"), name=f"encode_{name}",
+            ))
+            columns.append(f"{name}__code")
+        else:
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, 1]))
+            columns.append(name)
+    nodes.append(helper.make_node("Concat", columns, ["features"], axis=1, name="assemble_features"))
+    return nodes, inputs, "features"
+
+
 def build_onnx(fitted: FittedModel, encoding: FeatureEncoding, spec: DatasetSpec, metadata: dict[str, Any]) -> bytes:
     """The model as ONNX bytes: raw feature inputs -> encoding -> tree ensemble."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     model = _convert_ensemble(fitted, len(encoding.features))
     if spec.task == "binary_classification":
@@ -137,23 +161,7 @@ def build_onnx(fitted: FittedModel, encoding: FeatureEncoding, spec: DatasetSpec
     (features_input,) = [i for i in graph.input if i.name == "features"]
     graph.input.remove(features_input)
 
-    pre_nodes, inputs, columns = [], [], []
-    for name in encoding.features:
-        if name in encoding.categories:
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.STRING, [None, 1]))
-            levels = list(encoding.categories[name])
-            pre_nodes.append(
-                helper.make_node(
-                    "LabelEncoder", [name], [f"{name}__code"], domain="ai.onnx.ml",
-                    keys_strings=levels, values_floats=[float(i) for i in range(len(levels))],
-                    default_float=float("nan"), name=f"encode_{name}",
-                )
-            )
-            columns.append(f"{name}__code")
-        else:
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, 1]))
-            columns.append(name)
-    pre_nodes.append(helper.make_node("Concat", columns, ["features"], axis=1, name="assemble_features"))
+    pre_nodes, inputs, _ = encoding_nodes(encoding)
 
     graph.input.extend(inputs)
     existing = list(graph.node)

@@ -60,6 +60,7 @@ from driftloop.errors import DriftloopError
 from driftloop.features import FeatureEncoding
 from driftloop.onnx_model import METADATA_KEY
 from driftloop.spec import DatasetSpec
+from tasks.export import encoding_nodes
 from tasks.tune import FittedModel
 
 TARGET_OPSET = 15
@@ -487,30 +488,6 @@ def _traverse_compact(g: _Graph, ensemble: Ensemble, layout: CompactLayout, x: s
     return g.op("Reshape", [_lookup(g, g.const("values", layout.values), node, "leaf_values"), by_tree])
 
 
-def _encoding_nodes(encoding: FeatureEncoding) -> tuple[list[Any], list[Any], str]:
-    """The raw-input contract of ``tasks.export.build_onnx``: one ``[N, 1]`` input per
-    feature (float, or string for a categorical one, encoded by ``LabelEncoder`` with
-    unseen -> NaN), concatenated into the ``[N, F]`` float matrix."""
-    from onnx import TensorProto, helper
-
-    nodes, inputs, columns = [], [], []
-    for name in encoding.features:
-        if name in encoding.categories:
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.STRING, [None, 1]))
-            levels = list(encoding.categories[name])
-            nodes.append(helper.make_node(
-                "LabelEncoder", [name], [f"{name}__code"], domain="ai.onnx.ml",
-                keys_strings=levels, values_floats=[float(i) for i in range(len(levels))],
-                default_float=float("nan"), name=f"encode_{name}",
-            ))
-            columns.append(f"{name}__code")
-        else:
-            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, 1]))
-            columns.append(name)
-    nodes.append(helper.make_node("Concat", columns, ["features"], axis=1, name="assemble_features"))
-    return nodes, inputs, "features"
-
-
 def tensor_model(ensemble: Ensemble, encoding: FeatureEncoding, spec: DatasetSpec, metadata: dict[str, Any],
                  *, layout: Layout = "auto") -> bytes:
     """ONNX bytes for ``ensemble``: raw feature inputs -> encoding -> tensor-op traversal."""
@@ -529,7 +506,7 @@ def tensor_model(ensemble: Ensemble, encoding: FeatureEncoding, spec: DatasetSpe
     depth = max(1, ensemble.depth())  # a tree of single leaves still takes one (dummy) step
 
     g = _Graph()
-    pre_nodes, inputs, x = _encoding_nodes(encoding)
+    pre_nodes, inputs, x = encoding_nodes(encoding)
     x = _block_matrix(g, ensemble, x)
     if chosen == "perfect":
         leaf_values = _traverse_perfect(g, ensemble, perfect_layout(ensemble, depth), x)

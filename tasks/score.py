@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -264,7 +265,7 @@ def score_stream(
     batches, total = iter_input(input_uri, batch_size)  # a missing input fails before anything is written
     output.claim()
     run = output.start_run()
-    try:
+    with aborted_on_failure(run, output_uri):
         counts = score_batches(batches, model, spec, run, partition=SINGLE_PARTITION, source=input_uri,
                                model_name=model_name, model_version=model_version, scored_at=scored_at,
                                predict=predict, on_batch=on_batch, total=total)
@@ -273,12 +274,6 @@ def score_stream(
         manifest = run.commit(model_name=model_name, model_version=model_version, input_uri=input_uri,
                               rows_in=counts.rows_in, rows_scored=counts.rows_scored,
                               rows_quarantined=counts.rows_quarantined, before_manifest=before_commit)
-    except BaseException as exc:
-        run.abort()
-        clear = no_room_error(exc, output_uri)
-        if clear is not None:
-            raise clear from None
-        raise
     return ScoreResult(
         rows_in=counts.rows_in, rows_scored=counts.rows_scored, rows_quarantined=counts.rows_quarantined,
         output_uri=output.uri,
@@ -288,6 +283,20 @@ def score_stream(
 
 
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+@contextmanager
+def aborted_on_failure(run: RunWriter, output_uri: str) -> Iterator[None]:
+    """Any failure while a run writes: its parts are removed (nothing was committed), and
+    a full disk becomes a clear error."""
+    try:
+        yield
+    except BaseException as exc:
+        run.abort()
+        clear = no_room_error(exc, output_uri)
+        if clear is not None:
+            raise clear from None
+        raise
 
 
 def no_room_error(exc: BaseException, output_uri: str) -> DriftloopError | None:

@@ -18,11 +18,10 @@ from driftloop.forms import registered_forms
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.storage import read_bytes, read_predictions
-from flows.ingest import ingest
 from flows.score import score
-from flows.train import train
 from tasks.score import IntegrityError
-from tests.support.data import make_loans, write_spec
+from tests.support.data import make_loans
+from tests.support.models import loans_champion
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
@@ -30,13 +29,7 @@ pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("engines")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DRIFTLOOP_HOME", str(root / "home"))
-        spec = write_spec(root)
-        data = root / "train.parquet"
-        make_loans(3000, seed=2).write_parquet(data)
-        dataset = ingest(spec_path=str(spec), source=str(data)).dataset_id
-        train(spec_path=str(spec), dataset_id=dataset, trials=1, algorithms=["xgboost"], parity_min_rows=5000)
+    with loans_champion(root, algorithm="xgboost", seed=2, parity_min_rows=5000):
         source = root / "score.parquet"
         make_loans(4000, seed=9).drop("repaid").write_parquet(source)
         yield {"root": root, "source": source}

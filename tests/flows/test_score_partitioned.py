@@ -16,12 +16,11 @@ import polars as pl
 import pytest
 
 from driftloop.outputs import current_manifest, read_predictions, read_quarantine
-from flows.ingest import ingest
 from flows.score import score
-from flows.train import train
 from tasks.partitions import plan_partitions
 from tasks.validate import ROW
-from tests.support.data import make_loans, write_spec
+from tests.support.data import make_loans
+from tests.support.models import loans_champion
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
@@ -29,13 +28,7 @@ pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("partitioned")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DRIFTLOOP_HOME", str(root / "home"))
-        spec = write_spec(root)
-        data = root / "train.parquet"
-        make_loans(3000, seed=1).write_parquet(data)
-        dataset = ingest(spec_path=str(spec), source=str(data)).dataset_id
-        train(spec_path=str(spec), dataset_id=dataset, trials=1, algorithms=["lightgbm"], parity_min_rows=2000)
+    with loans_champion(root):
         yield root
 
 
