@@ -24,8 +24,14 @@ same time window: fit_efficiency_2 = fits/s(2) / (2 x fits/s(1)). Tuning cannot 
 better than this; on a machine shared with other jobs it is far below 1. PostgreSQL: ``--postgres-url`` (a server the script may create databases
 on), or a throwaway server started here (Debian's postgresql package, as the tests do).
 
-Scoring (rows/s with 1 and 2 Dask workers) is another section of this script: it is not
-written yet, so its efficiency is printed as null.
+Scoring. The ``score`` flow with ``dask_address``: partitioned scoring of one Parquet file
+(``--score-rows`` rows in row groups of 100k, split into about four partitions per
+worker) on a ``distributed.LocalCluster`` of 1 and then 2 single-threaded worker
+processes, started and warmed up before the clock starts (every worker has imported the
+code and loaded the model: a cold worker spends seconds on imports); the same registered LightGBM model, a fresh output each run. rows/s around the
+flow call: planning, partitions as Prefect tasks on the DaskTaskRunner, settling, the
+manifest. scoring_efficiency_2 = rate(2) / (2 x rate(1)). Single-process scoring at 1
+and 2 ONNX threads is printed beside it for reference.
 
 Run from the repository root:
 
@@ -190,9 +196,66 @@ def tuning_section(args: argparse.Namespace) -> dict[str, Any]:
             "tuning": [asdict(f) for f in figures]}
 
 
-# Sections in the order they run; each returns figures for the summary. Scoring adds its
-# own here (returning "scoring_efficiency_2").
+def _timed_score(**kwargs: Any) -> float:
+    from flows.score import score
+
+    started = time.perf_counter()
+    result = score(**kwargs)
+    return result.rows_in / (time.perf_counter() - started)
+
+
+def scoring_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Rows/s of partitioned scoring with 1 and 2 Dask workers on one input."""
+    from pathlib import Path
+
+    from distributed import Client, LocalCluster
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.ingest import ingest
+    from flows.score_partitioned import SINGLE_THREADED_WORKER_ENV
+    from flows.train import train
+    from tests.support.data import make_loans, write_spec
+
+    rows = args.score_rows
+    print(f"== scoring: {rows:,} rows, one Parquet file (row groups of 100k), LightGBM, Dask workers of 1 thread")
+    with tempfile.TemporaryDirectory(prefix="driftloop-scale-") as tmp, prefect_test_harness(server_startup_timeout=120):
+        root = Path(tmp)
+        os.environ["DRIFTLOOP_HOME"] = str(root / "home")
+        spec = write_spec(root)
+        make_loans(5000, seed=1).write_parquet(root / "train.parquet")
+        dataset = ingest(spec_path=str(spec), source=str(root / "train.parquet")).dataset_id
+        train(spec_path=str(spec), dataset_id=dataset, trials=1, algorithms=["lightgbm"], parity_min_rows=5000)
+        source = root / "score.parquet"
+        make_loans(rows, seed=2).drop("repaid").write_parquet(source, row_group_size=100_000)
+        warm = root / "warm.parquet"  # enough row groups that every worker gets a partition
+        make_loans(8000, seed=3).drop("repaid").write_parquet(warm, row_group_size=500)
+
+        single = {t: _timed_score(input_uri=str(source), output_uri=str(root / f"single-{t}"), model="loans",
+                                  threads=t) for t in (1, 2)}
+        rates: dict[int, float] = {}
+        for workers in (1, 2):
+            with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                              env=SINGLE_THREADED_WORKER_ENV) as cluster:
+                address = cluster.scheduler_address
+                with Client(address) as client:  # every worker imports what a partition runs
+                    client.run(lambda: __import__("flows.score_partitioned"))
+                _timed_score(input_uri=str(warm), output_uri=str(root / f"warm-{workers}"), model="loans",
+                             dask_address=address, workers=workers)
+                rates[workers] = _timed_score(input_uri=str(source), output_uri=str(root / f"dask-{workers}"),
+                                              model="loans", dask_address=address, workers=workers)
+    for t, rate in single.items():
+        print(f"  one process, {t} ONNX thread(s): {rate:10,.0f} rows/s")
+    for workers, rate in rates.items():
+        print(f"  {workers} Dask worker(s):            {rate:10,.0f} rows/s")
+    efficiency = rates[2] / (2 * rates[1])
+    print(f"  scaling efficiency with 2 workers: {efficiency:.2f}")
+    return {"scoring_efficiency_2": round(efficiency, 3),
+            "scoring": {"rows": rows, "dask_rows_s": rates, "single_process_rows_s": single}}
+
+
+# Sections in the order they run; each returns figures for the summary.
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "scoring": scoring_section,
     "tuning": tuning_section,
 }
 
@@ -203,6 +266,7 @@ def main() -> None:
                         "(default: start a throwaway one)")
     parser.add_argument("--trials", type=int, default=40, help="tuning trials per worker count (default 40)")
     parser.add_argument("--rows", type=int, default=20_000, help="rows of synthetic training data (default 20000)")
+    parser.add_argument("--score-rows", type=int, default=2_000_000, help="rows to score (default 2000000)")
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
     args = parser.parse_args()
     print(f"cpus: {os.cpu_count()}, load average: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -210,7 +274,6 @@ def main() -> None:
     for name, section in SECTIONS.items():
         if not args.only or name in args.only:
             results |= section(args)
-    # scoring_efficiency_2 stays null until the scoring section is added to SECTIONS.
     print(json.dumps({"scoring_efficiency_2": results.get("scoring_efficiency_2"),
                       "tuning_efficiency_2": results.get("tuning_efficiency_2")}))
 

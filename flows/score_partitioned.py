@@ -4,6 +4,7 @@ subflow when given ``workers`` (a temporary local cluster) or a Dask scheduler a
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,14 +49,20 @@ def dask_runner(workers: int | None, address: str | None) -> Any:
         raise DriftloopError(f"workers must be at least 1, got {workers}")
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+                                          "dashboard_address": None, "env": SINGLE_THREADED_WORKER_ENV})
+
+
+# A worker process is one core's worth of work: polars' and Arrow's own pools default to
+# every core, so N workers on N cores would run N x N threads.
+SINGLE_THREADED_WORKER_ENV = {"POLARS_MAX_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 @flow(name="score-partitioned")
 def score_partitioned(record: Any, input_uri: str, output_uri: str, engine: Engine = "auto", device: Device = "cpu",
                       threads: int | None = 1, batch_size: int = 100_000, workers: int = 2) -> ScoreResult:
     logger = get_run_logger()
-    load_scoring_form(record, engine=engine, device=device, threads=threads)  # refuse here, not on every worker
+    # Refused here (a missing or damaged form, no CUDA), not on every worker.
+    spec = load_scoring_form(record, engine=engine, device=device, threads=threads)[0].descriptor.spec()
     partitions = plan_task(input_uri, workers)
     output = ScoringOutput(output_uri)
     output.claim()  # refuses a directory that is not a driftloop output, before any part
@@ -63,12 +70,15 @@ def score_partitioned(record: Any, input_uri: str, output_uri: str, engine: Engi
     scored_at = datetime.now(UTC)
     logger.info("scoring %s as %d partitions into run %s", input_uri, len(partitions), run.run_id)
     with aborted_on_failure(run, output_uri):
+        started = time.perf_counter()
         futures = score_partition_task.map(
             unmapped(record), partitions, unmapped(output_uri), unmapped(run.run_id), unmapped(engine),
             unmapped(device), unmapped(threads), unmapped(batch_size), unmapped(scored_at),
         )
         results = [future.result() for future in futures]
-        settled = settle_partitions(output, run, record_spec(record), partitions, results, batch_size=batch_size)
+        scored_s = time.perf_counter() - started
+        settled = settle_partitions(output, run, spec, partitions, results, batch_size=batch_size)
+        logger.info("partitions scored in %.1f s, settled in %.1f s", scored_s, time.perf_counter() - started - scored_s)
         if settled.rows_in == 0:
             raise SourceError(f"input {input_uri} has no data rows; nothing to score")
         manifest = run.commit(model_name=record.model_name, model_version=record.version, input_uri=input_uri,
@@ -83,9 +93,3 @@ def score_partitioned(record: Any, input_uri: str, output_uri: str, engine: Engi
         batches=len(partitions), run_id=run.run_id, manifest=manifest,
     )
 
-
-def record_spec(record: Any) -> Any:
-    """The spec the version's verified ONNX form carries."""
-    from tasks.score import load_verified_model
-
-    return load_verified_model(record.onnx_uri, record.onnx_sha256, threads=1).spec()

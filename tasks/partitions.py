@@ -35,7 +35,7 @@ from driftloop.forms import Device, Engine, FormScorer
 from driftloop.inputs import InputFile, iter_file, list_input_files, parquet_row_groups
 from driftloop.outputs import RUNS, PartInfo, RunWriter, ScoringOutput
 from tasks.score import BatchCounts, load_scoring_form, score_batches
-from tasks.validate import ROW, SeenValues, unique_columns
+from tasks.validate import ROW, unique_columns
 
 logger = logging.getLogger(__name__)
 
@@ -143,24 +143,12 @@ def settle_partitions(output: ScoringOutput, run: RunWriter, spec: Any, partitio
     record every final part on ``run``."""
     by_key = {p.key: p for p in partitions}
     results = sorted(results, key=lambda r: r.key)
+    repeats = cross_partition_repeats(output, results, unique_columns(spec, labelled=False))
     offset = 0
     moved = 0
-    seen: dict[str, SeenValues] = {}
-    uniques = unique_columns(spec, labelled=False)
     for result in results:
-        repeated: dict[str, pl.Series] = {}
-        for name in uniques:
-            if name not in result.ids:
-                continue
-            kept = _read_frame(output, result.ids[name])
-            if not kept.height:
-                continue
-            if name in seen:
-                hits = seen[name].contains(kept[name])
-                if hits.any():
-                    repeated[name] = kept.filter(hits)
-            seen.setdefault(name, SeenValues()).add(kept[name])
         parts, quarantine = list(result.parts), list(result.quarantine)
+        repeated = repeats.get(result.key, {})
         if repeated:
             parts, extra, count = _move_repeats(output, run.run_id, result, by_key[result.key], repeated, batch_size)
             quarantine.append(extra)
@@ -174,6 +162,26 @@ def settle_partitions(output: ScoringOutput, run: RunWriter, spec: Any, partitio
     scored = sum(p.rows for p in run.parts())
     quarantined = sum(p.rows for p in run.parts(quarantine=True))
     return Settled(offset, scored, quarantined, moved)
+
+
+def cross_partition_repeats(output: ScoringOutput, results: list[PartitionResult],
+                            uniques: list[str]) -> dict[str, dict[str, pl.DataFrame]]:
+    """Per partition key and unique column: the kept rows (``ROW``, value) whose value an
+    earlier partition kept too. A partition keeps each value once (a repeat within it is
+    already quarantined), so a value kept by several partitions belongs to the first."""
+    found: dict[str, dict[str, pl.DataFrame]] = {}
+    for name in uniques:
+        frames = [_read_frame(output, r.ids[name]).with_columns(pl.lit(i, dtype=pl.Int32).alias("_partition"))
+                  for i, r in enumerate(results) if name in r.ids]
+        frames = [f for f in frames if f.height]
+        if not frames:
+            continue
+        kept = pl.concat(frames)
+        later = (kept.filter(pl.col(name).is_duplicated())
+                 .filter(pl.col("_partition") > pl.col("_partition").min().over(name)))
+        for (index,), rows in later.group_by("_partition"):
+            found.setdefault(results[int(index)].key, {})[name] = rows.drop("_partition")
+    return found
 
 
 def _move_repeats(output: ScoringOutput, run_id: str, result: PartitionResult, partition: Partition,

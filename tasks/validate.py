@@ -239,13 +239,13 @@ class SeenValues:
         return present.to_numpy()
 
     def add(self, values: pl.Series) -> None:
-        run = np.unique(self._array(values))  # sorted, no repeats
+        run = _sorted_unique(self._array(values))
         if not len(run):
             return
         self.runs.append(run)
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
             last = self.runs.pop()
-            self.runs[-1] = np.union1d(self.runs[-1], last)
+            self.runs[-1] = _sorted_unique(np.concatenate([self.runs[-1], last]))
 
     def contains(self, values: pl.Series) -> pl.Series:
         """Per value: whether an earlier batch kept it (nulls: False)."""
@@ -258,6 +258,18 @@ class SeenValues:
             hits |= (at < len(run)) & (run[np.minimum(at, len(run) - 1)] == probe)
         found[present] = hits
         return pl.Series(values.name, found)
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """Sorted, without repeats. A sort and one comparison: numpy 2's hash-based
+    ``np.unique``/``union1d`` took ~15x as long on int ids (0.3 s per 250k)."""
+    ordered = np.sort(values)
+    if len(ordered) < 2:
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
 
 
 def _repeat_failures(typed: pl.DataFrame, seen: dict[str, SeenValues]) -> pl.DataFrame:
