@@ -6,9 +6,18 @@ What it measures, on seeded synthetic data (20 float features, an int id, binary
 1. Throughput. For XGBoost (300 trees, depth 6) and LightGBM (300 trees, 63 leaves),
    trained on 200k rows with fixed parameters and exported with ``tasks.export.build_onnx``,
    at 1 and 2 threads:
-     ours   -- rows/s of ``score_stream`` end to end on a 1M-row Parquet file: Parquet in,
-               validation, ONNX Runtime (``load_model(..., threads=t)``), Parquet out.
-               Wall clock around the call; loading the model is not timed.
+     forms  -- every scoring form of each model built, verified and timed as registration
+               does it (``tasks.forms.build_forms`` on 100k parity rows, 1 thread).
+     ours   -- rows/s of ``score_stream`` end to end on a 1M-row Parquet file (Parquet in,
+               validation, the form ``--engine auto`` picks, Parquet out) with that form's
+               ``predict``. Auto picks with ``driftloop.forms.choose_form`` on the forms'
+               speeds at the row's thread count, measured on registration's timing rows
+               with ``rows_per_second`` (at 1 thread: registration's own figures; the
+               1-thread choice is also reported as ``engine_registration``). Wall clock
+               around the call; loading the model and the form is not timed.
+     onnx   -- the same with the ONNX tree-kernel form (``--engine onnx``), the edge
+               agent's only form, as ``load_form`` runs it: at 2 threads the halves of
+               each batch on one 1-thread session (parallel batches, 1a).
      native -- rows/s of the library's own predict on the same 1M rows already in memory
                as a float32 matrix (XGBoost: ``DMatrix`` construction is *included*;
                LightGBM: ``Booster.predict(x, num_threads=t)``).
@@ -17,10 +26,15 @@ What it measures, on seeded synthetic data (20 float features, an int id, binary
                matrix, the library's ``inplace_predict`` (XGBoost) / ``predict``
                (LightGBM) at the same thread count, write id + probability to Parquet.
                Same input file, same run.
-   ratio_inmemory = ours / native, ratio_script = ours / script. Batch size for
-   ``score_stream``: the fastest of a small sweep. Each figure is the best of
-   ``--repeats`` runs (the machine is shared and noisy). ``ours`` scores with the ONNX
-   tree-kernel form (engine "onnx"), so ``onnx_rows_s`` equals ``ours_rows_s`` for now.
+   ratio_inmemory = ours / native, ratio_script = ours / script, and the same for the
+   ONNX form (ratio_onnx_inmemory, ratio_onnx_script). Batch size for ``score_stream``:
+   the fastest of a small sweep. Each figure is the best of ``--repeats`` runs (the
+   machine is shared and noisy).
+1a. The parallel-batches lever at 2 threads: each batch split in two halves scored at
+   once in two threads by single-threaded scorers (ORT sessions with 1 intra-op thread,
+   one shared -- what ``driftloop.forms.load_form`` does -- or two; XGBoost/LightGBM at
+   nthread=1), against one call with 2 threads (one ORT session with 2 intra-op threads);
+   in the streamed scorer, and for ORT also the kernel alone on rows in memory.
 1b. The tensor-op form (``tasks.export_tensor``: standard ONNX ops, any execution provider)
    against the ONNX tree-kernel form, inference alone on CPU (``session.run`` on feeds
    built beforehand, ``--tensor-rows`` rows), each form on row slices of a small sweep
@@ -39,15 +53,20 @@ Input Parquet files are written in 100k-row row groups (snappy), features as flo
 
 Run from the repository root:
 
-    .venv/bin/python bench/scoring.py            # full run: 1M / 5M rows, ~12 minutes on 2 cores
+    .venv/bin/python bench/scoring.py            # full run: 1M / 5M rows, 12+ minutes on 2 cores
     .venv/bin/python bench/scoring.py --quick    # smoke run: 100k / 500k rows
     .venv/bin/python bench/scoring.py --rows 200000   # 200k / 1M rows, full-size models
 
-The last line printed is one JSON object: {"results": [{"algorithm", "threads", "engine",
-"ours_rows_s", "onnx_rows_s", "native_inmemory_rows_s", "native_script_rows_s",
-"ratio_inmemory", "ratio_script", "ratio_onnx_inmemory", "kernel_rows_s", "tensor_rows_s",
-"tensor_slice_rows"}, ...], "rss_ratio_5m_1m": ...} (the RSS ratio is big / small input,
-5x the rows in every mode).
+The last line printed is one JSON object: {"results": [{"algorithm", "threads", "engine" (the
+form auto chose), "ours_rows_s", "onnx_rows_s", "native_inmemory_rows_s",
+"native_script_rows_s", "ratio_inmemory", "ratio_script", "ratio_onnx_inmemory",
+"ratio_onnx_script", "engine_registration", "forms_rows_s", "kernel_rows_s",
+"tensor_rows_s", "tensor_slice_rows"; at 2 threads also "onnx_halves_rows_s",
+"onnx_halves_2sessions_rows_s", "onnx_intra2_rows_s", "kernel_intra2_rows_s",
+"kernel_halves_rows_s",
+"native_form_rows_s", "native_halves_rows_s"}, ...], "rss_ratio_5m_1m": ...} (the RSS ratio
+is big / small input, 5x the rows in every mode). A line "results so far: {...}" after the
+throughput sections keeps the main figures if a long run is cut short.
 """
 
 from __future__ import annotations
@@ -118,6 +137,7 @@ FULL = Sizes(200_000, 1_000_000, 5_000_000, (50_000, 100_000, 250_000), 100_000,
 QUICK = Sizes(50_000, 100_000, 500_000, (10_000, 25_000, 50_000), 25_000, 3, 10_000)
 TENSOR_SLICES = (1_000, 4_000, 16_000)
 TENSOR_ROWS = 200_000
+PARITY_ROWS = 100_000  # rows build_forms verifies every form on (registration's PARITY_MIN_ROWS)
 
 
 # --- data ------------------------------------------------------------------------------
@@ -346,17 +366,33 @@ def best_of(repeats: int, run: Callable[[], float]) -> float:
 
 
 def score_once(
-    onnx: bytes, input_path: Path, out_root: Path, *, threads: int, batch_size: int, rows: int
+    onnx: bytes,
+    input_path: Path,
+    out_root: Path,
+    *,
+    threads: int,
+    batch_size: int,
+    rows: int,
+    scorer: Callable[[Any], Callable[[pl.DataFrame], np.ndarray]] | None = None,
 ) -> float:
-    """Seconds for one end-to-end ``score_stream`` run (model loading excluded)."""
+    """Seconds for one end-to-end ``score_stream`` run (model and form loading excluded).
+    ``scorer`` turns the ONNX descriptor (loaded at ``threads``) into the ``predict`` of
+    another form; by default the ONNX form scores."""
     from driftloop.onnx_model import load_model
     from tasks.score import score_stream
 
     model = load_model(onnx, threads=threads)
+    predict = scorer(model) if scorer is not None else None
     out = out_root / "scored"
     started = time.perf_counter()
     result = score_stream(
-        model, str(input_path), str(out), model_name="bench", model_version=1, batch_size=batch_size
+        model,
+        str(input_path),
+        str(out),
+        model_name="bench",
+        model_version=1,
+        batch_size=batch_size,
+        predict=predict,
     )
     elapsed = time.perf_counter() - started
     if result.rows_scored != rows or result.rows_quarantined:
@@ -365,6 +401,142 @@ def score_once(
         )
     shutil.rmtree(out)
     return elapsed
+
+
+# --- scoring forms and --engine auto ------------------------------------------------------
+
+
+@dataclass
+class Forms:
+    """The verified forms of one bench model (``tasks.forms.build_forms``), as registered."""
+
+    built: Any  # tasks.forms.FormsBuilt
+    records: list[Any]  # driftloop.forms.FormRecord, rows_per_s measured at 1 thread
+
+
+def register_forms(model: Model, encoding: Any, spec: Any, parity: pl.DataFrame) -> Forms:
+    """What registration does: build, verify and time (1 thread) every form of the model."""
+    import hashlib
+
+    from tasks.forms import build_forms
+
+    built = build_forms(model.fitted, encoding, spec, model.onnx, parity)
+    records = [
+        form.record(f"bench://{model.algorithm}/{form.kind}", hashlib.sha256(form.data).hexdigest())
+        for form in built.forms
+    ]
+    return Forms(built, records)
+
+
+def form_predict(
+    kind: str, data: bytes, descriptor: Any, threads: int
+) -> Callable[[pl.DataFrame], np.ndarray]:
+    """The ``predict`` of a verified form at ``threads`` (``driftloop.forms.load_form``)."""
+    from driftloop.forms import FormRecord, load_form
+
+    record = FormRecord(
+        kind=kind, uri="bench://", sha256="", parity_rows=0, parity_max_abs_diff=0.0,
+        parity_flips=0, rows_per_s=0.0,
+    )
+    return load_form(record, descriptor, data, threads=threads).predict
+
+
+def forms_at(forms: Forms, onnx: bytes, frame: pl.DataFrame, threads: int) -> list[Any]:
+    """The registered records with ``rows_per_s`` re-measured at ``threads`` on the same
+    timing rows as registration (``tasks.forms.TIMING_ROWS``, ``rows_per_second``)."""
+    from driftloop.forms import rows_per_second
+    from driftloop.onnx_model import load_model
+    from tasks.forms import TIMING_ROWS
+
+    if threads == 1:
+        return forms.records
+    rows = frame.head(TIMING_ROWS)
+    records = []
+    for built, record in zip(forms.built.forms, forms.records, strict=True):
+        descriptor = load_model(onnx, threads=threads)
+        speed = rows_per_second(form_predict(built.kind, built.data, descriptor, threads), rows)
+        records.append(record.model_copy(update={"rows_per_s": speed}))
+    return records
+
+
+# --- the parallel-batches lever: halves of each batch on two threads, 1 thread each -------
+
+
+def halves_predict(
+    first: Callable[[pl.DataFrame], np.ndarray],
+    second: Callable[[pl.DataFrame], np.ndarray] | None = None,
+    min_rows: int = 2_048,
+) -> Callable[[pl.DataFrame], np.ndarray]:
+    """Single-threaded scorers (an ORT session with 1 intra-op thread, or XGBoost with
+    nthread=1) on the two halves of each batch at once: ``first`` in a helper thread,
+    ``second`` (default: ``first`` again) in the caller's. ORT and XGBoost release the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-half")
+    other = second or first
+
+    def predict(frame: pl.DataFrame) -> np.ndarray:
+        if frame.height < min_rows:
+            return other(frame)
+        half = (frame.height + 1) // 2
+        head = pool.submit(first, frame.slice(0, half))
+        tail = other(frame.slice(half))
+        return np.concatenate([head.result(), tail])
+
+    return predict
+
+
+def onnx_halves(onnx: bytes, *, sessions: int) -> Callable[[Any], Callable[[pl.DataFrame], np.ndarray]]:
+    """A ``score_once`` scorer: the ONNX form on halves, on one shared 1-thread session
+    (``session.run`` is thread-safe) or on two 1-thread sessions."""
+    from driftloop.onnx_model import load_model, predict_scores
+
+    def scorer(_descriptor: Any) -> Callable[[pl.DataFrame], np.ndarray]:
+        first = load_model(onnx, threads=1)
+        second = load_model(onnx, threads=1) if sessions == 2 else first
+        return halves_predict(
+            lambda frame: predict_scores(first, frame), lambda frame: predict_scores(second, frame)
+        )
+
+    return scorer
+
+
+def native_halves(data: bytes) -> Callable[[Any], Callable[[pl.DataFrame], np.ndarray]]:
+    """A ``score_once`` scorer: the native form at nthread=1 on the two halves of each batch."""
+
+    def scorer(descriptor: Any) -> Callable[[pl.DataFrame], np.ndarray]:
+        return halves_predict(form_predict("native", data, descriptor, 1))
+
+    return scorer
+
+
+def kernel_halves_seconds(onnx: bytes, frame: pl.DataFrame, batch_size: int, repeats: int) -> tuple[float, float]:
+    """ORT inference alone (feeds built beforehand) on ``frame`` in ``batch_size`` slices:
+    one session with 2 intra-op threads vs halves of each slice on two 1-thread sessions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from driftloop.onnx_model import input_feed, load_model
+
+    two = load_model(onnx, threads=2)
+    output = two.metadata["score_output"]
+    feed = input_feed(two, frame)
+    intra = best_of(repeats, lambda: inference_seconds(two.session, output, feed, batch_size))
+    ones = [load_model(onnx, threads=1).session for _ in range(2)]
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    def run() -> float:
+        started = time.perf_counter()
+        for start in range(0, frame.height, batch_size):
+            stop = min(frame.height, start + batch_size)
+            mid = (start + stop + 1) // 2
+            first = pool.submit(ones[0].run, [output], {k: v[start:mid] for k, v in feed.items()})
+            ones[1].run([output], {k: v[mid:stop] for k, v in feed.items()})
+            first.result()
+        return time.perf_counter() - started
+
+    halves = best_of(repeats, run)
+    pool.shutdown()
+    return intra, halves
 
 
 def proc_status_kib(field: str) -> int | None:
@@ -677,6 +849,7 @@ def main() -> None:
     import onnxruntime
     import xgboost
 
+    from driftloop.forms import choose_form
     from driftloop.onnx_model import load_model, predict_scores
     from driftloop.spec import parse_spec
 
@@ -755,24 +928,78 @@ def main() -> None:
         batch_size = min(sweep, key=sweep.__getitem__)
         print(f"using batch size {batch_size:,} (the fastest)")
 
+        parity = pl.read_parquet(score_path, n_rows=min(PARITY_ROWS, sizes.score_rows))
         section(
-            f"throughput: score_stream vs native predict, {sizes.score_rows:,} rows, batch size {batch_size:,}"
+            f"scoring forms, as registration builds them (tasks.forms.build_forms, {parity.height:,} parity rows)"
+        )
+        forms: dict[str, Forms] = {}
+        form_rows = []
+        for model in models:
+            started = time.perf_counter()
+            forms[model.algorithm] = register_forms(model, encoding, spec, parity)
+            built = forms[model.algorithm].built
+            registered, _ = choose_form(
+                forms[model.algorithm].records, engine="auto", algorithm=model.algorithm
+            )
+            for form in built.forms:
+                form_rows.append(
+                    [
+                        model.algorithm,
+                        form.kind + (" (auto)" if form.kind == registered.kind else ""),
+                        f"{form.parity_max_abs_diff:.1e}",
+                        str(form.parity_flips),
+                        f"{form.rows_per_s:,.0f}",
+                        f"{len(form.data) / 1e6:.1f}",
+                    ]
+                )
+            for kind, why in built.skipped.items():
+                form_rows.append([model.algorithm, f"{kind}: not registered ({why})", "-", "-", "-", "-"])
+            print(f"  {model.algorithm}: forms built in {time.perf_counter() - started:.1f} s", flush=True)
+        print(
+            table(
+                ["algorithm", "form", "max |diff| vs native", "flips", "rows/s (1 thread)", "MB"],
+                form_rows,
+            )
+        )
+
+        section(
+            f"throughput: score_stream (--engine auto and onnx) vs native predict, {sizes.score_rows:,} rows, "
+            f"batch size {batch_size:,}"
         )
         rows_out = []
         results: list[dict[str, Any]] = []
         for model in models:
+            model_forms = forms[model.algorithm]
+            data = {form.kind: form.data for form in model_forms.built.forms}
+            registered, _ = choose_form(model_forms.records, engine="auto", algorithm=model.algorithm)
             for threads in (1, 2):
-                ours = best_of(
+                # The rule: auto picks by the forms' speeds at this row's thread count, on
+                # registration's timing rows (at 1 thread: exactly registration's speeds).
+                timed_forms = forms_at(model_forms, model.onnx, parity, threads)
+                chosen, why = choose_form(timed_forms, engine="auto", algorithm=model.algorithm)
+                # The ONNX form as load_form gives it (at 2 threads: halves of each batch).
+                onnx_s = best_of(
                     args.repeats,
                     lambda m=model, t=threads: score_once(
-                        m.onnx,
-                        score_path,
-                        tmp,
-                        threads=t,
-                        batch_size=batch_size,
-                        rows=sizes.score_rows,
+                        m.onnx, score_path, tmp, threads=t, batch_size=batch_size, rows=sizes.score_rows,
+                        scorer=lambda d, m=m, t=t: form_predict("onnx", m.onnx, d, t),
                     ),
                 )
+                if chosen.kind == "onnx":
+                    ours = onnx_s
+                else:
+                    ours = best_of(
+                        args.repeats,
+                        lambda m=model, t=threads, k=chosen.kind, b=data[chosen.kind]: score_once(
+                            m.onnx,
+                            score_path,
+                            tmp,
+                            threads=t,
+                            batch_size=batch_size,
+                            rows=sizes.score_rows,
+                            scorer=lambda d, k=k, t=t, b=b: form_predict(k, b, d, t),
+                        ),
+                    )
                 native = best_of(
                     args.repeats, lambda m=model, t=threads: native_predict(m, x, t)[1]
                 )
@@ -784,30 +1011,37 @@ def main() -> None:
                     [
                         model.algorithm,
                         str(threads),
+                        chosen.kind,
                         rate(sizes.score_rows, ours),
+                        rate(sizes.score_rows, onnx_s),
                         rate(sizes.score_rows, native),
                         rate(sizes.score_rows, script),
                         f"{native / ours:.3f}",
                         f"{script / ours:.3f}",
+                        f"{native / onnx_s:.3f}",
+                        f"{script / onnx_s:.3f}",
                     ]
                 )
                 results.append(
                     {
                         "algorithm": model.algorithm,
                         "threads": threads,
-                        "engine": "onnx",
+                        "engine": chosen.kind,
                         "ours_rows_s": round(sizes.score_rows / ours),
-                        "onnx_rows_s": round(sizes.score_rows / ours),
+                        "onnx_rows_s": round(sizes.score_rows / onnx_s),
                         "native_inmemory_rows_s": round(sizes.score_rows / native),
                         "native_script_rows_s": round(sizes.score_rows / script),
                         "ratio_inmemory": round(native / ours, 3),
                         "ratio_script": round(script / ours, 3),
-                        "ratio_onnx_inmemory": round(native / ours, 3),
+                        "ratio_onnx_inmemory": round(native / onnx_s, 3),
+                        "ratio_onnx_script": round(script / onnx_s, 3),
+                        "engine_registration": registered.kind,
+                        "forms_rows_s": {f.kind: round(f.rows_per_s) for f in timed_forms},
                     }
                 )
                 print(
-                    f"  {model.algorithm} t={threads}: ours {ours:.2f} s, native {native:.2f} s, "
-                    f"script {script:.2f} s",
+                    f"  {model.algorithm} t={threads}: auto -> {why}; ours {ours:.2f} s, onnx {onnx_s:.2f} s, "
+                    f"native {native:.2f} s, script {script:.2f} s",
                     flush=True,
                 )
         print(
@@ -815,20 +1049,107 @@ def main() -> None:
                 [
                     "algorithm",
                     "threads",
+                    "auto form",
                     "ours rows/s",
+                    "onnx rows/s",
                     "native in-memory rows/s",
                     "user's script rows/s",
                     "ours / in-memory",
                     "ours / script",
+                    "onnx / in-memory",
+                    "onnx / script",
                 ],
                 rows_out,
             )
         )
         print(
-            "ours: Parquet file -> validate -> ONNX Runtime -> Parquet dataset (zstd), wall clock, model loading excluded.\n"
+            "ours: Parquet file -> validate -> the form --engine auto picks -> Parquet dataset (zstd), wall clock, "
+            "model loading excluded; auto picks by the forms' speeds at the row's thread count on registration's "
+            "timing rows (at 1 thread: registration's own figures).\n"
+            "onnx: the same with the ONNX tree-kernel form (--engine onnx; the edge agent's only form; at 2 threads "
+            "the halves of each batch on one 1-thread session).\n"
             "native in-memory: float32 matrix already in memory -> predict (XGBoost: DMatrix construction included).\n"
             "user's script: Parquet file -> polars -> numpy -> inplace_predict / predict -> id + probability Parquet."
         )
+
+        section(
+            f"the parallel-batches lever at 2 threads: halves of each batch on two threads, 1 thread each "
+            f"({sizes.score_rows:,} rows)"
+        )
+        lever_rows = []
+        kernel_rows = min(args.tensor_rows, sizes.score_rows)
+        kernel_frame = pl.read_parquet(score_path, n_rows=kernel_rows)
+        for model in models:
+            entry = next(r for r in results if r["algorithm"] == model.algorithm and r["threads"] == 2)
+            # The ONNX form's halves on one shared 1-thread session is what load_form does at
+            # 2 threads (timed above as onnx_rows_s); the baseline is one 2-thread session.
+            shared = sizes.score_rows / entry["onnx_rows_s"]
+            onnx_s = best_of(
+                args.repeats,
+                lambda m=model: score_once(
+                    m.onnx, score_path, tmp, threads=2, batch_size=batch_size, rows=sizes.score_rows
+                ),
+            )
+            two = best_of(
+                args.repeats,
+                lambda m=model: score_once(
+                    m.onnx, score_path, tmp, threads=2, batch_size=batch_size, rows=sizes.score_rows,
+                    scorer=onnx_halves(m.onnx, sessions=2),
+                ),
+            )
+            intra_k, halves_k = kernel_halves_seconds(model.onnx, kernel_frame, batch_size, args.repeats)
+            entry |= {
+                "onnx_intra2_rows_s": round(sizes.score_rows / onnx_s),
+                "onnx_halves_rows_s": round(sizes.score_rows / shared),
+                "onnx_halves_2sessions_rows_s": round(sizes.score_rows / two),
+                "kernel_intra2_rows_s": round(kernel_rows / intra_k),
+                "kernel_halves_rows_s": round(kernel_rows / halves_k),
+            }
+            lever_rows.append(
+                [f"{model.algorithm} onnx, one 1-thread session shared (kept)", rate(sizes.score_rows, onnx_s),
+                 rate(sizes.score_rows, shared), f"{onnx_s / shared:.3f}"]
+            )
+            lever_rows.append(
+                [f"{model.algorithm} onnx, two 1-thread sessions", rate(sizes.score_rows, onnx_s),
+                 rate(sizes.score_rows, two), f"{onnx_s / two:.3f}"]
+            )
+            lever_rows.append(
+                [f"{model.algorithm} ORT kernel alone ({kernel_rows:,} rows in memory)", rate(kernel_rows, intra_k),
+                 rate(kernel_rows, halves_k), f"{intra_k / halves_k:.3f}"]
+            )
+            if "native" in {f.kind for f in forms[model.algorithm].built.forms}:
+                native_data = next(f.data for f in forms[model.algorithm].built.forms if f.kind == "native")
+                native_two = best_of(
+                    args.repeats,
+                    lambda m=model, d=native_data: score_once(
+                        m.onnx, score_path, tmp, threads=2, batch_size=batch_size, rows=sizes.score_rows,
+                        scorer=lambda desc, d=d: form_predict("native", d, desc, 2),
+                    ),
+                ) if entry["engine"] != "native" else sizes.score_rows / entry["ours_rows_s"]
+                native_halves_s = best_of(
+                    args.repeats,
+                    lambda m=model, d=native_data: score_once(
+                        m.onnx, score_path, tmp, threads=2, batch_size=batch_size, rows=sizes.score_rows,
+                        scorer=native_halves(d),
+                    ),
+                )
+                entry |= {
+                    "native_form_rows_s": round(sizes.score_rows / native_two),
+                    "native_halves_rows_s": round(sizes.score_rows / native_halves_s),
+                }
+                lever_rows.append(
+                    [f"{model.algorithm} native form, nthread=1 per half", rate(sizes.score_rows, native_two),
+                     rate(sizes.score_rows, native_halves_s), f"{native_two / native_halves_s:.3f}"]
+                )
+            print(f"  {model.algorithm} done", flush=True)
+        print(table(["streamed scorer, t=2", "2 threads in one call rows/s", "halves rows/s", "halves / one call"],
+                    lever_rows))
+        print(
+            "2 threads in one call: one ORT session with 2 intra-op threads (XGBoost: nthread=2), as above; "
+            "halves: each batch split in two, one half scored in a helper thread, the other in the scoring thread."
+        )
+        # The main figures so far, in case a long run is cut short (the last line has them all).
+        print("results so far: " + json.dumps({"results": results}), flush=True)
 
         tensor_rows = min(args.tensor_rows, sizes.score_rows)
         section(

@@ -53,6 +53,27 @@ def test_every_form_matches_the_native_model_and_is_stored_under_its_hash(model)
     assert records[0].kind == "onnx" and records[0].sha256 == hashlib.sha256(onnx).hexdigest()
 
 
+def test_the_onnx_form_at_two_threads_scores_halves_of_each_batch_bit_for_bit(model) -> None:
+    import threading
+
+    import polars as pl
+
+    from driftloop.forms import HALVES_MIN_ROWS
+    from driftloop.onnx_model import predict_scores
+
+    _, _, split, _, _, onnx, _ = model
+    rows = pl.concat([split.holdout] * (HALVES_MIN_ROWS // split.holdout.height + 2))
+    assert rows.height > HALVES_MIN_ROWS
+    single = predict_scores(load_model(onnx, threads=1), rows)
+    halves = load_form(_form("onnx", 1.0), load_model(onnx, threads=2), onnx, threads=2)
+    assert np.array_equal(halves.predict(rows), single)
+    assert np.array_equal(halves.predict(rows.head(11)), single[:11])  # a small batch is scored whole
+    assert any(t.name.startswith("driftloop-onnx-half") for t in threading.enumerate())
+    # Without the ONNX bytes (the descriptor alone), the 2-thread session scores as before.
+    plain = load_form(_form("onnx", 1.0), load_model(onnx, threads=2), b"", threads=2)
+    assert np.abs(plain.predict(rows) - single).max() <= 1e-6
+
+
 def _form(kind: str, speed: float) -> FormRecord:
     return FormRecord(kind=kind, uri=f"mem://{kind}", sha256="0" * 64, parity_rows=10, parity_max_abs_diff=0.0,
                       parity_flips=0, rows_per_s=speed)
