@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -331,9 +332,10 @@ def load_scoring_form(record: Any, *, engine: Engine, device: Device, threads: i
     """The verified form of ``record`` (a ``ModelVersionRecord``) to score with, and why
     it was chosen. The ONNX form is always fetched and verified: it describes the rest."""
     chosen, why = choose_form(registered_forms(record), engine=engine, algorithm=record.algorithm, device=device)
-    descriptor = load_verified_model(record.onnx_uri, record.onnx_sha256, threads=threads)
-    data = b"" if chosen.kind == "onnx" else fetch_verified(chosen.uri, chosen.sha256)
-    return load_form(chosen, descriptor, data, threads=threads, device=device), why
+    onnx_bytes = fetch_verified(record.onnx_uri, record.onnx_sha256)
+    descriptor = load_model(onnx_bytes, threads=threads)
+    data = onnx_bytes if chosen.kind == "onnx" else fetch_verified(chosen.uri, chosen.sha256)
+    return load_form(chosen, descriptor, data, threads=threads or os.cpu_count(), device=device), why
 
 
 @task(name="fetch-model", cache_policy=NONE)
