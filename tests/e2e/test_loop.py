@@ -14,8 +14,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.support.prefect_api import api, wait_for
 
 pytestmark = [pytest.mark.e2e]
 
@@ -27,27 +28,6 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess
     done = subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
-
-
-RETRYABLE = {429, 502, 503, 504}  # what Prefect's own client retries; 503 = its SQLite was busy
-
-
-def api(server, method: str, path: str, **kwargs):
-    # The server shares two cores with the workers' training runs and answers 503 while
-    # its SQLite database is locked: be patient with it, as Prefect's client is.
-    attempts = 8
-    for attempt in range(attempts):
-        try:
-            response = httpx.request(method, f"{server.api_url}{path}", timeout=120, **kwargs)
-        except httpx.TransportError:
-            if attempt == attempts - 1:
-                raise
-        else:
-            if response.status_code not in RETRYABLE or attempt == attempts - 1:
-                break
-        time.sleep(min(2 * (attempt + 1), 10))
-    response.raise_for_status()
-    return response.json() if response.content else None
 
 
 def flow_runs(server, deployment_id: str) -> list[dict]:
@@ -82,16 +62,6 @@ def finished(server, flow_run_id: str) -> dict | None:
 
 def deployment_id(server, flow: str, name: str = "car-loan") -> str:
     return api(server, "GET", f"/deployments/name/{flow}/{name}")["id"]
-
-
-def wait_for(predicate, timeout: float, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 @pytest.fixture()

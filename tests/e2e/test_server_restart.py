@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.support.prefect_api import api, wait_for
 from tests.support.services import PrefectServer, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
@@ -37,34 +37,16 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 900) -> str:
     return done.stdout
 
 
-def _api(server: PrefectServer, method: str, path: str, **kwargs):
-    for attempt in range(10):
-        try:
-            response = httpx.request(method, f"{server.api_url}{path}", timeout=60, **kwargs)
-            if response.status_code not in (502, 503, 504):
-                response.raise_for_status()
-                return response.json() if response.content else None
-        except httpx.TransportError:
-            if attempt == 9:
-                raise
-        time.sleep(2)
-    response.raise_for_status()
-
-
 def _runs_of(server: PrefectServer, flow: str, name: str) -> list[dict]:
-    deployment = _api(server, "GET", f"/deployments/name/{flow}/{name}")
-    return _api(server, "POST", "/flow_runs/filter",
+    deployment = api(server, "GET", f"/deployments/name/{flow}/{name}")
+    return api(server, "POST", "/flow_runs/filter",
                 json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}, "limit": 50})
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+    value = wait_for(predicate, timeout, interval)
+    assert value, f"{what}: not within {timeout:.0f} s"
+    return value
 
 
 @pytest.fixture()
@@ -98,10 +80,10 @@ def test_a_server_restart_under_a_scoring_run_leaves_no_run_stuck_and_keeps_the_
         created = _run([str(BIN / "prefect"), "deployment", "run", "score/car-loan"], env)
         # The deployment's nightly schedule has runs of its own: take the one just created.
         (scoring_id,) = set(re.findall(r"UUID: ([0-9a-f-]{36})", created))
-        scoring = _api(own_server, "GET", f"/flow_runs/{scoring_id}")
+        scoring = api(own_server, "GET", f"/flow_runs/{scoring_id}")
 
         def running() -> bool:
-            state = _api(own_server, "GET", f"/flow_runs/{scoring['id']}")["state_type"]
+            state = api(own_server, "GET", f"/flow_runs/{scoring['id']}")["state_type"]
             assert state not in FINAL, f"the scoring run ended ({state}) before the restart could hit it"
             return state == "RUNNING"
 
@@ -111,7 +93,7 @@ def test_a_server_restart_under_a_scoring_run_leaves_no_run_stuck_and_keeps_the_
         own_server.start()
 
         def finished() -> dict | None:
-            run = _api(own_server, "GET", f"/flow_runs/{scoring['id']}")
+            run = api(own_server, "GET", f"/flow_runs/{scoring['id']}")
             return run if run["state_type"] in FINAL else None
 
         ended = _wait(finished, 600, "the scoring run is stuck after the restart", interval=2)
