@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -268,8 +269,11 @@ def _human_score(p: dict[str, Any]) -> str:
         f"  rows in          {p['rows_in']:>10,}",
         f"  rows scored      {p['rows_scored']:>10,}",
         f"  rows quarantined {p['rows_quarantined']:>10,}",
-        f"  output           {p['output_uri']}",
+        f"  table            {p['table']} snapshot {p['snapshot_id']} (scoring run {p['run_id']})",
+        f"  input key        {p['input_key']}",
     ]
+    if p["output_uri"]:
+        lines.append(f"  export           {p['output_uri']}")
     if p["quarantine_uri"]:
         lines.append(f"  quarantine       {p['quarantine_uri']}")
     return "\n".join(lines)
@@ -310,7 +314,8 @@ def cmd_labels(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_monitor(args: argparse.Namespace) -> dict[str, Any]:
     from flows.monitor import monitor
 
-    return monitor(input_uri=args.input, model=args.model, labels_uri=args.labels).model_dump()
+    return monitor(model=args.model, scoring_run=args.scoring_run, start=args.start, end=args.end,
+                   input_uri=args.input, labels_uri=args.labels).model_dump()
 
 
 def _human_monitor(p: dict[str, Any]) -> str:
@@ -455,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", parents=[common], help="batch-score a file with a registered model")
     score.add_argument("--model", required=True, help="NAME, NAME@alias or NAME:VERSION (bare NAME: champion)")
     score.add_argument("--input", required=True, help="Parquet or CSV path or URI")
-    score.add_argument("--output", help="output directory (Parquet parts), path or URI (default: <artifact root>/predictions/<model>/<input name>)")
+    score.add_argument("--output", help="also export this run's rows as a plain Parquet file: a .parquet path or URI, or a "
+                       "directory or prefix that gets <run id>.parquet (the rows always go to the table "
+                       "predictions.<model>)")
     score.add_argument("--batch-size", type=int, default=100_000)
     score.add_argument("--threads", type=int, help="scoring threads (default: all cores)")
     score.add_argument("--engine", choices=["auto", "onnx", "native", "tensor"], default="auto",
@@ -491,7 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     mon = sub.add_parser("monitor", parents=[common], help="drift and performance of a model on scored data")
     mon.add_argument("--model", required=True, help="NAME or NAME@alias (bare NAME: champion)")
-    mon.add_argument("--input", help="a `driftloop score` output directory (default: the model's latest scoring run)")
+    mon.add_argument("--scoring-run", metavar="ID",
+                     help="monitor this scoring run's rows (default: the version's latest run)")
+    mon.add_argument("--start", type=datetime.fromisoformat, metavar="TIME",
+                     help="monitor every row the version served with a timestamp from TIME (ISO 8601) ...")
+    mon.add_argument("--end", type=datetime.fromisoformat, metavar="TIME", help="... until TIME (exclusive)")
+    mon.add_argument("--input", help="a Parquet or CSV file of scored rows (e.g. a --output export) instead of the table")
     mon.add_argument("--labels", help="labels file (id, target), parsed and validated by the spec; default: the labels registered with `driftloop labels`")
     mon.set_defaults(handler=cmd_monitor, human=_human_monitor)
 

@@ -20,9 +20,9 @@ def run_demo(trials: int = 10) -> dict[str, Any]:
     reference = ingest(spec_path=spec, source=str(demo_data_path("reference")))
     analysis = ingest(spec_path=spec, source=str(demo_data_path("analysis")), labelled=False)
     model = train(spec_path=spec, dataset_id=reference.dataset_id, trials=trials)
-    scored_dir = get_settings().home_dir / "demo" / "scored-analysis"
-    scored = score(input_uri=str(demo_data_path("analysis")), output_uri=str(scored_dir), model="car_loan@champion")
-    watched = monitor(input_uri=scored.output_uri, model="car_loan@champion",
+    export = get_settings().home_dir / "demo" / "scored-analysis.parquet"
+    scored = score(input_uri=str(demo_data_path("analysis")), output_uri=str(export), model="car_loan@champion")
+    watched = monitor(scoring_run=scored.run_id, model="car_loan@champion",
                       labels_uri=str(demo_data_path("analysis_targets")))
     return {
         "ingest": {

@@ -24,11 +24,21 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from driftloop.errors import DriftloopError
-from driftloop.outputs import read_predictions
 from driftloop.registry import DatasetRecord, RegistryStore
 from driftloop.schema import POLARS_DTYPES
 from driftloop.spec import DatasetSpec, RetrainPolicy
 from driftloop.storage import read_parquet
+from driftloop.tables import (
+    MODEL_VERSION,
+    REGISTRATION,
+    ROLE,
+    SCORED_AT,
+    SCORING_RUN,
+    SERVED,
+    MemoryTable,
+    Tables,
+)
+from driftloop.tables import REGISTERED_AT as LABELS_REGISTERED_AT
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +68,18 @@ class LabelledData:
     datasets: list[str] = field(default_factory=list)  # labelled datasets read
     scoring_runs: list[str] = field(default_factory=list)  # scoring runs with at least one label
     labels: int = 0  # distinct labelled ids registered with `driftloop labels`
-    labels_unscored: int = 0  # ... of which no scoring output holds the id
+    labels_unscored: int = 0  # ... of which no scored row holds the id
     skipped: list[str] = field(default_factory=list)  # sources that could not be read, and why
+    predictions_snapshot: int | None = None  # the tables' snapshots read
+    labels_snapshot: int | None = None
+
+
+class WindowSnapshots(BaseModel):
+    """What a stored window read: re-reading these gives the same rows."""
+
+    predictions: int | None = None
+    labels: int | None = None
+    datasets: list[str] | None = None  # every labelled dataset read (None: all registered now)
 
 
 class WindowRecord(BaseModel):
@@ -74,6 +94,14 @@ class WindowRecord(BaseModel):
     dataset_ids: list[str]
     scoring_runs: list[str]
     labels_unscored: int = Field(description="Registered labels whose id was never scored.")
+    predictions_snapshot: int | None = Field(default=None, description="Snapshot of predictions.<model> read.")
+    labels_snapshot: int | None = Field(default=None, description="Snapshot of labels.<model> read.")
+    datasets_read: list[str] | None = Field(default=None, description="Every labelled dataset read (the window "
+                                            "may use fewer): with the snapshots, what re-reads it exactly.")
+
+    def snapshots(self) -> WindowSnapshots:
+        return WindowSnapshots(predictions=self.predictions_snapshot, labels=self.labels_snapshot,
+                               datasets=self.datasets_read)
 
 
 def training_columns(spec: DatasetSpec) -> list[str]:
@@ -102,14 +130,23 @@ def _oldest_first(records: list[DatasetRecord]) -> list[DatasetRecord]:
     return sorted(records, key=lambda r: (r.created_at, r.id))
 
 
-def collect_labelled_data(registry: RegistryStore, spec: DatasetSpec) -> LabelledData:
+def collect_labelled_data(registry: RegistryStore, tables: Tables, spec: DatasetSpec, *,
+                          policy: RetrainPolicy | None = None, at: WindowSnapshots | None = None) -> LabelledData:
     """All labelled rows of the model named by ``spec``, de-duplicated by id (the most
-    recently registered row of an id wins)."""
+    recently registered row of an id wins).
+
+    ``policy``: with a ``last`` window and a timestamp, scored rows older than the
+    window are never read (pushed down to the table scan: memory follows the window,
+    not the table's history). ``at``: read the tables as of these snapshots and only
+    these datasets, to re-read a stored window exactly."""
     columns = training_columns(spec)
     out = LabelledData(frame=pl.DataFrame())
     frames: list[pl.DataFrame] = []
 
-    for record in _oldest_first([d for d in registry.list_datasets(name=spec.name) if d.labelled]):
+    records = [d for d in registry.list_datasets(name=spec.name) if d.labelled]
+    if at is not None and at.datasets is not None:
+        records = [d for d in records if d.id in set(at.datasets)]
+    for record in _oldest_first(records):
         try:
             frame = _conform(read_parquet(record.snapshot_uri), spec, columns, f"dataset {record.id}")
         except (OSError, DriftloopError, pl.exceptions.PolarsError) as exc:
@@ -119,7 +156,8 @@ def collect_labelled_data(registry: RegistryStore, spec: DatasetSpec) -> Labelle
         out.datasets.append(record.id)
 
     if spec.id:
-        feedback = _feedback(registry, spec, columns, out)
+        since = _window_start(frames, tables, spec, policy, at)
+        feedback = _feedback(tables, spec, columns, out, at, since)
         if feedback is not None:
             frames.append(feedback)
 
@@ -133,34 +171,117 @@ def collect_labelled_data(registry: RegistryStore, spec: DatasetSpec) -> Labelle
     return out
 
 
-def registered_labels(registry: RegistryStore, spec: DatasetSpec, skipped: list[str] | None = None) -> pl.DataFrame | None:
-    """The latest registered label of every id (id, target, REGISTERED_AT), from the
-    ``<name>.labels`` datasets; None when there are none."""
+def _snapshot(table: MemoryTable | None, at: int | None) -> int | None:
+    if table is None:
+        return None
+    return at if at is not None else table.refresh().snapshot_id()
+
+
+def latest_labels(tables: Tables, spec: DatasetSpec, snapshot: int | None = None) -> tuple[pl.LazyFrame | None, int | None]:
+    """The latest registered label of every id (id, target, REGISTERED_AT), lazily, from
+    the model's labels table as of ``snapshot`` (default: now); None when it has none."""
     assert spec.id is not None
+    table = tables.labels(spec.name)
+    snapshot = _snapshot(table, snapshot)
+    if table is None or snapshot is None:
+        return None, None
     id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
     target_type = POLARS_DTYPES[spec.column_spec(spec.target).dtype]
-    frames = []
-    for record in _oldest_first(registry.list_datasets(name=labels_dataset_name(spec.name))):
-        try:
-            raw = read_parquet(record.snapshot_uri)
-            frames.append(
-                raw.select(pl.col(spec.id).cast(id_type), pl.col(spec.target).cast(target_type))
-                .with_columns(pl.lit(record.created_at).dt.cast_time_unit("us").dt.replace_time_zone(None).alias(REGISTERED_AT))
-            )
-        except (OSError, pl.exceptions.PolarsError) as exc:
-            if skipped is not None:
-                skipped.append(f"labels {record.id}: {exc}")
-            logger.warning("labels dataset %s left out: %s", record.id, exc)
-    if not frames:
+    labels = (
+        table.scan(snapshot)
+        .select(pl.col(spec.id).cast(id_type), pl.col(spec.target).cast(target_type),
+                pl.col(LABELS_REGISTERED_AT).dt.replace_time_zone(None).dt.cast_time_unit("us").alias(REGISTERED_AT),
+                pl.col(REGISTRATION))
+        # the latest registration of an id wins; within one registration, its last row
+        .sort(REGISTERED_AT, REGISTRATION, maintain_order=True)
+        .unique(subset=[spec.id], keep="last", maintain_order=True)
+        .drop(REGISTRATION)
+    )
+    return labels, snapshot
+
+
+def served_rows(tables: Tables, spec: DatasetSpec, snapshot: int | None = None, *, model_version: int | None = None,
+                since: datetime | None = None, until: datetime | None = None,
+                scoring_run: str | None = None) -> tuple[pl.LazyFrame | None, int | None]:
+    """The rows the model served (role ``served``) in its predictions table as of
+    ``snapshot``, lazily, filtered (and pruned) by version, time range and scoring run."""
+    table = tables.predictions(spec.name)
+    snapshot = _snapshot(table, snapshot)
+    if table is None or snapshot is None:
+        return None, None
+    rows = table.scan(snapshot).filter(pl.col(ROLE) == SERVED)
+    if model_version is not None:
+        rows = rows.filter(pl.col(MODEL_VERSION) == model_version)
+    if scoring_run is not None:
+        rows = rows.filter(pl.col(SCORING_RUN) == scoring_run)
+    if spec.timestamp and since is not None:
+        rows = rows.filter(pl.col(spec.timestamp) >= since)
+    if spec.timestamp and until is not None:
+        rows = rows.filter(pl.col(spec.timestamp) < until)
+    return rows, snapshot
+
+
+def _window_start(frames: list[pl.DataFrame], tables: Tables, spec: DatasetSpec, policy: RetrainPolicy | None,
+                  at: WindowSnapshots | None) -> datetime | None:
+    """The oldest timestamp a ``last`` window can reach: the newest labelled timestamp
+    (datasets, and scored rows with a label: ids and timestamps only) minus skip_recent
+    and the span. None when every labelled row may be needed."""
+    if policy is None or policy.window.span is None or not spec.timestamp or not spec.id:
         return None
-    return pl.concat(frames).unique(subset=[spec.id], keep="last", maintain_order=True)
+    ts = spec.timestamp
+    newest = [f[ts].max() for f in frames if f.height]
+    labels, _ = latest_labels(tables, spec, at.labels if at else None)
+    scored, _ = served_rows(tables, spec, at.predictions if at else None)
+    if labels is not None and scored is not None:
+        newest.append(scored.select(spec.id, ts).join(labels.select(spec.id), on=spec.id, how="semi")
+                      .select(pl.col(ts).max()).collect(engine="streaming").item())
+    newest = [n for n in newest if n is not None]
+    if not newest:
+        return None
+    return max(newest) - policy.skip_recent_span - policy.window.span  # type: ignore[operator]
+
+
+def _feedback(tables: Tables, spec: DatasetSpec, columns: list[str], out: LabelledData, at: WindowSnapshots | None,
+              since: datetime | None) -> pl.DataFrame | None:
+    """Served rows joined by id to their latest registered label, read lazily from the
+    two tables (as of ``at``, or now, recorded on ``out``)."""
+    assert spec.id is not None
+    labels, out.labels_snapshot = latest_labels(tables, spec, at.labels if at else None)
+    scored, out.predictions_snapshot = served_rows(tables, spec, at.predictions if at else None)
+    if labels is None:
+        return None
+    counts = labels.select(pl.len()).collect().item()
+    out.labels = counts
+    if scored is None:
+        out.labels_unscored = counts
+        return None
+    id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
+    out.labels_unscored = labels.join(scored.select(pl.col(spec.id).cast(id_type)).unique(), on=spec.id, how="anti") \
+        .select(pl.len()).collect(engine="streaming").item()
+    window_rows = scored if since is None else scored.filter(pl.col(spec.timestamp) >= since)  # type: ignore[arg-type]
+    scored_columns = [c for c in columns if c != spec.target]
+    missing = [c for c in scored_columns if c not in window_rows.collect_schema().names()]
+    if missing:
+        out.skipped.append(f"table predictions.{spec.name} lacks column(s) {', '.join(missing)}")
+        return None
+    joined = (
+        window_rows.select(*[pl.col(c) for c in scored_columns], pl.col(SCORED_AT), pl.col(SCORING_RUN).alias(SOURCE))
+        .with_columns(pl.col(spec.id).cast(id_type))
+        # an id scored again (a re-scored input, a new champion) keeps its latest row
+        .sort(SCORED_AT, maintain_order=True).unique(subset=[spec.id], keep="last", maintain_order=True)
+        .join(labels, on=spec.id, how="inner")
+        .collect(engine="streaming")
+    )
+    frame = joined.select(pl.col(c).cast(POLARS_DTYPES[spec.column_spec(c).dtype]) for c in columns).with_columns(
+        joined[SOURCE], joined[REGISTERED_AT])
+    out.scoring_runs = sorted(frame[SOURCE].unique().to_list())
+    return frame
 
 
 def join_labels(scored: pl.DataFrame, labels: pl.DataFrame, spec: DatasetSpec, *, how: str = "left") -> pl.DataFrame:
-    """Scored rows with the target of their id's latest label (``labels`` in registration
-    order: a later label for an id replaces an earlier one). ``left`` keeps unlabelled
-    rows (target null), ``inner`` only labelled ones. The id is compared as the spec's
-    type, whatever type the labels file carried."""
+    """Scored rows with the target of their id's latest label (``labels``: one row per
+    id, the latest). ``left`` keeps unlabelled rows (target null), ``inner`` only labelled
+    ones. The id is compared as the spec's type, whatever type the labels file carried."""
     assert spec.id is not None
     id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
     target_type = POLARS_DTYPES[spec.column_spec(spec.target).dtype]
@@ -172,63 +293,19 @@ def join_labels(scored: pl.DataFrame, labels: pl.DataFrame, spec: DatasetSpec, *
     return scored.drop(spec.target, strict=False).with_columns(pl.col(spec.id).cast(id_type)).join(latest, on=spec.id, how=how)  # type: ignore[arg-type]
 
 
-def _feedback(registry: RegistryStore, spec: DatasetSpec, columns: list[str], out: LabelledData) -> pl.DataFrame | None:
-    """Scored rows joined by id to their latest registered label."""
-    assert spec.id is not None
-    labels = registered_labels(registry, spec, out.skipped)
-    if labels is None:
-        return None
-    out.labels = labels.height
-
-    scored_columns = [c for c in columns if c != spec.target]
-    scored_frames = []
-    # A later run writing the same output replaced its files: read each output once.
-    latest_by_output: dict[str, Any] = {}
-    for run in sorted(registry.list_scoring_runs(spec.name), key=lambda r: r.finished_at):
-        latest_by_output[run.output_uri] = run
-    for run in sorted(latest_by_output.values(), key=lambda r: r.finished_at):
-        try:
-            frame = _conform(read_predictions(run.output_uri), spec, scored_columns, f"scoring output {run.output_uri}")
-        except (OSError, DriftloopError, pl.exceptions.PolarsError) as exc:
-            out.skipped.append(f"scoring run {run.id}: {exc}")
-            continue
-        scored_frames.append(frame.with_columns(pl.lit(run.id, dtype=pl.String).alias(SOURCE)))
-    if not scored_frames:
-        out.labels_unscored = labels.height
-        return None
-    scored = pl.concat(scored_frames).unique(subset=[spec.id], keep="last", maintain_order=True)
-    out.labels_unscored = labels.join(scored.select(spec.id), on=spec.id, how="anti").height
-    joined = join_labels(scored, labels, spec, how="inner")
-    out.scoring_runs = sorted(joined[SOURCE].unique().to_list())
-    return joined.select(*columns, SOURCE, REGISTERED_AT)
-
-
-def scored_and_labelled(registry: RegistryStore, spec: DatasetSpec, *, model_version: int, start: datetime,
+def scored_and_labelled(tables: Tables, spec: DatasetSpec, *, model_version: int, start: datetime,
                         end: datetime) -> pl.DataFrame:
-    """The rows ``model_version`` scored with a timestamp in [start, end), whole (features,
+    """The rows ``model_version`` served with a timestamp in [start, end), whole (features,
     prediction, probabilities), with their latest registered label; unlabelled rows are
     left out. Monitoring's reference when the policy names a reference period."""
     if not spec.id or not spec.timestamp:
         raise DriftloopError(f"a reference period needs the spec's id and timestamp; spec '{spec.name}' lacks one")
-    labels = registered_labels(registry, spec)
-    if labels is None:
+    labels, _ = latest_labels(tables, spec)
+    rows, _ = served_rows(tables, spec, model_version=model_version, since=start, until=end)
+    if labels is None or rows is None:
         return pl.DataFrame()
-    # An output directory holds what its latest run wrote: it counts only if that run was this version's.
-    latest_by_output = {run.output_uri: run for run in sorted(registry.list_scoring_runs(spec.name), key=lambda r: r.finished_at)}
-    frames = []
-    for run in latest_by_output.values():
-        if run.model_version != model_version:
-            continue
-        try:
-            scored = read_predictions(run.output_uri)
-        except (OSError, DriftloopError) as exc:
-            logger.warning("scoring run %s left out of the reference: %s", run.id, exc)
-            continue
-        frames.append(scored.filter((pl.col(spec.timestamp) >= start) & (pl.col(spec.timestamp) < end)))
-    if not frames:
-        return pl.DataFrame()
-    rows = pl.concat(frames, how="diagonal_relaxed").unique(subset=[spec.id], keep="last", maintain_order=True)
-    return join_labels(rows, labels, spec, how="inner").drop(REGISTERED_AT).sort(spec.timestamp)
+    scored = rows.sort(SCORED_AT, maintain_order=True).unique(subset=[spec.id], keep="last", maintain_order=True).collect()
+    return join_labels(scored, labels.collect(), spec, how="inner").drop(REGISTERED_AT).sort(spec.timestamp)
 
 
 @dataclass
@@ -296,16 +373,18 @@ def select_window(
         dataset_ids=[d for d in data.datasets if d in sources],
         scoring_runs=[r for r in data.scoring_runs if r in sources],
         labels_unscored=data.labels_unscored,
+        predictions_snapshot=data.predictions_snapshot,
+        labels_snapshot=data.labels_snapshot,
+        datasets_read=list(data.datasets),
     )
     return TrainingWindow(chosen.select(training_columns(spec)), record)
 
 
-def labelled_between(data: LabelledData, spec: DatasetSpec, after: datetime, until: datetime | None = None) -> pl.DataFrame:
-    """Labelled rows with ``after < timestamp <= until`` (for judging models on a later
-    period)."""
-    if not spec.timestamp:
-        raise DriftloopError(f"spec '{spec.name}' has no timestamp; a period cannot be selected")
-    rows = data.frame.filter(pl.col(spec.timestamp) > after)
-    if until is not None:
-        rows = rows.filter(pl.col(spec.timestamp) <= until)
-    return rows.select(training_columns(spec))
+def reread_window(registry: RegistryStore, tables: Tables, spec: DatasetSpec, policy: RetrainPolicy,
+                  record: WindowRecord) -> TrainingWindow:
+    """A stored window read again from the snapshots and datasets it names: the same
+    rows it trained on, however much the tables have grown since."""
+    if record.predictions_snapshot is None and record.labels_snapshot is None and record.datasets_read is None:
+        raise DriftloopError("this window was stored before windows recorded their snapshots; it cannot be re-read")
+    data = collect_labelled_data(registry, tables, spec, policy=policy, at=record.snapshots())
+    return select_window(data, spec, policy)

@@ -146,6 +146,25 @@ def list_input_files(uri: str) -> list[InputFile]:
             for p, info in sorted(found.items())]
 
 
+def input_key(uri: str) -> str:
+    """What identifies one input for the predictions table: its masked URI and a
+    fingerprint of the files it resolves to (path, size and the store's version tag:
+    mtime, ETag or checksum). Scoring the same files again gives the same key (the run
+    replaces its rows); another file with the same name, or changed content, another."""
+    files = list_input_files(uri)
+    digest = hashlib.sha256()
+    for file in files:
+        fs, path = fsspec.core.url_to_fs(file.uri)
+        try:
+            info = fs.info(path)
+        except (OSError, ValueError):
+            info = {}
+        version = next((str(info[k]) for k in ("ETag", "etag", "md5Hash", "checksum", "mtime", "LastModified",
+                                                 "last_modified") if info.get(k) is not None), "")
+        digest.update(f"{mask_uri(file.uri)}\0{info.get('size', file.size)}\0{version}\n".encode())
+    return f"{mask_uri(uri)}#{digest.hexdigest()[:20]}"
+
+
 def parquet_row_groups(uri: str) -> list[int]:
     """The row count of each row group of a Parquet file: the ranges partitioned scoring
     splits one large file into (read from the footer only)."""

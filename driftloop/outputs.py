@@ -340,6 +340,16 @@ class ScoringOutput:
                 ) from None
         raise OutputError(f"scoring output {self.shown} kept being replaced while being read; read again")
 
+    def read_part(self, part: PartInfo) -> pl.DataFrame:
+        """One part, checked against its recorded size and sha256."""
+        try:
+            return self._read_parts([part])
+        except _PartProblem as problem:
+            raise OutputError(f"{self.uri}: part {problem.path} {problem.what}") from None
+
+    def remove_part(self, part: PartInfo) -> None:
+        self._remove(part.path)
+
     def _read_parts(self, parts: list[PartInfo]) -> pl.DataFrame:
         frames = []
         for part in parts:

@@ -33,6 +33,8 @@ class IngestResult(BaseModel):
     snapshot_uri: str
     created: bool
     ignored_columns: list[str]
+    table: str | None = None  # labels: the table the rows were appended to
+    table_snapshot: int | None = None  # ... and its snapshot after this registration
 
 
 @task(name="load-spec", cache_policy=NONE)

@@ -35,5 +35,6 @@ def lifecycle(
     ingested = ingest(spec_path=spec_path, source=training_source, registry_block=registry_block)
     trained = train(spec_path=spec_path, dataset_id=ingested.dataset_id, trials=trials, registry_block=registry_block)
     scored = score(input_uri=score_input, output_uri=score_output, model=f"{name}@champion", registry_block=registry_block)
-    watched = monitor(input_uri=scored.output_uri, model=parse_model_ref(f"{name}@champion")[0], labels_uri=labels_uri, registry_block=registry_block)
+    watched = monitor(scoring_run=scored.run_id, model=parse_model_ref(f"{name}@champion")[0], labels_uri=labels_uri,
+                      registry_block=registry_block)
     return LifecycleResult(ingest=ingested, train=trained, score=scored, monitor=watched)

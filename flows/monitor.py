@@ -1,12 +1,14 @@
-"""Flow ``monitor``: scored outputs (+ labels where they arrived) vs the model's
-reference -> NannyML -> policy -> results, report and charts (inline in the UI), NannyML's plots
-(artifact store) -> event when the policy fires."""
+"""Flow ``monitor``: served rows from the model's predictions table (+ labels from its
+labels table where they arrived) vs the model's reference -> NannyML -> policy ->
+results, report and charts (inline in the UI), NannyML's plots (artifact store) -> event
+when the policy fires. The table snapshots read are stored with the run."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,16 +22,17 @@ from pydantic import BaseModel
 from driftloop.errors import DriftloopError
 from driftloop.feedback import (
     join_labels,
-    labels_dataset_name,
-    registered_labels,
+    latest_labels,
     scored_and_labelled,
+    served_rows,
 )
+from driftloop.inputs import read_input
 from driftloop.onnx_model import load_model
-from driftloop.outputs import read_predictions
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
 from driftloop.spec import DatasetSpec, MonitoringPolicy, ReferencePeriod
 from driftloop.storage import ArtifactStore, read_bytes
+from driftloop.tables import Tables, open_tables
 from flows.config import run_settings
 from tasks.ingest import read_file
 from tasks.labels import validate_labels
@@ -73,6 +76,7 @@ class LabelsUsed(BaseModel):
     rows_valid: int
     rows_quarantined: int
     matched: int  # scored rows that got a label
+    snapshot_id: int | None = None  # the labels table's snapshot read (None: a file)
 
 
 class MonitorResult(BaseModel):
@@ -86,24 +90,70 @@ class MonitorResult(BaseModel):
     labels: LabelsUsed | None = None
 
 
-@task(name="load-monitoring-inputs", cache_policy=NONE)
-def load_inputs_task(record: ModelVersionRecord, input_uri: str) -> tuple[DatasetSpec, pl.DataFrame, pl.DataFrame]:
+@dataclass
+class Analysis:
+    """The rows monitored and where they came from (what the run records)."""
+
+    rows: pl.DataFrame
+    described: str  # e.g. predictions.car_loan@<snapshot> run <id>, for people and the event
+    predictions_snapshot: int | None = None
+
+
+@task(name="load-reference", cache_policy=NONE)
+def load_reference_task(record: ModelVersionRecord) -> tuple[DatasetSpec, pl.DataFrame]:
     if not record.reference_uri or not record.reference_sha256:
         raise DriftloopError(f"{record.ref} has no monitoring reference (trained by an early build); train it again")
     spec = load_model(fetch_verified(record.onnx_uri, record.onnx_sha256)).spec()
     reference_bytes = read_bytes(record.reference_uri)
     if hashlib.sha256(reference_bytes).hexdigest() != record.reference_sha256:
         raise DriftloopError(f"monitoring reference {record.reference_uri} does not match its recorded sha256; refusing to use it")
-    reference = pl.read_parquet(io.BytesIO(reference_bytes))
-    return spec, reference, read_predictions(input_uri)
+    return spec, pl.read_parquet(io.BytesIO(reference_bytes))
+
+
+@task(name="load-served-rows", cache_policy=NONE)
+def load_analysis_task(registry: RegistryStore, tables: Tables, spec: DatasetSpec, record: ModelVersionRecord,
+                       scoring_run: str | None, start: datetime | None, end: datetime | None,
+                       input_uri: str | None) -> Analysis:
+    """What is monitored: a file of scored rows (an export) when ``input_uri`` is given;
+    else the rows this version served in [start, end) (by the spec's timestamp); else one
+    scoring run's rows (default: the version's latest), read at the snapshot it committed."""
+    if input_uri:
+        return Analysis(read_input(input_uri).frame, mask_uri(input_uri))
+    if start is None and end is None:
+        if scoring_run is None:
+            runs = [r for r in registry.list_scoring_runs(record.model_name)
+                    if r.model_version == record.version and r.snapshot_id is not None]
+            if not runs:
+                raise DriftloopError(f"no scoring runs of {record.ref} in its predictions table yet; score some data "
+                                     "with it first (driftloop score), or pass a time range or input_uri")
+            run = runs[0]
+        else:
+            found = registry.get_scoring_run(scoring_run)
+            if found is None or found.model_name != record.model_name or found.snapshot_id is None:
+                raise DriftloopError(f"scoring run {scoring_run} is not a run of {record.model_name} in its predictions "
+                                     "table; list runs with driftloop models show --json")
+            run = found
+        rows, snapshot = served_rows(tables, spec, run.snapshot_id, scoring_run=run.id)
+        described = f"predictions.{spec.name}@{snapshot} run {run.id}"
+    else:
+        if not spec.timestamp:
+            raise DriftloopError(f"spec '{spec.name}' has no timestamp: monitor a scoring run instead of a time range")
+        rows, snapshot = served_rows(tables, spec, model_version=record.version, since=start, until=end)
+        described = f"predictions.{spec.name}@{snapshot} v{record.version} {start or '...'} .. {end or '...'}"
+    if rows is None:
+        raise DriftloopError(f"{record.ref} has no predictions table yet; score some data with it first")
+    frame = rows.collect()
+    if frame.height == 0:
+        raise DriftloopError(f"{described}: no served rows to monitor")
+    return Analysis(frame, described, snapshot)
 
 
 @task(name="load-reference-period", cache_policy=NONE)
-def reference_period_task(registry: RegistryStore, spec: DatasetSpec, record: ModelVersionRecord,
+def reference_period_task(tables: Tables, spec: DatasetSpec, record: ModelVersionRecord,
                           period: ReferencePeriod) -> pl.DataFrame:
     """The policy's reference period instead of the holdout: what this version scored
     then, with the labels registered since."""
-    reference = scored_and_labelled(registry, spec, model_version=record.version, start=period.start, end=period.end)
+    reference = scored_and_labelled(tables, spec, model_version=record.version, start=period.start, end=period.end)
     if reference.height < 100:
         raise MonitoringError(
             f"monitoring {record.ref}: the reference period {period.start} .. {period.end} holds {reference.height} "
@@ -114,10 +164,10 @@ def reference_period_task(registry: RegistryStore, spec: DatasetSpec, record: Mo
 
 
 @task(name="load-labels", cache_policy=NONE)
-def load_labels_task(registry: RegistryStore, spec: DatasetSpec, labels_uri: str | None) -> tuple[pl.DataFrame | None, LabelsUsed | None]:
+def load_labels_task(tables: Tables, spec: DatasetSpec, labels_uri: str | None) -> tuple[pl.DataFrame | None, LabelsUsed | None]:
     """Labels for realized performance: a file parsed and validated by the spec like
-    ``driftloop labels`` (bad rows quarantined and counted), or by default the labels
-    registered for the model (the later label for an id wins)."""
+    ``driftloop labels`` (bad rows quarantined and counted), or by default the model's
+    labels table (the latest registration of an id wins)."""
     if not spec.id:
         return None, None  # nothing to join labels on
     if labels_uri:
@@ -129,11 +179,12 @@ def load_labels_task(registry: RegistryStore, spec: DatasetSpec, labels_uri: str
                                      result.rows_quarantined, result.rows_in)
         return result.valid, LabelsUsed(source=batch.source, rows_in=result.rows_in, rows_valid=result.rows_valid,
                                         rows_quarantined=result.rows_quarantined, matched=0)
-    labels = registered_labels(registry, spec)
-    if labels is None:
+    lazy, snapshot = latest_labels(tables, spec)
+    if lazy is None:
         return None, None
-    return labels, LabelsUsed(source=f"registry:{labels_dataset_name(spec.name)}", rows_in=labels.height,
-                              rows_valid=labels.height, rows_quarantined=0, matched=0)
+    labels = lazy.collect()
+    return labels, LabelsUsed(source=f"labels.{spec.name}@{snapshot}", rows_in=labels.height,
+                              rows_valid=labels.height, rows_quarantined=0, matched=0, snapshot_id=snapshot)
 
 
 def model_resource(model_name: str, version: int) -> dict[str, str]:
@@ -145,7 +196,7 @@ def model_resource(model_name: str, version: int) -> dict[str, str]:
     }
 
 
-def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: MonitorReport, input_uri: str) -> EmittedEvent:
+def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: MonitorReport, analysed: str) -> EmittedEvent:
     """The event that starts a retrain. Its resource names the model; the payload is for
     people and the UI (what fired, where): a retrain never reads it."""
     window = [c for c in report.chunks if c.index in decision.window]
@@ -165,14 +216,15 @@ def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: Mo
             "metric": report.estimated_metric,
             "estimates": estimates,
             "chunk_span": {"start": window[0].start if window else None, "end": window[-1].end if window else None},
-            "analysis_uri": mask_uri(input_uri),
+            "analysed": analysed,
         },
     )
 
 
 @task(name="publish-monitoring", cache_policy=NONE)
 def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, report: MonitorReport,
-                 decision: PolicyDecision, event: EmittedEvent | None, input_uri: str, labels_uri: str | None) -> tuple[str, str]:
+                 decision: PolicyDecision, event: EmittedEvent | None, analysis: Analysis,
+                 labels: LabelsUsed | None) -> tuple[str, str]:
     run_id = str(uuid.uuid4())
     base = f"monitoring/{record.model_name}/{run_id}"
     summary = render_summary(record.ref, report, decision, event.model_dump() if event else None)
@@ -185,8 +237,10 @@ def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVer
     charts = render_charts(report)
     plots += [store.write_bytes(f"{base}/charts/{chart.name}.png", chart.png) for chart in charts]
     registry.add_monitoring_run(
-        {"id": run_id, "model_name": record.model_name, "model_version": record.version, "analysis_uri": mask_uri(input_uri),
-         "labels_uri": labels_uri, "decision": {"fired": decision.fired, "event": decision.event, "reasons": decision.reasons,
+        {"id": run_id, "model_name": record.model_name, "model_version": record.version, "analysis_uri": analysis.described,
+         "labels_uri": labels.source if labels else None,
+         "snapshots": {"predictions": analysis.predictions_snapshot, "labels": labels.snapshot_id if labels else None},
+         "decision": {"fired": decision.fired, "event": decision.event, "reasons": decision.reasons,
                                                 "drifting_features": decision.drifting_features,
                                                 # what the drift thresholds were set for, and chunks judged without alerts
                                                 "calibration": report.calibration.as_record() if report.calibration else None,
@@ -206,33 +260,35 @@ def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVer
 
 @flow(name="monitor")
 def monitor(
-    input_uri: str | None = None,
     model: str = "car_loan@champion",
+    scoring_run: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    input_uri: str | None = None,
     labels_uri: str | None = None,
     policy: MonitoringPolicy | None = None,
     policy_block: str | None = None,
     registry_block: str | None = None,
 ) -> MonitorResult:
-    """Monitor the scored output at ``input_uri`` (a `driftloop score` output directory;
-    default: the model's latest scoring run) for ``model``. Realized performance uses the
-    labels registered for the model (``driftloop labels``), or ``labels_uri`` (Parquet/CSV
-    with id and target, validated by the spec) when given. ``policy``, or the saved MonitoringPolicyBlock named ``policy_block``,
-    overrides the spec's ``monitoring`` section. ``registry_block`` names a
-    driftloop-registry block to use instead of the environment's registry."""
+    """Monitor ``model``'s served rows from its predictions table: one scoring run
+    (``scoring_run``; default: the version's latest), or every row the version served
+    with a timestamp in [``start``, ``end``); or a Parquet/CSV file of scored rows
+    (``input_uri``, e.g. an export). Realized performance uses the model's labels table
+    (``driftloop labels``), or ``labels_uri`` (Parquet/CSV with id and target, validated
+    by the spec) when given. ``policy``, or the saved MonitoringPolicyBlock named
+    ``policy_block``, overrides the spec's ``monitoring`` section. ``registry_block``
+    names a driftloop-registry block to use instead of the environment's registry."""
     logger = get_run_logger()
     settings = run_settings(registry_block)
     registry = open_registry(settings.registry_database_url())
     store = ArtifactStore(settings.artifact_root_uri())
+    tables = open_tables(registry.engine, settings.artifact_root_uri())
     record = registry.resolve(model)
-    if input_uri is None:
-        # The latest run of the version being monitored: another version's outputs would be
-        # judged against this version's reference.
-        runs = [r for r in registry.list_scoring_runs(record.model_name) if r.model_version == record.version]
-        if not runs:
-            raise DriftloopError(f"no scoring runs of {record.ref} yet; score some data with it first or pass input_uri")
-        input_uri = runs[0].output_uri
-    spec, reference, analysis = load_inputs_task(record, input_uri)
-    labels, labels_used = load_labels_task(registry, spec, labels_uri)
+    spec, reference = load_reference_task(record)
+    # Only this version's rows: another version's would be judged against this reference.
+    analysed = load_analysis_task(registry, tables, spec, record, scoring_run, start, end, input_uri)
+    analysis = analysed.rows
+    labels, labels_used = load_labels_task(tables, spec, labels_uri)
     if labels is not None and labels_used is not None:
         analysis = join_labels(analysis, labels, spec)
         labels_used.matched = int(analysis[spec.target].is_not_null().sum())
@@ -242,14 +298,13 @@ def monitor(
         policy = MonitoringPolicyBlock.load(policy_block).policy
     active = policy or spec.monitoring
     if active.reference_period is not None:
-        reference = reference_period_task(registry, spec, record, active.reference_period)
+        reference = reference_period_task(tables, spec, record, active.reference_period)
     report = monitor_task(reference, analysis, spec, active)
     decision = decide_task(report, active, spec.gate, spec.gate_metric)
 
-    event = build_event(record, decision, report, input_uri) if decision.fired else None
+    event = build_event(record, decision, report, analysed.described) if decision.fired else None
     # Stored first, emitted second: an event never points at results that were not kept.
-    run_id, report_uri = publish_task(registry, store, record, report, decision, event, input_uri,
-                                      labels_used.source if labels_used else None)
+    run_id, report_uri = publish_task(registry, store, record, report, decision, event, analysed, labels_used)
     if event is not None:
         emit_event(event=event.event, resource=event.resource, payload={**event.payload, "monitoring_run": run_id})
         logger.warning("policy fired: %s (%s)", event.event, "; ".join(decision.reasons))

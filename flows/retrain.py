@@ -24,6 +24,7 @@ from driftloop.feedback import WindowRecord
 from driftloop.registry import ModelNotFound, open_registry
 from driftloop.spec import check_model_name
 from driftloop.storage import ArtifactStore
+from driftloop.tables import open_tables
 from flows.config import run_settings
 from flows.score import ScoreSummary, score
 from flows.train import TrainOptions, train_and_register
@@ -53,7 +54,7 @@ class RetrainResult(BaseModel):
     challenger: ModelOnHoldout | None = None
     promoted: bool = False
     labels: int = 0  # distinct labelled ids registered for scored rows
-    labels_unscored: int = 0  # ... whose id no scoring output holds
+    labels_unscored: int = 0  # ... whose id no scored row holds
     score: ScoreSummary | None = None
 
 
@@ -88,7 +89,7 @@ def retrain(
     outcome = "failed"
     try:
         spec = champion_spec_task(champion)
-        data = collect_labelled_task(registry, spec)
+        data = collect_labelled_task(registry, open_tables(registry.engine, settings.artifact_root_uri()), spec)
         for problem in data.skipped:
             logger.warning("labelled data left out: %s", problem)
         window = select_window_task(data, spec, champion)

@@ -1,5 +1,7 @@
-"""Flow ``score``: resolve a model -> verify its artifact -> stream the input through
-validation and ONNX Runtime -> commit predictions atomically -> record the run."""
+"""Flow ``score``: resolve a model -> verify its form -> stream the input through
+validation and the form -> append to the model's predictions table in one commit
+(replacing an earlier run of the same input) -> record the run -> optional Parquet
+export for consumers."""
 
 from __future__ import annotations
 
@@ -12,11 +14,20 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from driftloop.forms import Device, Engine
+from driftloop.inputs import input_key
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
 from driftloop.storage import ArtifactStore
+from driftloop.tables import open_tables
 from flows.config import dask_block_address, run_settings
-from tasks.score import DEFAULT_BATCH_SIZE, ScoreResult, fetch_form_task, score_task
+from tasks.score import (
+    DEFAULT_BATCH_SIZE,
+    ScoreResult,
+    TableSink,
+    export_task,
+    fetch_form_task,
+    score_table_task,
+)
 
 
 class ScoreSummary(BaseModel):
@@ -24,7 +35,10 @@ class ScoreSummary(BaseModel):
     rows_in: int
     rows_scored: int
     rows_quarantined: int
-    output_uri: str
+    table: str  # the predictions table the rows went to, e.g. predictions.car_loan
+    snapshot_id: int  # the table's snapshot this run committed: pl.scan_iceberg(table, snapshot_id=...)
+    input_key: str  # a re-run with the same key replaces this run's rows
+    output_uri: str | None  # the Parquet export written for consumers (only when asked for)
     quarantine_uri: str | None
     model: str
     version: int
@@ -38,21 +52,22 @@ def resolve_model_task(registry: RegistryStore, ref: str) -> ModelVersionRecord:
 
 
 @task(name="record-scoring-run", cache_policy=NONE)
-def record_run_task(registry: RegistryStore, record: ModelVersionRecord, input_uri: str, result: ScoreResult, started_at: datetime,
-                    form: str) -> ScoringRunRecord:
+def record_run_task(registry: RegistryStore, record: ModelVersionRecord, input_uri: str, result: ScoreResult,
+                    started_at: datetime) -> ScoringRunRecord:
     run = ScoringRunRecord(
-        id=str(uuid.uuid4()), model_name=record.model_name, model_version=record.version,
-        onnx_sha256=record.onnx_sha256, input_uri=mask_uri(input_uri), output_uri=mask_uri(result.output_uri),
+        id=result.run_id, model_name=record.model_name, model_version=record.version,
+        onnx_sha256=record.onnx_sha256, input_uri=mask_uri(input_uri), output_uri=result.table or "",
         quarantine_uri=result.quarantine_uri, rows_in=result.rows_in, rows_scored=result.rows_scored,
-        rows_quarantined=result.rows_quarantined, form=form, started_at=started_at, finished_at=datetime.now(UTC),
+        rows_quarantined=result.rows_quarantined, form=result.form, started_at=started_at,
+        finished_at=datetime.now(UTC), snapshot_id=result.snapshot_id, input_key=result.input_key,
     )
     registry.add_scoring_run(run)
     return run
 
 
-def default_output_uri(record: ModelVersionRecord, input_uri: str, artifact_root: str) -> str:
-    stem = input_uri.rstrip("/").rsplit("/", 1)[-1].split(":")[-1].split(".")[0] or "input"
-    return ArtifactStore(artifact_root).uri(f"predictions/{record.model_name}/{stem}")
+@task(name="input-key", cache_policy=NONE)
+def input_key_task(input_uri: str) -> str:
+    return input_key(input_uri)
 
 
 @flow(name="score")
@@ -70,8 +85,12 @@ def score(
     dask_block: str | None = None,
 ) -> ScoreSummary:
     """Score ``input_uri`` (Parquet or CSV, path or URI) with ``model`` (``name``,
-    ``name@alias`` or ``name:version``) into the scoring output ``output_uri``, a directory
-    or object-store prefix (default: ``<artifact root>/predictions/<model>/<input name>``).
+    ``name@alias`` or ``name:version``) into the model's predictions table
+    (``predictions.<model>``, Iceberg, catalog in the registry database): one commit per
+    run; scoring the same input again (same files, same content) replaces that input's
+    rows, another input appends. ``output_uri``, when given, also gets a plain Parquet
+    export of this run's rows for consumers: a ``.parquet`` file, or a directory or
+    prefix that gets ``<run id>.parquet``.
 
     ``engine``: which verified form of the version scores (``auto``: the fastest that runs
     here, measured at registration; or ``onnx``, ``native``, ``tensor``). ``device="cuda"``
@@ -94,40 +113,57 @@ def score(
     elif dask_block:
         logger.info("dask_address %s given: the driftloop-dask block %r is not used", mask_uri(dask_address), dask_block)
     registry = open_registry(settings.registry_database_url())
+    store = ArtifactStore(settings.artifact_root_uri())
+    tables = open_tables(registry.engine, settings.artifact_root_uri())
     started_at = datetime.now(UTC)
+    run_id = str(uuid.uuid4())
 
     record = resolve_model_task(registry, model)
     scorer, why = fetch_form_task(record, engine, device, threads)
     logger.info("scoring form: %s", why)
-    output_uri = output_uri or default_output_uri(record, input_uri, settings.artifact_root_uri())
+    key = input_key_task(input_uri)
+    spec = scorer.descriptor.spec()
     address = dask_address or settings.dask_address
     if workers or address:
         from flows.score_partitioned import dask_runner, score_partitioned
 
         runner = dask_runner(workers, address)
         result = score_partitioned.with_options(task_runner=runner)(
-            record, input_uri, output_uri, engine, device, threads or 1, batch_size, workers or 2)
+            record, input_uri, run_id, key, engine, device, threads or 1, batch_size, workers or 2, registry_block)
     else:
-        result = score_task(scorer, input_uri, output_uri, record.model_name, record.version, batch_size)
-    run = record_run_task(registry, record, input_uri, result, started_at, scorer.kind)
+        sink = TableSink(tables, store, spec, model_name=record.model_name, run_id=run_id, input_key=key,
+                         form=scorer.kind)
+        result = score_table_task(scorer, input_uri, sink, record.version, batch_size)
+    run = record_run_task(registry, record, input_uri, result, started_at)
+    export_uri = export_task(registry, tables, run, output_uri) if output_uri else None
 
     logger.info(
-        "scored %d of %d rows with %s (%d quarantined) -> %s",
-        result.rows_scored, result.rows_in, record.ref, result.rows_quarantined, mask_uri(result.output_uri),
+        "scored %d of %d rows with %s (%d quarantined) -> %s snapshot %s",
+        result.rows_scored, result.rows_in, record.ref, result.rows_quarantined, result.table, result.snapshot_id,
     )
+    history = tables.predictions(record.model_name)
+    snapshots = history.table.snapshots()[-5:] if history is not None else []
     create_markdown_artifact(
         key=f"scoring-{record.model_name}".replace("_", "-"),
         markdown=(
             f"# Scoring with {record.ref}\n\n| rows in | scored | quarantined | batches |\n|---:|---:|---:|---:|\n"
             f"| {result.rows_in} | {result.rows_scored} | {result.rows_quarantined} | {result.batches} |\n\n"
-            f"Form: {why}\n\nInput: `{mask_uri(input_uri)}`\n\nOutput: `{mask_uri(result.output_uri)}`"
+            f"Form: {why}\n\nInput: `{mask_uri(input_uri)}` (key `{key}`)\n\n"
+            f"Table: `{result.table}`, snapshot `{result.snapshot_id}` (scoring run `{run.id}`)"
+            + (f"\n\nExport: `{mask_uri(export_uri)}`" if export_uri else "")
             + (f"\n\nQuarantine: `{result.quarantine_uri}`" if result.quarantine_uri else "")
+            + "\n\n## The table's latest snapshots\n\n| snapshot | committed (UTC) | operation | rows added | rows deleted | total rows |\n"
+            "|---|---|---|---:|---:|---:|\n"
+            + "".join(f"| `{s.snapshot_id}` | {datetime.fromtimestamp(s.timestamp_ms / 1000, UTC):%Y-%m-%d %H:%M:%S} | "
+                      f"{s.summary.operation.value if s.summary else ''} | {(s.summary or {}).get('added-records', 0)} | "
+                      f"{(s.summary or {}).get('deleted-records', 0)} | {(s.summary or {}).get('total-records', '')} |\n"
+                      for s in reversed(snapshots))
         ),
         description=f"Scoring run {run.id}",
     )
     return ScoreSummary(
         run_id=run.id, rows_in=result.rows_in, rows_scored=result.rows_scored,
-        rows_quarantined=result.rows_quarantined, output_uri=result.output_uri,
-        quarantine_uri=result.quarantine_uri, model=record.model_name, version=record.version,
-        form=scorer.kind, form_reason=why,
+        rows_quarantined=result.rows_quarantined, table=result.table or "", snapshot_id=result.snapshot_id or 0,
+        input_key=key, output_uri=export_uri, quarantine_uri=result.quarantine_uri, model=record.model_name,
+        version=record.version, form=result.form or scorer.kind, form_reason=why,
     )

@@ -1,6 +1,12 @@
 """Flow ``score-partitioned``: one input scored as coarse partitions on a Dask cluster
-(Prefect's DaskTaskRunner), committed as one run. The ``score`` flow runs it as a
-subflow when given ``workers`` (a temporary local cluster) or a Dask scheduler address."""
+(Prefect's DaskTaskRunner), committed to the predictions table as one run. The
+``score`` flow runs it as a subflow when given ``workers`` (a temporary local cluster)
+or a Dask scheduler address.
+
+Workers write their parts to the run's work area (``<artifact root>/scoring/<model>/<run
+id>``, a :mod:`driftloop.outputs` run prefix, so a re-run partition replaces its own
+parts); the flow settles ids repeated across partitions, then appends the final parts to
+the table in one commit and removes them; the quarantine parts stay there, recorded."""
 
 from __future__ import annotations
 
@@ -13,7 +19,10 @@ from prefect.cache_policies import NONE
 
 from driftloop.errors import DriftloopError, SourceError
 from driftloop.forms import Device, Engine
-from driftloop.outputs import QUARANTINE, RUNS, ScoringOutput
+from driftloop.outputs import QUARANTINE, RUNS, RunWriter, ScoringOutput
+from driftloop.storage import ArtifactStore
+from driftloop.tables import open_tables
+from flows.config import run_settings
 from tasks.partitions import (
     Partition,
     PartitionResult,
@@ -21,7 +30,7 @@ from tasks.partitions import (
     score_partition,
     settle_partitions,
 )
-from tasks.score import ScoreResult, aborted_on_failure, load_scoring_form
+from tasks.score import ScoreResult, TableSink, aborted_on_failure, load_scoring_form
 
 
 @task(name="plan-partitions", cache_policy=NONE)
@@ -58,15 +67,22 @@ SINGLE_THREADED_WORKER_ENV = {"POLARS_MAX_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 @flow(name="score-partitioned")
-def score_partitioned(record: Any, input_uri: str, output_uri: str, engine: Engine = "auto", device: Device = "cpu",
-                      threads: int | None = 1, batch_size: int = 100_000, workers: int = 2) -> ScoreResult:
+def score_partitioned(record: Any, input_uri: str, run_id: str, input_key: str, engine: Engine = "auto",
+                      device: Device = "cpu", threads: int | None = 1, batch_size: int = 100_000, workers: int = 2,
+                      registry_block: str | None = None) -> ScoreResult:
     logger = get_run_logger()
+    settings = run_settings(registry_block)
+    from driftloop.registry import open_registry
+
+    store = ArtifactStore(settings.artifact_root_uri())
+    tables = open_tables(open_registry(settings.registry_database_url()).engine, settings.artifact_root_uri())
     # Refused here (a missing or damaged form, no CUDA), not on every worker.
     spec = load_scoring_form(record, engine=engine, device=device, threads=threads)[0].descriptor.spec()
     partitions = plan_task(input_uri, workers)
+    output_uri = store.uri(f"scoring/{record.model_name}/{run_id}")
     output = ScoringOutput(output_uri)
-    output.claim()  # refuses a directory that is not a driftloop output, before any part
-    run = output.start_run()
+    output.claim()
+    run = output.start_run(run_id)
     scored_at = datetime.now(UTC)
     logger.info("scoring %s as %d partitions into run %s", input_uri, len(partitions), run.run_id)
     with aborted_on_failure(run, output_uri):
@@ -81,15 +97,35 @@ def score_partitioned(record: Any, input_uri: str, output_uri: str, engine: Engi
         logger.info("partitions scored in %.1f s, settled in %.1f s", scored_s, time.perf_counter() - started - scored_s)
         if settled.rows_in == 0:
             raise SourceError(f"input {input_uri} has no data rows; nothing to score")
-        manifest = run.commit(model_name=record.model_name, model_version=record.version, input_uri=input_uri,
-                              rows_in=settled.rows_in, rows_scored=settled.rows_scored,
-                              rows_quarantined=settled.rows_quarantined)
+        forms = sorted({r.form for r in results})
+        sink = TableSink(tables, store, spec, model_name=record.model_name, run_id=run_id, input_key=input_key,
+                         form=forms[0] if len(forms) == 1 else "+".join(forms))
+        table, snapshot = _commit_parts(output, run, sink, {
+            "run-id": run_id, "model-version": record.version, "input-key": input_key, "rows-in": settled.rows_in,
+            "rows-scored": settled.rows_scored, "rows-quarantined": settled.rows_quarantined})
     if settled.repeats_moved:
         logger.info("%d rows repeated an id of an earlier partition: quarantined", settled.repeats_moved)
     return ScoreResult(
         rows_in=settled.rows_in, rows_scored=settled.rows_scored, rows_quarantined=settled.rows_quarantined,
-        output_uri=output.uri,
+        output_uri=table or "",
         quarantine_uri=output.uri_of(f"{RUNS}/{run.run_id}/{QUARANTINE}") if settled.rows_quarantined else None,
-        batches=len(partitions), run_id=run.run_id, manifest=manifest,
+        batches=len(partitions), run_id=run_id, snapshot_id=snapshot, input_key=input_key, table=table,
+        form=sink.form,
     )
+
+
+def _commit_parts(output: ScoringOutput, run: RunWriter, sink: TableSink,
+                  properties: dict[str, Any]) -> tuple[str | None, int | None]:
+    """The settled parts into the table, one part in memory at a time, in one commit;
+    then the parts are removed (the table holds the rows; the quarantine stays)."""
+    try:
+        for n, part in enumerate(run.parts()):
+            sink.write_part(output.read_part(part), partition="settled", index=n)
+        committed = sink.commit(properties)
+    except BaseException:
+        sink.abort()
+        raise
+    for part in run.parts():
+        output.remove_part(part)
+    return committed
 

@@ -1,15 +1,21 @@
 """Delayed labels: ground truth that arrives after scoring (id, target, optional
-timestamp), validated against the spec's id and target. Registered, they are joined to
-scored rows (``driftloop.feedback.join_labels``) for realized performance and retraining."""
+timestamp), validated against the spec's id and target. Registered, they are appended
+to the model's labels table (:mod:`driftloop.tables`) and joined to scored rows by id
+(:mod:`driftloop.feedback`) for realized performance and retraining."""
 
 from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
 
 import polars as pl
 from prefect import task
 from prefect.cache_policies import NONE
 
 from driftloop.errors import DriftloopError
+from driftloop.redact import mask_uri
 from driftloop.spec import ColumnSpec, DatasetSpec
+from driftloop.tables import LABEL_TIMESTAMP, REGISTERED_AT, REGISTRATION, SOURCE, Tables
 from tasks.validate import ValidationResult, validate_columns, with_malformed
 
 
@@ -30,3 +36,37 @@ def validate_labels(raw: pl.DataFrame, malformed: pl.DataFrame, spec: DatasetSpe
 @task(name="validate-labels", cache_policy=NONE)
 def validate_labels_task(raw: pl.DataFrame, malformed: pl.DataFrame, spec: DatasetSpec, source: str) -> ValidationResult:
     return validate_labels(raw, malformed, spec, source=source)
+
+
+def label_rows(valid: pl.DataFrame, spec: DatasetSpec, *, source: str, registered_at: datetime,
+               registration_id: str) -> pl.DataFrame:
+    """The labels table's rows for one registration: id, target, label timestamp (the
+    file's timestamp column, else null), registered_at, source, registration id."""
+    assert spec.id is not None
+    timestamp = (pl.col(spec.timestamp).cast(pl.Datetime("us")) if spec.timestamp and spec.timestamp in valid.columns
+                 else pl.lit(None, dtype=pl.Datetime("us")))
+    return valid.select(
+        pl.col(spec.id), pl.col(spec.target), timestamp.alias(LABEL_TIMESTAMP),
+        pl.lit(registered_at).dt.convert_time_zone("UTC").dt.cast_time_unit("us").alias(REGISTERED_AT),
+        pl.lit(mask_uri(source), dtype=pl.String).alias(SOURCE),
+        pl.lit(registration_id, dtype=pl.String).alias(REGISTRATION),
+    )
+
+
+def append_labels(tables: Tables, valid: pl.DataFrame, spec: DatasetSpec, *, source: str) -> tuple[str, int | None]:
+    """Append one registration to ``labels.<model>`` in one commit, even when the same
+    content was registered before: a later registration of an id wins. Returns the
+    registration id and the snapshot id."""
+    registration = str(uuid.uuid4())
+    rows = label_rows(valid, spec, source=source, registered_at=datetime.now(UTC), registration_id=registration)
+    if rows.height == 0:
+        return registration, None
+    table = tables.labels(spec.name, sample=rows)
+    assert table is not None
+    return registration, table.append(rows, properties={"driftloop.registration-id": registration,
+                                                         "driftloop.rows": str(rows.height)})
+
+
+@task(name="append-labels", cache_policy=NONE)
+def append_labels_task(tables: Tables, valid: pl.DataFrame, spec: DatasetSpec, source: str) -> tuple[str, int | None]:
+    return append_labels(tables, valid, spec, source=source)

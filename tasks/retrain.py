@@ -23,6 +23,7 @@ from driftloop.registry import DatasetRecord, ModelVersionRecord, RegistryStore
 from driftloop.registry.store import LeaseDecision, utcnow
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
+from driftloop.tables import Tables
 from tasks.ingest import frame_content_hash
 from tasks.score import fetch_verified
 
@@ -72,8 +73,8 @@ def champion_spec_task(record: ModelVersionRecord) -> DatasetSpec:
 
 
 @task(name="labelled-data", cache_policy=NONE)
-def collect_labelled_task(registry: RegistryStore, spec: DatasetSpec) -> LabelledData:
-    return collect_labelled_data(registry, spec)
+def collect_labelled_task(registry: RegistryStore, tables: Tables, spec: DatasetSpec) -> LabelledData:
+    return collect_labelled_data(registry, tables, spec, policy=spec.retrain)
 
 
 @task(name="training-window", cache_policy=NONE)

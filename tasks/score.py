@@ -1,16 +1,21 @@
-"""Batch scoring: a verified ONNX artifact over a streamed input, in bounded memory.
+"""Batch scoring: a verified model form over a streamed input, in bounded memory.
 
 Reading, scoring and writing overlap: a reader thread parses the next batch while the
 current one is validated and scored (ONNX Runtime releases the GIL), and a writer
-thread encodes finished batches as Parquet parts. Peak memory is a few batches,
-whatever the input size.
+thread encodes finished batches as Parquet. Peak memory is a few batches, whatever the
+input size.
 
-Output is committed by :mod:`driftloop.outputs`, the same way on a local disk and on an
-object store: parts go under the run's own prefix in the output, then one manifest
-listing them is written last; readers read only what the newest manifest lists. A crash
-leaves the previous output as it was; a rerun replaces the output rather than adding to it.
-This module imports no training or monitoring library: edge devices run it with the
-core install.
+Where the rows go:
+
+- :func:`score_to_table` (the data centre): the model's predictions table
+  (:mod:`driftloop.tables`), appended in one commit per run; a re-run of the same input
+  (same input key) replaces exactly that input's rows in the same commit. Quarantined
+  rows are Parquet files under ``<artifact root>/quarantine/<model>/<run id>/``.
+- :func:`score_stream` (edge devices, which hold no catalog): a directory or prefix
+  committed by :mod:`driftloop.outputs` (parts, then one manifest written last).
+
+A crash leaves the table (or the output) at its previous state. This module imports no
+training or monitoring library: edge devices run it with the core install.
 """
 
 from __future__ import annotations
@@ -49,6 +54,18 @@ from driftloop.inputs import InputBatch, iter_input
 from driftloop.onnx_model import LoadedModel, load_model, predict_scores
 from driftloop.outputs import QUARANTINE, RUNS, SINGLE_PARTITION, Manifest, RunWriter, ScoringOutput
 from driftloop.spec import DatasetSpec
+from driftloop.storage import ArtifactStore
+from driftloop.tables import (
+    FORM,
+    INPUT_KEY,
+    ROLE,
+    SCORING_RUN,
+    SERVED,
+    MemoryTable,
+    Role,
+    Tables,
+    TableWriter,
+)
 from tasks.validate import ROW, SeenValues, unique_columns, validate_rows
 
 logger = logging.getLogger(__name__)
@@ -169,8 +186,12 @@ class ScoreResult:
     quarantine_uri: str | None
     batches: int
     batch_latencies_s: list[float] = field(default_factory=list)
-    run_id: str = ""  # the run's prefix in the output (runs/<run_id>/) and its manifest's name
-    manifest: Manifest | None = None
+    run_id: str = ""  # the scoring run's id: its rows' scoring_run_id in the table (edge: its output prefix)
+    manifest: Manifest | None = None  # edge outputs only
+    snapshot_id: int | None = None  # the predictions table's snapshot this run committed
+    input_key: str | None = None
+    table: str | None = None  # the predictions table's name, e.g. predictions.car_loan
+    form: str | None = None  # the form that actually scored (on a Dask worker: the worker's choice)
 
 
 @dataclass
@@ -283,6 +304,159 @@ def score_stream(
     )
 
 
+class TableSink:
+    """A central scoring run's destination: data files of the model's predictions table
+    (each batch tagged with the run, the input and the role; committed once, at the end)
+    and quarantine Parquet files under the artifact root. ``write_part`` has the
+    signature of :class:`driftloop.outputs.RunWriter`'s, so :func:`score_batches` writes
+    to either."""
+
+    def __init__(self, tables: Tables, store: ArtifactStore, spec: DatasetSpec, *, model_name: str, run_id: str,
+                 input_key: str, form: str, role: Role = SERVED) -> None:
+        self.tables = tables
+        self.spec = spec
+        self.model_name = model_name
+        self.run_id = run_id
+        self.input_key = input_key
+        self.role = role
+        self.store = store
+        self.quarantine_prefix = f"quarantine/{model_name}/{run_id}"
+        self._tags = {SCORING_RUN: run_id, INPUT_KEY: input_key, FORM: form, ROLE: role}
+        self._table: MemoryTable | None = None
+        self._writer: TableWriter | None = None
+        self._quarantined: list[str] = []
+        self._lock = threading.Lock()
+
+    def _open(self, sample: pl.DataFrame) -> TableWriter:
+        with self._lock:
+            if self._writer is None:
+                table = self.tables.predictions(self.model_name, sample=sample, timestamp=self.spec.timestamp)
+                assert table is not None
+                self._table, self._writer = table, table.writer()
+            return self._writer
+
+    @property
+    def form(self) -> str:
+        return self._tags[FORM]
+
+    def tagged(self, frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.with_columns(pl.lit(v, dtype=pl.String).alias(k) for k, v in self._tags.items())
+
+    def write_part(self, frame: pl.DataFrame, *, partition: str, index: int, quarantine: bool = False) -> None:
+        if quarantine:
+            relpath = f"{self.quarantine_prefix}/part-{partition}-{index:05d}.parquet"
+            self.store.write_parquet(relpath, frame)
+            with self._lock:
+                self._quarantined.append(relpath)
+            return
+        rows = self.tagged(frame)
+        self._open(rows).write(rows)
+
+    def quarantine_uri(self) -> str | None:
+        return self.store.uri(self.quarantine_prefix) if self._quarantined else None
+
+    def commit(self, properties: dict[str, Any]) -> tuple[str | None, int | None]:
+        """One commit: the rows this input had in the table (same input key and role) are
+        replaced by this run's. Returns the table's name and the snapshot id."""
+        from pyiceberg.expressions import And, EqualTo
+
+        if self._writer is None or self._table is None:
+            table = self.tables.predictions(self.model_name)
+            if table is None:  # nothing scored and no table yet: nothing to replace
+                return None, None
+            self._table, self._writer = table, table.writer()
+        replace = And(EqualTo(INPUT_KEY, self.input_key), EqualTo(ROLE, self.role))
+        snapshot = self._writer.commit(replace=replace, properties={f"driftloop.{k}": v for k, v in properties.items()})
+        return self._table.name, snapshot
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+        for relpath in self._quarantined:
+            self.store.remove(relpath)
+
+
+def score_to_table(
+    model: LoadedModel, input_uri: str, sink: TableSink, *, model_version: int,
+    batch_size: int = DEFAULT_BATCH_SIZE, on_batch: Callable[[int, int | None], None] | None = None,
+    predict: Callable[[pl.DataFrame], np.ndarray] | None = None,
+) -> ScoreResult:
+    """Score ``input_uri`` into the model's predictions table through ``sink``: one commit,
+    replacing the rows an earlier run of the same input left (see :class:`TableSink`)."""
+    if batch_size < 1:
+        raise DriftloopError(f"batch size must be at least 1, got {batch_size}")
+    spec = model.spec()
+    scored_at = datetime.now(UTC)
+    batches, total = iter_input(input_uri, batch_size)  # a missing input fails before anything is written
+    try:
+        counts = score_batches(batches, model, spec, sink, partition=SINGLE_PARTITION, source=input_uri,
+                               model_name=sink.model_name, model_version=model_version, scored_at=scored_at,
+                               predict=predict, on_batch=on_batch, total=total)
+        if counts.rows_in == 0:
+            raise SourceError(f"input {input_uri} has no data rows; nothing to score")
+        table, snapshot = sink.commit({
+            "run-id": sink.run_id, "model-version": model_version, "input-key": sink.input_key,
+            "rows-in": counts.rows_in, "rows-scored": counts.rows_scored, "rows-quarantined": counts.rows_quarantined,
+        })
+    except BaseException as exc:
+        sink.abort()
+        clear = no_room_error(exc, sink.store.uri(f"tables/predictions/{sink.model_name}"))
+        if clear is not None:
+            raise clear from None
+        raise
+    return ScoreResult(
+        rows_in=counts.rows_in, rows_scored=counts.rows_scored, rows_quarantined=counts.rows_quarantined,
+        output_uri=table or "", quarantine_uri=sink.quarantine_uri(), batches=len(counts.latencies),
+        batch_latencies_s=counts.latencies, run_id=sink.run_id, snapshot_id=snapshot, input_key=sink.input_key,
+        table=table,
+    )
+
+
+def export_path(output_uri: str, run_id: str) -> str:
+    """A ``.parquet`` name is the file itself; anything else is a directory or prefix
+    that gets ``<run id>.parquet``."""
+    if output_uri.endswith((".parquet", ".pq")):
+        return output_uri
+    return f"{output_uri.rstrip('/')}/{run_id}.parquet"
+
+
+def export_run(table: MemoryTable, snapshot_id: int, run_id: str, output_uri: str) -> str:
+    """Write one scoring run's rows, as committed in ``snapshot_id``, to a plain Parquet
+    file for consumers that want files, streamed (memory does not grow with the run) and
+    atomically: a reader sees no file or the whole file (a rename on a local disk, one
+    upload on an object store)."""
+    import tempfile
+
+    from driftloop.outputs import is_local_fs
+    from driftloop.redact import mask_uri
+
+    target = export_path(output_uri, run_id)
+    fs, path = fsspec.core.url_to_fs(target)
+    rows = table.scan(snapshot_id).filter(pl.col(SCORING_RUN) == run_id)
+    try:
+        if is_local_fs(fs):
+            parent = os.path.dirname(path) or "."
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".tmp-{run_id}.parquet")
+            try:
+                rows.sink_parquet(tmp, compression="zstd")
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return path
+        with tempfile.TemporaryDirectory(prefix="driftloop-export-") as scratch:
+            local = os.path.join(scratch, "export.parquet")
+            rows.sink_parquet(local, compression="zstd")
+            fs.put_file(local, path)
+        return target
+    except OSError as exc:
+        clear = no_room_error(exc, mask_uri(target))
+        raise (clear or DriftloopError(f"cannot write the export {mask_uri(target)}: {exc}; the scoring run is "
+                                       "committed to the table: export it again with driftloop score ... or "
+                                       "read it from the table")) from None
+
+
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
@@ -338,32 +512,58 @@ def load_scoring_form(record: Any, *, engine: Engine, device: Device, threads: i
     return load_form(chosen, descriptor, data, threads=threads or os.cpu_count(), device=device), why
 
 
-@task(name="fetch-model", cache_policy=NONE)
-def fetch_model_task(uri: str, sha256: str, threads: int | None) -> LoadedModel:
-    return load_verified_model(uri, sha256, threads=threads)
-
-
 @task(name="fetch-scoring-form", cache_policy=NONE)
 def fetch_form_task(record: Any, engine: Engine, device: Device, threads: int | None) -> tuple[FormScorer, str]:
     return load_scoring_form(record, engine=engine, device=device, threads=threads)
 
 
-@task(name="score-batches", cache_policy=NONE)
-def score_task(model: LoadedModel | FormScorer, input_uri: str, output_uri: str, model_name: str, model_version: int,
-               batch_size: int) -> ScoreResult:
+def _progress(input_uri: str) -> tuple[Callable[[int, int | None], None], Callable[[], None]]:
+    """A progress artifact in the UI and the CLI's progress line, fed per batch."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from driftloop import progress
+    from driftloop.redact import mask_uri
 
-    artifact_id = create_progress_artifact(0.0, description=f"Scoring {input_uri}")
+    artifact_id = create_progress_artifact(0.0, description=f"Scoring {mask_uri(input_uri)}")
 
     def on_batch(done: int, total: int | None) -> None:
         if total:
             update_progress_artifact(artifact_id, progress=min(100.0, 100.0 * done / total))
         progress.notify("score", done, total)
 
+    return on_batch, lambda: update_progress_artifact(artifact_id, progress=100.0)
+
+
+@task(name="score-batches", cache_policy=NONE)
+def score_task(model: LoadedModel | FormScorer, input_uri: str, output_uri: str, model_name: str, model_version: int,
+               batch_size: int) -> ScoreResult:
+    """Score into an output directory or prefix (edge devices)."""
+    on_batch, finished = _progress(input_uri)
     scorer = model if isinstance(model, FormScorer) else onnx_scorer(model)
     result = score_stream(scorer.descriptor, input_uri, output_uri, model_name=model_name, model_version=model_version,
                           batch_size=batch_size, on_batch=on_batch, predict=scorer.predict)
-    update_progress_artifact(artifact_id, progress=100.0)
+    finished()
+    return result
+
+
+@task(name="export-predictions", cache_policy=NONE)
+def export_task(registry: Any, tables: Tables, run: Any, output_uri: str) -> str:
+    """The run's rows as a Parquet file at ``output_uri``, recorded on the run."""
+    table = tables.predictions(run.model_name)
+    if table is None or run.snapshot_id is None:
+        raise DriftloopError(f"scoring run {run.id} committed nothing to export")
+    uri = export_run(table, run.snapshot_id, run.id, output_uri)
+    registry.set_scoring_export(run.id, uri)
+    return uri
+
+
+@task(name="score-into-table", cache_policy=NONE)
+def score_table_task(scorer: FormScorer, input_uri: str, sink: TableSink, model_version: int,
+                     batch_size: int) -> ScoreResult:
+    """Score into the model's predictions table (one commit)."""
+    on_batch, finished = _progress(input_uri)
+    result = score_to_table(scorer.descriptor, input_uri, sink, model_version=model_version, batch_size=batch_size,
+                            on_batch=on_batch, predict=scorer.predict)
+    result.form = scorer.kind
+    finished()
     return result

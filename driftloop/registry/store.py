@@ -103,6 +103,9 @@ class ScoringRunRecord(BaseModel):
     form: str | None = None  # which scoring form scored (onnx, native, tensor); None before forms existed
     started_at: datetime
     finished_at: datetime
+    snapshot_id: int | None = None  # the predictions table's snapshot this run committed
+    input_key: str | None = None  # what a re-run of the same input replaces
+    export_uri: str | None = None  # the plain Parquet export written for consumers, if any
 
 
 class AliasEvent(BaseModel):
@@ -442,17 +445,26 @@ class RegistryStore:
         with self.session() as s:
             s.add(ScoringRunRow(**record.model_dump()))
 
+    def set_scoring_export(self, run_id: str, uri: str) -> None:
+        from driftloop.redact import mask_uri
+
+        with self.session() as s:
+            row = s.get(ScoringRunRow, run_id)
+            if row is None:
+                raise KeyError(run_id)
+            row.export_uri = mask_uri(uri)
+
+    def get_scoring_run(self, run_id: str) -> ScoringRunRecord | None:
+        with self.session() as s:
+            row = s.get(ScoringRunRow, run_id)
+            return None if row is None else _scoring_run(row)
+
     def list_scoring_runs(self, model_name: str | None = None) -> list[ScoringRunRecord]:
         query = select(ScoringRunRow).order_by(ScoringRunRow.finished_at.desc())
         if model_name:
             query = query.where(ScoringRunRow.model_name == model_name)
         with self.session() as s:
-            return [
-                ScoringRunRecord.model_validate(
-                    _utc(_utc({c.key: getattr(r, c.key) for c in ScoringRunRow.__table__.columns}, "started_at"), "finished_at")
-                )
-                for r in s.scalars(query)
-            ]
+            return [_scoring_run(r) for r in s.scalars(query)]
 
     def _version_row(self, s: Session, name: str, version: int) -> ModelVersionRow:
         row = s.scalars(
@@ -490,6 +502,11 @@ def _utc(data: dict[str, Any], key: str) -> dict[str, Any]:
     if data[key] is not None and data[key].tzinfo is None:  # SQLite drops the zone; we store UTC
         data[key] = data[key].replace(tzinfo=UTC)
     return data
+
+
+def _scoring_run(row: ScoringRunRow) -> ScoringRunRecord:
+    return ScoringRunRecord.model_validate(
+        _utc(_utc({c.key: getattr(row, c.key) for c in ScoringRunRow.__table__.columns}, "started_at"), "finished_at"))
 
 
 def _dataset(row: DatasetRow) -> DatasetRecord:

@@ -6,7 +6,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -132,6 +141,12 @@ class ScoringRunRow(Base):
     form: Mapped[str | None] = mapped_column(String(16), nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The predictions table's snapshot this run committed (None: scored before the tables,
+    # or an edge run that wrote only an export), the input it replaces on a re-run, and the
+    # plain Parquet export it wrote for consumers (if asked).
+    snapshot_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    input_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    export_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class MonitoringRunRow(Base):
@@ -146,6 +161,7 @@ class MonitoringRunRow(Base):
     event: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     report_uri: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    snapshots: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # table -> snapshot id read
 
 
 class MonitoringResultRow(Base):
