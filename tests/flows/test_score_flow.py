@@ -8,24 +8,16 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from driftloop.feedback import join_labels
-from driftloop.outputs import (
-    MANIFESTS,
-    ORPHAN_GRACE,
-    RUNS,
-    ScoringOutput,
-    current_manifest,
-    read_predictions,
-    read_quarantine,
-)
+from driftloop.feedback import join_labels, latest_labels
+from driftloop.outputs import read_predictions
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
+from driftloop.spec import load_spec
 from flows.ingest import ingest
 from flows.labels import ingest_labels
 from flows.score import score
@@ -33,6 +25,7 @@ from flows.score_edge import score_edge
 from flows.train import train
 from tasks.edge import ModelCache
 from tasks.score import IntegrityError
+from tests.support import tables as memory
 from tests.support.data import make_loans, write_spec
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
@@ -65,69 +58,81 @@ def scoring_csv(path: Path, n: int, bad: int = 0, seed: int = 7) -> Path:
 
 def test_score_accounts_for_every_row_and_reruns_idempotently(trained, tmp_path: Path) -> None:
     source = scoring_csv(tmp_path / "batch.csv", 2500, bad=3)
-    out = tmp_path / "predictions"
-    result = score(input_uri=str(source), output_uri=str(out), model="loans@champion", batch_size=700)
+    result = score(input_uri=str(source), model="loans@champion", batch_size=700)
     assert (result.rows_in, result.rows_scored, result.rows_quarantined) == (2504, 2500, 4)
-    predictions = read_predictions(str(out))
+    assert result.table == "predictions.loans" and result.output_uri is None
+    predictions = memory.rows("loans", result.snapshot_id, run=result.run_id)
     assert predictions.height == 2500 and predictions["id"].n_unique() == 2500
-    assert {"id", "ts", "amount", "band", "prediction", "probability", "model_name", "model_version", "scored_at"} <= set(predictions.columns)
-    assert predictions["model_version"].unique().to_list() == [1]
+    assert {"id", "ts", "amount", "band", "prediction", "probability", "model_name", "model_version", "scored_at",
+            "scoring_form", "scoring_run_id", "input_key", "role"} <= set(predictions.columns)
+    assert predictions["model_version"].unique().to_list() == [1] and predictions["role"].unique().to_list() == ["served"]
+    assert predictions["input_key"].unique().to_list() == [result.input_key]
     assert predictions["probability"].is_between(0, 1).all()
-    quarantine = read_quarantine(str(out))
-    assert quarantine.height == 4
-    first = current_manifest(str(out))
-    assert first is not None and (first.rows_in, first.rows_scored, first.rows_quarantined) == (2504, 2500, 4)
+    assert result.quarantine_uri is not None and pl.read_parquet(f"{result.quarantine_uri}/*.parquet").height == 4
 
-    again = score(input_uri=str(source), output_uri=str(out), model="loans:1", batch_size=1000)
-    assert again.rows_scored == 2500
-    assert read_predictions(str(out)).height == 2500  # replaced, not appended
-    assert read_quarantine(str(out)).height == 4
-    # Only the new run is left: the superseded run's manifest and parts were collected.
-    second = current_manifest(str(out))
-    assert second is not None and second.run_id != first.run_id
-    assert [p.name for p in (out / RUNS).iterdir()] == [second.run_id] and len(list((out / MANIFESTS).iterdir())) == 1
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    # The same input again (another version even): its rows are replaced in one commit, not added.
+    again = score(input_uri=str(source), model="loans:1", batch_size=1000)
+    assert again.rows_scored == 2500 and again.input_key == result.input_key and again.snapshot_id != result.snapshot_id
+    now = memory.rows("loans", again.snapshot_id).filter(pl.col("input_key") == result.input_key)
+    assert now.height == 2500 and now["scoring_run_id"].unique().to_list() == [again.run_id]
+    # ... and the first run's rows stay readable at the snapshot it committed.
+    assert memory.rows("loans", result.snapshot_id, run=result.run_id).height == 2500
     runs = open_registry(get_settings().registry_database_url()).list_scoring_runs("loans")
-    assert len(runs) == 2 and all(r.rows_in == r.rows_scored + r.rows_quarantined for r in runs)
+    by_id = {r.id: r for r in runs}
+    assert by_id[result.run_id].snapshot_id == result.snapshot_id and by_id[again.run_id].snapshot_id == again.snapshot_id
+    assert all(r.rows_in == r.rows_scored + r.rows_quarantined for r in runs)
+
+
+def test_another_input_with_the_same_file_name_appends(trained, tmp_path: Path) -> None:
+    """Nightly exports day1/data.csv and day2/data.csv: both nights are kept."""
+    (tmp_path / "day1").mkdir()
+    (tmp_path / "day2").mkdir()
+    night1 = score(input_uri=str(scoring_csv(tmp_path / "day1" / "data.csv", 300, seed=21)), model="loans")
+    night2 = score(input_uri=str(scoring_csv(tmp_path / "day2" / "data.csv", 200, seed=22)), model="loans")
+    assert night1.input_key != night2.input_key
+    table = memory.rows("loans", night2.snapshot_id)
+    assert table.filter(pl.col("scoring_run_id") == night1.run_id).height == 300
+    assert table.filter(pl.col("scoring_run_id") == night2.run_id).height == 200
 
 
 _CRASHING_SCORER = """
 import sys
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
-from tasks.score import load_verified_model, score_stream
-record = open_registry(get_settings().registry_database_url()).resolve("loans")
+from driftloop.storage import ArtifactStore
+from driftloop.tables import open_tables
+from tasks.score import TableSink, load_verified_model, score_to_table
+settings = get_settings()
+registry = open_registry(settings.registry_database_url())
+record = registry.resolve("loans")
 model = load_verified_model(record.onnx_uri, record.onnx_sha256)
-score_stream(model, sys.argv[1], sys.argv[2], model_name="loans", model_version=record.version, batch_size=200,
-             on_batch=lambda done, total: print(done, flush=True))
+sink = TableSink(open_tables(registry.engine, settings.artifact_root_uri()), ArtifactStore(settings.artifact_root_uri()),
+                 model.spec(), model_name="loans", run_id="crashing-run", input_key="crash-test", form="onnx")
+score_to_table(model, sys.argv[1], sink, model_version=record.version, batch_size=200,
+               on_batch=lambda done, total: print(done, flush=True))
 """
 
 
-def test_a_crash_mid_run_leaves_no_partial_output(trained, tmp_path: Path) -> None:
+def test_a_crash_mid_run_leaves_the_table_at_its_previous_snapshot(trained, tmp_path: Path) -> None:
     source = tmp_path / "big.parquet"
     make_loans(60_000, seed=3).drop("repaid").write_parquet(source)
-    out = tmp_path / "predictions"
-    proc = subprocess.Popen([sys.executable, "-c", _CRASHING_SCORER, str(source), str(out)],
+    before = memory.predictions("loans").refresh().snapshot_id() if memory.tables().predictions("loans") else None
+    proc = subprocess.Popen([sys.executable, "-c", _CRASHING_SCORER, str(source)],
                             stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     assert proc.stdout is not None
-    for _ in range(5):  # let it write a few parts, then kill it without warning
+    for _ in range(5):  # let it write a few data files, then kill it without warning
         assert proc.stdout.readline(), "scorer ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    crashed = list((out / RUNS).iterdir())
-    assert len(crashed) == 1 and list(crashed[0].glob("part-*.parquet"))  # it really was mid-run
-    assert not (out / MANIFESTS).exists()  # and committed nothing
-    with pytest.raises(Exception, match="not a committed scoring output"):
-        read_predictions(str(out))
+    table = memory.predictions("loans").refresh()
+    assert table.snapshot_id() == before  # nothing committed
+    written = [p for p in Path(get_settings().artifact_root_uri(), "tables", "predictions", "loans", "data").rglob("*.parquet")]
+    assert written  # it really was mid-run: data files exist, unreferenced
+    assert memory.rows("loans").filter(pl.col("scoring_run_id") == "crashing-run").height == 0
 
-    result = score(input_uri=str(source), output_uri=str(out), model="loans", batch_size=20_000)
-    assert result.rows_scored == 60_000 and read_predictions(str(out)).height == 60_000
-    # The crashed run's parts may be a run in progress for all the commit knows: they go
-    # once they have been left alone for the grace period.
-    assert crashed[0].exists()
-    later = datetime.now(UTC) + ORPHAN_GRACE + timedelta(minutes=1)
-    assert ScoringOutput(str(out)).collect_garbage(now=later) == [f"{RUNS}/{crashed[0].name}"]
-    assert not crashed[0].exists() and read_predictions(str(out)).height == 60_000
+    result = score(input_uri=str(source), model="loans", batch_size=20_000)
+    assert result.rows_scored == 60_000
+    assert memory.rows("loans", result.snapshot_id, run=result.run_id).height == 60_000
 
 
 def test_tampered_or_missing_artifact_is_refused(trained, tmp_path: Path) -> None:
@@ -137,6 +142,8 @@ def test_tampered_or_missing_artifact_is_refused(trained, tmp_path: Path) -> Non
     original = artifact.read_bytes()
     source = scoring_csv(tmp_path / "b.csv", 50)
     out = tmp_path / "out"
+    table = memory.tables().predictions("loans")
+    before = table.refresh().snapshot_id() if table else None
     try:
         artifact.write_bytes(original[:-10] + b"0123456789")
         with pytest.raises(IntegrityError) as err:
@@ -147,7 +154,9 @@ def test_tampered_or_missing_artifact_is_refused(trained, tmp_path: Path) -> Non
             score(input_uri=str(source), output_uri=str(out), model="loans")
     finally:
         artifact.write_bytes(original)
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not out.exists() and not list(tmp_path.rglob(".tmp-*"))
+    after = memory.tables().predictions("loans")
+    assert (after.refresh().snapshot_id() if after else None) == before
 
 
 def test_edge_agent_caches_scores_offline_updates_and_rolls_back(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,14 +195,18 @@ def test_edge_agent_caches_scores_offline_updates_and_rolls_back(trained, tmp_pa
 
 
 def test_delayed_labels_are_validated_and_joined(trained, tmp_path: Path) -> None:
-    scored = score(input_uri=str(scoring_csv(tmp_path / "s.csv", 300)), output_uri=str(tmp_path / "p"), model="loans")
-    predictions = read_predictions(scored.output_uri)
+    scored = score(input_uri=str(scoring_csv(tmp_path / "s.csv", 300)), model="loans")
+    predictions = memory.rows("loans", scored.snapshot_id, run=scored.run_id)
     labels = tmp_path / "labels.csv"
     rows = [f"{i},{i % 2}" for i in range(200)] + ["5000,7", "abc,1"]  # bad label, bad id
     labels.write_text("id,repaid\n" + "\n".join(rows) + "\n")
     result = ingest_labels(spec_path=str(trained["spec"]), source=str(labels))
     assert (result.rows_in, result.rows_valid, result.rows_quarantined) == (202, 200, 2)
-    joined = join_labels(predictions, pl.read_parquet(result.snapshot_uri), spec=__import__("driftloop.spec", fromlist=["load_spec"]).load_spec(trained["spec"]))
+    assert result.table == "labels.loans" and result.table_snapshot is not None
+    spec = load_spec(trained["spec"])
+    labels, snapshot = latest_labels(memory.tables(), spec)
+    assert labels is not None and snapshot == result.table_snapshot
+    joined = join_labels(predictions, labels.collect(), spec=spec)
     assert joined.height == 300 and joined["repaid"].null_count() == 100
 
 
@@ -227,8 +240,13 @@ def test_score_and_labels_cli(trained, tmp_path: Path) -> None:
                           str(tmp_path / "cli-out"), "--batch-size", "50", "--json"], check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     payload = json.loads(run.stdout)
-    assert {k: payload[k] for k in ("rows_in", "rows_scored", "rows_quarantined", "model", "version")} == {
-        "rows_in": 152, "rows_scored": 150, "rows_quarantined": 2, "model": "loans", "version": 1}
+    assert {k: payload[k] for k in ("rows_in", "rows_scored", "rows_quarantined", "model", "version", "table")} == {
+        "rows_in": 152, "rows_scored": 150, "rows_quarantined": 2, "model": "loans", "version": 1,
+        "table": "predictions.loans"}
+    # The export is a plain Parquet file of exactly this run's rows.
+    assert payload["output_uri"] == str(tmp_path / "cli-out" / f"{payload['run_id']}.parquet")
+    exported = pl.read_parquet(payload["output_uri"])
+    assert exported.height == 150 and exported["scoring_run_id"].unique().to_list() == [payload["run_id"]]
     labels = tmp_path / "l.csv"
     labels.write_text("id,repaid,ts\n1,1,2024-03-01 00:00:00\n2,0,\n")
     run = subprocess.run([driftloop, "labels", "--spec", str(trained["spec"]), str(labels), "--json"], check=False, capture_output=True, text=True, timeout=300)
@@ -242,10 +260,10 @@ def test_an_id_repeated_in_a_later_batch_is_quarantined(trained, tmp_path: Path)
         for line in source.read_text().splitlines()[1:]:
             if line.split(",")[0] in ("5", "250", "299"):
                 fh.write(line + "\n")
-    result = score(input_uri=str(source), output_uri=str(tmp_path / "out"), model="loans@champion", batch_size=100)
+    result = score(input_uri=str(source), model="loans@champion", batch_size=100)
     assert (result.rows_in, result.rows_scored, result.rows_quarantined) == (303, 300, 3)
-    assert read_predictions(str(tmp_path / "out"))["id"].n_unique() == 300
-    quarantine = read_quarantine(str(tmp_path / "out")).sort("id")
+    assert memory.rows("loans", result.snapshot_id, run=result.run_id)["id"].n_unique() == 300
+    quarantine = pl.read_parquet(f"{result.quarantine_uri}/*.parquet").sort("id")
     assert quarantine["id"].to_list() == ["250", "299", "5"]
     assert quarantine["_checks"].to_list() == [["unique(earlier batch)"]] * 3
 
@@ -261,29 +279,26 @@ def test_each_scored_probability_belongs_to_its_own_id(trained, tmp_path: Path) 
     frame = make_loans(5000, seed=13).drop("repaid").sample(fraction=1.0, shuffle=True, seed=4)
     source = tmp_path / "shuffled.parquet"
     frame.write_parquet(source)
-    result = score(input_uri=str(source), output_uri=str(tmp_path / "out"), model="loans@champion", batch_size=600)
+    result = score(input_uri=str(source), model="loans@champion", batch_size=600)
     record = open_registry(get_settings().registry_database_url()).resolve("loans@champion")
     expected = frame.select("id").with_columns(
         pl.Series("expected", predict_scores(load_model(fetch_verified(record.onnx_uri, record.onnx_sha256)), frame)))
-    joined = read_predictions(result.output_uri).join(expected, on="id", how="inner")
+    joined = memory.rows("loans", result.snapshot_id, run=result.run_id).join(expected, on="id", how="inner")
     assert joined.height == 5000
     assert float(np.max(np.abs(joined["probability"].to_numpy() - joined["expected"].to_numpy()))) <= 1e-5
 
 
-def test_output_into_a_users_directory_is_refused_and_left_untouched(trained, tmp_path: Path) -> None:
-    """`--output ~/data` must not delete or add to the user's data."""
+def test_an_export_into_a_users_directory_adds_its_own_file_only(trained, tmp_path: Path) -> None:
+    """`--output ~/data` writes <run id>.parquet there and touches nothing else."""
     driftloop = str(Path(sys.executable).with_name("driftloop"))
     source = scoring_csv(tmp_path / "in.csv", 40)
     users = tmp_path / "data"
     users.mkdir()
     (users / "thesis.txt").write_text("years of work")
-    run = subprocess.run([driftloop, "score", "--model", "loans", "--input", str(source), "--output", str(users)],
+    run = subprocess.run([driftloop, "score", "--model", "loans", "--input", str(source), "--output", str(users), "--json"],
                          check=False, capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0
-    assert f"refusing to write the scoring output into {users}" in run.stderr and "thesis.txt" in run.stderr
-    assert [p.name for p in users.iterdir()] == ["thesis.txt"] and (users / "thesis.txt").read_text() == "years of work"
-    # A file where the output should go is refused the same way.
-    run = subprocess.run([driftloop, "score", "--model", "loans", "--input", str(source), "--output",
-                          str(users / "thesis.txt")], check=False, capture_output=True, text=True, timeout=300)
-    assert run.returncode != 0 and "is a file, not a directory" in run.stderr
+    assert run.returncode == 0, run.stderr
+    run_id = json.loads(run.stdout)["run_id"]
+    assert sorted(p.name for p in users.iterdir()) == sorted(["thesis.txt", f"{run_id}.parquet"])
     assert (users / "thesis.txt").read_text() == "years of work"
+    assert pl.read_parquet(users / f"{run_id}.parquet").height == 40
