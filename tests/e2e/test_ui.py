@@ -51,8 +51,8 @@ def monitored(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> Itera
         mp.setenv("DRIFTLOOP_HOME", str(root / "home"))
         reference = ingest(spec_path=str(DEMO_SPEC), source=str(demo_data_path("reference")))
         train(spec_path=str(DEMO_SPEC), dataset_id=reference.dataset_id, trials=2, algorithms=["xgboost"], parity_min_rows=5000)
-        scored = score(input_uri=str(demo_data_path("analysis")), output_uri=str(root / "analysis"), model="car_loan")
-        state = monitor(input_uri=scored.output_uri, model="car_loan", labels_uri=str(demo_data_path("analysis_targets")),
+        scored = score(input_uri=str(demo_data_path("analysis")), model="car_loan")
+        state = monitor(scoring_run=scored.run_id, model="car_loan", labels_uri=str(demo_data_path("analysis_targets")),
                         return_state=True)
         state.result()
         run_id = str(state.state_details.flow_run_id)

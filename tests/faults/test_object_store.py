@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,8 +22,6 @@ import pytest
 
 from driftloop.onnx_model import LoadedModel, load_model
 from driftloop.outputs import (
-    MANIFESTS,
-    MARKER,
     ORPHAN_GRACE,
     RUNS,
     OutputError,
@@ -38,6 +37,7 @@ from flows.monitor import monitor
 from flows.score import score
 from flows.train import train
 from tasks.score import fetch_verified, score_stream
+from tests.support import tables as memory
 from tests.support.data import make_loans, write_spec
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
@@ -90,33 +90,101 @@ def test_ingest_score_and_monitor_through_s3(on_s3, monkeypatch) -> None:
         _batch(1500, seed=5, bad=True).write_parquet(fh)
     with fsspec.open(f"{bucket}/incoming/day=1/b.parquet", "wb") as fh:
         _batch(1000, seed=6, first_id=10_000).write_parquet(fh)
-    out = f"{bucket}/predictions/day1"
-    result = score(input_uri=f"{bucket}/incoming/day=1/", output_uri=out, model="loans", batch_size=700)
+    result = score(input_uri=f"{bucket}/incoming/day=1/", output_uri=f"{bucket}/exports/day1.parquet", model="loans",
+                   batch_size=700)
     assert (result.rows_in, result.rows_scored, result.rows_quarantined) == (2501, 2500, 1)
-    predictions = read_predictions(out)
+    predictions = memory.rows("loans", result.snapshot_id, run=result.run_id)
     assert predictions.height == 2500 and predictions["id"].n_unique() == 2500
-    assert read_quarantine(out)["id"].cast(pl.String).to_list() == ["1500"]
-    manifest = current_manifest(out)
-    assert manifest is not None and manifest.rows_scored == 2500 and sum(p.rows for p in manifest.parts) == 2500
-    listed = _objects(out)
-    assert listed[0] == MARKER and [p for p in listed if p.startswith(MANIFESTS)] == [
-        f"{MANIFESTS}/{n}" for n in ScoringOutput(out).manifest_names()]
-    assert {p for p in listed if p.startswith(RUNS)} == {p.path for p in manifest.parts + manifest.quarantine}
+    assert _objects(f"{bucket}/artifacts/tables/predictions/loans")  # the table lives in the bucket
+    with fsspec.open(f"{result.quarantine_uri}/part-00000-00002.parquet", "rb") as fh:
+        assert pl.read_parquet(fh)["id"].cast(pl.String).to_list() == ["1500"]
+    with fsspec.open(f"{bucket}/exports/day1.parquet", "rb") as fh:
+        assert pl.read_parquet(fh).height == 2500
 
-    again = score(input_uri=f"{bucket}/incoming/day=1/", output_uri=out, model="loans", batch_size=2000)
-    assert again.rows_scored == 2500 and read_predictions(out).height == 2500  # replaced, not added to
-    assert len([p for p in _objects(out) if p.startswith(MANIFESTS)]) == 1
+    again = score(input_uri=f"{bucket}/incoming/day=1/", model="loans", batch_size=2000)
+    assert again.rows_scored == 2500 and again.input_key == result.input_key
+    assert memory.rows("loans").filter(pl.col("input_key") == result.input_key).height == 2500  # replaced, not added to
 
-    report = monitor(input_uri=out, model="loans")
+    report = monitor(model="loans")
     assert report.chunks and report.report_uri.startswith(f"{bucket}/artifacts/")
     assert _objects(report.report_uri)  # the report was written to the bucket
 
-    # A part changed behind driftloop's back is named, with the fix.
-    part = current_manifest(out).parts[0].path
-    fs, path = fsspec.core.url_to_fs(out)
-    fs.pipe_file(f"{path}/{part}", b"PAR1 not what was written")
-    with pytest.raises(OutputError, match=rf"lists part {part}, which has \d+ bytes.*score its input again"):
-        read_predictions(out)
+
+_TABLE_SCORER = """
+import sys, time
+from pathlib import Path
+from driftloop.onnx_model import load_model
+from driftloop.registry import open_registry
+from driftloop.storage import ArtifactStore
+from driftloop.tables import open_tables
+from tasks.score import TableSink, score_to_table
+model_path, registry_url, root, source, run_id, start = sys.argv[1:7]
+model = load_model(Path(model_path).read_bytes())
+sink = TableSink(open_tables(open_registry(registry_url).engine, root), ArtifactStore(root), model.spec(),
+                 model_name="loans", run_id=run_id, input_key=source, form="onnx")
+while time.time() < float(start):
+    time.sleep(0.01)
+result = score_to_table(model, source, sink, model_version=1, batch_size=300,
+                        on_batch=lambda done, total: print(done, flush=True))
+print("snapshot", result.snapshot_id, flush=True)
+"""
+
+
+def _table_scorer(on_s3, registry_url: str, root: str, source: str, run_id: str, start: float = 0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _TABLE_SCORER, str(on_s3["model_path"]), registry_url, root, source,
+                             run_id, str(start)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+
+
+@pytest.mark.parametrize("catalog", ["sqlite", "postgres"])
+def test_the_predictions_table_on_s3_replaces_survives_kill_and_takes_concurrent_runs(
+        on_s3, s3_bucket: str, tmp_path: Path, catalog: str, request) -> None:
+    """On a real S3 endpoint, with the catalog in SQLite and in PostgreSQL: re-scoring an
+    input replaces its rows; kill -9 mid-run leaves the previous snapshot; two runs at once
+    both land."""
+    import time
+
+    from driftloop.tables import open_tables
+
+    if catalog == "postgres":
+        registry_url = request.getfixturevalue("postgres").create_database(f"s3_{uuid.uuid4().hex[:8]}")
+    else:
+        registry_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    root = f"{s3_bucket}/artifacts"
+    inputs = {}
+    for name, first_id in (("a", 0), ("big", 100_000), ("b", 200_000), ("c", 300_000)):
+        inputs[name] = f"{s3_bucket}/in/{name}.parquet"
+        with fsspec.open(inputs[name], "wb") as fh:
+            _batch(30_000 if name == "big" else 900, seed=first_id % 97, first_id=first_id).write_parquet(fh)
+
+    def table():
+        found = open_tables(open_registry(registry_url).engine, root).predictions("loans")
+        assert found is not None
+        return found.refresh()
+
+    for run in ("first", "again"):  # the same input twice: replaced
+        proc = _table_scorer(on_s3, registry_url, root, inputs["a"], run)
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    rows = table().scan().collect()
+    assert rows.height == 900 and rows["scoring_run_id"].unique().to_list() == ["again"]
+
+    before = table().snapshot_id()
+    proc = _table_scorer(on_s3, registry_url, root, inputs["big"], "killed")
+    assert proc.stdout is not None
+    for _ in range(5):
+        assert proc.stdout.readline(), "scorer ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert table().snapshot_id() == before and table().scan().collect().height == 900
+
+    start = time.time() + 8
+    procs = [_table_scorer(on_s3, registry_url, root, inputs[name], f"concurrent-{name}", start) for name in ("b", "c")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    rows = table().scan().collect()
+    assert {r: rows.filter(pl.col("scoring_run_id") == r).height for r in ("again", "concurrent-b", "concurrent-c")} == {
+        "again": 900, "concurrent-b": 900, "concurrent-c": 900}
 
 
 def test_a_reader_never_sees_a_manifest_whose_parts_are_missing(on_s3, s3_bucket: str, tmp_path: Path) -> None:

@@ -33,9 +33,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         mp.setenv("DRIFTLOOP_HOME", str(root / "home"))
         reference = ingest(spec_path=str(DEMO_SPEC), source=str(demo_data_path("reference")))
         train(spec_path=str(DEMO_SPEC), dataset_id=reference.dataset_id, trials=2, algorithms=["xgboost"], parity_min_rows=5000)
-        drifted = score(input_uri=str(demo_data_path("analysis")), output_uri=str(root / "analysis"), model="car_loan")
-        stationary = score(input_uri=str(demo_data_path("reference")), output_uri=str(root / "reference"), model="car_loan")
-        yield {"root": root, "drifted": drifted.output_uri, "stationary": stationary.output_uri}
+        drifted = score(input_uri=str(demo_data_path("analysis")), model="car_loan")
+        stationary = score(input_uri=str(demo_data_path("reference")), model="car_loan")
+        yield {"root": root, "drifted": drifted.run_id, "stationary": stationary.run_id}
 
 
 def model_events(prefect_server, since: float) -> list[dict]:
@@ -67,7 +67,7 @@ def wait_for_events(prefect_server, since: float, count: int, timeout: float = 2
 def test_drift_in_the_drifted_period_fires_the_policy_and_one_event(demo, prefect_server, monkeypatch) -> None:
     monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
     since = time.time() - 1
-    result = monitor(input_uri=demo["drifted"], model="car_loan", labels_uri=str(demo_data_path("analysis_targets")))
+    result = monitor(scoring_run=demo["drifted"], model="car_loan", labels_uri=str(demo_data_path("analysis_targets")))
     assert result.policy.fired and result.event is not None
     # NannyML's car-loan analysis drifts in its second half: alerts concentrate there.
     third = len(result.chunks) // 3
@@ -124,7 +124,7 @@ def test_drift_in_the_drifted_period_fires_the_policy_and_one_event(demo, prefec
 def test_stationary_control_raises_no_policy_alert_and_no_event(demo, prefect_server, monkeypatch) -> None:
     monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
     since = time.time() - 1
-    state = monitor(input_uri=demo["stationary"], model="car_loan", return_state=True)
+    state = monitor(scoring_run=demo["stationary"], model="car_loan", return_state=True)
     result = state.result()
     assert not result.policy.fired and result.event is None
     assert all(c.realized is None for c in result.chunks)  # no labels given
@@ -137,13 +137,13 @@ def test_stationary_control_raises_no_policy_alert_and_no_event(demo, prefect_se
 def test_too_few_reference_chunks_is_refused(demo, monkeypatch) -> None:
     monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
     with pytest.raises(MonitoringError, match="fewer than min_reference_chunks=4"):
-        monitor(input_uri=demo["drifted"], model="car_loan", policy=MonitoringPolicy(chunk_size=5000))
+        monitor(scoring_run=demo["drifted"], model="car_loan", policy=MonitoringPolicy(chunk_size=5000))
 
 
 def test_monitor_cli_json(demo, monkeypatch) -> None:
     monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
     driftloop = str(Path(sys.executable).with_name("driftloop"))
-    run = subprocess.run([driftloop, "monitor", "--model", "car_loan@champion", "--input", demo["stationary"], "--json"],
+    run = subprocess.run([driftloop, "monitor", "--model", "car_loan@champion", "--scoring-run", demo["stationary"], "--json"],
                          check=False, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     payload = json.loads(run.stdout)

@@ -28,22 +28,22 @@ def test_integer_ids_for_a_string_id_spec_and_bad_rows(tmp_path: Path, home: Pat
           trials=1, algorithms=["lightgbm"], parity_min_rows=5_000)
     analysis = make_loans(2400, seed=2)
     scored = score(input_uri=str(_parquet(tmp_path / "analysis.parquet", analysis.drop("repaid"))),
-                   output_uri=str(tmp_path / "scored"), model="loans")
+                   model="loans")
 
     # Integer ids (the scored ids are strings), and three rows no spec accepts.
     labels = analysis.select("id", "repaid").with_columns(pl.col("id").cast(pl.Int64))
     bad = pl.DataFrame({"id": [1, 2, None], "repaid": [7, -1, 1]}, schema={"id": pl.Int64, "repaid": pl.Int64})
     labels_file = _parquet(tmp_path / "labels.parquet", pl.concat([labels.slice(3), bad]))
-    result = monitor(input_uri=scored.output_uri, model="loans", labels_uri=str(labels_file))
+    result = monitor(scoring_run=scored.run_id, model="loans", labels_uri=str(labels_file))
     assert result.labels is not None
     assert (result.labels.rows_in, result.labels.rows_quarantined) == (2400 - 3 + 3, 3)
     assert result.labels.matched == 2400 - 3
     assert all(c.realized is not None for c in result.chunks)
 
     # Without a file: the labels registered for the model (here: none yet, then some).
-    assert monitor(input_uri=scored.output_uri, model="loans").labels is None
+    assert monitor(scoring_run=scored.run_id, model="loans").labels is None
     ingest_labels(spec_path=str(spec), source=str(labels_file))
-    registered = monitor(input_uri=scored.output_uri, model="loans")
+    registered = monitor(scoring_run=scored.run_id, model="loans")
     assert registered.labels is not None and registered.labels.source == "registry:loans.labels"
     assert registered.labels.matched == 2400 - 3
     assert [c.realized for c in registered.chunks] == [c.realized for c in result.chunks]
@@ -64,13 +64,13 @@ def test_a_labelled_period_after_training_as_the_reference(tmp_path: Path, home:
           trials=1, algorithms=["lightgbm"], parity_min_rows=5_000)
     later = make_loans(6000, seed=2, start="2024-06-01")
     scored = score(input_uri=str(_parquet(tmp_path / "later.parquet", later.drop("repaid"))),
-                   output_uri=str(tmp_path / "scored"), model="loans")
+                   model="loans")
     period = ReferencePeriod(start=later["ts"].min(), end=later["ts"].sort()[3000])
     policy = MonitoringPolicy(reference_period=period)
     with pytest.raises(Exception, match="holds 0 labelled rows scored by v1"):
-        monitor(input_uri=scored.output_uri, model="loans", policy=policy)
+        monitor(scoring_run=scored.run_id, model="loans", policy=policy)
     ingest_labels(spec_path=str(spec), source=str(_parquet(tmp_path / "labels.parquet", later.select("id", "repaid"))))
-    result = monitor(input_uri=scored.output_uri, model="loans", policy=policy)
+    result = monitor(scoring_run=scored.run_id, model="loans", policy=policy)
     registry = open_registry(get_settings().registry_database_url())
     (run,) = [r for r in registry.list_monitoring_runs("loans") if r["id"] == result.run_id]
     assert run["decision"]["calibration"]["reference_rows"] == 3000  # the period's labelled rows, not the holdout

@@ -72,7 +72,7 @@ def score_and_label(tmp_path: Path, spec: Path, name: str, new: pl.DataFrame) ->
     for ten of them after that), plus labels for ids that were never scored."""
     new_path = tmp_path / f"{name}-new.parquet"
     new.drop("repaid").write_parquet(new_path)
-    score(input_uri=str(new_path), output_uri=str(tmp_path / f"{name}-scored"), model=f"{name}@champion")
+    score(input_uri=str(new_path), model=f"{name}@champion")
     labels = new.select("id", "repaid")
     corrected = labels.sort("id").head(10).with_columns((1 - pl.col("repaid")).alias("repaid"))
     unscored = pl.DataFrame({"id": np.arange(900_000, 900_050), "repaid": np.ones(50, dtype=np.int64)})

@@ -17,9 +17,10 @@ import pytest
 from driftloop.forms import registered_forms
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
-from driftloop.storage import read_bytes, read_predictions
+from driftloop.storage import read_bytes
 from flows.score import score
 from tasks.score import IntegrityError
+from tests.support import tables as memory
 from tests.support.data import make_loans
 from tests.support.models import loans_champion
 
@@ -50,11 +51,11 @@ def test_training_registers_every_verified_form(trained) -> None:
 def test_every_engine_scores_the_same_probabilities_and_the_record_names_the_form(trained, tmp_path: Path) -> None:
     outputs = {}
     for engine in ("onnx", "native", "tensor", "auto"):
-        summary = score(input_uri=str(trained["source"]), output_uri=str(tmp_path / engine), model="loans", engine=engine)
+        summary = score(input_uri=str(trained["source"]), model="loans", engine=engine)
         assert summary.rows_scored == 4000
         if engine != "auto":
             assert summary.form == engine and "forced" in summary.form_reason
-        outputs[engine] = read_predictions(summary.output_uri).select("id", "probability").sort("id")
+        outputs[engine] = memory.rows("loans", summary.snapshot_id, run=summary.run_id).select("id", "probability").sort("id")
     record = open_registry(get_settings().registry_database_url()).resolve("loans")
     fastest = max(registered_forms(record), key=lambda f: f.rows_per_s).kind
     assert summary.form == fastest and "fastest" in summary.form_reason

@@ -15,10 +15,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from driftloop.outputs import current_manifest, read_predictions, read_quarantine
+from driftloop.settings import get_settings
 from flows.score import score
 from tasks.partitions import plan_partitions
 from tasks.validate import ROW
+from tests.support import tables as memory
 from tests.support.data import make_loans
 from tests.support.models import loans_champion
 
@@ -53,32 +54,44 @@ def _files(directory: Path) -> Path:
     return directory
 
 
-def _same(single: str, partitioned: str) -> None:
+def _rows(summary) -> pl.DataFrame:
+    """A run's rows as it committed them (a later run of the same input replaces them
+    in the current snapshot, not in this one)."""
+    return memory.rows("loans", summary.snapshot_id, run=summary.run_id).sort("id")
+
+
+def _quarantine(summary) -> pl.DataFrame:
+    return pl.read_parquet(f"{summary.quarantine_uri}/*.parquet") if summary.quarantine_uri else pl.DataFrame()
+
+
+def _same(single, partitioned) -> None:
     """Equal row for row. Probabilities bitwise: both sides score with one ONNX Runtime
     thread per process (its tree kernel may sum in another order with more threads)."""
-    ours, theirs = read_predictions(single).sort("id"), read_predictions(partitioned).sort("id")
+    ours, theirs = _rows(single), _rows(partitioned)
     assert ours["id"].to_list() == theirs["id"].to_list()
     assert ours["probability"].to_numpy().tobytes() == theirs["probability"].to_numpy().tobytes()  # bitwise
-    q_ours, q_theirs = read_quarantine(single), read_quarantine(partitioned)
+    q_ours, q_theirs = _quarantine(single), _quarantine(partitioned)
     assert q_ours.height == q_theirs.height
     if q_ours.height:
         columns = [ROW, "id", "_checks"]
         assert q_ours.sort(ROW).select(columns).to_dicts() == q_theirs.sort(ROW).select(columns).to_dicts()
-    a, b = current_manifest(single), current_manifest(partitioned)
-    assert (a.rows_in, a.rows_scored, a.rows_quarantined) == (b.rows_in, b.rows_scored, b.rows_quarantined)
-    assert b.rows_in == b.rows_scored + b.rows_quarantined
+    assert (single.rows_in, single.rows_scored, single.rows_quarantined) == (
+        partitioned.rows_in, partitioned.rows_scored, partitioned.rows_quarantined)
+    assert partitioned.rows_in == partitioned.rows_scored + partitioned.rows_quarantined
+    assert partitioned.input_key == single.input_key
 
 
 def test_partitioned_scoring_equals_one_process(trained: Path, cluster, tmp_path: Path) -> None:
     local, _ = cluster
     source = _files(tmp_path / "in")
-    single = score(input_uri=str(source), output_uri=str(tmp_path / "single"), model="loans", threads=1)
-    parted = score(input_uri=str(source), output_uri=str(tmp_path / "parted"), model="loans",
-                   dask_address=local.scheduler_address)
+    single = score(input_uri=str(source), model="loans", threads=1)
+    parted = score(input_uri=str(source), model="loans", dask_address=local.scheduler_address)
     assert single.rows_in == parted.rows_in == 9000
     assert parted.rows_quarantined == single.rows_quarantined >= 500 + 30  # the repeated ids and the bad amounts
-    _same(single.output_uri, parted.output_uri)
-    repeats = read_quarantine(parted.output_uri).filter(pl.col("_checks").list.contains("unique(earlier batch)"))
+    _same(single, parted)
+    # The same input: the partitioned run replaced the single run's rows in the table.
+    assert memory.rows("loans", parted.snapshot_id).filter(pl.col("input_key") == parted.input_key).height == 9000 - parted.rows_quarantined
+    repeats = _quarantine(parted).filter(pl.col("_checks").list.contains("unique(earlier batch)"))
     assert sorted(repeats["id"].to_list()) == list(range(2500, 3000))  # the later copies, not the first
 
 
@@ -87,12 +100,9 @@ def test_one_large_parquet_file_is_split_by_row_groups(trained: Path, tmp_path: 
     make_loans(20_000, seed=21).drop("repaid").write_parquet(source, row_group_size=2_000)
     plan = plan_partitions(str(source), workers=2)
     assert len(plan) == 8 and plan[0].row_groups == (0, 1) and plan[-1].row_groups[1] == 10
-    single = score(input_uri=str(source), output_uri=str(tmp_path / "single"), model="loans", batch_size=3_000,
-                   threads=1)
-    parted = score(input_uri=str(source), output_uri=str(tmp_path / "parted"), model="loans", batch_size=3_000,
-                   workers=2)
-    _same(single.output_uri, parted.output_uri)
-    assert len({p.path.split("part-")[1].split("-")[0] for p in current_manifest(parted.output_uri).parts}) == 8
+    single = score(input_uri=str(source), model="loans", batch_size=3_000, threads=1)
+    parted = score(input_uri=str(source), model="loans", batch_size=3_000, workers=2)
+    _same(single, parted)
 
 
 def test_a_worker_killed_mid_run_still_leaves_one_complete_output(trained: Path, cluster, tmp_path: Path) -> None:
@@ -102,13 +112,13 @@ def test_a_worker_killed_mid_run_still_leaves_one_complete_output(trained: Path,
     for i in range(8):
         make_loans(60_000, seed=30 + i).drop("repaid").with_columns(pl.col("id") + i * 60_000).write_parquet(
             source / f"f{i}.parquet")
-    out = tmp_path / "parted"
+    work = Path(get_settings().artifact_root_uri()) / "scoring" / "loans"
     pids = list(client.run(os.getpid).values())
     done: dict[str, object] = {}
 
     def run() -> None:
         try:
-            done["result"] = score(input_uri=str(source), output_uri=str(out), model="loans", batch_size=20_000,
+            done["result"] = score(input_uri=str(source), model="loans", batch_size=20_000,
                                    dask_address=local.scheduler_address)
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             done["error"] = exc
@@ -116,7 +126,7 @@ def test_a_worker_killed_mid_run_still_leaves_one_complete_output(trained: Path,
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.monotonic() + 300
-    while not list((out / "runs").glob("*/part-*.parquet")) if (out / "runs").exists() else True:
+    while not list(work.glob("*/runs/*/part-*.parquet")):
         assert time.monotonic() < deadline and thread.is_alive(), "no partition started writing"
         time.sleep(0.05)
     os.kill(pids[0], signal.SIGKILL)  # a worker dies mid-partition; its nanny starts another
@@ -124,8 +134,8 @@ def test_a_worker_killed_mid_run_still_leaves_one_complete_output(trained: Path,
     assert "error" not in done, done.get("error")
     result = done["result"]
     assert result.rows_in == result.rows_scored == 480_000
-    predictions = read_predictions(str(out))
+    predictions = _rows(result)
     assert predictions.height == 480_000 and predictions["id"].n_unique() == 480_000
-    single = score(input_uri=str(source), output_uri=str(tmp_path / "single"), model="loans", batch_size=20_000,
-                   threads=1)
-    _same(single.output_uri, str(out))
+    assert not list(work.glob(f"{result.run_id}/runs/*/part-*.parquet"))  # the table holds the rows now
+    single = score(input_uri=str(source), model="loans", batch_size=20_000, threads=1)
+    _same(single, result)
