@@ -410,7 +410,7 @@ def _abandoned_work_areas(registry: RegistryStore, store: ArtifactStore, tables:
                 continue  # may be a run in progress
             if table is None:
                 table = tables.predictions(model) or False
-            if table and table.scan().filter(pl.col(SCORING_RUN) == run_id).select(pl.len()).collect().item():
+            if table and SCORING_RUN in table.table.schema().column_names and table.scan().filter(pl.col(SCORING_RUN) == run_id).select(pl.len()).collect().item():
                 continue  # committed, then crashed before its record: its quarantine is kept
             found.append(relpath)
     return sorted(found)
