@@ -432,7 +432,7 @@ def _human_db_upgrade(p: dict[str, Any]) -> str:
     report = ImportReport.model_validate(p["imported"])
     lines = [f"{p['registry']} at revision {p['revision']}"]
     if report.imported or report.problems:
-        lines.append(report.summary())
+        lines.append(report.summary(problems=False))
     for run in report.scoring_runs:
         lines.append(f"  {run.output_uri}: {run.rows:,} rows as run {run.run_id} -> {run.table} snapshot "
                      f"{run.snapshot_id}" + (f" ({len(run.superseded)} older run(s) marked)" if run.superseded else ""))

@@ -97,12 +97,14 @@ class ImportReport(BaseModel):
     def imported(self) -> bool:
         return bool(self.scoring_runs or self.labels)
 
-    def summary(self) -> str:
+    def summary(self, *, problems: bool = True) -> str:
         rows = sum(r.rows for r in self.scoring_runs)
         labels = sum(x.rows for x in self.labels)
         text = (f"imported {len(self.scoring_runs)} scoring output(s) ({rows:,} rows) and {len(self.labels)} label "
                 f"dataset(s) ({labels:,} rows)")
-        return text + (f"; {len(self.problems)} left: " + "; ".join(self.problems) if self.problems else "")
+        if not self.problems:
+            return text
+        return text + f"; {len(self.problems)} left" + (": " + "; ".join(self.problems) if problems else "")
 
 
 def import_legacy_outputs(registry: RegistryStore, tables: Tables, artifact_root: str | None = None,
