@@ -67,7 +67,7 @@ LABELS_DONE = "driftloop.legacy-labels-imported"  # labels table property: every
 IMPORT_PROPERTY = "driftloop.legacy-import"  # snapshot summary: the run or "labels" an import commit holds
 SAME_REGISTRATION = timedelta(hours=1)  # a dataset and a table registration this close are one registration
 
-_done: set[tuple[int, str]] = set()  # (engine, model) fully imported in this process
+_done: set[tuple[str, str]] = set()  # (registry URL, model) fully imported in this process
 _done_lock = threading.Lock()
 
 
@@ -117,7 +117,7 @@ def import_legacy_outputs(registry: RegistryStore, tables: Tables, artifact_root
     report = ImportReport()
     if model is not None:
         with _done_lock:
-            if (id(registry.engine), model) in _done:
+            if (_registry_key(registry), model) in _done:
                 return report
     pending = _pending_runs(registry, model)
     by_model: dict[str, list[ScoringRunRecord]] = defaultdict(list)
@@ -131,10 +131,15 @@ def import_legacy_outputs(registry: RegistryStore, tables: Tables, artifact_root
         _import_labels(tables, name, registry, specs, report)
         if len(report.problems) == problems:
             with _done_lock:
-                _done.add((id(registry.engine), name))
+                _done.add((_registry_key(registry), name))
     if report.imported or report.problems:
         logger.info("legacy import: %s", report.summary())
     return report
+
+
+def _registry_key(registry: RegistryStore) -> str:
+    """The registry's URL (an engine's id can be reused once it is gone)."""
+    return registry.engine.url.render_as_string(hide_password=True)
 
 
 # --- scoring runs ----------------------------------------------------------------------
