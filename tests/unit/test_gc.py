@@ -9,10 +9,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import optuna
+import polars as pl
+import pytest
+from pyiceberg.expressions import EqualTo
 
 from driftloop.gc import collect
+from driftloop.registry import RegistryStore, ScoringRunRecord
 from driftloop.registry.store import open_registry
 from driftloop.storage import ArtifactStore
+from driftloop.tables import INPUT_KEY, MemoryTable, TableError, Tables, open_tables
 from tests.unit.test_registry import version_draft
 
 
@@ -67,29 +72,162 @@ def test_gc_removes_only_what_nothing_needs(tmp_path: Path) -> None:
     assert done.studies == []  # started today: within the retention
 
 
-def test_gc_removes_crashed_scoring_runs_but_never_the_current_one(tmp_path: Path) -> None:
-    import polars as pl
+def _scoring_run(run_id: str, snapshot_id: int | None, *, model: str = "loans", output_uri: str = "predictions.loans",
+                 input_uri: str = "in.csv", rows: int = 3, finished_at: datetime | None = None,
+                 input_key: str | None = "k") -> ScoringRunRecord:
+    at = finished_at or datetime.now(UTC)
+    return ScoringRunRecord(id=run_id, model_name=model, model_version=1, onnx_sha256="0" * 64, input_uri=input_uri,
+                            output_uri=output_uri, quarantine_uri=None, rows_in=rows, rows_scored=rows,
+                            rows_quarantined=0, started_at=at, finished_at=at, snapshot_id=snapshot_id,
+                            input_key=input_key)
 
-    from driftloop.outputs import RUNS, ScoringOutput, read_predictions
 
+def _rows(ids: list[int], key: str) -> pl.DataFrame:
+    return pl.DataFrame({"id": ids, "ts": [datetime(2026, 1, 1 + i) for i in range(len(ids))],
+                         "x": [float(i) for i in ids], "prediction": [0] * len(ids),
+                         "model_version": [1] * len(ids), "input_key": [key] * len(ids), "role": ["served"] * len(ids),
+                         "scoring_run_id": [f"run-{key}"] * len(ids)})
+
+
+def _commit(table: MemoryTable, ids: list[int], key: str, *, replace: bool = False) -> int:
+    writer = table.writer()
+    writer.write(_rows(ids, key))
+    return writer.commit(replace=EqualTo(INPUT_KEY, key) if replace else None)
+
+
+def _label_rows(ids: list[int], registration: str) -> pl.DataFrame:
+    return pl.DataFrame({"id": ids, "y": [1] * len(ids), "registered_at": [datetime.now(UTC)] * len(ids),
+                         "registration_id": [registration] * len(ids)})
+
+
+def _files(table: MemoryTable) -> set[Path]:
+    root = Path(table.table.location().removeprefix("file://"))
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def _history(tmp_path: Path) -> tuple[RegistryStore, ArtifactStore, Tables, dict[str, int], Path]:
+    """A predictions table with four snapshots and a labels table with three, some named
+    by records, and a crashed writer's data file."""
     registry = open_registry(f"sqlite:///{tmp_path / 'registry.db'}")
     store = ArtifactStore(str(tmp_path / "artifacts"))
-    out = tmp_path / "artifacts" / "predictions" / "loans" / "batch"
-    output = ScoringOutput(str(out))
-    output.claim()
-    done = output.start_run()
-    done.write_part(pl.DataFrame({"id": [1, 2]}), partition="00000", index=0)
-    done.commit(model_name="loans", model_version=1, input_uri="in.csv", rows_in=2, rows_scored=2, rows_quarantined=0)
-    crashed = output.start_run()
-    crashed.write_part(pl.DataFrame({"id": [3]}), partition="00000", index=0)  # killed before its manifest
-    for path in (out / RUNS / crashed.run_id).rglob("*"):
-        _age(path, 3)
-    in_progress = output.start_run()
-    in_progress.write_part(pl.DataFrame({"id": [4]}), partition="00000", index=0)
+    tables = open_tables(registry.engine, store.uri("").rstrip("/"))
+    predictions = tables.predictions("loans", sample=_rows([0], "a"), timestamp="ts")
+    labels = tables.labels("loans", sample=_label_rows([0], "r0"))
+    assert predictions is not None and labels is not None
+    snaps = {
+        "p1": _commit(predictions, [1, 2, 3], "a"),  # named by nothing; its rows replaced by p2
+        "p2": _commit(predictions, [4, 5, 6], "a", replace=True),  # a scoring run's
+        "p3": _commit(predictions, [7, 8, 9], "b"),  # the newest monitoring run's
+        "p4": _commit(predictions, [10, 11, 12], "c"),  # current
+        "l1": labels.append(_label_rows([1, 2], "r1")),  # a training window's
+        "l2": labels.append(_label_rows([3], "r2")),  # only an old monitoring run's, which gc removes
+        "l3": labels.append(_label_rows([4], "r3")),  # current
+    }
+    registry.register_version(version_draft(window={"predictions_snapshot": None, "labels_snapshot": snaps["l1"]}))
+    registry.add_scoring_run(_scoring_run("run-p2", snaps["p2"]))
+    now = datetime.now(UTC)
+    for run_id, days, named in (("mon-old", 200, {"labels": snaps["l2"]}), ("mon-new", 1, {"predictions": snaps["p3"]})):
+        registry.add_monitoring_run({
+            "id": run_id, "model_name": "loans", "model_version": 1, "analysis_uri": "x", "labels_uri": None,
+            "decision": {}, "event": None, "report_uri": None, "created_at": now - timedelta(days=days),
+            "snapshots": named}, [])
+    stray = Path(predictions.table.location().removeprefix("file://")) / "data" / "crashed-writer.parquet"
+    _rows([99], "z").write_parquet(stray)
+    return registry, store, tables, snaps, stray
 
-    dry = collect(registry, store, keep_days=90, apply=False)
-    assert dry.files == [f"predictions/loans/batch/{RUNS}/{crashed.run_id}"]
-    assert (out / RUNS / crashed.run_id).exists()
-    done_gc = collect(registry, store, keep_days=90, apply=True)
-    assert done_gc.files == dry.files and not (out / RUNS / crashed.run_id).exists()
-    assert (out / RUNS / in_progress.run_id).exists() and read_predictions(str(out))["id"].to_list() == [1, 2]
+
+def test_gc_keeps_every_snapshot_a_record_names_and_expires_the_rest(tmp_path: Path) -> None:
+    registry, store, tables, snaps, stray = _history(tmp_path)
+    predictions, labels = tables.predictions("loans"), tables.labels("loans")
+    assert predictions is not None and labels is not None
+    p1_files = {f for f in _files(predictions)}
+    before = {s.snapshot_id for s in predictions.table.snapshots()}
+    # p1, and the delete half of p2's replace (one transaction, two snapshots): named by nothing
+    unnamed = sorted(before - {snaps["p2"], snaps["p3"], snaps["p4"]})
+    assert snaps["p1"] in unnamed and len(unnamed) == 2
+    later = datetime.now(UTC) + timedelta(days=100)  # every snapshot and file is old by then
+
+    dry = collect(registry, store, keep_days=90, apply=False, now=later, tables=tables)
+    by_table = {t.table: t for t in dry.tables}
+    assert by_table["predictions.loans"].snapshots == unnamed
+    assert by_table["predictions.loans"].kept_named == sorted([snaps["p2"], snaps["p3"]])
+    assert by_table["labels.loans"].snapshots == [snaps["l2"]]  # its only record is an old monitoring run
+    assert by_table["labels.loans"].kept_named == [snaps["l1"]]
+    shown = by_table["predictions.loans"].files
+    data = [f for f in shown if f.startswith("tables/predictions/loans/data/")]
+    # the crashed writer's file, and p1's data file (ids 1-3: p2 replaced them), referenced by p1 alone
+    assert len(data) == 2 and "tables/predictions/loans/data/crashed-writer.parquet" in data
+    p1_data = next(f for f in data if "crashed" not in f)
+    assert pl.read_parquet(store.path(p1_data))["id"].to_list() == [1, 2, 3]
+    assert any(f.startswith("tables/predictions/loans/metadata/snap-") for f in shown)  # expired manifest lists
+    # a dry run changes nothing
+    assert {s.snapshot_id for s in predictions.refresh().table.snapshots()} == before
+    assert _files(predictions) == p1_files and stray.exists()
+    assert predictions.scan(snaps["p1"]).select("id").collect()["id"].sort().to_list() == [1, 2, 3]
+    assert [r["id"] for r in registry.list_monitoring_runs("loans")] == ["mon-new", "mon-old"]
+
+    done = collect(registry, store, keep_days=90, apply=True, now=later, tables=tables)
+    assert done.applied and done.monitoring_runs == ["mon-old"]
+    done_tables = {t.table: t for t in done.tables}
+    assert done_tables["predictions.loans"].snapshots == unnamed
+    assert sorted(done_tables["predictions.loans"].files) == sorted(shown)
+    assert {s.snapshot_id for s in predictions.refresh().table.snapshots()} == {snaps["p2"], snaps["p3"], snaps["p4"]}
+    assert {s.snapshot_id for s in labels.refresh().table.snapshots()} == {snaps["l1"], snaps["l3"]}
+    assert not stray.exists()
+    # every named snapshot still reads exactly; the current one has every row
+    assert predictions.scan(snaps["p2"]).select("id").collect()["id"].sort().to_list() == [4, 5, 6]
+    assert predictions.scan(snaps["p3"]).select("id").collect()["id"].sort().to_list() == [4, 5, 6, 7, 8, 9]
+    assert predictions.scan().select("id").collect()["id"].sort().to_list() == [4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert labels.scan(snaps["l1"]).select("id").collect()["id"].sort().to_list() == [1, 2]
+    with pytest.raises(TableError, match="no snapshot"):
+        predictions.scan(snaps["p1"])
+    # nothing left to do
+    again = collect(registry, store, keep_days=90, apply=False, now=later, tables=tables)
+    assert all(not t.snapshots and not t.files for t in again.tables)
+
+
+def test_orphan_files_wait_for_the_grace(tmp_path: Path) -> None:
+    registry, store, tables, snaps, stray = _history(tmp_path)
+    predictions = tables.predictions("loans")
+    assert predictions is not None
+    # Everything was written (and superseded) seconds ago: within the hour's grace.
+    young = collect(registry, store, keep_days=0, apply=True, tables=tables)
+    assert all(not t.snapshots and not t.files for t in young.tables) and stray.exists()
+    assert snaps["p1"] in {s.snapshot_id for s in predictions.refresh().table.snapshots()}
+    # A crashed writer's file from three hours ago goes; the snapshots are still young.
+    _age(stray, 3)
+    aged = collect(registry, store, keep_days=0, apply=True, tables=tables)
+    assert [f for t in aged.tables for f in t.files] == ["tables/predictions/loans/data/crashed-writer.parquet"]
+    assert not stray.exists()
+    # No grace at all: p1 expires now, and its data file with it.
+    done = collect(registry, store, keep_days=0, apply=True, tables=tables, grace=timedelta(0))
+    assert snaps["p1"] in {t.table: t.snapshots for t in done.tables}["predictions.loans"]
+    assert any(f.startswith("tables/predictions/loans/data/") for t in done.tables for f in t.files)
+    assert predictions.scan().select("id").collect()["id"].sort().to_list() == [4, 5, 6, 7, 8, 9, 10, 11, 12]
+
+
+def test_gc_keeps_partitioned_runs_quarantine_and_removes_uncommitted_work_areas(tmp_path: Path) -> None:
+    registry = open_registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    tables = open_tables(registry.engine, store.uri("").rstrip("/"))
+    table = tables.predictions("loans", sample=_rows([0], "a"), timestamp="ts")
+    assert table is not None
+    committed_unrecorded = "run-committed-then-crashed"
+    writer = table.writer()
+    writer.write(_rows([1], "a").with_columns(pl.lit(committed_unrecorded).alias("scoring_run_id")))
+    writer.commit()
+    registry.add_scoring_run(_scoring_run("run-recorded", table.snapshot_id()))
+    areas = {}
+    for run_id in ("run-recorded", committed_unrecorded, "run-crashed", "run-in-progress"):
+        part = tmp_path / "artifacts" / "scoring" / "loans" / run_id / "runs" / run_id / "quarantine" / "part-00000-00000.parquet"
+        part.parent.mkdir(parents=True)
+        part.write_bytes(b"quarantined rows")
+        if run_id != "run-in-progress":
+            _age(part, 3)
+        areas[run_id] = part
+    dry = collect(registry, store, keep_days=90, apply=False, tables=tables)
+    assert dry.files == ["scoring/loans/run-crashed"]
+    done = collect(registry, store, keep_days=90, apply=True, tables=tables)
+    assert done.files == ["scoring/loans/run-crashed"]
+    assert not areas["run-crashed"].exists()
+    assert all(areas[r].exists() for r in ("run-recorded", committed_unrecorded, "run-in-progress"))
