@@ -139,6 +139,9 @@ def collect_labelled_data(registry: RegistryStore, tables: Tables, spec: Dataset
     window are never read (pushed down to the table scan: memory follows the window,
     not the table's history). ``at``: read the tables as of these snapshots and only
     these datasets, to re-read a stored window exactly."""
+    from driftloop.legacy_outputs import import_legacy_outputs
+
+    import_legacy_outputs(registry, tables, None, model=spec.name, spec=spec)  # once: rows scored before the tables
     columns = training_columns(spec)
     out = LabelledData(frame=pl.DataFrame())
     frames: list[pl.DataFrame] = []

@@ -27,6 +27,7 @@ from driftloop.feedback import (
     served_rows,
 )
 from driftloop.inputs import read_input
+from driftloop.legacy_outputs import import_legacy_outputs
 from driftloop.onnx_model import load_model
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
@@ -285,6 +286,7 @@ def monitor(
     tables = open_tables(registry.engine, settings.artifact_root_uri())
     record = registry.resolve(model)
     spec, reference = load_reference_task(record)
+    import_legacy_outputs(registry, tables, settings.artifact_root_uri(), model=record.model_name, spec=spec)
     # Only this version's rows: another version's would be judged against this reference.
     analysed = load_analysis_task(registry, tables, spec, record, scoring_run, start, end, input_uri)
     analysis = analysed.rows

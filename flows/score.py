@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from driftloop.forms import Device, Engine
 from driftloop.inputs import input_key
+from driftloop.legacy_outputs import import_legacy_outputs
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
 from driftloop.storage import ArtifactStore
@@ -123,6 +124,8 @@ def score(
     logger.info("scoring form: %s", why)
     key = input_key_task(input_uri)
     spec = scorer.descriptor.spec()
+    # Rows scored before the tables existed are imported once, before anything is replaced.
+    import_legacy_outputs(registry, tables, settings.artifact_root_uri(), model=record.model_name, spec=spec)
     address = dask_address or settings.dask_address
     if workers or address:
         from flows.score_partitioned import dask_runner, score_partitioned
