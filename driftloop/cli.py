@@ -22,6 +22,19 @@ from driftloop.spec import format_validation_error
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+CLI_SQL_URL_ENV = "DRIFTLOOP_CLI_SQL_URL"  # where --sql-url is handed to the ingest flow
+# Options that take a path or URI: one with credentials in it is refused before anything runs.
+URI_OPTIONS = {"source": "SOURCE", "input": "--input", "output": "--output", "labels": "--labels",
+               "dask_address": "--dask-address"}
+
+
+def _refuse_credentials(args: argparse.Namespace) -> None:
+    from driftloop.redact import refuse_credentials
+
+    for attr, option in URI_OPTIONS.items():
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            refuse_credentials(value, option)
 
 
 def _emit(payload: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
@@ -55,9 +68,16 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
 
     sql = None
     if args.sql_url or args.sql_url_env or args.sql_secret:
+        if sum(1 for given in (args.sql_url, args.sql_url_env, args.sql_secret) if given) > 1:
+            raise DriftloopError("give one of --sql-url, --sql-url-env or --sql-secret")
+        url_env = args.sql_url_env
+        if args.sql_url:
+            # Handed to the flow the way --sql-url-env is: the URL (and its password) never
+            # becomes a flow-run parameter, which Prefect stores as given.
+            os.environ[CLI_SQL_URL_ENV] = args.sql_url
+            url_env = CLI_SQL_URL_ENV
         sql = SqlSource(
-            url=args.sql_url,
-            url_env=args.sql_url_env,
+            url_env=url_env,
             secret_block=args.sql_secret,
             table=args.table,
             query=args.query,
@@ -418,8 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = sub.add_parser("ingest", parents=[common], help="ingest and validate a dataset")
     ingest.add_argument("--spec", required=True, help="dataset spec YAML")
-    ingest.add_argument("source", nargs="?", help="CSV or Parquet path or fsspec URI")
-    ingest.add_argument("--sql-url", help="SQLAlchemy URL of the source database")
+    ingest.add_argument("source", nargs="?", help="CSV or Parquet path or fsspec URI (one with credentials in it is "
+                        "refused: give them through the environment or fsspec's configuration)")
+    ingest.add_argument("--sql-url", help="SQLAlchemy URL of the source database (handed to the flow through the "
+                        "environment, never as a parameter; a command line is visible to other users: prefer "
+                        "--sql-url-env or --sql-secret when it holds a password)")
     ingest.add_argument("--sql-url-env", help="environment variable holding the SQL URL")
     ingest.add_argument("--sql-secret", help="Prefect Secret block holding the SQL URL")
     group = ingest.add_mutually_exclusive_group()
@@ -543,6 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_environment(verbose=getattr(args, "verbose", False))
     try:
+        _refuse_credentials(args)
         payload = args.handler(args)
     except DriftloopError as exc:
         print(f"driftloop: error: {exc}", file=sys.stderr)
