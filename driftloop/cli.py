@@ -360,12 +360,19 @@ def cmd_infra_apply(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from driftloop.demo import run_demo, run_loop_demo
 
+    if args.stop:
+        from driftloop.local_stack import stop_recorded
+        from driftloop.settings import get_settings
+
+        return {"stopped": stop_recorded(get_settings().home_dir)}
     if args.loop:
-        return run_loop_demo(trials=args.trials, keep_running=args.keep_running)
+        return run_loop_demo(trials=args.trials, keep_running=args.keep_running, yes_this_server=args.yes_this_server)
     return run_demo(trials=args.trials)
 
 
 def _human_demo(p: dict[str, Any]) -> str:
+    if "stopped" in p:
+        return "\n".join(f"{e['role']} (pid {e['pid']}): {e['why']}" for e in p["stopped"]) or "nothing was running"
     if "retrain" in p:
         lines = [f"Prefect UI: {p['ui']}" + ("" if p["kept_running"] else " (stopped; rerun with --keep-running to browse it)")]
         lines += [f"  {name:<18} {step['state']:<10} flow run {step['flow_run']}" for name, step in p["steps"].items()]
@@ -544,7 +551,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="run the lifecycle on the bundled car-loan data")
     demo.add_argument("--trials", type=int, default=10, help="Optuna trials per algorithm (default 10)")
     demo.add_argument("--loop", action="store_true", help="on a real Prefect server with workers, through the deployments and the retrain automation")
-    demo.add_argument("--keep-running", action="store_true", help="with --loop: leave the server and workers running")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="with --loop: leave the server and workers running (stop them with: driftloop demo --stop)")
+    demo.add_argument("--yes-this-server", action="store_true",
+                      help="with --loop and PREFECT_API_URL set: change that server (pools, blocks, deployments with "
+                           "schedules, workers) even though it already holds pools or deployments of driftloop; "
+                           "without it the demo refuses and says what would change")
+    demo.add_argument("--stop", action="store_true",
+                      help="stop the server and workers a --keep-running demo started (their pids are in "
+                           "$DRIFTLOOP_HOME/demo-stack.json), and nothing else")
     demo.set_defaults(handler=cmd_demo, human=_human_demo)
 
     gc = sub.add_parser(
