@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 export NML_DISABLE_USAGE_LOGGING := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv demo test test-fast lock postgres-bin chromium-bin lint clean server worker pools deploy
+.PHONY: venv demo demo-stop test test-fast lock postgres-bin chromium-bin lint clean server worker pools deploy
 
 venv: $(STAMP)
 
@@ -34,9 +34,15 @@ lock: venv
 	  --quiet -o $(LOCK)
 
 # The loop on a real Prefect server: deploy, workers, train -> score -> monitor, and
-# the drift event's automated retrain. KEEP=1 leaves server and workers running.
+# the drift event's automated retrain. KEEP=1 leaves server and workers running (stop
+# them with `make demo-stop`). With PREFECT_API_URL set the demo refuses a server that
+# already holds driftloop's pools or deployments unless YES_THIS_SERVER=1.
 demo: venv
-	$(BIN)/driftloop demo --loop --trials 5 $(if $(KEEP),--keep-running,)
+	$(BIN)/driftloop demo --loop --trials 5 $(if $(KEEP),--keep-running,) $(if $(YES_THIS_SERVER),--yes-this-server,)
+
+# Stop the server and workers of a `make demo KEEP=1`, by the pids it recorded.
+demo-stop: venv
+	$(BIN)/driftloop demo --stop
 
 # PostgreSQL server binaries for the registry tests (Debian's package; CI runs as root).
 postgres-bin:

@@ -23,6 +23,19 @@ from driftloop.spec import format_validation_error
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+CLI_SQL_URL_ENV = "DRIFTLOOP_CLI_SQL_URL"  # where --sql-url is handed to the ingest flow
+# Options that take a path or URI: one with credentials in it is refused before anything runs.
+URI_OPTIONS = {"source": "SOURCE", "input": "--input", "output": "--output", "labels": "--labels",
+               "dask_address": "--dask-address"}
+
+
+def _refuse_credentials(args: argparse.Namespace) -> None:
+    from driftloop.redact import refuse_credentials
+
+    for attr, option in URI_OPTIONS.items():
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            refuse_credentials(value, option)
 
 
 def _emit(payload: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
@@ -56,9 +69,16 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
 
     sql = None
     if args.sql_url or args.sql_url_env or args.sql_secret:
+        if sum(1 for given in (args.sql_url, args.sql_url_env, args.sql_secret) if given) > 1:
+            raise DriftloopError("give one of --sql-url, --sql-url-env or --sql-secret")
+        url_env = args.sql_url_env
+        if args.sql_url:
+            # Handed to the flow the way --sql-url-env is: the URL (and its password) never
+            # becomes a flow-run parameter, which Prefect stores as given.
+            os.environ[CLI_SQL_URL_ENV] = args.sql_url
+            url_env = CLI_SQL_URL_ENV
         sql = SqlSource(
-            url=args.sql_url,
-            url_env=args.sql_url_env,
+            url_env=url_env,
             secret_block=args.sql_secret,
             table=args.table,
             query=args.query,
@@ -345,12 +365,19 @@ def cmd_infra_apply(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from driftloop.demo import run_demo, run_loop_demo
 
+    if args.stop:
+        from driftloop.local_stack import stop_recorded
+        from driftloop.settings import get_settings
+
+        return {"stopped": stop_recorded(get_settings().home_dir)}
     if args.loop:
-        return run_loop_demo(trials=args.trials, keep_running=args.keep_running)
+        return run_loop_demo(trials=args.trials, keep_running=args.keep_running, yes_this_server=args.yes_this_server)
     return run_demo(trials=args.trials)
 
 
 def _human_demo(p: dict[str, Any]) -> str:
+    if "stopped" in p:
+        return "\n".join(f"{e['role']} (pid {e['pid']}): {e['why']}" for e in p["stopped"]) or "nothing was running"
     if "retrain" in p:
         lines = [f"Prefect UI: {p['ui']}" + ("" if p["kept_running"] else " (stopped; rerun with --keep-running to browse it)")]
         lines += [f"  {name:<18} {step['state']:<10} flow run {step['flow_run']}" for name, step in p["steps"].items()]
@@ -454,8 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = sub.add_parser("ingest", parents=[common], help="ingest and validate a dataset")
     ingest.add_argument("--spec", required=True, help="dataset spec YAML")
-    ingest.add_argument("source", nargs="?", help="CSV or Parquet path or fsspec URI")
-    ingest.add_argument("--sql-url", help="SQLAlchemy URL of the source database")
+    ingest.add_argument("source", nargs="?", help="CSV or Parquet path or fsspec URI (one with credentials in it is "
+                        "refused: give them through the environment or fsspec's configuration)")
+    ingest.add_argument("--sql-url", help="SQLAlchemy URL of the source database (handed to the flow through the "
+                        "environment, never as a parameter; a command line is visible to other users: prefer "
+                        "--sql-url-env or --sql-secret when it holds a password)")
     ingest.add_argument("--sql-url-env", help="environment variable holding the SQL URL")
     ingest.add_argument("--sql-secret", help="Prefect Secret block holding the SQL URL")
     group = ingest.add_mutually_exclusive_group()
@@ -564,7 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="run the lifecycle on the bundled car-loan data")
     demo.add_argument("--trials", type=int, default=10, help="Optuna trials per algorithm (default 10)")
     demo.add_argument("--loop", action="store_true", help="on a real Prefect server with workers, through the deployments and the retrain automation")
-    demo.add_argument("--keep-running", action="store_true", help="with --loop: leave the server and workers running")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="with --loop: leave the server and workers running (stop them with: driftloop demo --stop)")
+    demo.add_argument("--yes-this-server", action="store_true",
+                      help="with --loop and PREFECT_API_URL set: change that server (pools, blocks, deployments with "
+                           "schedules, workers) even though it already holds pools or deployments of driftloop; "
+                           "without it the demo refuses and says what would change")
+    demo.add_argument("--stop", action="store_true",
+                      help="stop the server and workers a --keep-running demo started (their pids are in "
+                           "$DRIFTLOOP_HOME/demo-stack.json), and nothing else")
     demo.set_defaults(handler=cmd_demo, human=_human_demo)
 
     gc = sub.add_parser(
@@ -590,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_environment(verbose=getattr(args, "verbose", False))
     try:
+        _refuse_credentials(args)
         payload = args.handler(args)
     except DriftloopError as exc:
         print(f"driftloop: error: {exc}", file=sys.stderr)

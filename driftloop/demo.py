@@ -41,17 +41,27 @@ def run_demo(trials: int = 10) -> dict[str, Any]:
 FIRST_LABELS_UNTIL = "2019-07-01"
 
 
-def run_loop_demo(trials: int = 5, keep_running: bool = False) -> dict[str, Any]:
+# How long the demo waits for the monitor's event to start a retrain, and then for that
+# retrain to end (it trains on CPU in the demo: minutes).
+RETRAIN_TRIGGER_TIMEOUT_S = 120
+RETRAIN_FINISH_TIMEOUT_S = 3600
+
+
+def run_loop_demo(trials: int = 5, keep_running: bool = False, yes_this_server: bool = False) -> dict[str, Any]:
     """The loop on a real Prefect server: deploy, start workers, run train -> score ->
     labels -> monitor through the deployments, let the monitor's event start the retrain,
-    then compare the old and the new champion on labelled data neither has seen."""
+    then compare the old and the new champion on labelled data neither has seen.
+
+    With ``PREFECT_API_URL`` set the demo would change that server (pools, blocks,
+    deployments with schedules, workers): refused, saying what would change, when the
+    server already holds pools or deployments of this project, unless ``yes_this_server``."""
     import os
 
     from driftloop.local_stack import LocalStack
     from driftloop.settings import get_settings
 
     settings = get_settings()
-    with LocalStack(settings.home_dir, keep_running=keep_running) as stack:
+    with LocalStack(settings.home_dir, keep_running=keep_running, yes_this_server=yes_this_server) as stack:
         os.environ["PREFECT_API_URL"] = stack.api_url  # before Prefect reads its settings
         from driftloop.registry import open_registry
 
@@ -66,7 +76,8 @@ def run_loop_demo(trials: int = 5, keep_running: bool = False) -> dict[str, Any]
         for name, params in (("train/car-loan", {"trials": trials}), ("score/car-loan", {}),
                              ("labels/car-loan", {"source": str(first_labels)}), ("monitor/car-loan", {})):
             steps[name] = _run_and_wait(name, params)
-        retrain = _wait_for_retrain(since=started, timeout_s=120)
+        retrain = _wait_for_retrain(since=started, timeout_s=RETRAIN_TRIGGER_TIMEOUT_S,
+                                    finish_timeout_s=RETRAIN_FINISH_TIMEOUT_S)
         registry = open_registry(settings.registry_database_url())
         versions = [
             {"version": v.version, "trigger": v.trigger, "gate_passed": v.gate["passed"], "reasons": v.gate["reasons"],
@@ -168,9 +179,14 @@ def _run_and_wait(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
     return {"flow_run": run.name, "state": run.state.name}
 
 
-def _wait_for_retrain(since: Any, timeout_s: float) -> dict[str, Any]:
+def _wait_for_retrain(since: Any, timeout_s: float, finish_timeout_s: float = RETRAIN_FINISH_TIMEOUT_S) -> dict[str, Any]:
     """The retrain run the automation started after ``since``, once it has ended, with
-    the verdict its artifact records (promoted, rejected, or skipped by the cooldown)."""
+    the verdict its artifact records (promoted, rejected, or skipped by the cooldown).
+
+    Bounded twice: no run of ``retrain/every-model`` within ``timeout_s`` is "not
+    triggered"; a run that has not ended ``finish_timeout_s`` after it was first seen
+    (stuck Pending with no worker, Running forever) is returned in the state it was
+    last seen in, saying what was waited for and how long."""
     import time
 
     from prefect.client.orchestration import get_client
@@ -184,6 +200,7 @@ def _wait_for_retrain(since: Any, timeout_s: float) -> dict[str, Any]:
     )
 
     started = time.monotonic()
+    seen_at: float | None = None
     with get_client(sync_client=True) as client:
         while True:
             runs = [
@@ -193,6 +210,7 @@ def _wait_for_retrain(since: Any, timeout_s: float) -> dict[str, Any]:
                 )
                 if run.created is not None and run.created >= since
             ]
+            now = time.monotonic()
             if runs:
                 run = min(runs, key=lambda r: r.created)
                 if run.state is not None and run.state.is_final():
@@ -200,6 +218,14 @@ def _wait_for_retrain(since: Any, timeout_s: float) -> dict[str, Any]:
                     verdicts = [a.description for a in artifacts if a.key and a.key.startswith("retrain-")]
                     return {"flow_run": run.name, "state": run.state.name, "parameters": run.parameters,
                             "verdict": verdicts[0] if verdicts else None}
-            elif time.monotonic() - started > timeout_s:
-                return {"flow_run": None, "state": "not triggered (the monitor's policy did not fire)", "verdict": None}
+                seen_at = now if seen_at is None else seen_at
+                if now - seen_at > finish_timeout_s:
+                    state = run.state.name if run.state is not None else "without a state"
+                    return {"flow_run": run.name, "parameters": run.parameters, "verdict": None,
+                            "state": f"{state}, not ended after {finish_timeout_s:g} s (waited for retrain/every-model "
+                                     f"flow run {run.name} to reach a final state; see it in the UI)"}
+            elif now - started > timeout_s:
+                return {"flow_run": None, "verdict": None,
+                        "state": f"not triggered: no retrain/every-model flow run within {timeout_s:g} s of the "
+                                 "monitor (its policy did not fire, or the automation started no run)"}
             time.sleep(2)

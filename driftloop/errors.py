@@ -61,3 +61,7 @@ def is_unreachable(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+class CredentialsInUri(SourceError):
+    """A URI with credentials in it (a password, a token, a signature); refused before anything runs."""

@@ -11,6 +11,9 @@ quarantine instead of being dropped.
 
 :func:`list_input_files` and :func:`parquet_row_groups` name the pieces of an input
 without reading it, so partitioned scoring can hand out references, never data.
+
+A URI with credentials in it (``s3://key:secret@...``, ``?X-Amz-Signature=...``) is
+refused here before anything is opened (:func:`driftloop.redact.refuse_credentials`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import pyarrow.parquet as pq
 from fsspec.utils import infer_compression
 
 from driftloop.errors import SourceError
-from driftloop.redact import mask_uri
+from driftloop.redact import mask_uri, refuse_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ def list_input_files(uri: str) -> list[InputFile]:
     skipped), or the files a glob matches."""
     from driftloop.demo_data import resolve_demo_uri
 
-    uri = resolve_demo_uri(uri)
+    uri = resolve_demo_uri(refuse_credentials(uri))
     shown = mask_uri(uri)
     try:
         fs, path = fsspec.core.url_to_fs(uri)
@@ -178,7 +181,7 @@ def parquet_row_groups(uri: str) -> list[int]:
 
 def _open(uri: str) -> Any:
     """A binary handle on the decompressed content; a missing file is a SourceError."""
-    shown = mask_uri(uri)
+    shown = mask_uri(refuse_credentials(uri))
     try:
         return fsspec.open(uri, "rb", compression="infer").open()
     except FileNotFoundError:

@@ -1,10 +1,16 @@
 """A local Prefect stack for the demo: a server on 127.0.0.1 (unless PREFECT_API_URL is
 set), the pools, blocks and deployments of this repository, and process workers.
 Everything it starts it stops again, workers before the server, unless asked to keep
-it running."""
+it running.
+
+What it started is written to ``<DRIFTLOOP_HOME>/demo-stack.json`` (pid and start time
+of each process): ``driftloop demo --stop`` stops exactly those, and nothing else that
+happens to be called ``prefect worker`` on the machine (:func:`stop_recorded`)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -47,6 +53,72 @@ def server_environment(port: int, prefect_home: Path) -> dict[str, str]:
     return env
 
 
+PID_FILE = "demo-stack.json"
+
+
+def _started_at(pid: int) -> float | None:
+    """When process ``pid`` started (an opaque number, the same for the same process), or
+    None when there is no such process. A recycled pid gets a new start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return float(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass
+    try:  # no /proc (macOS): psutil where it is installed
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except ImportError:
+        return None
+    except Exception:  # noqa: BLE001 - psutil.NoSuchProcess and friends
+        return None
+
+
+def stop_recorded(home: Path, *, timeout_s: float = 30) -> list[dict[str, object]]:
+    """Stop the processes a kept-running demo recorded in ``home/demo-stack.json``,
+    workers before the server, each with its process group (a worker's flow-run
+    processes): SIGTERM, then SIGKILL after ``timeout_s``. A recorded pid whose process
+    has gone, or whose start time differs (the pid was reused), is left alone. Returns
+    what was recorded, each with what happened to it."""
+    path = home / PID_FILE
+    if not path.exists():
+        raise DriftloopError(f"no running demo recorded in {path}: nothing to stop (start one with: make demo KEEP=1)")
+    recorded = json.loads(path.read_text())["processes"]
+    done = []
+    for entry in sorted(recorded, key=lambda e: e["role"] == "server"):  # workers first
+        pid = int(entry["pid"])
+        if _started_at(pid) != entry["started_at"]:
+            done.append({**entry, "stopped": False, "why": "no longer running"})
+            continue
+        try:
+            os.killpg(pid, signal.SIGTERM)  # the demo started it in a session of its own
+        except ProcessLookupError:
+            done.append({**entry, "stopped": False, "why": "no longer running"})
+            continue
+        deadline = time.monotonic() + timeout_s
+        while _started_at(pid) == entry["started_at"] and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.1)
+        why = "ended on SIGTERM"
+        if _started_at(pid) == entry["started_at"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            why = f"killed (SIGKILL) after {timeout_s:g} s"
+        done.append({**entry, "stopped": True, "why": why})
+    path.unlink()
+    return done
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid`` if it is this process's child (a zombie still has its /proc entry)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
 def _healthy(api_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
@@ -55,10 +127,63 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
+def _prefect_yaml_deployments() -> list[tuple[str, str]]:
+    """``(name, entrypoint)`` of each deployment in this repository's prefect.yaml."""
+    import yaml
+
+    document = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    return [(d["name"], d["entrypoint"]) for d in document.get("deployments", [])]
+
+
+def ours_on_server() -> dict[str, list[str]]:
+    """The work pools and deployments of this project already on the server that
+    ``PREFECT_API_URL`` names (pools by name, deployments as ``flow/name``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+
+    from driftloop.infra import POOLS
+
+    names = sorted({name for name, _ in _prefect_yaml_deployments()})
+    try:
+        with get_client(sync_client=True) as client:
+            pools = client.read_work_pools(work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=list(POOLS))))
+            deployments = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
+            flows = {d.flow_id: client.read_flow(d.flow_id).name for d in deployments}
+    except Exception as exc:  # noqa: BLE001 - httpx and Prefect raise many kinds; one line says which server
+        raise DriftloopError(f"the Prefect server at PREFECT_API_URL={os.environ.get('PREFECT_API_URL')} cannot be "
+                             f"read ({type(exc).__name__}: {exc}); check it, or unset PREFECT_API_URL for a private "
+                             "demo server") from None
+    return {"pools": sorted(p.name for p in pools),
+            "deployments": sorted(f"{flows[d.flow_id]}/{d.name}" for d in deployments)}
+
+
+def what_the_demo_changes(api_url: str, ours: dict[str, list[str]]) -> str:
+    """In words: what ``make demo`` would do to the server at ``api_url``, given what of
+    this project is already there."""
+    from driftloop.infra import POOLS
+
+    deployments = _prefect_yaml_deployments()
+    pools = ", ".join(f"{p} ({'updated: its base job template and concurrency limit reset' if p in ours['pools'] else 'created'})"
+                      for p in POOLS)
+    existing = f" (replacing {', '.join(ours['deployments'])})" if ours["deployments"] else ""
+    return (f"on {api_url} the demo would: create or update the work pools {pools}; register the driftloop block "
+            f"types; deploy the {len(deployments)} deployments of prefect.yaml ("
+            + ", ".join(f"{entry} as {name}" for name, entry in deployments)
+            + f"){existing}, with their nightly score and monitor schedules and the retrain automation; start a "
+            "cpu and a gpu worker polling it (they run whatever is scheduled on those pools); and run train, score, "
+            "labels, monitor and a retrain of car_loan through them")
+
+
 @dataclass
 class LocalStack:
     home: Path
     keep_running: bool = False
+    yes_this_server: bool = False  # with PREFECT_API_URL set: change that server even if it holds our pools or deployments
     api_url: str = ""
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     server: subprocess.Popen[bytes] | None = None
@@ -76,6 +201,7 @@ class LocalStack:
     def start_server(self) -> None:
         if os.environ.get("PREFECT_API_URL"):
             self.api_url = os.environ["PREFECT_API_URL"]
+            self.check_foreign_server()
             return
         port = _free_port()
         self.api_url = f"http://127.0.0.1:{port}/api"
@@ -87,12 +213,27 @@ class LocalStack:
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        self._record()
         deadline = time.monotonic() + 180
         while not _healthy(self.api_url):
             if self.server.poll() is not None or time.monotonic() > deadline:
                 raise DriftloopError(f"the Prefect server did not start; see {self.home / 'prefect-server.log'}")
             time.sleep(0.5)
         self.crash_orphaned_runs()
+
+    def check_foreign_server(self) -> None:
+        """A server this stack did not start may be someone's production server: refuse
+        to change it when it already holds pools or deployments of this project, unless
+        ``yes_this_server``; the refusal says what the demo would change."""
+        if self.yes_this_server:
+            return
+        ours = ours_on_server()
+        if ours["pools"] or ours["deployments"]:
+            found = ", ".join([*(f"work pool {p}" for p in ours["pools"]), *(f"deployment {d}" for d in ours["deployments"])])
+            raise DriftloopError(
+                f"PREFECT_API_URL names a server the demo did not start, and it already holds {found}: "
+                f"{what_the_demo_changes(self.api_url, ours)}. Rerun with --yes-this-server (make demo "
+                "YES_THIS_SERVER=1) if that is what you want, or unset PREFECT_API_URL for a private server on 127.0.0.1")
 
     def crash_orphaned_runs(self) -> list[str]:
         """End the runs an earlier, interrupted stack left behind: pending or running ones
@@ -136,10 +277,19 @@ class LocalStack:
                 [str(BIN / "prefect"), "worker", "start", "--pool", pool],
                 cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             ))
+        self._record()
+
+    def _record(self) -> None:
+        """Write what this stack started (pid, start time, role) to ``home/demo-stack.json``
+        for ``driftloop demo --stop``."""
+        started = ([("server", self.server)] if self.server else []) + [
+            (f"worker {' '.join(p.args[-2:])}" if isinstance(p.args, list) else "worker", p) for p in self.processes]
+        entries = [{"role": role, "pid": p.pid, "started_at": _started_at(p.pid)} for role, p in started]
+        (self.home / PID_FILE).write_text(json.dumps({"api_url": self.api_url, "processes": entries}, indent=1))
 
     def stop(self) -> None:
         if self.keep_running:
-            return
+            return  # demo-stack.json stays: `driftloop demo --stop` stops them later
         for proc in self.processes:  # workers first: they report to the server
             proc.send_signal(signal.SIGTERM)
         for proc in [*self.processes, *([self.server] if self.server else [])]:
@@ -150,6 +300,7 @@ class LocalStack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        (self.home / PID_FILE).unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         self.home.mkdir(parents=True, exist_ok=True)

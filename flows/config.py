@@ -8,25 +8,45 @@
   the retrain automation and the retrain reads the same table or query again.
 - ``dask_block``: the name of a ``driftloop-dask`` block; its scheduler address is where
   ``score`` runs partitioned scoring (see :func:`dask_block_address`).
+
+:func:`run_settings`, which every flow calls first, refuses a run whose parameters hold a
+URI with credentials in it, before anything is logged, read or recorded.
 """
 
 from __future__ import annotations
 
 from driftloop.errors import DriftloopError
+from driftloop.redact import refuse_credentials, refuse_credentials_in
 from driftloop.settings import Settings, get_settings
 from tasks.ingest import SqlSource
 
 SQL_BLOCK_PREFIX = "sql-block:"
 
 
-def run_settings(registry_block: str | None = None) -> Settings:
-    settings = get_settings()
-    if not registry_block:
-        return settings
-    from blocks.driftloop_blocks import RegistryConnection
+def refuse_credentials_in_run() -> None:
+    """Refuse this flow run when any of its parameters holds a URI with credentials in it
+    (see :mod:`driftloop.redact`): before the flow logs, reads or records anything. A
+    no-op outside a flow run. Every flow calls it first, through :func:`run_settings`."""
+    from prefect.context import FlowRunContext
 
-    block = _load(RegistryConnection, registry_block, "driftloop-registry")
-    return settings.model_copy(update={"registry_url": block.url, "artifact_root": block.artifact_root or settings.artifact_root})
+    context = FlowRunContext.get()
+    if context is not None and context.parameters:
+        refuse_credentials_in(context.parameters)
+
+
+def run_settings(registry_block: str | None = None) -> Settings:
+    """The run's settings; first, the run's parameters are checked for credentials
+    (:func:`refuse_credentials_in_run`), and so is the artifact root the settings name."""
+    refuse_credentials_in_run()
+    settings = get_settings()
+    if registry_block:
+        from blocks.driftloop_blocks import RegistryConnection
+
+        block = _load(RegistryConnection, registry_block, "driftloop-registry")
+        settings = settings.model_copy(update={"registry_url": block.url,
+                                               "artifact_root": block.artifact_root or settings.artifact_root})
+    refuse_credentials(settings.artifact_root_uri(), "the artifact root (DRIFTLOOP_ARTIFACT_ROOT or the registry block's)")
+    return settings
 
 
 def resolve_source(source: str) -> str | SqlSource:

@@ -8,6 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
+from driftloop.markdown import md_code
 from driftloop.registry import open_registry
 from driftloop.spec import DatasetSpec, load_spec
 from driftloop.storage import ArtifactStore
@@ -106,10 +107,12 @@ def ingest(
 
 
 def _summary_markdown(summary: IngestResult, source: str) -> str:
+    """The ingestion artifact. The source and the ignored columns' names come from
+    outside (the file's header): they go in as text, never as markup."""
     lines = [
         f"# Dataset `{summary.dataset_id}` ({summary.name})",
         "",
-        f"Source: `{source}`",
+        f"Source: {md_code(source)}",
         "",
         "| rows in | valid | quarantined |",
         "|---:|---:|---:|",
@@ -120,5 +123,5 @@ def _summary_markdown(summary: IngestResult, source: str) -> str:
     if summary.quarantine_uri:
         lines.append(f"Quarantine: `{summary.quarantine_uri}`")
     if summary.ignored_columns:
-        lines.append(f"Ignored columns (not in spec): {', '.join(summary.ignored_columns)}")
+        lines.append(f"Ignored columns (not in spec): {', '.join(md_code(c) for c in summary.ignored_columns)}")
     return "\n".join(lines)

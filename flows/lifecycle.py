@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from driftloop.registry.store import parse_model_ref
 from driftloop.spec import load_spec
+from flows.config import refuse_credentials_in_run
 from flows.ingest import IngestResult, ingest
 from flows.monitor import MonitorResult, monitor
 from flows.score import ScoreSummary, score
@@ -31,6 +32,7 @@ def lifecycle(
     trials: int = 10,
     registry_block: str | None = None,
 ) -> LifecycleResult:
+    refuse_credentials_in_run()  # its sub-flows check their own; this run's parameters are refused first
     name = load_spec(spec_path).name
     ingested = ingest(spec_path=spec_path, source=training_source, registry_block=registry_block)
     trained = train(spec_path=spec_path, dataset_id=ingested.dataset_id, trials=trials, registry_block=registry_block)

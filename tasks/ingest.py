@@ -106,6 +106,80 @@ def read_file(uri: str) -> RawBatch:
 # --- SQL ---------------------------------------------------------------------------
 
 
+_DOLLAR_QUOTE = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
+
+
+def _statements(query: str, *, backslash: bool, dollar: bool, nested: bool) -> int:
+    """Statements in ``query`` under one set of quoting rules: ``;`` outside strings,
+    quoted identifiers and comments ends one; a piece holding only comments is none."""
+    count, content, i, n = 0, False, 0, len(query)
+    while i < n:
+        c = query[i]
+        if c == ";":
+            count, content, i = count + content, False, i + 1
+        elif c.isspace():
+            i += 1
+        elif query.startswith("--", i):
+            end = query.find("\n", i)
+            i = n if end < 0 else end + 1
+        elif query.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if nested and query.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif query.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+        else:
+            content = True
+            dollar_quote = _DOLLAR_QUOTE.match(query, i) if dollar and c == "$" else None
+            if c in "'\"`":
+                i += 1
+                while i < n:
+                    escaped = backslash and query[i] == "\\"
+                    if escaped or (query[i] == c and query.startswith(c, i + 1)):  # or a doubled quote
+                        i += 2
+                    elif query[i] == c:
+                        i += 1
+                        break
+                    else:
+                        i += 1
+            elif dollar_quote and not (i and (query[i - 1].isalnum() or query[i - 1] == "_")):
+                tag = dollar_quote.group(0)
+                end = query.find(tag, dollar_quote.end())
+                i = n if end < 0 else end + len(tag)
+            else:
+                i += 1
+    return count + content
+
+
+def count_statements(query: str) -> int:
+    """How many SQL statements ``query`` holds, the most any dialect's quoting rules give
+    (backslash escapes or not, PostgreSQL's dollar quotes or not, nested block comments or
+    not): a query that is one statement in one dialect and two in another counts as two."""
+    return max(_statements(query, backslash=b, dollar=d, nested=m)
+               for b in (False, True) for d in (False, True) for m in (False, True))
+
+
+def _extended_protocol(engine: Any) -> None:
+    """Make psycopg send every statement with the extended protocol (prepared): the
+    simple protocol it uses for a query without parameters runs several statements, and
+    ``SELECT 1; COMMIT; DELETE ...`` would commit its delete despite the read-only
+    transaction. A prepared statement is exactly one statement."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "do_execute")
+    def _prepared(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        cursor.execute(statement, parameters, prepare=True)
+        return True
+
+    @event.listens_for(engine, "do_execute_no_params")
+    def _prepared_no_params(cursor: Any, statement: str, context: Any) -> bool:
+        cursor.execute(statement, prepare=True)
+        return True
+
+
 _READ_ONLY_REFUSAL = re.compile(r"read-only transaction|readonly database|read only", re.IGNORECASE)
 
 
@@ -125,12 +199,20 @@ def _read_only(conn: Any, label: str) -> None:
 
 
 def read_sql(source: SqlSource) -> RawBatch:
+    """The rows of a table or of one query, read in a read-only transaction. A query
+    holding more than one statement is refused before anything connects; on PostgreSQL
+    every statement goes with the extended protocol, which runs exactly one."""
     url = source.resolve_url()
     label = source.describe(url)
+    if source.query and (statements := count_statements(source.query)) > 1:
+        raise SourceError(f"SQL source {label}: the query holds more than one statement ({statements}); "
+                          "give one SELECT (a ';' may end it)")
     try:
         engine = create_engine(url)
     except (SQLAlchemyError, ValueError, ImportError) as exc:
         raise SourceError(f"SQL source {masked_url(url)}: invalid URL or missing driver: {exc}") from None
+    if engine.dialect.driver == "psycopg":
+        _extended_protocol(engine)
     try:
         with engine.connect() as conn:
             _read_only(conn, label)

@@ -156,11 +156,17 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:
 
 
 def masked_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe to log and show."""
+    """The URL with any password (in the user part or a ``?password=`` parameter) replaced
+    by ***, safe to log and show; a string that is not a URL is shown as ``***`` only."""
+    from driftloop.redact import MASK, mask_uri
+
+    if "://" not in url:
+        return MASK
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        shown = make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show only its scheme
-        return url.split("://", 1)[0] + "://***"
+        return url.split("://", 1)[0] + "://" + MASK
+    return mask_uri(shown)
 
 
 def create_registry_engine(url: str, *, lock_timeout_s: float = 30) -> Engine:

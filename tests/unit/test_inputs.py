@@ -79,3 +79,16 @@ def test_inputs_that_cannot_be_read_say_so(tmp_path: Path) -> None:
     make_loans(5).write_csv(tmp_path / "b.csv")
     with pytest.raises(SourceError, match="mixes CSV and Parquet"):
         read_input(str(tmp_path))
+
+
+@pytest.mark.parametrize("read", [read_input, list_input_files, parquet_row_groups, lambda uri: iter_input(uri, 10)])
+def test_a_uri_with_credentials_is_refused_before_anything_is_opened(read, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader is the choke point every stage reads through: nothing is opened."""
+    import fsspec
+
+    opened: list[str] = []
+    monkeypatch.setattr(fsspec, "open", lambda uri, *a, **k: opened.append(uri))
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda uri, *a, **k: opened.append(uri))
+    with pytest.raises(SourceError, match=r"s3://AKIAKEY:\*\*\*@bucket/x.parquet holds credentials") as err:
+        read("s3://AKIAKEY:wJalr/K7MDENG#x@bucket/x.parquet")
+    assert "K7MDENG" not in str(err.value) and opened == []

@@ -102,3 +102,63 @@ def test_a_query_that_writes_fails_and_changes_nothing_postgres(postgres) -> Non
             read_sql(SqlSource(url=SecretStr(url), query=query))
     assert _rows(url) == 2
     assert read_sql(SqlSource(url=SecretStr(url), query="SELECT * FROM loans")).rows_in == 2
+
+
+def _pg_loans(postgres, name: str) -> str:
+    url = postgres.create_database(name)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (id INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1), (2), (3)")
+    engine.dispose()
+    return url
+
+
+def _count(url: str, table: str = "t") -> int:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        count = conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar_one()
+    engine.dispose()
+    return count
+
+
+ESCAPES = ["SELECT 1; COMMIT; DELETE FROM t", "SELECT 1 AS id; COMMIT; DELETE FROM t; SELECT 1 AS id",
+           "select 1;commit;delete from t;", "SELECT 1 /* ; */; COMMIT; DELETE FROM t -- ;"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("query", ESCAPES)
+def test_more_than_one_statement_is_refused_and_the_table_keeps_its_rows(postgres, query: str) -> None:
+    url = _pg_loans(postgres, f"sql_escape_{ESCAPES.index(query)}")
+    with pytest.raises(SourceError, match="holds more than one statement"):
+        read_sql(SqlSource(url=SecretStr(url), query=query))
+    assert _count(url) == 3
+
+
+@pytest.mark.postgres
+def test_without_the_statement_check_the_extended_protocol_still_runs_one_statement(postgres, monkeypatch) -> None:
+    """The second wall on its own: with the statement count check out of the way, psycopg
+    is made to use the extended protocol, which runs one statement per query."""
+    import tasks.ingest
+
+    url = _pg_loans(postgres, "sql_escape_extended")
+    monkeypatch.setattr(tasks.ingest, "count_statements", lambda query: 1)
+    with pytest.raises(SourceError, match="cannot insert multiple commands"):
+        read_sql(SqlSource(url=SecretStr(url), query="SELECT 1 AS id; COMMIT; DELETE FROM t"))
+    assert _count(url) == 3
+    assert read_sql(SqlSource(url=SecretStr(url), query="SELECT id FROM t")).rows_in == 3  # one SELECT still reads
+
+
+@pytest.mark.parametrize(("query", "count"), [
+    ("SELECT 1", 1), ("SELECT 1;", 1), ("  SELECT ';' AS semi ;  ", 1), ('SELECT 1 AS "a;b"', 1),
+    ("SELECT $$a$$, $tag$ b $tag$", 1), ("SELECT 1 -- ; trailing comment", 1), ("SELECT /* ; */ 1", 1),
+    ("SELECT 'it''s;'", 1), ("SELECT 1; SELECT 2", 2), ("SELECT 1;;", 1), ("SELECT 1; -- only a comment", 1),
+    ("SELECT 1; COMMIT; DELETE FROM t", 3), ("SELECT E'\\\\'; DELETE FROM t", 2), ("SELECT E'a\\'; b'", 2),
+    ("SELECT $x$; DELETE FROM t; $x$", 3), ("SELECT 1 AS `;`", 1), ("SELECT 1 /* /* */ ; DELETE */", 2),
+    # one statement in PostgreSQL, more where '$' does not quote (MySQL): counted as more, refused
+    ("SELECT $$;$$, $tag$ ; $tag$", 3),
+])
+def test_statements_are_counted_outside_strings_identifiers_and_comments(query: str, count: int) -> None:
+    from tasks.ingest import count_statements
+
+    assert count_statements(query) == count
