@@ -58,7 +58,11 @@ def test_one_retrain_deployment_serves_every_model_and_takes_only_its_name_from_
     # The payload is untrusted: nothing from it reaches the flow, only the resource's name.
     assert trigger["parameters"] == {"model": "{{ event.resource['driftloop.model.name'] }}"}
     assert "payload" not in json.dumps(trigger)
-    assert retrain["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    # Fan-in: no deployment-wide limit (it would cancel model B's retrain while A's runs);
+    # debounced per model instead, serialised per model by the flow's lease.
+    assert "concurrency_limit" not in retrain
+    assert trigger["for_each"] == ["driftloop.model.name"] and trigger["posture"] == "Reactive"
+    assert trigger["threshold"] == 1 and trigger["within"] > 0
     flow = load_flow(retrain["entrypoint"])
     flow.validate_parameters({**retrain["parameters"], "model": "car_loan"})
     # The flow has no parameter through which a source or dataset could be chosen.
