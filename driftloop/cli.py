@@ -393,6 +393,12 @@ def _human_demo(p: dict[str, Any]) -> str:
                 lines.append(f"    trained on window {w['policy']}: {w['rows']:,} labelled rows, {w['start'][:10]} .. {w['end'][:10]} "
                              f"({w['new_labels']:,} newer than the previous champion's data, from {len(w['scoring_runs'])} scoring run(s))")
         lines.append("  aliases: " + ", ".join(f"{a} -> v{n}" for a, n in p["aliases"].items()))
+        for name, snaps in (p.get("tables") or {}).items():
+            lines.append(f"  table {name}, newest snapshots first (the loop's memory; read any of them again with "
+                         "pl.scan_iceberg(table, snapshot_id=...)):")
+            lines += [f"    {s['snapshot_id']}  {s['committed_at']}  {s['operation']:<9} +{s['added_rows']:,} "
+                      f"-{s['deleted_rows']:,} rows = {s['total_rows']:,}" + (f"  ({s['by']})" if s["by"] else "")
+                      for s in snaps]
         later = p.get("later_period")
         if later:
             lines.append(f"  later labelled data (analysis rows from {later['from']}, {later['rows']:,} rows, unseen by every model):")

@@ -85,8 +85,14 @@ def run_loop_demo(trials: int = 5, keep_running: bool = False, yes_this_server: 
             for v in sorted(registry.list_versions("car_loan"), key=lambda v: v.version)
         ]
         ui = stack.api_url.removesuffix("/api")
+        from driftloop.tables import history, open_tables
+
+        tables = open_tables(registry.engine, settings.artifact_root_uri())
+        memory = {name: history(table) for name, table in (("predictions.car_loan", tables.predictions("car_loan")),
+                                                           ("labels.car_loan", tables.labels("car_loan"))) if table}
         return {
             "ui": ui, "kept_running": keep_running, "steps": steps, "monitor": latest_monitoring(registry, "car_loan"),
+            "tables": memory,
             "retrain": retrain, "versions": versions, "aliases": registry.aliases("car_loan"),
             "later_period": compare_on_later_labels(registry),
         }

@@ -340,6 +340,28 @@ class Tables:
             return []
 
 
+def history(table: MemoryTable, last: int = 5) -> list[dict[str, Any]]:
+    """The table's newest snapshots, newest first: what a person reads to see the
+    memory grow (id, commit time, operation, rows added and deleted, total rows, and the
+    scoring run or label registration that made it)."""
+    from datetime import UTC, datetime
+
+    out = []
+    for snap in reversed(table.refresh().table.snapshots()[-last:]):
+        summary = snap.summary
+        props = summary.additional_properties if summary else {}
+        out.append({
+            "snapshot_id": snap.snapshot_id,
+            "committed_at": datetime.fromtimestamp(snap.timestamp_ms / 1000, UTC).isoformat(timespec="seconds"),
+            "operation": summary.operation.value if summary else "",
+            "added_rows": int(props.get("added-records", 0)),
+            "deleted_rows": int(props.get("deleted-records", 0)),
+            "total_rows": int(props.get("total-records", 0)),
+            "by": props.get("driftloop.run-id") or props.get("driftloop.registration-id") or "",
+        })
+    return out
+
+
 def _evolve(table: Any, sample: pa.Schema) -> Any:
     """Add the sample's columns that the table lacks (a spec that gained a feature)."""
     have = set(table.schema().column_names)

@@ -19,7 +19,7 @@ from driftloop.legacy_outputs import import_legacy_outputs
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
 from driftloop.storage import ArtifactStore
-from driftloop.tables import open_tables
+from driftloop.tables import history, open_tables
 from flows.config import dask_block_address, run_settings
 from tasks.score import (
     DEFAULT_BATCH_SIZE,
@@ -144,8 +144,8 @@ def score(
         "scored %d of %d rows with %s (%d quarantined) -> %s snapshot %s",
         result.rows_scored, result.rows_in, record.ref, result.rows_quarantined, result.table, result.snapshot_id,
     )
-    history = tables.predictions(record.model_name)
-    snapshots = history.table.snapshots()[-5:] if history is not None else []
+    table = tables.predictions(record.model_name)
+    snapshots = history(table) if table is not None else []
     create_markdown_artifact(
         key=f"scoring-{record.model_name}".replace("_", "-"),
         markdown=(
@@ -155,12 +155,10 @@ def score(
             f"Table: `{result.table}`, snapshot `{result.snapshot_id}` (scoring run `{run.id}`)"
             + (f"\n\nExport: `{mask_uri(export_uri)}`" if export_uri else "")
             + (f"\n\nQuarantine: `{result.quarantine_uri}`" if result.quarantine_uri else "")
-            + "\n\n## The table's latest snapshots\n\n| snapshot | committed (UTC) | operation | rows added | rows deleted | total rows |\n"
-            "|---|---|---|---:|---:|---:|\n"
-            + "".join(f"| `{s.snapshot_id}` | {datetime.fromtimestamp(s.timestamp_ms / 1000, UTC):%Y-%m-%d %H:%M:%S} | "
-                      f"{s.summary.operation.value if s.summary else ''} | {(s.summary or {}).get('added-records', 0)} | "
-                      f"{(s.summary or {}).get('deleted-records', 0)} | {(s.summary or {}).get('total-records', '')} |\n"
-                      for s in reversed(snapshots))
+            + "\n\n## The table's newest snapshots\n\n| snapshot | committed (UTC) | operation | rows added | rows deleted "
+            "| total rows | by |\n|---|---|---|---:|---:|---:|---|\n"
+            + "".join(f"| `{s['snapshot_id']}` | {s['committed_at']} | {s['operation']} | {s['added_rows']} | "
+                      f"{s['deleted_rows']} | {s['total_rows']} | `{s['by']}` |\n" for s in snapshots)
         ),
         description=f"Scoring run {run.id}",
     )
