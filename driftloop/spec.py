@@ -361,13 +361,15 @@ class DatasetSpec(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-MODEL_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")  # a spec's name is its model's name
+# A spec's name is its model's name. Matched whole (fullmatch): with ``match``, ``$`` also
+# matches before a trailing newline, and ``car_loan\n`` would pass.
+MODEL_NAME = re.compile(r"[a-z][a-z0-9_\-]{0,63}")
 
 
 def check_model_name(name: str) -> str:
     """A model name from outside (an event, a CLI argument) before it reaches the
     registry or becomes part of a path."""
-    if not isinstance(name, str) or not MODEL_NAME.match(name):
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise SpecError(
             f"model name {name!r} is not a driftloop model name (lowercase letters, digits, _ and -, starting "
             "with a letter); check the event's driftloop.model.name or the --model argument"
