@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from driftloop.feedback import WindowRecord
+from driftloop.naming import artifact_key
 from driftloop.registry import ModelNotFound, open_registry
 from driftloop.spec import check_model_name
 from driftloop.storage import ArtifactStore
@@ -151,5 +152,5 @@ def _finish(result: RetrainResult) -> RetrainResult:
         if side is not None and side.metrics:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in side.metrics.items())
             lines.append(f"- {role} v{side.version} on the window's holdout: {shown}")
-    create_markdown_artifact(key=f"retrain-{result.model}".replace("_", "-"), markdown="\n".join(lines), description=verdict)
+    create_markdown_artifact(key=artifact_key("retrain", result.model), markdown="\n".join(lines), description=verdict)
     return result

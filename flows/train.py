@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from driftloop.errors import DriftloopError
 from driftloop.feedback import WindowRecord
+from driftloop.naming import artifact_key
 from driftloop.registry import DatasetRecord, VersionDraft, open_registry
 from driftloop.settings import Settings
 from driftloop.spec import DatasetSpec
@@ -167,7 +168,7 @@ def train_and_register(
     })
     parity = parity_task(best, encoding, onnx_bytes, split.train, split.holdout, spec.task, options.parity_min_rows, options.seed)
     if not parity.passed:
-        create_markdown_artifact(key=f"parity-{spec.name}".replace("_", "-"), markdown=f"# ONNX parity failed\n\n{parity.summary()}")
+        create_markdown_artifact(key=artifact_key("parity", spec.name), markdown=f"# ONNX parity failed\n\n{parity.summary()}")
         raise ParityFailed(
             f"ONNX export of {spec.name} ({best.algorithm}) does not match the native model: {parity.summary()}; "
             "registration blocked"
@@ -226,10 +227,9 @@ def _report(record: Any, spec: DatasetSpec, decision: GateDecision, parity: Pari
     """Log, leave the model card and metrics on the flow run, and return the result."""
     headline = card_headline(record, promoted=promoted)
     get_run_logger().info("%s; gate: %s", headline, "; ".join(decision.reasons))
-    key = spec.name.replace("_", "-")
-    create_markdown_artifact(key=f"model-card-{key}", markdown=render_model_card(record, promoted=promoted), description=headline)
+    create_markdown_artifact(key=artifact_key("model-card", spec.name), markdown=render_model_card(record, promoted=promoted), description=headline)
     create_table_artifact(
-        key=f"metrics-{key}", table=[{"metric": k, "value": round(v, 6)} for k, v in metrics.items()],
+        key=artifact_key("metrics", spec.name), table=[{"metric": k, "value": round(v, 6)} for k, v in metrics.items()],
         description=f"Holdout metrics of {record.ref}",
     )
     return TrainResult(
