@@ -217,16 +217,27 @@ def _actor(args: argparse.Namespace) -> str:
     return args.actor or f"cli:{os.environ.get('USER', 'unknown')}"
 
 
+def _expected_champion(registry: Any, args: argparse.Namespace) -> int | None:
+    """The champion the user decided against: ``--expect-champion`` (what they reviewed),
+    else the one seen now. Promote and rollback are compare-and-swaps on it, as a retrain's
+    promotion is: if another promotion or rollback lands first, nothing moves."""
+    if args.expect_champion is not None:
+        return args.expect_champion
+    return registry.aliases(args.name).get("champion")
+
+
 def cmd_models_promote(args: argparse.Namespace) -> dict[str, Any]:
     registry = _registry()
-    registry.promote(args.name, args.version, actor=_actor(args), reason=args.reason)
-    return {"model": args.name, "champion": args.version, "aliases": registry.aliases(args.name)}
+    before = _expected_champion(registry, args)
+    registry.promote(args.name, args.version, actor=_actor(args), reason=args.reason, expected_champion=before)
+    return {"model": args.name, "champion": args.version, "previous": before, "aliases": registry.aliases(args.name)}
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> dict[str, Any]:
     registry = _registry()
-    version = registry.rollback(args.name, actor=_actor(args), reason=args.reason)
-    return {"model": args.name, "champion": version, "aliases": registry.aliases(args.name)}
+    before = _expected_champion(registry, args)
+    version = registry.rollback(args.name, actor=_actor(args), reason=args.reason, expected_champion=before)
+    return {"model": args.name, "champion": version, "previous": before, "aliases": registry.aliases(args.name)}
 
 
 def _progress_bar(enabled: bool) -> None:
@@ -509,7 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("version", type=int)
         p.add_argument("--reason", required=True, help="why (kept in the alias history)")
         p.add_argument("--actor", help="who (default cli:$USER)")
-        p.set_defaults(handler=handler, human=lambda q: f"{q['model']}: champion is now v{q['champion']}")
+        p.add_argument("--expect-champion", type=int, metavar="VERSION",
+                       help="only if the champion is still this version (what you reviewed); default: the champion "
+                            "seen when the command starts")
+        p.set_defaults(handler=handler, human=lambda q: f"{q['model']}: champion is now v{q['champion']} (was v{q['previous']})")
 
     infra = sub.add_parser("infra", help="Prefect work pools")
     infra_sub = infra.add_subparsers(dest="infra_command", required=True)

@@ -37,7 +37,7 @@ def store_onnx(store: ArtifactStore, model_name: str, onnx_bytes: bytes) -> tupl
 
 def register_unaliased(registry: RegistryStore, draft: VersionDraft) -> ModelVersionRecord:
     """Store the version; no alias points at it until its reference and card exist."""
-    return registry.register_version(draft, alias=None)
+    return registry.register_version(draft)
 
 
 def write_model_card(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, *, promoted: bool) -> ModelVersionRecord:

@@ -123,6 +123,10 @@ class ChampionChanged(DriftloopError):
     """The champion moved after a challenger was judged against it."""
 
 
+class IncompleteVersion(DriftloopError):
+    """An alias was asked to point at a version whose reference or card was never written."""
+
+
 class LeaseDecision(BaseModel):
     acquired: bool
     reason: str
@@ -232,21 +236,19 @@ class RegistryStore:
 
     # --- models -------------------------------------------------------------------
 
-    def register_version(self, draft: VersionDraft, *, alias: str | None = "challenger", actor: str = "driftloop", reason: str = "registered") -> ModelVersionRecord:
-        """Allocate the next version of ``draft.model_name`` and store it. The model row
-        is locked while the number is taken, so concurrent registrations never collide
-        (PostgreSQL: FOR UPDATE; SQLite: the IMMEDIATE write lock)."""
-        name = draft.model_name
+    def register_version(self, draft: VersionDraft) -> ModelVersionRecord:
+        """Allocate the next version of ``draft.model_name`` and store it, with no alias:
+        an alias may point at it only once its reference and card exist (:meth:`promote`,
+        :meth:`set_alias`). The model row is locked while the number is taken, so
+        concurrent registrations never collide (PostgreSQL: FOR UPDATE; SQLite: the
+        IMMEDIATE write lock)."""
         with self.session() as s:
-            model = self._locked_model(s, name, create=True)
+            model = self._locked_model(s, draft.model_name, create=True)
             model.latest_version += 1
             row = ModelVersionRow(**draft.model_dump(), version=model.latest_version, created_at=utcnow())
             s.add(row)
             s.flush()
-            record = _model_version(row)
-            if alias:
-                self._move_alias(s, name, alias, record.version, actor, reason)
-        return record
+            return _model_version(row)
 
     def _locked_model(self, s: Session, name: str, *, create: bool = False) -> ModelRow:
         """The model's row, locked until the transaction ends: version numbers, promotions
@@ -298,7 +300,7 @@ class RegistryStore:
         """Point ``alias`` at ``version`` (recorded in the alias history)."""
         with self.session() as s:
             self._locked_model(s, name)
-            self._version_row(s, name, version)
+            _check_complete(self._version_row(s, name, version), alias)
             self._move_alias(s, name, alias, version, actor, reason)
 
     def set_card_uri(self, name: str, version: int, uri: str) -> None:
@@ -392,27 +394,27 @@ class RegistryStore:
         one transaction, one history entry per moved alias. ``expected_champion`` (a
         version, or None for "no champion yet") makes it a compare-and-swap: if the
         champion is not that version any more, nothing moves and :class:`ChampionChanged`
-        is raised (the challenger was judged against a champion that is gone)."""
+        is raised (the challenger was judged against a champion that is gone). A version
+        whose reference or card is missing (a training that died half-way) is refused:
+        :class:`IncompleteVersion`."""
         with self.session() as s:
             self._locked_model(s, name)
-            self._version_row(s, name, version)
-            if not isinstance(expected_champion, _Any):
-                current = s.get(AliasRow, (name, "champion"))
-                found = current.version if current is not None else None
-                if found != expected_champion:
-                    raise ChampionChanged(
-                        f"{name}: the champion is v{found} now, not v{expected_champion} that v{version} was judged "
-                        "against; judge it again (retrain, or promote by hand after review)"
-                    )
+            _check_complete(self._version_row(s, name, version), "champion")
+            self._check_champion(s, name, expected_champion, f"v{version} was judged against")
             self._move_alias(s, name, "champion", version, actor, reason)
             challenger = s.get(AliasRow, (name, "challenger"))
             if challenger is not None and challenger.version == version:
                 self._move_alias(s, name, "challenger", None, actor, f"promoted to champion: {reason}")
 
-    def rollback(self, name: str, *, actor: str, reason: str) -> int:
+    def rollback(self, name: str, *, actor: str, reason: str, expected_champion: int | None | _Any = ANY) -> int:
         """Point ``champion`` back at the version it held before the current champion was
-        promoted. Repeated rollbacks keep walking back."""
+        promoted. Repeated rollbacks keep walking back. Under the model's row lock, as
+        promotions are: a promotion committing meanwhile is either seen whole or waits.
+        ``expected_champion``: the version being rolled back (compare-and-swap, as
+        :meth:`promote`)."""
         with self.session() as s:
+            self._locked_model(s, name)
+            self._check_champion(s, name, expected_champion, "the version to roll back")
             current = s.get(AliasRow, (name, "champion"))
             if current is None:
                 raise ModelNotFound(f"model {name!r} has no champion to roll back")
@@ -431,8 +433,22 @@ class RegistryStore:
                     f"model {name!r}: champion v{current.version} was the first champion; nothing to roll back to "
                     f"(promote a version instead: driftloop models promote {name} VERSION)"
                 )
+            _check_complete(self._version_row(s, name, previous), "champion")
             self._move_alias(s, name, "champion", previous, actor, f"{_ROLLBACK}{reason}")
             return previous
+
+    def _check_champion(self, s: Session, name: str, expected: int | None | _Any, what: str) -> None:
+        """Compare: raise :class:`ChampionChanged` unless the champion is ``expected``."""
+        if isinstance(expected, _Any):
+            return
+        current = s.get(AliasRow, (name, "champion"))
+        found = current.version if current is not None else None
+        if found != expected:
+            shown = f"v{expected}" if expected is not None else "no champion"
+            raise ChampionChanged(
+                f"{name}: the champion is v{found} now, not {shown} ({what}); nothing moved: "
+                "look again (driftloop models show " + name + ") and decide again (retrain, or promote by hand after review)"
+            )
 
     # --- scoring runs ---------------------------------------------------------------
 
@@ -480,6 +496,18 @@ class RegistryStore:
             row.version, row.updated_at = version, now
         s.add(AliasEventRow(model_name=name, alias=alias, from_version=before, to_version=version,
                             actor=actor, reason=reason, created_at=now))
+
+
+def _check_complete(row: ModelVersionRow, alias: str) -> None:
+    """An alias points only at a version whose reference and card exist (training writes
+    them after registering; a crash in between leaves the version without them)."""
+    missing = [what for what, uri in (("monitoring reference", row.reference_uri), ("model card", row.card_uri)) if not uri]
+    if missing:
+        raise IncompleteVersion(
+            f"{row.model_name} v{row.version} has no {' and no '.join(missing)}: its training did not finish, so it "
+            f"cannot become {alias}; train again (driftloop train / retrain) or pick another version "
+            f"(driftloop models list)"
+        )
 
 
 def _aware(value: datetime) -> datetime:

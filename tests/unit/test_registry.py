@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from driftloop.errors import RegistryError
-from driftloop.registry import ChampionChanged, DatasetRecord, VersionDraft
+from driftloop.registry import ChampionChanged, DatasetRecord, IncompleteVersion, VersionDraft
 from driftloop.registry.schema import current_revision, head_revision, upgrade
 from driftloop.registry.store import RegistryStore, create_registry_engine, open_registry
 
@@ -114,11 +117,22 @@ def version_draft(name: str = "loans", **overrides) -> VersionDraft:
     return VersionDraft(**{**draft, **overrides})
 
 
+def complete(store: RegistryStore, version: int, name: str = "loans") -> int:
+    """What training writes after registering: the reference and the card."""
+    store.set_reference(name, version, f"/models/{name}/v{version}/reference.parquet", "r" * 64)
+    store.set_card_uri(name, version, f"/models/{name}/v{version}/model_card.md")
+    return version
+
+
 def test_versions_aliases_promote_and_rollback(tmp_path: Path) -> None:
     store = open_registry(f"sqlite:///{tmp_path / 'models.db'}")
     v1 = store.register_version(version_draft())
     v2 = store.register_version(version_draft())
     assert (v1.version, v2.version) == (1, 2)
+    assert store.aliases("loans") == {}  # no alias until reference and card exist
+    for version in (1, 2):
+        complete(store, version)
+        store.set_alias("loans", "challenger", version, actor="driftloop", reason="registered")
     assert store.aliases("loans") == {"challenger": 2}
     store.promote("loans", 1, actor="alice", reason="first")
     store.promote("loans", 2, actor="bob", reason="better auc")
@@ -180,7 +194,7 @@ def test_concurrent_registration_postgres(postgres) -> None:
 def test_promotion_is_a_compare_and_swap(tmp_path: Path) -> None:
     store = open_registry(f"sqlite:///{tmp_path / 'cas.db'}")
     for _ in range(3):
-        store.register_version(version_draft())
+        complete(store, store.register_version(version_draft()).version)
     store.promote("loans", 1, actor="a", reason="first", expected_champion=None)
     store.promote("loans", 2, actor="b", reason="judged against v1", expected_champion=1)
     # v3 was judged against v1 too, but v2 became champion meanwhile: nothing moves.
@@ -258,11 +272,87 @@ def test_a_version_registered_without_an_alias_until_it_is_settled(tmp_path: Pat
     store = open_registry(f"sqlite:///{tmp_path / 'settle.db'}")
     first = register_unaliased(store, version_draft())
     assert store.aliases("loans") == {}  # what a crash here leaves behind
+    complete(store, first.version)
     assert settle_aliases(store, first, promote=True, judged_against=None, actor="t") == (True, None)
     second = register_unaliased(store, version_draft(gate={"passed": False, "reasons": ["roc_auc < min"]}))
+    complete(store, second.version)
     assert settle_aliases(store, second, promote=True, judged_against=1, actor="t") == (False, None)
     assert store.aliases("loans") == {"champion": 1, "challenger": 2}
     third = register_unaliased(store, version_draft())
+    complete(store, third.version)
     promoted, refused = settle_aliases(store, third, promote=True, judged_against=None, actor="t")  # stale judgement
     assert not promoted and "the champion is v1 now" in refused
     assert store.aliases("loans") == {"champion": 1, "challenger": 3}
+
+
+def test_cli_promote_refuses_a_half_written_version_and_a_moved_champion(home: Path, capsys) -> None:
+    """``models promote`` goes through the retrain's checks: an alias only once the
+    version's reference and card exist, and only if the champion is still what was seen."""
+    from driftloop.cli import main
+    from driftloop.settings import get_settings
+
+    store = open_registry(get_settings().registry_database_url())
+    v1 = complete(store, store.register_version(version_draft()).version)
+    store.promote("loans", v1, actor="t", reason="first", expected_champion=None)
+    v2 = store.register_version(version_draft()).version  # training died here: no reference, no card
+    assert main(["models", "promote", "loans", str(v2), "--reason", "looks fine"]) == 1
+    assert "v2 has no monitoring reference and no model card" in capsys.readouterr().err
+    store.set_reference("loans", v2, "/ref.parquet", "r" * 64)  # ... or died after the reference
+    assert main(["models", "promote", "loans", str(v2), "--reason", "looks fine"]) == 1
+    assert "v2 has no model card" in capsys.readouterr().err
+    assert store.aliases("loans") == {"champion": 1}
+    assert main(["models", "rollback", "loans", "--reason", "x"]) == 1  # v1 was the first champion
+    capsys.readouterr()
+
+    complete(store, v2)
+    v3 = complete(store, store.register_version(version_draft()).version)
+    # Reviewed while v1 was champion; v3 became champion meanwhile: nothing moves.
+    store.promote("loans", v3, actor="other", reason="meanwhile")
+    assert main(["models", "promote", "loans", str(v2), "--reason", "reviewed", "--expect-champion", "1"]) == 1
+    assert "the champion is v3 now, not v1" in capsys.readouterr().err
+    assert main(["models", "rollback", "loans", "--reason", "v2 misbehaves", "--expect-champion", "2"]) == 1
+    assert "the champion is v3 now, not v2" in capsys.readouterr().err
+    assert store.aliases("loans") == {"champion": 3}
+    assert main(["models", "rollback", "loans", "--reason", "v3 misbehaves", "--expect-champion", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["champion"] == 1
+    with pytest.raises(IncompleteVersion):
+        store.set_alias("loans", "challenger", store.register_version(version_draft()).version, actor="t", reason="x")
+
+
+@pytest.mark.postgres
+def test_rollback_waits_for_a_concurrent_promotion_and_walks_back_from_it(postgres) -> None:
+    """A promotion in flight (its transaction holds the model's row lock and has moved the
+    champion, not yet committed) when a rollback starts: the rollback must wait and roll
+    back the promoted version, not the one it saw before (which sent the champion two
+    versions back, to v1)."""
+    url = postgres.create_database("registry_rollback_race")
+    store = open_registry(url)
+    for _ in range(3):
+        complete(store, store.register_version(version_draft()).version)
+    store.promote("loans", 1, actor="a", reason="first")
+    store.promote("loans", 2, actor="a", reason="second")
+
+    promoting = store._sessions()
+    promoting.begin()
+    store._locked_model(promoting, "loans")
+    store._move_alias(promoting, "loans", "champion", 3, "b", "third")  # not committed yet
+    outcome: dict[str, object] = {}
+
+    def roll_back() -> None:
+        try:
+            outcome["version"] = open_registry(url).rollback("loans", actor="c", reason="the newest misbehaves")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=roll_back)
+    thread.start()
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    with store.engine.connect() as conn:
+        while not conn.execute(sa.text(waiting)).scalar() and thread.is_alive():
+            conn.rollback()  # pg_stat_activity is a snapshot per transaction
+            time.sleep(0.05)  # until the rollback waits on a lock (no timing is asserted)
+    promoting.commit()
+    thread.join(timeout=120)
+    assert outcome == {"version": 2}, outcome
+    assert store.aliases("loans") == {"champion": 2}
+    assert [(e.from_version, e.to_version) for e in store.alias_history("loans") if e.alias == "champion"][-2:] == [(2, 3), (3, 2)]
