@@ -289,6 +289,16 @@ class RegistryStore:
                                   expires_at=now + timedelta(seconds=ttl_s), finished_at=None, outcome=None))
         return LeaseDecision(acquired=True, reason=f"lease taken by {holder}")
 
+    def renew_retrain_lease(self, name: str, holder: str, *, ttl_s: float) -> bool:
+        """Extend ``holder``'s running lease to ``ttl_s`` from now (the retrain's heartbeat).
+        False when the lease is no longer its own (it expired and another retrain took it)."""
+        with self.session() as s:
+            lease = s.get(RetrainLeaseRow, name, with_for_update=True)
+            if lease is None or lease.holder != holder or lease.finished_at is not None:
+                return False
+            lease.expires_at = utcnow() + timedelta(seconds=ttl_s)
+            return True
+
     def release_retrain_lease(self, name: str, holder: str, outcome: str) -> None:
         """End ``holder``'s lease with its outcome (trained, failed, waiting, ...)."""
         with self.session() as s:

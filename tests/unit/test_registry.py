@@ -205,21 +205,29 @@ def test_promotion_is_a_compare_and_swap(tmp_path: Path) -> None:
 
 _LEASE = """
 import sys, time
+from pathlib import Path
 from driftloop.registry.store import open_registry
-store = open_registry(sys.argv[1])
-decision = store.acquire_retrain_lease("loans", sys.argv[2], cooldown_s=600, ttl_s=3600)
-print(decision.acquired, decision.reason)
+url, name, flags, n = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+store = open_registry(url)
+(flags / f"ready-{name}").touch()
+while len(list(flags.glob("ready-*"))) < n:  # barrier: all ask at once
+    time.sleep(0.01)
+decision = store.acquire_retrain_lease("loans", name, cooldown_s=600, ttl_s=3600)
+print(decision.acquired, decision.reason, flush=True)
+(flags / f"decided-{name}").touch()
 if decision.acquired:
-    time.sleep(1)
-    store.release_retrain_lease("loans", sys.argv[2], "trained")
+    while len(list(flags.glob("decided-*"))) < n:  # hold the lease until every other one has asked
+        time.sleep(0.01)
+    store.release_retrain_lease("loans", name, "trained")
 """
 
 
-def lease_race(url: str, processes: int = 4) -> None:
+def lease_race(url: str, flags: Path, processes: int = 4) -> None:
     store = open_registry(url)
     store.register_version(version_draft())
-    procs = [subprocess.Popen([sys.executable, "-c", _LEASE, url, f"run-{i}"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    flags.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _LEASE, url, f"run-{i}", str(flags), str(processes)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
     outcomes = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -228,7 +236,9 @@ def lease_race(url: str, processes: int = 4) -> None:
     winners = [o for o in outcomes if o.startswith("True")]
     assert len(winners) == 1, outcomes
     losers = [o for o in outcomes if o.startswith("False")]
-    assert all("another retrain of loans is running" in o or "cooldown" in o for o in losers), losers
+    # Every loser asked while the winner held the lease: each was told a retrain runs
+    # (not "cooldown", which is what asking after the winner finished would say).
+    assert len(losers) == processes - 1 and all("another retrain of loans is running" in o for o in losers), losers
     # Finished and trained: the cooldown holds; a retrain that only waited for labels does not.
     again = store.acquire_retrain_lease("loans", "later", cooldown_s=600, ttl_s=3600)
     assert not again.acquired and again.reason.startswith("cooldown: the last retrain of loans") and "(trained)" in again.reason
@@ -240,12 +250,49 @@ def lease_race(url: str, processes: int = 4) -> None:
 
 
 def test_retrain_lease_sqlite(tmp_path: Path) -> None:
-    lease_race(f"sqlite:///{tmp_path / 'lease.db'}")
+    lease_race(f"sqlite:///{tmp_path / 'lease.db'}", tmp_path / "flags")
 
 
 @pytest.mark.postgres
-def test_retrain_lease_postgres(postgres) -> None:
-    lease_race(postgres.create_database("registry_lease"))
+def test_retrain_lease_postgres(postgres, tmp_path: Path) -> None:
+    lease_race(postgres.create_database("registry_lease"), tmp_path / "flags")
+
+
+def _lease_expiry(store: RegistryStore) -> datetime:
+    from driftloop.registry.tables import RetrainLeaseRow
+
+    with store.session() as s:
+        expires = s.get(RetrainLeaseRow, "loans").expires_at
+    return expires.replace(tzinfo=UTC) if expires.tzinfo is None else expires
+
+
+def _wait_until_past(moment: datetime) -> None:
+    while datetime.now(UTC) <= moment:
+        time.sleep(0.05)
+
+
+def test_a_renewed_lease_outlives_its_ttl_and_an_unrenewed_one_is_taken_over(tmp_path: Path) -> None:
+    """A retrain longer than the lease's TTL keeps its lease while its heartbeat renews it;
+    once renewals stop (the retrain died), the lease expires and the next retrain takes it."""
+    from datetime import timedelta
+
+    from tasks.retrain import LeaseHeartbeat
+
+    store = open_registry(f"sqlite:///{tmp_path / 'heartbeat.db'}")
+    store.register_version(version_draft())
+    ttl = 2.0
+    assert store.acquire_retrain_lease("loans", "long-retrain", cooldown_s=0, ttl_s=ttl).acquired
+    first_expiry = _lease_expiry(store)
+    with LeaseHeartbeat(store, "loans", "long-retrain", ttl_s=ttl, interval_s=0.2) as beat:
+        _wait_until_past(first_expiry + timedelta(seconds=0.5))  # past the TTL it was taken with
+        decision = store.acquire_retrain_lease("loans", "second", cooldown_s=0, ttl_s=ttl)
+        assert not decision.acquired and "another retrain of loans is running" in decision.reason, decision
+        assert beat.renewals > 0 and not beat.lost
+    # The heartbeat stopped without a release, as when the process dies: the lease expires.
+    _wait_until_past(_lease_expiry(store))
+    taken = store.acquire_retrain_lease("loans", "second", cooldown_s=0, ttl_s=ttl)
+    assert taken.acquired, taken
+    assert not store.renew_retrain_lease("loans", "long-retrain", ttl_s=ttl)  # the old holder learns it lost it
 
 
 def test_retrain_lease_needs_a_registered_model(tmp_path: Path) -> None:
