@@ -23,7 +23,7 @@ from driftloop.storage import ArtifactStore
 from flows.config import run_settings
 from flows.ingest import ingest, load_spec_task
 from tasks.evaluate import evaluate_champion_task, evaluate_task, same_predictions_task
-from tasks.export import PARITY_MIN_ROWS, ParityReport, export_task, native_scores, parity_task
+from tasks.export import ParityReport, export_task, native_scores, parity_task
 from tasks.forms import forms_task
 from tasks.gate import GateDecision, gate_task
 from tasks.ingest import load_dataset_task
@@ -49,7 +49,10 @@ class ParityFailed(DriftloopError):
 
 
 class TrainOptions(BaseModel):
-    """How to tune and what to do with the result (shared by train and retrain)."""
+    """How to tune and what to do with the result (shared by train and retrain). Built by
+    the flows, never a flow parameter itself: ``trigger`` is set by the flow that trains
+    (train: manual, retrain: retrain), so a run cannot mislabel its lineage; the parity
+    gate's row count is the worker's setting (``DRIFTLOOP_PARITY_MIN_ROWS``)."""
 
     trials: int = 20
     algorithms: list[Algorithm] = list(ALGORITHMS)
@@ -57,8 +60,7 @@ class TrainOptions(BaseModel):
     timeout_s: float | None = None
     study_name: str | None = None
     promote: bool = True
-    parity_min_rows: int = PARITY_MIN_ROWS
-    trigger: str = "manual"
+    trigger: Literal["manual", "retrain"] = "manual"
     tuning_workers: int = Field(
         default=1, description="Tuning processes sharing one Optuna study; more than 1 needs PostgreSQL.")
     dask_address: str | None = Field(
@@ -98,8 +100,6 @@ def train(
     timeout_s: float | None = None,
     study_name: str | None = None,
     promote: bool = True,
-    parity_min_rows: int = PARITY_MIN_ROWS,
-    trigger: str = "manual",
     registry_block: str | None = None,
     tuning_workers: int = 1,
     dask_address: str | None = None,
@@ -113,8 +113,7 @@ def train(
     if (dataset_id is None) == (source is None):
         raise DriftloopError("give exactly one of dataset_id or source")
     options = TrainOptions(trials=trials, algorithms=algorithms, seed=seed, timeout_s=timeout_s, study_name=study_name,
-                           promote=promote, parity_min_rows=parity_min_rows, trigger=trigger,
-                           tuning_workers=tuning_workers, dask_address=dask_address)
+                           promote=promote, tuning_workers=tuning_workers, dask_address=dask_address)
     settings = run_settings(registry_block)
     check_device(settings.device)  # before any training starts
     _study_storage(settings, options)  # as early: SQLite with several workers is refused
@@ -166,7 +165,8 @@ def train_and_register(
         "model": spec.name, "spec": spec.model_dump(mode="json"), "spec_hash": spec.fingerprint(),
         "dataset_id": dataset.id, "classes": list(classes) if classes else None,
     })
-    parity = parity_task(best, encoding, onnx_bytes, split.train, split.holdout, spec.task, options.parity_min_rows, options.seed)
+    parity_rows = settings.parity_min_rows
+    parity = parity_task(best, encoding, onnx_bytes, split.train, split.holdout, spec.task, parity_rows, options.seed)
     if not parity.passed:
         create_markdown_artifact(key=artifact_key("parity", spec.name), markdown=f"# ONNX parity failed\n\n{parity.summary()}")
         raise ParityFailed(
@@ -175,7 +175,7 @@ def train_and_register(
         )
     onnx_uri, onnx_sha256 = store_onnx_task(store, spec.name, onnx_bytes)
     # The native booster and the tensor-op form beside it, each verified and timed.
-    forms = forms_task(best, encoding, spec, onnx_bytes, split.train, split.holdout, options.parity_min_rows,
+    forms = forms_task(best, encoding, spec, onnx_bytes, split.train, split.holdout, parity_rows,
                        options.seed, store)
 
     # The champion is judged on the challenger's holdout: the newest rows of its data.
