@@ -21,6 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from driftloop.feedback import WindowRecord
+from driftloop.metrics import format_metric
 from driftloop.naming import artifact_key
 from driftloop.registry import ModelNotFound, open_registry
 from driftloop.spec import check_model_name
@@ -153,7 +154,7 @@ def _finish(result: RetrainResult) -> RetrainResult:
                   f"- labels registered for scored rows: {result.labels:,}; matching no scored id: {result.labels_unscored:,}"]
     for role, side in (("champion", result.champion), ("challenger", result.challenger)):
         if side is not None and side.metrics:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in side.metrics.items())
+            shown = ", ".join(format_metric(k, v) for k, v in side.metrics.items())
             lines.append(f"- {role} v{side.version} on the window's holdout: {shown}")
     create_markdown_artifact(key=artifact_key("retrain", result.model), markdown="\n".join(lines), description=verdict)
     return result

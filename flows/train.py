@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from driftloop.errors import DriftloopError
 from driftloop.feedback import WindowRecord
+from driftloop.metrics import undefined_metrics
 from driftloop.naming import artifact_key
 from driftloop.registry import DatasetRecord, VersionDraft, open_registry
 from driftloop.settings import Settings
@@ -81,6 +82,8 @@ class TrainResult(BaseModel):
     card_uri: str | None
     headline: str
     window: WindowRecord | None = None
+    # Metrics without a value on the holdout (NaN in ``metrics``, null in JSON), with the reason.
+    undefined_metrics: dict[str, str] = Field(default_factory=dict)
 
 
 @task(name="predict-native", cache_policy=NONE)
@@ -228,12 +231,15 @@ def _report(record: Any, spec: DatasetSpec, decision: GateDecision, parity: Pari
     headline = card_headline(record, promoted=promoted)
     get_run_logger().info("%s; gate: %s", headline, "; ".join(decision.reasons))
     create_markdown_artifact(key=artifact_key("model-card", spec.name), markdown=render_model_card(record, promoted=promoted), description=headline)
+    undefined = undefined_metrics(metrics)
     create_table_artifact(
-        key=artifact_key("metrics", spec.name), table=[{"metric": k, "value": round(v, 6)} for k, v in metrics.items()],
+        key=artifact_key("metrics", spec.name),
+        table=[{"metric": k, "value": None if k in undefined else round(v, 6), "note": undefined.get(k, "")}
+               for k, v in metrics.items()],
         description=f"Holdout metrics of {record.ref}",
     )
     return TrainResult(
         model=record.model_name, version=record.version, algorithm=record.algorithm, metrics=metrics, gate=decision,
         parity=parity, onnx_uri=record.onnx_uri, onnx_sha256=record.onnx_sha256, promoted=promoted,
-        card_uri=record.card_uri, headline=headline, window=window,
+        card_uri=record.card_uri, headline=headline, window=window, undefined_metrics=undefined,
     )

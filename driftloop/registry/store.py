@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from driftloop.errors import DriftloopError, RegistryError, RegistryUnreachable
+from driftloop.metrics import json_safe
 from driftloop.registry import schema
 from driftloop.registry.tables import (
     AliasEventRow,
@@ -56,7 +58,7 @@ class VersionDraft(BaseModel):
     algorithm: str
     task: str
     params: dict[str, Any]
-    metrics: dict[str, Any]  # floats (NaN where a metric is undefined)
+    metrics: dict[str, Any]  # floats (NaN where a metric is undefined; stored and read back as None)
     segment_metrics: dict[str, Any]
     seed: int
     dataset_id: str
@@ -164,10 +166,16 @@ def masked_url(url: str) -> str:
         return url.split("://", 1)[0] + "://***"
 
 
+def _json(value: Any) -> str:
+    """JSON columns: an undefined metric (NaN) is stored as null. PostgreSQL's json type
+    rejects NaN, which failed the registration after all the training work."""
+    return json.dumps(json_safe(value), allow_nan=False)
+
+
 def create_registry_engine(url: str, *, lock_timeout_s: float = 30) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": lock_timeout_s})
+        engine = create_engine(url, connect_args={"timeout": lock_timeout_s}, json_serializer=_json)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -186,7 +194,7 @@ def create_registry_engine(url: str, *, lock_timeout_s: float = 30) -> Engine:
 
         return engine
     connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, json_serializer=_json)
 
 
 class RegistryStore:

@@ -403,3 +403,51 @@ def test_rollback_waits_for_a_concurrent_promotion_and_walks_back_from_it(postgr
     assert outcome == {"version": 2}, outcome
     assert store.aliases("loans") == {"champion": 2}
     assert [(e.from_version, e.to_version) for e in store.alias_history("loans") if e.alias == "champion"][-2:] == [(2, 3), (3, 2)]
+
+
+def _no_nan(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON")
+
+
+@pytest.mark.postgres
+def test_undefined_metrics_are_stored_and_printed_as_null_with_the_reason(postgres, monkeypatch, capsys) -> None:
+    """A holdout (or a segment) holding one class has no ROC AUC: NaN. PostgreSQL's json
+    rejected it, failing the registration after all the training work, and ``--json``
+    printed a bare NaN."""
+    import math
+
+    import numpy as np
+
+    from driftloop.cli import _emit, main
+    from tasks.evaluate import compute_metrics
+    from tasks.register import render_model_card
+
+    one_class = compute_metrics("binary_classification", np.zeros(40, dtype=int), np.linspace(0.1, 0.4, 40))
+    both = compute_metrics("binary_classification", np.arange(40) % 2, np.linspace(0.1, 0.9, 40))
+    assert math.isnan(one_class["roc_auc"]) and math.isnan(one_class["pr_auc"]) and not math.isnan(both["roc_auc"])
+    url = postgres.create_database("registry_undefined_metrics")
+    monkeypatch.setenv("DRIFTLOOP_REGISTRY_URL", url)
+    store = open_registry(url)
+    record = store.register_version(version_draft(
+        metrics=one_class, segment_metrics={"north": {"rows": 40, **one_class}, "south": {"rows": 40, **both}},
+        gate={"passed": False, "metric": "roc_auc", "reasons": ["roc_auc undefined"], "challenger_metrics": one_class},
+        split={"method": "random"}, parity={"passed": True, "max_abs_diff": 0.0, "tolerance": 1e-5, "label_flips": 0, "rows": 100_000},
+    ))
+    stored = store.get_version("loans", record.version)
+    assert stored.metrics["roc_auc"] is None and stored.metrics["accuracy"] == one_class["accuracy"]
+    assert stored.segment_metrics["north"]["roc_auc"] is None and stored.segment_metrics["south"]["roc_auc"] == both["roc_auc"]
+    card = render_model_card(stored, promoted=False)
+    assert "| roc_auc | n/a (undefined: the rows hold one class only" in card and "| north | 40 | n/a (undefined" in card
+
+    assert main(["models", "show", "loans:1", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out, parse_constant=_no_nan)
+    assert shown["metrics"]["roc_auc"] is None and "one class" in shown["undefined_metrics"]["roc_auc"]
+    assert main(["models", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out, parse_constant=_no_nan)
+    assert "one class" in listed["models"][0]["versions"][0]["undefined_metrics"]["pr_auc"]
+    assert main(["models", "show", "loans:1"]) == 0
+    assert "roc_auc n/a (undefined: the rows hold one class only" in capsys.readouterr().out
+    # What `driftloop train --json` prints for a result holding NaN (in memory) is JSON too.
+    _emit({"metrics": one_class, "gate": {"champion_metrics": {"roc_auc": float("nan")}}}, True, str)
+    printed = json.loads(capsys.readouterr().out, parse_constant=_no_nan)
+    assert printed["metrics"]["roc_auc"] is None and printed["gate"]["champion_metrics"]["roc_auc"] is None
