@@ -12,7 +12,7 @@ from driftloop.errors import SchemaError, SourceError
 from driftloop.spec import load_spec
 from tasks.ingest import read_file
 from tasks.validate import ValidationResult, validate_rows, with_malformed
-from tests.support.data import GOOD_ROWS, HEADER, write_csv, write_spec
+from tests.support.data import GOOD_ROWS, HEADER, LOAN_SPEC, write_csv, write_spec
 
 
 def run(tmp_path: Path, rows: list[str], header: str = HEADER, labelled: bool = True) -> ValidationResult:
@@ -220,3 +220,38 @@ def test_seen_values_finds_repeats_across_many_batches_exactly() -> None:
         assert len(seen.runs) <= 10  # log-structured, not one run per batch
         with_null = make(np.array([1, 2])).extend(pl.Series("id", [None], dtype=make(np.array([1])).dtype))
         assert seen.contains(with_null).to_list()[-1] is False
+
+
+def test_one_very_long_id_does_not_size_every_kept_id(tmp_path: Path) -> None:
+    """A 100,000-character id in an untrusted input: memory follows the bytes given, not
+    the longest id times the batch (numpy's fixed-width unicode made a 100,000-row batch
+    40 GB). Measured as allocations (tracemalloc sees numpy's) and as what is kept."""
+    import tracemalloc
+
+    from tasks.validate import SeenValues
+
+    long_id = "x" * 100_000
+    first = pl.Series("id", [f"c-{i}" for i in range(300)])
+    second = pl.Series("id", [f"c-{i}" for i in range(300, 600)] + [long_id])
+    given = first.estimated_size() + second.estimated_size()
+    tracemalloc.start()
+    try:
+        seen = SeenValues()
+        seen.add(first)
+        assert not seen.contains(second).any()
+        seen.add(second)
+        again = seen.contains(pl.Series("id", [long_id, "c-5", "c-600", None]))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert again.to_list() == [True, True, False, False]
+    assert peak < 10 * given, (peak, given)  # fixed-width: ~4 bytes x 100,000 x 301 = 120 MB
+    assert seen.nbytes < 3 * given, (seen.nbytes, given)
+
+    # Through validation: the long id is an id like any other; its repeat is quarantined.
+    spec = load_spec(write_spec(tmp_path, {"columns": {**LOAN_SPEC["columns"], "id": {"dtype": "string"}}}))
+    rows = [f"{new_id},{row.split(',', 1)[1]}" for new_id, row in zip(["a", long_id, "b"], GOOD_ROWS, strict=False)]
+    batch = read_file(str(write_csv(tmp_path, rows)))
+    result = validate_rows(batch.frame, spec, seen={"id": seen})
+    assert result.rows_valid == 2 and result.quarantine["_checks"].to_list() == [["unique(earlier batch)"]]
+    assert result.quarantine["_row"].to_list() == [1]
