@@ -24,6 +24,9 @@ DType = Literal["int", "float", "bool", "category", "string", "datetime"]
 TaskKind = Literal["binary_classification", "multiclass_classification", "regression"]
 
 NUMERIC_DTYPES = ("int", "float")
+# What validation writes into a quarantine beside the input's columns (tasks.validate.
+# RESERVED_COLUMNS; a test keeps the two equal): no spec column may use these names.
+RESERVED_COLUMN_NAMES = ("_row", "_columns", "_checks", "_values")
 
 
 class ColumnSpec(BaseModel):
@@ -250,6 +253,12 @@ class DatasetSpec(BaseModel):
     @model_validator(mode="after")
     def _roles_are_consistent(self) -> DatasetSpec:
         roles = {"target": self.target, "id": self.id, "timestamp": self.timestamp}
+        reserved = sorted({*self.columns, *(v for v in roles.values() if v)} & set(RESERVED_COLUMN_NAMES))
+        if reserved:
+            raise ValueError(
+                f"column name(s) {reserved} are reserved for the quarantine's bookkeeping "
+                f"({', '.join(RESERVED_COLUMN_NAMES)}); rename the column in the input and the spec"
+            )
         named = [v for v in roles.values() if v]
         if len(named) != len(set(named)):
             raise ValueError(f"target, id and timestamp must be different columns, got {roles}")

@@ -25,6 +25,23 @@ logger = logging.getLogger(__name__)
 # ROW (from the input reader) is the quarantine column of a row's 0-based position among the rows the reader parsed.
 FAILURE_COLUMNS = ("_columns", "_checks", "_values")
 """Quarantine columns: parallel lists, one entry per failed check of the row."""
+RESERVED_COLUMNS = (ROW, *FAILURE_COLUMNS)
+"""Names validation writes into a quarantine. An input holding them (a quarantine file
+ingested again after fixing its values) has them dropped before validation, with a
+warning: this validation's quarantine records its own positions and failures."""
+
+
+def without_reserved_columns(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, list[str]]:
+    """``raw`` less the quarantine's bookkeeping columns (:data:`RESERVED_COLUMNS`), and
+    which were dropped. Kept, ``_row`` collided with the row position validation adds
+    (polars DuplicateError, "unexpected error", as soon as one row failed)."""
+    reserved = [c for c in raw.columns if c in RESERVED_COLUMNS]
+    if reserved:
+        logger.warning(
+            "%s: column(s) %s are a quarantine's bookkeeping (an earlier run's row positions and failures); they "
+            "are not data and are left out: this run's quarantine records its own", source, ", ".join(reserved),
+        )
+    return (raw.drop(reserved) if reserved else raw), reserved
 
 _TRUE = ["true", "t", "yes", "y", "1", "1.0"]
 _FALSE = ["false", "f", "no", "n", "0", "0.0"]
@@ -184,6 +201,7 @@ def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_
                      target: str | None = None, warn_ignored: bool = True,
                      seen: dict[str, SeenValues] | None = None) -> ValidationResult:
     """:func:`validate_rows` for any set of spec columns (e.g. id and target of late labels)."""
+    raw, reserved = without_reserved_columns(raw, source=source)
     ignored = check_required_columns(raw, columns, spec_name=spec_name, source=source, target=target)
     if ignored and warn_ignored:
         logger.warning(
@@ -198,6 +216,7 @@ def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_
             parse_failures.select(ROW, "column"), on=[ROW, "column"], how="anti"
         )
     failures = pl.concat([parse_failures, check_failures, _repeat_failures(typed, seen or {})])
+    ignored = [*reserved, *ignored]
     if failures.height == 0:
         return ValidationResult(typed, _empty_quarantine(raw), raw.height, ignored)
 

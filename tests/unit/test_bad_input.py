@@ -255,3 +255,36 @@ def test_one_very_long_id_does_not_size_every_kept_id(tmp_path: Path) -> None:
     result = validate_rows(batch.frame, spec, seen={"id": seen})
     assert result.rows_valid == 2 and result.quarantine["_checks"].to_list() == [["unique(earlier batch)"]]
     assert result.quarantine["_row"].to_list() == [1]
+
+
+def test_a_quarantine_file_can_be_ingested_again(tmp_path: Path) -> None:
+    """A quarantine file holds the input's columns plus ``_row`` and the failure lists. Fixed
+    and ingested again, ``_row`` collided with the position validation adds: polars'
+    DuplicateError ("unexpected error") as soon as one row failed."""
+    from driftloop.spec import RESERVED_COLUMN_NAMES
+    from tasks.validate import RESERVED_COLUMNS
+
+    assert RESERVED_COLUMNS == RESERVED_COLUMN_NAMES
+    first = run(tmp_path, [*GOOD_ROWS, "5,2024-01-05 00:00:00,-1,0.5,low,true,12,1", "6,2024-01-06 00:00:00,9,2.0,mid,no,6,0"])
+    assert first.rows_quarantined == 2 and "_row" in first.quarantine.columns
+    quarantine = tmp_path / "quarantine.parquet"
+    first.quarantine.write_parquet(quarantine)
+    # One row fixed (amount), one left as it was: the second pass quarantines that one again.
+    fixed = pl.read_parquet(quarantine).with_columns(
+        pl.when(pl.col("id") == "5").then(pl.lit("50")).otherwise(pl.col("amount")).alias("amount"))
+    fixed.write_parquet(quarantine)
+    batch = read_file(str(quarantine))
+    second = validate_rows(batch.frame, load_spec(write_spec(tmp_path)), source=batch.source)
+    assert (second.rows_in, second.rows_valid, second.rows_quarantined) == (2, 1, 1)
+    assert second.valid["id"].to_list() == [5]
+    assert failures(second) == [(1, "ratio", "less_than_or_equal_to(1.0)", "2.0")]  # its position in this input
+    assert set(RESERVED_COLUMNS) <= set(second.ignored_columns)
+
+
+def test_a_spec_column_cannot_take_a_quarantine_name() -> None:
+    from pydantic import ValidationError
+
+    from driftloop.spec import DatasetSpec
+
+    with pytest.raises(ValidationError, match="reserved for the quarantine"):
+        DatasetSpec.model_validate({**LOAN_SPEC, "columns": {**LOAN_SPEC["columns"], "_row": {"dtype": "int"}}})
