@@ -153,13 +153,16 @@ def test_duplicate_ids_keep_the_first(tmp_path: Path) -> None:
 
 
 def test_malformed_lines_are_quarantined_with_their_text(tmp_path: Path) -> None:
-    rows = [*GOOD_ROWS, "5,2024-01-05,10,0.5,low,true,12,1,surplus", "6,2024-01-06,10"]
+    rows = [*GOOD_ROWS, "5,2024-01-05,10,0.5,low,true,12,1,surplus", "6,2024-01-06,10", '7,"2024-01-07, late",10']
     result = run(tmp_path, rows)
-    assert result.rows_in == 6 and result.rows_valid == 4 and result.rows_quarantined == 2
-    checks = sorted(c for row in result.quarantine["_checks"].to_list() for c in row)
-    assert checks == ["field_count(expected 8, found 3)", "field_count(expected 8, found 9)"]
-    values = sorted(v for row in result.quarantine["_values"].to_list() for v in row)
-    assert values == ["5,2024-01-05,10,0.5,low,true,12,1,surplus", "6,2024-01-06,10"]
+    assert result.rows_in == 7 and result.rows_valid == 4 and result.rows_quarantined == 3
+    # Each record exactly as written, a quoted field holding a comma included.
+    records = [(row["_checks"], row["_values"]) for row in result.quarantine.iter_rows(named=True)]
+    assert sorted(records) == [
+        (["field_count(expected 8, found 3)"], ["6,2024-01-06,10"]),
+        (["field_count(expected 8, found 3)"], ['7,"2024-01-07, late",10']),
+        (["field_count(expected 8, found 9)"], ["5,2024-01-05,10,0.5,low,true,12,1,surplus"]),
+    ]
 
 
 def test_non_utf8_bytes_quarantine_the_record_and_keep_the_bytes(tmp_path: Path) -> None:
@@ -171,8 +174,18 @@ def test_non_utf8_bytes_quarantine_the_record_and_keep_the_bytes(tmp_path: Path)
     result = with_malformed(validate_rows(batch.frame, spec, source=batch.source), batch.malformed)
     assert (result.rows_in, result.rows_valid, result.rows_quarantined) == (5, 4, 1)
     assert result.quarantine["_checks"].to_list() == [["utf8"]]
-    assert result.quarantine["_values"].to_list() == [["5,2024-01-05 00:00:00,10,0.5,l\\xf6w,true,12,1"]] or \
-        result.quarantine["_values"].to_list() == [["5,2024-01-05,10,0.5,l\\xf6w,true,12,1"]]
+    # The record exactly as the file holds it (the bad byte escaped), not re-rendered.
+    assert result.quarantine["_values"].to_list() == [["5,2024-01-05,10,0.5,l\\xf6w,true,12,1"]]
+
+
+@pytest.mark.xfail(strict=True, reason="driftloop/inputs.py rebuilds a non-UTF-8 record from its parsed fields "
+                   "(joined with ',', quotes lost); to be fixed in the inputs.py rewrite, then drop this mark")
+def test_a_non_utf8_record_is_quarantined_exactly_as_written_quotes_and_all(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, GOOD_ROWS)
+    with path.open("ab") as fh:
+        fh.write(b'5,2024-01-05,10,0.5,"l\xf6w, north",true,12,1\n')
+    batch = read_file(str(path))
+    assert batch.malformed["_values"].to_list() == [['5,2024-01-05,10,0.5,"l\\xf6w, north",true,12,1']]
 
 
 def test_parquet_with_wrong_types_is_parsed_like_text(tmp_path: Path) -> None:
