@@ -221,10 +221,11 @@ def scoring_section(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="driftloop-scale-") as tmp, prefect_test_harness(server_startup_timeout=120):
         root = Path(tmp)
         os.environ["DRIFTLOOP_HOME"] = str(root / "home")
+        os.environ["DRIFTLOOP_PARITY_MIN_ROWS"] = "5000"  # this bench times scoring, not registration
         spec = write_spec(root)
         make_loans(5000, seed=1).write_parquet(root / "train.parquet")
         dataset = ingest(spec_path=str(spec), source=str(root / "train.parquet")).dataset_id
-        train(spec_path=str(spec), dataset_id=dataset, trials=1, algorithms=["lightgbm"], parity_min_rows=5000)
+        train(spec_path=str(spec), dataset_id=dataset, trials=1, algorithms=["lightgbm"])
         source = root / "score.parquet"
         make_loans(rows, seed=2).drop("repaid").write_parquet(source, row_group_size=100_000)
         warm = root / "warm.parquet"  # enough row groups that every worker gets a partition

@@ -40,7 +40,10 @@ def _refuse_credentials(args: argparse.Namespace) -> None:
 
 def _emit(payload: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+        from driftloop.metrics import json_safe
+
+        # An undefined metric (NaN) prints as null: a bare NaN is not JSON.
+        sys.stdout.write(json.dumps(json_safe(payload), default=str, allow_nan=False) + "\n")
     else:
         sys.stdout.write(human(payload) + "\n")
 
@@ -152,10 +155,16 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     return result.model_dump()
 
 
+def _metrics_line(metrics: dict[str, Any]) -> str:
+    from driftloop.metrics import format_metric
+
+    return ", ".join(format_metric(k, v) for k, v in metrics.items())
+
+
 def _human_train(p: dict[str, Any]) -> str:
     lines = [
         p["headline"],
-        "  metrics  " + ", ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items()),
+        "  metrics  " + _metrics_line(p["metrics"]),
         f"  gate     {'passed' if p['gate']['passed'] else 'FAILED'}: " + "; ".join(p["gate"]["reasons"]),
         f"  parity   max |diff| {p['parity']['max_abs_diff']:.2g}, {p['parity']['label_flips']} label flips, {p['parity']['rows']:,} rows",
         f"  onnx     {p['onnx_uri']} (sha256 {p['onnx_sha256'][:12]}...)",
@@ -173,6 +182,8 @@ def _registry() -> Any:
 
 
 def cmd_models_list(args: argparse.Namespace) -> dict[str, Any]:
+    from driftloop.metrics import undefined_metrics
+
     registry = _registry()
     models = []
     for name in registry.list_models():
@@ -182,6 +193,7 @@ def cmd_models_list(args: argparse.Namespace) -> dict[str, Any]:
             "name": name, "aliases": aliases,
             "versions": [
                 {"version": v.version, "algorithm": v.algorithm, "metrics": v.metrics,
+                 "undefined_metrics": undefined_metrics(v.metrics),
                  "gate_passed": v.gate.get("passed"), "created_at": v.created_at.isoformat(),
                  "aliases": sorted(a for a, n in aliases.items() if n == v.version)}
                 for v in versions
@@ -198,17 +210,20 @@ def _human_models(p: dict[str, Any]) -> str:
         lines.append(f"{m['name']}")
         for v in m["versions"]:
             tags = f" [{', '.join(v['aliases'])}]" if v["aliases"] else ""
-            headline = ", ".join(f"{k} {val:.4f}" for k, val in list(v["metrics"].items())[:3])
+            headline = _metrics_line(dict(list(v["metrics"].items())[:3]))
             gate = "gate passed" if v["gate_passed"] else "gate failed"
             lines.append(f"  v{v['version']:<4} {v['algorithm']:<9} {headline}  {gate}  {v['created_at'][:19]}{tags}")
     return "\n".join(lines)
 
 
 def cmd_models_show(args: argparse.Namespace) -> dict[str, Any]:
+    from driftloop.metrics import undefined_metrics
+
     registry = _registry()
     record = registry.resolve(args.ref)
     return {
         **record.model_dump(mode="json"),
+        "undefined_metrics": undefined_metrics(record.metrics),
         "aliases": registry.aliases(record.model_name),
         "alias_history": [e.model_dump(mode="json") for e in registry.alias_history(record.model_name)],
     }
@@ -217,7 +232,7 @@ def cmd_models_show(args: argparse.Namespace) -> dict[str, Any]:
 def _human_show(p: dict[str, Any]) -> str:
     lines = [
         f"{p['model_name']} v{p['version']} ({p['algorithm']}, {p['task']}) created {p['created_at'][:19]}",
-        "  metrics  " + ", ".join(f"{k} {v:.4f}" for k, v in p["metrics"].items()),
+        "  metrics  " + _metrics_line(p["metrics"]),
         f"  gate     {'passed' if p['gate']['passed'] else 'failed'}: " + "; ".join(p["gate"]["reasons"]),
         f"  parity   max |diff| {p['parity']['max_abs_diff']:.2g}, {p['parity']['label_flips']} flips, {p['parity']['rows']:,} rows",
         f"  dataset  {p['dataset_id']}",
@@ -238,16 +253,27 @@ def _actor(args: argparse.Namespace) -> str:
     return args.actor or f"cli:{os.environ.get('USER', 'unknown')}"
 
 
+def _expected_champion(registry: Any, args: argparse.Namespace) -> int | None:
+    """The champion the user decided against: ``--expect-champion`` (what they reviewed),
+    else the one seen now. Promote and rollback are compare-and-swaps on it, as a retrain's
+    promotion is: if another promotion or rollback lands first, nothing moves."""
+    if args.expect_champion is not None:
+        return args.expect_champion
+    return registry.aliases(args.name).get("champion")
+
+
 def cmd_models_promote(args: argparse.Namespace) -> dict[str, Any]:
     registry = _registry()
-    registry.promote(args.name, args.version, actor=_actor(args), reason=args.reason)
-    return {"model": args.name, "champion": args.version, "aliases": registry.aliases(args.name)}
+    before = _expected_champion(registry, args)
+    registry.promote(args.name, args.version, actor=_actor(args), reason=args.reason, expected_champion=before)
+    return {"model": args.name, "champion": args.version, "previous": before, "aliases": registry.aliases(args.name)}
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> dict[str, Any]:
     registry = _registry()
-    version = registry.rollback(args.name, actor=_actor(args), reason=args.reason)
-    return {"model": args.name, "champion": version, "aliases": registry.aliases(args.name)}
+    before = _expected_champion(registry, args)
+    version = registry.rollback(args.name, actor=_actor(args), reason=args.reason, expected_champion=before)
+    return {"model": args.name, "champion": version, "previous": before, "aliases": registry.aliases(args.name)}
 
 
 def _progress_bar(enabled: bool) -> None:
@@ -317,7 +343,7 @@ def _human_retrain(p: dict[str, Any]) -> str:
     for role in ("champion", "challenger"):
         side = p.get(role)
         if side:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in (side.get("metrics") or {}).items()) or "-"
+            shown = _metrics_line(side.get("metrics") or {}) or "-"
             lines.append(f"  {role:<11} v{side['version']}: {shown}")
     if p["labels_unscored"]:
         lines.append(f"  labels      {p['labels_unscored']:,} of {p['labels']:,} match no scored id (not used)")
@@ -588,7 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("version", type=int)
         p.add_argument("--reason", required=True, help="why (kept in the alias history)")
         p.add_argument("--actor", help="who (default cli:$USER)")
-        p.set_defaults(handler=handler, human=lambda q: f"{q['model']}: champion is now v{q['champion']}")
+        p.add_argument("--expect-champion", type=int, metavar="VERSION",
+                       help="only if the champion is still this version (what you reviewed); default: the champion "
+                            "seen when the command starts")
+        p.set_defaults(handler=handler, human=lambda q: f"{q['model']}: champion is now v{q['champion']} (was v{q['previous']})")
 
     infra = sub.add_parser("infra", help="Prefect work pools")
     infra_sub = infra.add_subparsers(dest="infra_command", required=True)

@@ -21,7 +21,7 @@ import importlib.util
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 import polars as pl
@@ -122,6 +122,19 @@ class FormScorer:
     kind: FormKind
     descriptor: LoadedModel  # the ONNX form: spec, classes, encoding
     predict: Callable[[pl.DataFrame], np.ndarray]
+    # Releases what the form holds besides memory (the ONNX form's helper thread). Call
+    # ``close()`` (or use the scorer as a context manager) when scoring is done.
+    release: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        if self.release is not None:
+            self.release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # Parallel batches: ORT's tree kernel hands work to its intra-op pool once per 128-row
@@ -150,7 +163,7 @@ def onnx_scorer(descriptor: LoadedModel, *, halves: LoadedModel | None = None) -
         tail = predict_scores(halves, frame.slice(middle))
         return np.concatenate([head.result(), tail])
 
-    return FormScorer("onnx", descriptor, predict)
+    return FormScorer("onnx", descriptor, predict, release=lambda: helper.shutdown(wait=True))
 
 
 # On CPU the tensor form runs fastest on small slices (its per-level tensors stay in cache):

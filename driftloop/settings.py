@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         description="Dask scheduler (tcp://host:8786) that partitioned scoring and tuning workers run on when a "
         "run is not given workers or an address of its own.",
     )
+    parity_min_rows: int = Field(
+        default=100_000, ge=1,
+        description="Rows every scoring form is checked against the native model on before a version is registered "
+        "(the promise is 100,000). Lower it only for tests and benchmarks: it is the worker's setting, not a flow "
+        "parameter, and each version records the rows it was checked on (parity.rows).",
+    )
     device: Literal["cpu", "cuda"] = Field(
         default="cpu", description="Training device; GPU work pools set DRIFTLOOP_DEVICE=cuda."
     )

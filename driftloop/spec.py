@@ -24,6 +24,9 @@ DType = Literal["int", "float", "bool", "category", "string", "datetime"]
 TaskKind = Literal["binary_classification", "multiclass_classification", "regression"]
 
 NUMERIC_DTYPES = ("int", "float")
+# What validation writes into a quarantine beside the input's columns (tasks.validate.
+# RESERVED_COLUMNS; a test keeps the two equal): no spec column may use these names.
+RESERVED_COLUMN_NAMES = ("_row", "_columns", "_checks", "_values")
 
 
 class ColumnSpec(BaseModel):
@@ -250,6 +253,12 @@ class DatasetSpec(BaseModel):
     @model_validator(mode="after")
     def _roles_are_consistent(self) -> DatasetSpec:
         roles = {"target": self.target, "id": self.id, "timestamp": self.timestamp}
+        reserved = sorted({*self.columns, *(v for v in roles.values() if v)} & set(RESERVED_COLUMN_NAMES))
+        if reserved:
+            raise ValueError(
+                f"column name(s) {reserved} are reserved for the quarantine's bookkeeping "
+                f"({', '.join(RESERVED_COLUMN_NAMES)}); rename the column in the input and the spec"
+            )
         named = [v for v in roles.values() if v]
         if len(named) != len(set(named)):
             raise ValueError(f"target, id and timestamp must be different columns, got {roles}")
@@ -361,13 +370,15 @@ class DatasetSpec(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-MODEL_NAME = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")  # a spec's name is its model's name
+# A spec's name is its model's name. Matched whole (fullmatch): with ``match``, ``$`` also
+# matches before a trailing newline, and ``car_loan\n`` would pass.
+MODEL_NAME = re.compile(r"[a-z][a-z0-9_\-]{0,63}")
 
 
 def check_model_name(name: str) -> str:
     """A model name from outside (an event, a CLI argument) before it reaches the
     registry or becomes part of a path."""
-    if not isinstance(name, str) or not MODEL_NAME.match(name):
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise SpecError(
             f"model name {name!r} is not a driftloop model name (lowercase letters, digits, _ and -, starting "
             "with a letter); check the event's driftloop.model.name or the --model argument"

@@ -9,6 +9,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
 from driftloop.markdown import md_code
+from driftloop.naming import artifact_key
 from driftloop.registry import open_registry
 from driftloop.spec import DatasetSpec, load_spec
 from driftloop.storage import ArtifactStore
@@ -99,7 +100,7 @@ def ingest(
         f" -> {record.quarantine_uri}" if record.quarantine_uri else "",
     )
     create_markdown_artifact(
-        key=f"dataset-{spec.name}".replace("_", "-"),
+        key=artifact_key("dataset", spec.name),
         markdown=_summary_markdown(summary, batch.source),
         description=f"Ingestion of {spec.name}",
     )

@@ -28,6 +28,7 @@ from driftloop.feedback import (
 )
 from driftloop.inputs import read_input
 from driftloop.legacy_outputs import import_legacy_outputs
+from driftloop.naming import artifact_key
 from driftloop.onnx_model import load_model
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
@@ -249,10 +250,9 @@ def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVer
          "event": event.model_dump() if event else None, "report_uri": report_uri, "created_at": datetime.now(UTC)},
         report.results,
     )
-    key = record.model_name.replace("_", "-")
-    create_markdown_artifact(key=f"monitoring-{key}", markdown=artifact_markdown(summary, charts, plots), description=f"Monitoring of {record.ref}")
+    create_markdown_artifact(key=artifact_key("monitoring", record.model_name), markdown=artifact_markdown(summary, charts, plots), description=f"Monitoring of {record.ref}")
     create_table_artifact(
-        key=f"monitoring-results-{key}",
+        key=artifact_key("monitoring-results", record.model_name),
         table=[{k: r[k] for k in ("chunk_key", "kind", "name", "method", "value", "lower_threshold", "upper_threshold", "alert")} for r in report.results],
         description="NannyML results per chunk",
     )

@@ -21,6 +21,8 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from driftloop.feedback import WindowRecord
+from driftloop.metrics import format_metric
+from driftloop.naming import artifact_key
 from driftloop.registry import ModelNotFound, open_registry
 from driftloop.spec import check_model_name
 from driftloop.storage import ArtifactStore
@@ -29,6 +31,7 @@ from flows.config import run_settings
 from flows.score import ScoreSummary, score
 from flows.train import TrainOptions, train_and_register
 from tasks.retrain import (
+    LeaseHeartbeat,
     acquire_lease_task,
     champion_spec_task,
     collect_labelled_task,
@@ -66,13 +69,14 @@ def retrain(
     score_input: str | None = None,
     score_output: str | None = None,
     cooldown_s: float = 600,
-    lease_ttl_s: float = 6 * 3600,
+    lease_ttl_s: float = 900,
     registry_block: str | None = None,
 ) -> RetrainResult:
     """Retrain ``model`` on its training window (the spec's ``retrain`` section, as
     registered with the champion). ``score_input`` defaults to the input of the model's
-    latest scoring run. ``lease_ttl_s``: after this long a retrain that died without
-    releasing its lease no longer blocks the next one."""
+    latest scoring run. ``lease_ttl_s``: the lease is renewed while the retrain works
+    (every quarter of it, at most every minute); after this long without a renewal, a
+    retrain that died without releasing it no longer blocks the next one."""
     logger = get_run_logger()
     model = check_model_name(model)
     settings = run_settings(registry_block)
@@ -88,42 +92,43 @@ def retrain(
                                      champion=ModelOnHoldout(version=champion.version)))
     outcome = "failed"
     try:
-        spec = champion_spec_task(champion)
-        data = collect_labelled_task(registry, open_tables(registry.engine, settings.artifact_root_uri()), spec)
-        for problem in data.skipped:
-            logger.warning("labelled data left out: %s", problem)
-        window = select_window_task(data, spec, champion)
-        result = RetrainResult(model=model, skipped=True, reason="", window=window.record,
-                               champion=ModelOnHoldout(version=champion.version), labels=data.labels,
-                               labels_unscored=data.labels_unscored)
-        if data.labels_unscored:
-            logger.warning("%d registered label(s) of %s match no scored row (by id); they are not used",
-                           data.labels_unscored, model)
-        needed = spec.retrain.min_new_labels
-        if window.record.new_labels < needed:
-            outcome = "waiting"
-            result.reason = (f"waiting for labels: {window.record.new_labels} of {needed} labelled rows newer than "
-                             f"champion v{champion.version}'s training data")
-            return _finish(result)
-        dataset = snapshot_window_task(registry, ArtifactStore(settings.artifact_root_uri()), spec, window)
-        if dataset.id == champion.dataset_id:
-            outcome = "nothing new"
-            result.reason = f"nothing new: the window is exactly champion v{champion.version}'s training data ({dataset.id})"
-            return _finish(result)
+        with LeaseHeartbeat(registry, model, holder, ttl_s=lease_ttl_s):
+            spec = champion_spec_task(champion)
+            data = collect_labelled_task(registry, open_tables(registry.engine, settings.artifact_root_uri()), spec)
+            for problem in data.skipped:
+                logger.warning("labelled data left out: %s", problem)
+            window = select_window_task(data, spec, champion)
+            result = RetrainResult(model=model, skipped=True, reason="", window=window.record,
+                                   champion=ModelOnHoldout(version=champion.version), labels=data.labels,
+                                   labels_unscored=data.labels_unscored)
+            if data.labels_unscored:
+                logger.warning("%d registered label(s) of %s match no scored row (by id); they are not used",
+                               data.labels_unscored, model)
+            needed = spec.retrain.min_new_labels
+            if window.record.new_labels < needed:
+                outcome = "waiting"
+                result.reason = (f"waiting for labels: {window.record.new_labels} of {needed} labelled rows newer than "
+                                 f"champion v{champion.version}'s training data")
+                return _finish(result)
+            dataset = snapshot_window_task(registry, ArtifactStore(settings.artifact_root_uri()), spec, window)
+            if dataset.id == champion.dataset_id:
+                outcome = "nothing new"
+                result.reason = f"nothing new: the window is exactly champion v{champion.version}'s training data ({dataset.id})"
+                return _finish(result)
 
-        options = TrainOptions(trials=trials, algorithms=algorithms, trigger="retrain")
-        trained = train_and_register(spec, dataset, window.frame, settings, options, window=window.record,
-                                     min_improvement=spec.retrain.min_improvement)
-        outcome = "trained"
-        verdict = "promoted" if trained.promoted else "rejected by the gate"
-        result.skipped = False
-        result.promoted = trained.promoted
-        result.reason = f"v{trained.version} {verdict}: " + "; ".join(trained.gate.reasons)
-        result.challenger = ModelOnHoldout(version=trained.version, metrics=trained.metrics)
-        result.champion = ModelOnHoldout(version=champion.version, metrics=trained.gate.champion_metrics)
-        if trained.promoted:
-            result.score = _score_latest_input(registry, model, score_input, score_output, registry_block)
-        return _finish(result)
+            options = TrainOptions(trials=trials, algorithms=algorithms, trigger="retrain")
+            trained = train_and_register(spec, dataset, window.frame, settings, options, window=window.record,
+                                         min_improvement=spec.retrain.min_improvement)
+            outcome = "trained"
+            verdict = "promoted" if trained.promoted else "rejected by the gate"
+            result.skipped = False
+            result.promoted = trained.promoted
+            result.reason = f"v{trained.version} {verdict}: " + "; ".join(trained.gate.reasons)
+            result.challenger = ModelOnHoldout(version=trained.version, metrics=trained.metrics)
+            result.champion = ModelOnHoldout(version=champion.version, metrics=trained.gate.champion_metrics)
+            if trained.promoted:
+                result.score = _score_latest_input(registry, model, score_input, score_output, registry_block)
+            return _finish(result)
     finally:
         registry.release_retrain_lease(model, holder, outcome)
 
@@ -150,7 +155,7 @@ def _finish(result: RetrainResult) -> RetrainResult:
                   f"- labels registered for scored rows: {result.labels:,}; matching no scored id: {result.labels_unscored:,}"]
     for role, side in (("champion", result.champion), ("challenger", result.challenger)):
         if side is not None and side.metrics:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in side.metrics.items())
+            shown = ", ".join(format_metric(k, v) for k, v in side.metrics.items())
             lines.append(f"- {role} v{side.version} on the window's holdout: {shown}")
-    create_markdown_artifact(key=f"retrain-{result.model}".replace("_", "-"), markdown="\n".join(lines), description=verdict)
+    create_markdown_artifact(key=artifact_key("retrain", result.model), markdown="\n".join(lines), description=verdict)
     return result

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from driftloop.forms import Device, Engine
 from driftloop.inputs import input_key
 from driftloop.legacy_outputs import import_legacy_outputs
+from driftloop.naming import artifact_key
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
 from driftloop.storage import ArtifactStore
@@ -137,6 +138,7 @@ def score(
         sink = TableSink(tables, store, spec, model_name=record.model_name, run_id=run_id, input_key=key,
                          form=scorer.kind)
         result = score_table_task(scorer, input_uri, sink, record.version, batch_size)
+    scorer.close()  # its helper threads, if any
     run = record_run_task(registry, record, input_uri, result, started_at)
     export_uri = export_task(registry, tables, run, output_uri) if output_uri else None
 
@@ -147,7 +149,7 @@ def score(
     table = tables.predictions(record.model_name)
     snapshots = history(table) if table is not None else []
     create_markdown_artifact(
-        key=f"scoring-{record.model_name}".replace("_", "-"),
+        key=artifact_key("scoring", record.model_name),
         markdown=(
             f"# Scoring with {record.ref}\n\n| rows in | scored | quarantined | batches |\n|---:|---:|---:|---:|\n"
             f"| {result.rows_in} | {result.rows_scored} | {result.rows_quarantined} | {result.batches} |\n\n"

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel
 
+from driftloop.naming import artifact_key
 from driftloop.onnx_model import load_model
 from driftloop.registry import open_registry
 from driftloop.registry.store import parse_model_ref
@@ -73,7 +74,7 @@ def score_edge(
         payload=telemetry,
     )
     create_markdown_artifact(
-        key=f"edge-{name}".replace("_", "-"),
+        key=artifact_key("edge", name),
         markdown="# Edge scoring\n\n| " + " | ".join(telemetry) + " |\n|" + "---|" * len(telemetry) + "\n| "
         + " | ".join(str(v) for v in telemetry.values()) + " |\n\n" + cached.note,
         description=f"Edge scoring on {device}",

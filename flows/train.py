@@ -15,6 +15,8 @@ from pydantic import BaseModel, Field
 
 from driftloop.errors import DriftloopError
 from driftloop.feedback import WindowRecord
+from driftloop.metrics import undefined_metrics
+from driftloop.naming import artifact_key
 from driftloop.registry import DatasetRecord, VersionDraft, open_registry
 from driftloop.settings import Settings
 from driftloop.spec import DatasetSpec
@@ -22,7 +24,7 @@ from driftloop.storage import ArtifactStore
 from flows.config import run_settings
 from flows.ingest import ingest, load_spec_task
 from tasks.evaluate import evaluate_champion_task, evaluate_task, same_predictions_task
-from tasks.export import PARITY_MIN_ROWS, ParityReport, export_task, native_scores, parity_task
+from tasks.export import ParityReport, export_task, native_scores, parity_task
 from tasks.forms import forms_task
 from tasks.gate import GateDecision, gate_task
 from tasks.ingest import load_dataset_task
@@ -48,7 +50,10 @@ class ParityFailed(DriftloopError):
 
 
 class TrainOptions(BaseModel):
-    """How to tune and what to do with the result (shared by train and retrain)."""
+    """How to tune and what to do with the result (shared by train and retrain). Built by
+    the flows, never a flow parameter itself: ``trigger`` is set by the flow that trains
+    (train: manual, retrain: retrain), so a run cannot mislabel its lineage; the parity
+    gate's row count is the worker's setting (``DRIFTLOOP_PARITY_MIN_ROWS``)."""
 
     trials: int = 20
     algorithms: list[Algorithm] = list(ALGORITHMS)
@@ -56,8 +61,7 @@ class TrainOptions(BaseModel):
     timeout_s: float | None = None
     study_name: str | None = None
     promote: bool = True
-    parity_min_rows: int = PARITY_MIN_ROWS
-    trigger: str = "manual"
+    trigger: Literal["manual", "retrain"] = "manual"
     tuning_workers: int = Field(
         default=1, description="Tuning processes sharing one Optuna study; more than 1 needs PostgreSQL.")
     dask_address: str | None = Field(
@@ -78,6 +82,8 @@ class TrainResult(BaseModel):
     card_uri: str | None
     headline: str
     window: WindowRecord | None = None
+    # Metrics without a value on the holdout (NaN in ``metrics``, null in JSON), with the reason.
+    undefined_metrics: dict[str, str] = Field(default_factory=dict)
 
 
 @task(name="predict-native", cache_policy=NONE)
@@ -97,8 +103,6 @@ def train(
     timeout_s: float | None = None,
     study_name: str | None = None,
     promote: bool = True,
-    parity_min_rows: int = PARITY_MIN_ROWS,
-    trigger: str = "manual",
     registry_block: str | None = None,
     tuning_workers: int = 1,
     dask_address: str | None = None,
@@ -112,8 +116,7 @@ def train(
     if (dataset_id is None) == (source is None):
         raise DriftloopError("give exactly one of dataset_id or source")
     options = TrainOptions(trials=trials, algorithms=algorithms, seed=seed, timeout_s=timeout_s, study_name=study_name,
-                           promote=promote, parity_min_rows=parity_min_rows, trigger=trigger,
-                           tuning_workers=tuning_workers, dask_address=dask_address)
+                           promote=promote, tuning_workers=tuning_workers, dask_address=dask_address)
     settings = run_settings(registry_block)
     check_device(settings.device)  # before any training starts
     _study_storage(settings, options)  # as early: SQLite with several workers is refused
@@ -165,16 +168,17 @@ def train_and_register(
         "model": spec.name, "spec": spec.model_dump(mode="json"), "spec_hash": spec.fingerprint(),
         "dataset_id": dataset.id, "classes": list(classes) if classes else None,
     })
-    parity = parity_task(best, encoding, onnx_bytes, split.train, split.holdout, spec.task, options.parity_min_rows, options.seed)
+    parity_rows = settings.parity_min_rows
+    parity = parity_task(best, encoding, onnx_bytes, split.train, split.holdout, spec.task, parity_rows, options.seed)
     if not parity.passed:
-        create_markdown_artifact(key=f"parity-{spec.name}".replace("_", "-"), markdown=f"# ONNX parity failed\n\n{parity.summary()}")
+        create_markdown_artifact(key=artifact_key("parity", spec.name), markdown=f"# ONNX parity failed\n\n{parity.summary()}")
         raise ParityFailed(
             f"ONNX export of {spec.name} ({best.algorithm}) does not match the native model: {parity.summary()}; "
             "registration blocked"
         )
     onnx_uri, onnx_sha256 = store_onnx_task(store, spec.name, onnx_bytes)
     # The native booster and the tensor-op form beside it, each verified and timed.
-    forms = forms_task(best, encoding, spec, onnx_bytes, split.train, split.holdout, options.parity_min_rows,
+    forms = forms_task(best, encoding, spec, onnx_bytes, split.train, split.holdout, parity_rows,
                        options.seed, store)
 
     # The champion is judged on the challenger's holdout: the newest rows of its data.
@@ -226,14 +230,16 @@ def _report(record: Any, spec: DatasetSpec, decision: GateDecision, parity: Pari
     """Log, leave the model card and metrics on the flow run, and return the result."""
     headline = card_headline(record, promoted=promoted)
     get_run_logger().info("%s; gate: %s", headline, "; ".join(decision.reasons))
-    key = spec.name.replace("_", "-")
-    create_markdown_artifact(key=f"model-card-{key}", markdown=render_model_card(record, promoted=promoted), description=headline)
+    create_markdown_artifact(key=artifact_key("model-card", spec.name), markdown=render_model_card(record, promoted=promoted), description=headline)
+    undefined = undefined_metrics(metrics)
     create_table_artifact(
-        key=f"metrics-{key}", table=[{"metric": k, "value": round(v, 6)} for k, v in metrics.items()],
+        key=artifact_key("metrics", spec.name),
+        table=[{"metric": k, "value": None if k in undefined else round(v, 6), "note": undefined.get(k, "")}
+               for k, v in metrics.items()],
         description=f"Holdout metrics of {record.ref}",
     )
     return TrainResult(
         model=record.model_name, version=record.version, algorithm=record.algorithm, metrics=metrics, gate=decision,
         parity=parity, onnx_uri=record.onnx_uri, onnx_sha256=record.onnx_sha256, promoted=promoted,
-        card_uri=record.card_uri, headline=headline, window=window,
+        card_uri=record.card_uri, headline=headline, window=window, undefined_metrics=undefined,
     )

@@ -35,7 +35,7 @@ from driftloop.forms import Device, Engine, FormScorer
 from driftloop.inputs import InputFile, iter_file, list_input_files, parquet_row_groups
 from driftloop.outputs import RUNS, PartInfo, RunWriter, ScoringOutput
 from tasks.score import BatchCounts, load_scoring_form, score_batches
-from tasks.validate import ROW, unique_columns
+from tasks.validate import ROW, unique_columns, without_reserved_columns
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,8 @@ def _raw_rows(partition: Partition, rows: pl.Series, batch_size: int) -> pl.Data
     offset = 0
     batches, _ = iter_file(partition.file, batch_size, partition.row_groups)
     for batch in batches:
-        numbered = batch.frame.with_row_index(ROW).with_columns(pl.col(ROW).cast(pl.Int64) + offset)
+        frame, _ = without_reserved_columns(batch.frame, source=partition.file.uri)
+        numbered = frame.with_row_index(ROW).with_columns(pl.col(ROW).cast(pl.Int64) + offset)
         found.append(numbered.filter(pl.col(ROW).is_in(wanted)))
         offset += batch.frame.height + batch.malformed.height
     return pl.concat(found) if found else pl.DataFrame()

@@ -11,6 +11,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
+from driftloop.metrics import format_metric
 from driftloop.registry import ChampionChanged, ModelVersionRecord, RegistryStore, VersionDraft
 from driftloop.storage import ArtifactStore
 
@@ -37,7 +38,7 @@ def store_onnx(store: ArtifactStore, model_name: str, onnx_bytes: bytes) -> tupl
 
 def register_unaliased(registry: RegistryStore, draft: VersionDraft) -> ModelVersionRecord:
     """Store the version; no alias points at it until its reference and card exist."""
-    return registry.register_version(draft, alias=None)
+    return registry.register_version(draft)
 
 
 def write_model_card(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, *, promoted: bool) -> ModelVersionRecord:
@@ -69,14 +70,14 @@ def settle_aliases(registry: RegistryStore, record: ModelVersionRecord, *, promo
 def card_headline(record: ModelVersionRecord, *, promoted: bool) -> str:
     metric = record.gate.get("metric")
     value = record.metrics.get(metric) if metric else None
-    shown = f"{metric} {value:.4f}" if isinstance(value, float) else ""
+    shown = format_metric(metric, value) if metric and metric in record.metrics else ""
     status = "champion" if promoted else ("challenger (gate passed)" if record.gate["passed"] else "challenger (gate failed)")
     return f"{record.model_name} v{record.version} ({record.algorithm}) - {shown} - {status}"
 
 
 def _table(rows: dict[str, Any]) -> list[str]:
     lines = ["| metric | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows.items()]
+    lines += [f"| {k} | {format_metric(k, v).removeprefix(k + ' ')} |" for k, v in rows.items()]
     return lines
 
 
@@ -117,7 +118,8 @@ def render_model_card(record: ModelVersionRecord, *, promoted: bool) -> str:
         lines += ["## Segment metrics", "", f"| segment | rows | {seg_metric} |", "|---|---:|---:|"]
         for seg, values in record.segment_metrics.items():
             val = values.get(seg_metric)
-            lines.append(f"| {seg} | {values['rows']} | {val:.4f} |" if isinstance(val, float) else f"| {seg} | {values['rows']} | n/a |")
+            shown = format_metric(seg_metric, val).removeprefix(f"{seg_metric} ") if seg_metric in values else "n/a"
+            lines.append(f"| {seg} | {values['rows']} | {shown} |")
         lines.append("")
     lines += [
         "## Training",

@@ -6,6 +6,9 @@ as a registered dataset, so the version's lineage points at exactly what it lear
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
+from typing import Self
 
 from prefect import task
 from prefect.cache_policies import NONE
@@ -26,6 +29,45 @@ from driftloop.storage import ArtifactStore
 from driftloop.tables import Tables
 from tasks.ingest import frame_content_hash
 from tasks.score import fetch_verified
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseHeartbeat:
+    """Renews a retrain lease every ``interval_s`` while the retrain works, so a retrain
+    longer than the lease's TTL keeps it; a retrain that dies stops renewing and its lease
+    expires ``ttl_s`` later. Use as a context manager around the work."""
+
+    def __init__(self, registry: RegistryStore, model: str, holder: str, *, ttl_s: float,
+                 interval_s: float | None = None) -> None:
+        self.registry, self.model, self.holder, self.ttl_s = registry, model, holder, ttl_s
+        # Several renewals per TTL: one slow or failed write does not lose the lease.
+        self.interval_s = interval_s if interval_s is not None else min(ttl_s / 4, 60.0)
+        self.renewals = 0
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"driftloop-lease-{model}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if self.registry.renew_retrain_lease(self.model, self.holder, ttl_s=self.ttl_s):
+                    self.renewals += 1
+                    continue
+                self.lost = True
+                logger.error("the retrain lease of %s held by %s expired and was taken over; another retrain may be "
+                             "running beside this one (its promotion is still a compare-and-swap)", self.model, self.holder)
+                return
+            except Exception as exc:  # noqa: BLE001 - a registry outage: try again at the next beat
+                logger.warning("could not renew the retrain lease of %s: %s", self.model, exc)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def champion_spec(record: ModelVersionRecord) -> DatasetSpec:

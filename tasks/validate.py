@@ -25,6 +25,23 @@ logger = logging.getLogger(__name__)
 # ROW (from the input reader) is the quarantine column of a row's 0-based position among the rows the reader parsed.
 FAILURE_COLUMNS = ("_columns", "_checks", "_values")
 """Quarantine columns: parallel lists, one entry per failed check of the row."""
+RESERVED_COLUMNS = (ROW, *FAILURE_COLUMNS)
+"""Names validation writes into a quarantine. An input holding them (a quarantine file
+ingested again after fixing its values) has them dropped before validation, with a
+warning: this validation's quarantine records its own positions and failures."""
+
+
+def without_reserved_columns(raw: pl.DataFrame, *, source: str) -> tuple[pl.DataFrame, list[str]]:
+    """``raw`` less the quarantine's bookkeeping columns (:data:`RESERVED_COLUMNS`), and
+    which were dropped. Kept, ``_row`` collided with the row position validation adds
+    (polars DuplicateError, "unexpected error", as soon as one row failed)."""
+    reserved = [c for c in raw.columns if c in RESERVED_COLUMNS]
+    if reserved:
+        logger.warning(
+            "%s: column(s) %s are a quarantine's bookkeeping (an earlier run's row positions and failures); they "
+            "are not data and are left out: this run's quarantine records its own", source, ", ".join(reserved),
+        )
+    return (raw.drop(reserved) if reserved else raw), reserved
 
 _TRUE = ["true", "t", "yes", "y", "1", "1.0"]
 _FALSE = ["false", "f", "no", "n", "0", "0.0"]
@@ -184,6 +201,7 @@ def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_
                      target: str | None = None, warn_ignored: bool = True,
                      seen: dict[str, SeenValues] | None = None) -> ValidationResult:
     """:func:`validate_rows` for any set of spec columns (e.g. id and target of late labels)."""
+    raw, reserved = without_reserved_columns(raw, source=source)
     ignored = check_required_columns(raw, columns, spec_name=spec_name, source=source, target=target)
     if ignored and warn_ignored:
         logger.warning(
@@ -198,6 +216,7 @@ def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_
             parse_failures.select(ROW, "column"), on=[ROW, "column"], how="anti"
         )
     failures = pl.concat([parse_failures, check_failures, _repeat_failures(typed, seen or {})])
+    ignored = [*reserved, *ignored]
     if failures.height == 0:
         return ValidationResult(typed, _empty_quarantine(raw), raw.height, ignored)
 
@@ -226,43 +245,66 @@ class SeenValues:
     """The values of a unique column that earlier batches of one input kept: sorted runs,
     merged like a log-structured tree, so a lookup is one binary search per run (at most
     log2 of the batches) and every value is copied O(log batches) times in all. Checking
-    each new batch against every earlier batch was quadratic in the batches."""
+    each new batch against every earlier batch was quadratic in the batches.
+
+    Text is kept as polars strings (variable-length): numpy's fixed-width unicode sized
+    every value by the longest in the batch, so one 100,000-character id in an untrusted
+    input made a batch of 100,000 ids take 40 GB. Memory now follows the bytes given."""
 
     def __init__(self) -> None:
-        self.runs: list[np.ndarray] = []
+        self.runs: list[np.ndarray | pl.Series] = []
 
     @staticmethod
-    def _array(values: pl.Series) -> np.ndarray:
+    def _present(values: pl.Series) -> np.ndarray | pl.Series:
         present = values.drop_nulls()
         if present.dtype == pl.String:
-            return present.to_numpy().astype(str)  # fixed-width: fast sorts and searches
+            return present  # variable-length; sorts and searches in polars
         return present.to_numpy()
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kept values take."""
+        return sum(run.nbytes if isinstance(run, np.ndarray) else run.estimated_size() for run in self.runs)
+
     def add(self, values: pl.Series) -> None:
-        run = _sorted_unique(self._array(values))
+        run = _sorted_unique(self._present(values))
         if not len(run):
             return
         self.runs.append(run)
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
             last = self.runs.pop()
-            self.runs[-1] = _sorted_unique(np.concatenate([self.runs[-1], last]))
+            self.runs[-1] = _sorted_unique(_concat(self.runs[-1], last))
 
     def contains(self, values: pl.Series) -> pl.Series:
         """Per value: whether an earlier batch kept it (nulls: False)."""
         found = np.zeros(len(values), dtype=bool)
         present = values.is_not_null().to_numpy()
-        probe = self._array(values)
+        probe = self._present(values)
         hits = np.zeros(len(probe), dtype=bool)
         for run in self.runs:
-            at = np.searchsorted(run, probe)
-            hits |= (at < len(run)) & (run[np.minimum(at, len(run) - 1)] == probe)
+            hits |= _members(run, probe)
         found[present] = hits
         return pl.Series(values.name, found)
 
 
-def _sorted_unique(values: np.ndarray) -> np.ndarray:
+def _concat(a: np.ndarray | pl.Series, b: np.ndarray | pl.Series) -> np.ndarray | pl.Series:
+    return pl.concat([a, b]) if isinstance(a, pl.Series) else np.concatenate([a, b])
+
+
+def _members(run: np.ndarray | pl.Series, probe: np.ndarray | pl.Series) -> np.ndarray:
+    """Per probe value: whether the sorted ``run`` holds it (one binary search each)."""
+    if isinstance(run, pl.Series):
+        at = run.search_sorted(probe).clip(upper_bound=len(run) - 1)
+        return (run.gather(at) == probe).to_numpy()
+    at = np.searchsorted(run, probe)
+    return (at < len(run)) & (run[np.minimum(at, len(run) - 1)] == probe)
+
+
+def _sorted_unique(values: np.ndarray | pl.Series) -> np.ndarray | pl.Series:
     """Sorted, without repeats. A sort and one comparison: numpy 2's hash-based
     ``np.unique``/``union1d`` took ~15x as long on int ids (0.3 s per 250k)."""
+    if isinstance(values, pl.Series):
+        return values.unique().sort()
     ordered = np.sort(values)
     if len(ordered) < 2:
         return ordered

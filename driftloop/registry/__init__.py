@@ -4,6 +4,7 @@ monitoring results and retrains, in one SQL database with a versioned schema."""
 from driftloop.registry.store import (
     ChampionChanged,
     DatasetRecord,
+    IncompleteVersion,
     ModelNotFound,
     ModelVersionRecord,
     RegistryStore,
@@ -13,6 +14,6 @@ from driftloop.registry.store import (
 )
 
 __all__ = [
-    "ChampionChanged", "DatasetRecord", "ModelNotFound", "ModelVersionRecord", "RegistryStore", "ScoringRunRecord",
+    "ChampionChanged", "DatasetRecord", "IncompleteVersion", "ModelNotFound", "ModelVersionRecord", "RegistryStore", "ScoringRunRecord",
     "VersionDraft", "open_registry",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from driftloop.errors import DriftloopError, RegistryError, RegistryUnreachable
+from driftloop.metrics import json_safe
 from driftloop.registry import schema
 from driftloop.registry.tables import (
     AliasEventRow,
@@ -56,7 +58,7 @@ class VersionDraft(BaseModel):
     algorithm: str
     task: str
     params: dict[str, Any]
-    metrics: dict[str, Any]  # floats (NaN where a metric is undefined)
+    metrics: dict[str, Any]  # floats (NaN where a metric is undefined; stored and read back as None)
     segment_metrics: dict[str, Any]
     seed: int
     dataset_id: str
@@ -126,6 +128,10 @@ class ChampionChanged(DriftloopError):
     """The champion moved after a challenger was judged against it."""
 
 
+class IncompleteVersion(DriftloopError):
+    """An alias was asked to point at a version whose reference or card was never written."""
+
+
 class LeaseDecision(BaseModel):
     acquired: bool
     reason: str
@@ -169,10 +175,16 @@ def masked_url(url: str) -> str:
     return mask_uri(shown)
 
 
+def _json(value: Any) -> str:
+    """JSON columns: an undefined metric (NaN) is stored as null. PostgreSQL's json type
+    rejects NaN, which failed the registration after all the training work."""
+    return json.dumps(json_safe(value), allow_nan=False)
+
+
 def create_registry_engine(url: str, *, lock_timeout_s: float = 30) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": lock_timeout_s})
+        engine = create_engine(url, connect_args={"timeout": lock_timeout_s}, json_serializer=_json)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -191,7 +203,7 @@ def create_registry_engine(url: str, *, lock_timeout_s: float = 30) -> Engine:
 
         return engine
     connect_args = {"connect_timeout": 10} if parsed.get_backend_name() == "postgresql" else {}
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, json_serializer=_json)
 
 
 class RegistryStore:
@@ -241,21 +253,19 @@ class RegistryStore:
 
     # --- models -------------------------------------------------------------------
 
-    def register_version(self, draft: VersionDraft, *, alias: str | None = "challenger", actor: str = "driftloop", reason: str = "registered") -> ModelVersionRecord:
-        """Allocate the next version of ``draft.model_name`` and store it. The model row
-        is locked while the number is taken, so concurrent registrations never collide
-        (PostgreSQL: FOR UPDATE; SQLite: the IMMEDIATE write lock)."""
-        name = draft.model_name
+    def register_version(self, draft: VersionDraft) -> ModelVersionRecord:
+        """Allocate the next version of ``draft.model_name`` and store it, with no alias:
+        an alias may point at it only once its reference and card exist (:meth:`promote`,
+        :meth:`set_alias`). The model row is locked while the number is taken, so
+        concurrent registrations never collide (PostgreSQL: FOR UPDATE; SQLite: the
+        IMMEDIATE write lock)."""
         with self.session() as s:
-            model = self._locked_model(s, name, create=True)
+            model = self._locked_model(s, draft.model_name, create=True)
             model.latest_version += 1
             row = ModelVersionRow(**draft.model_dump(), version=model.latest_version, created_at=utcnow())
             s.add(row)
             s.flush()
-            record = _model_version(row)
-            if alias:
-                self._move_alias(s, name, alias, record.version, actor, reason)
-        return record
+            return _model_version(row)
 
     def _locked_model(self, s: Session, name: str, *, create: bool = False) -> ModelRow:
         """The model's row, locked until the transaction ends: version numbers, promotions
@@ -296,6 +306,16 @@ class RegistryStore:
                                   expires_at=now + timedelta(seconds=ttl_s), finished_at=None, outcome=None))
         return LeaseDecision(acquired=True, reason=f"lease taken by {holder}")
 
+    def renew_retrain_lease(self, name: str, holder: str, *, ttl_s: float) -> bool:
+        """Extend ``holder``'s running lease to ``ttl_s`` from now (the retrain's heartbeat).
+        False when the lease is no longer its own (it expired and another retrain took it)."""
+        with self.session() as s:
+            lease = s.get(RetrainLeaseRow, name, with_for_update=True)
+            if lease is None or lease.holder != holder or lease.finished_at is not None:
+                return False
+            lease.expires_at = utcnow() + timedelta(seconds=ttl_s)
+            return True
+
     def release_retrain_lease(self, name: str, holder: str, outcome: str) -> None:
         """End ``holder``'s lease with its outcome (trained, failed, waiting, ...)."""
         with self.session() as s:
@@ -307,7 +327,7 @@ class RegistryStore:
         """Point ``alias`` at ``version`` (recorded in the alias history)."""
         with self.session() as s:
             self._locked_model(s, name)
-            self._version_row(s, name, version)
+            _check_complete(self._version_row(s, name, version), alias)
             self._move_alias(s, name, alias, version, actor, reason)
 
     def set_card_uri(self, name: str, version: int, uri: str) -> None:
@@ -401,27 +421,27 @@ class RegistryStore:
         one transaction, one history entry per moved alias. ``expected_champion`` (a
         version, or None for "no champion yet") makes it a compare-and-swap: if the
         champion is not that version any more, nothing moves and :class:`ChampionChanged`
-        is raised (the challenger was judged against a champion that is gone)."""
+        is raised (the challenger was judged against a champion that is gone). A version
+        whose reference or card is missing (a training that died half-way) is refused:
+        :class:`IncompleteVersion`."""
         with self.session() as s:
             self._locked_model(s, name)
-            self._version_row(s, name, version)
-            if not isinstance(expected_champion, _Any):
-                current = s.get(AliasRow, (name, "champion"))
-                found = current.version if current is not None else None
-                if found != expected_champion:
-                    raise ChampionChanged(
-                        f"{name}: the champion is v{found} now, not v{expected_champion} that v{version} was judged "
-                        "against; judge it again (retrain, or promote by hand after review)"
-                    )
+            _check_complete(self._version_row(s, name, version), "champion")
+            self._check_champion(s, name, expected_champion, f"v{version} was judged against")
             self._move_alias(s, name, "champion", version, actor, reason)
             challenger = s.get(AliasRow, (name, "challenger"))
             if challenger is not None and challenger.version == version:
                 self._move_alias(s, name, "challenger", None, actor, f"promoted to champion: {reason}")
 
-    def rollback(self, name: str, *, actor: str, reason: str) -> int:
+    def rollback(self, name: str, *, actor: str, reason: str, expected_champion: int | None | _Any = ANY) -> int:
         """Point ``champion`` back at the version it held before the current champion was
-        promoted. Repeated rollbacks keep walking back."""
+        promoted. Repeated rollbacks keep walking back. Under the model's row lock, as
+        promotions are: a promotion committing meanwhile is either seen whole or waits.
+        ``expected_champion``: the version being rolled back (compare-and-swap, as
+        :meth:`promote`)."""
         with self.session() as s:
+            self._locked_model(s, name)
+            self._check_champion(s, name, expected_champion, "the version to roll back")
             current = s.get(AliasRow, (name, "champion"))
             if current is None:
                 raise ModelNotFound(f"model {name!r} has no champion to roll back")
@@ -440,8 +460,22 @@ class RegistryStore:
                     f"model {name!r}: champion v{current.version} was the first champion; nothing to roll back to "
                     f"(promote a version instead: driftloop models promote {name} VERSION)"
                 )
+            _check_complete(self._version_row(s, name, previous), "champion")
             self._move_alias(s, name, "champion", previous, actor, f"{_ROLLBACK}{reason}")
             return previous
+
+    def _check_champion(self, s: Session, name: str, expected: int | None | _Any, what: str) -> None:
+        """Compare: raise :class:`ChampionChanged` unless the champion is ``expected``."""
+        if isinstance(expected, _Any):
+            return
+        current = s.get(AliasRow, (name, "champion"))
+        found = current.version if current is not None else None
+        if found != expected:
+            shown = f"v{expected}" if expected is not None else "no champion"
+            raise ChampionChanged(
+                f"{name}: the champion is v{found} now, not {shown} ({what}); nothing moved: "
+                "look again (driftloop models show " + name + ") and decide again (retrain, or promote by hand after review)"
+            )
 
     # --- scoring runs ---------------------------------------------------------------
 
@@ -498,6 +532,18 @@ class RegistryStore:
             row.version, row.updated_at = version, now
         s.add(AliasEventRow(model_name=name, alias=alias, from_version=before, to_version=version,
                             actor=actor, reason=reason, created_at=now))
+
+
+def _check_complete(row: ModelVersionRow, alias: str) -> None:
+    """An alias points only at a version whose reference and card exist (training writes
+    them after registering; a crash in between leaves the version without them)."""
+    missing = [what for what, uri in (("monitoring reference", row.reference_uri), ("model card", row.card_uri)) if not uri]
+    if missing:
+        raise IncompleteVersion(
+            f"{row.model_name} v{row.version} has no {' and no '.join(missing)}: its training did not finish, so it "
+            f"cannot become {alias}; train again (driftloop train / retrain) or pick another version "
+            f"(driftloop models list)"
+        )
 
 
 def _aware(value: datetime) -> datetime:

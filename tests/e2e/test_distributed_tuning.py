@@ -21,7 +21,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from driftloop.errors import DriftloopError
 from driftloop.registry import open_registry
 from driftloop.spec import load_spec
-from flows.train import train
 from tasks.split import split_dataset
 from tasks.tune import (
     TrainingData,
@@ -32,6 +31,7 @@ from tasks.tune import (
     tuning_storage,
 )
 from tests.support.data import make_loans, write_spec
+from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.postgres]
 
@@ -180,7 +180,7 @@ def test_train_with_tuning_workers(postgres, tmp_path: Path, home: Path, monkeyp
     # The registry's own PostgreSQL holds the study: 4 trials in total, from 2 workers.
     registry = postgres.create_database("registry_flow")
     monkeypatch.setenv("DRIFTLOOP_REGISTRY_URL", registry)
-    result = train(spec_path=str(spec), source=str(source), algorithms=["lightgbm"], trials=4, study_name="flow",
+    result = train_fast(spec_path=str(spec), source=str(source), algorithms=["lightgbm"], trials=4, study_name="flow",
                    parity_min_rows=5_000, tuning_workers=2)
     assert result.version == 1 and result.parity.passed
     study = optuna.load_study(study_name="loans-lightgbm-flow", storage=registry)

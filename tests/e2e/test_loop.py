@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from driftloop.naming import artifact_key
 from tests.support.prefect_api import api, wait_for
 
 pytestmark = [pytest.mark.e2e]
@@ -51,7 +52,7 @@ def running_interval(server, flow_run_id: str) -> tuple[datetime, datetime] | No
 
 def verdict(server, flow_run_id: str, model: str = "car_loan") -> str:
     """What a retrain run did, from the artifact it leaves."""
-    key = f"retrain-{model}".replace("_", "-")
+    key = artifact_key("retrain", model)
     (artifact,) = api(server, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": [key]}}})
     return artifact["description"]
 

@@ -22,7 +22,7 @@ from driftloop.demo_data import DEMO_SPEC, demo_data_path
 from flows.ingest import ingest
 from flows.monitor import monitor
 from flows.score import score
-from flows.train import train
+from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.e2e, pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
@@ -50,7 +50,7 @@ def monitored(tmp_path_factory: pytest.TempPathFactory, prefect_server) -> Itera
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DRIFTLOOP_HOME", str(root / "home"))
         reference = ingest(spec_path=str(DEMO_SPEC), source=str(demo_data_path("reference")))
-        train(spec_path=str(DEMO_SPEC), dataset_id=reference.dataset_id, trials=2, algorithms=["xgboost"], parity_min_rows=5000)
+        train_fast(spec_path=str(DEMO_SPEC), dataset_id=reference.dataset_id, trials=2, algorithms=["xgboost"], parity_min_rows=5000)
         scored = score(input_uri=str(demo_data_path("analysis")), model="car_loan")
         state = monitor(scoring_run=scored.run_id, model="car_loan", labels_uri=str(demo_data_path("analysis_targets")),
                         return_state=True)

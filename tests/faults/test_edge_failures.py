@@ -45,7 +45,7 @@ def test_any_other_failure_is_not_taken_for_an_outage(tmp_path: Path) -> None:
         refresh(cache, revoked)
 
 
-@pytest.mark.parametrize("name", ["../..", "../../etc", "a/b", "Loans", ""])
+@pytest.mark.parametrize("name", ["../..", "../../etc", "a/b", "Loans", "", "car_loan\n", "car_loan\n/../x"])
 def test_a_model_name_never_becomes_a_path_outside_the_cache(tmp_path: Path, name: str) -> None:
     with pytest.raises(SpecError, match="not a driftloop model name"):
         ModelCache(tmp_path / "cache", name)

@@ -35,10 +35,10 @@ from driftloop.settings import get_settings
 from flows.ingest import ingest
 from flows.monitor import monitor
 from flows.score import score
-from flows.train import train
 from tasks.score import fetch_verified, score_stream
 from tests.support import tables as memory
 from tests.support.data import make_loans, write_spec
+from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
@@ -55,7 +55,7 @@ def on_s3(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Iterator[dict]
         with fsspec.open(f"{bucket}/raw/train.csv", "wb") as fh:
             make_loans(3000, seed=1).write_csv(fh)
         dataset = ingest(spec_path=str(spec), source=f"{bucket}/raw/train.csv").dataset_id
-        train(spec_path=str(spec), dataset_id=dataset, trials=2, algorithms=["lightgbm"], parity_min_rows=2000)
+        train_fast(spec_path=str(spec), dataset_id=dataset, trials=2, algorithms=["lightgbm"], parity_min_rows=2000)
         record = open_registry(get_settings().registry_database_url()).resolve("loans")
         assert record.onnx_uri.startswith(f"{bucket}/artifacts/")
         onnx = fetch_verified(record.onnx_uri, record.onnx_sha256)

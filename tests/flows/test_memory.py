@@ -21,9 +21,9 @@ from driftloop.storage import read_parquet
 from flows.labels import ingest_labels
 from flows.retrain import retrain
 from flows.score import score
-from flows.train import train
 from tests.support import tables as memory
 from tests.support.data import make_period, write_spec
+from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
@@ -39,7 +39,7 @@ def loans(tmp_path_factory: pytest.TempPathFactory):
         spec = write_spec(root, {"retrain": {"window": {"all": True}, "min_new_labels": 100}})
         history = root / "history.parquet"
         make_period(3000, start="2024-01-01", days=28, seed=1, first_id=0).write_parquet(history)
-        train(spec_path=str(spec), source=str(history), trials=1, algorithms=["lightgbm"], parity_min_rows=2000)
+        train_fast(spec_path=str(spec), source=str(history), trials=1, algorithms=["lightgbm"], parity_min_rows=2000)
         yield {"root": root, "spec": spec}
 
 

@@ -20,8 +20,8 @@ from driftloop.spec import MonitoringPolicy, load_spec
 from flows.ingest import ingest
 from flows.monitor import monitor
 from flows.score import score
-from flows.train import train
 from tasks.monitor import DRIFT_EVENT, PERFORMANCE_EVENT, MonitoringError
+from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
@@ -32,7 +32,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DRIFTLOOP_HOME", str(root / "home"))
         reference = ingest(spec_path=str(DEMO_SPEC), source=str(demo_data_path("reference")))
-        train(spec_path=str(DEMO_SPEC), dataset_id=reference.dataset_id, trials=2, algorithms=["xgboost"], parity_min_rows=5000)
+        train_fast(spec_path=str(DEMO_SPEC), dataset_id=reference.dataset_id, trials=2, algorithms=["xgboost"], parity_min_rows=5000)
         drifted = score(input_uri=str(demo_data_path("analysis")), model="car_loan")
         stationary = score(input_uri=str(demo_data_path("reference")), model="car_loan")
         yield {"root": root, "drifted": drifted.run_id, "stationary": stationary.run_id}

@@ -14,8 +14,8 @@ from driftloop.settings import get_settings
 from flows.labels import ingest_labels
 from flows.monitor import monitor
 from flows.score import score
-from flows.train import train
 from tests.support.data import LOAN_SPEC, make_loans, write_spec
+from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
@@ -24,7 +24,7 @@ def test_integer_ids_for_a_string_id_spec_and_bad_rows(tmp_path: Path, home: Pat
     # The spec does not declare its id column: ids are strings.
     columns = {k: v for k, v in LOAN_SPEC["columns"].items() if k != "id"}
     spec = write_spec(tmp_path, {"columns": columns, "gate": {"thresholds": {}}})
-    train(spec_path=str(spec), source=str(_parquet(tmp_path / "train.parquet", make_loans(3000, seed=1))),
+    train_fast(spec_path=str(spec), source=str(_parquet(tmp_path / "train.parquet", make_loans(3000, seed=1))),
           trials=1, algorithms=["lightgbm"], parity_min_rows=5_000)
     analysis = make_loans(2400, seed=2)
     scored = score(input_uri=str(_parquet(tmp_path / "analysis.parquet", analysis.drop("repaid"))),
@@ -60,7 +60,7 @@ def test_a_labelled_period_after_training_as_the_reference(tmp_path: Path, home:
     from driftloop.spec import MonitoringPolicy, ReferencePeriod
 
     spec = write_spec(tmp_path, {"gate": {"thresholds": {}}})
-    train(spec_path=str(spec), source=str(_parquet(tmp_path / "train.parquet", make_loans(3000, seed=1))),
+    train_fast(spec_path=str(spec), source=str(_parquet(tmp_path / "train.parquet", make_loans(3000, seed=1))),
           trials=1, algorithms=["lightgbm"], parity_min_rows=5_000)
     later = make_loans(6000, seed=2, start="2024-06-01")
     scored = score(input_uri=str(_parquet(tmp_path / "later.parquet", later.drop("repaid"))),

@@ -24,10 +24,10 @@ from driftloop.storage import read_bytes
 from flows.labels import ingest_labels
 from flows.retrain import retrain
 from flows.score import score
-from flows.train import train
 from tasks.split import split_dataset
 from tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_period, write_spec
+from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
@@ -62,7 +62,7 @@ def train_on_old(tmp_path: Path, name: str, window: dict, old: pl.DataFrame) -> 
                                  "retrain": {"window": window, "min_new_labels": 500}}, name=f"{name}.yaml")
     old_path = tmp_path / f"{name}-old.parquet"
     old.write_parquet(old_path)
-    v1 = train(spec_path=str(spec), source=str(old_path), parity_min_rows=5_000, **FAST)
+    v1 = train_fast(spec_path=str(spec), source=str(old_path), parity_min_rows=5_000, **FAST)
     assert v1.version == 1 and v1.promoted
     return spec
 

@@ -22,11 +22,11 @@ from flows.ingest import ingest
 from flows.labels import ingest_labels
 from flows.score import score
 from flows.score_edge import score_edge
-from flows.train import train
 from tasks.edge import ModelCache
 from tasks.score import IntegrityError
 from tests.support import tables as memory
 from tests.support.data import make_loans, write_spec
+from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
@@ -41,7 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         data = root / "train.parquet"
         make_loans(3000, seed=1).write_parquet(data)
         dataset = ingest(spec_path=str(spec), source=str(data)).dataset_id
-        train(spec_path=str(spec), dataset_id=dataset, trials=2, algorithms=["lightgbm"], parity_min_rows=2000)
+        train_fast(spec_path=str(spec), dataset_id=dataset, trials=2, algorithms=["lightgbm"], parity_min_rows=2000)
         yield {"root": root, "spec": spec, "dataset": dataset}
 
 
@@ -181,7 +181,7 @@ def test_edge_agent_caches_scores_offline_updates_and_rolls_back(trained, tmp_pa
     data = tmp_path / "more.parquet"
     make_loans(3000, seed=9).write_parquet(data)
     dataset = ingest(spec_path=str(trained["spec"]), source=str(data)).dataset_id
-    new = train(spec_path=str(trained["spec"]), dataset_id=dataset, trials=2, algorithms=["xgboost"], parity_min_rows=2000, promote=False)
+    new = train_fast(spec_path=str(trained["spec"]), dataset_id=dataset, trials=2, algorithms=["xgboost"], parity_min_rows=2000, promote=False)
     registry.promote("loans", new.version, actor="test", reason="new data")
     fourth = score_edge(input_uri=str(source), output_uri=str(tmp_path / "e4"), model="loans")
     assert fourth.version == new.version and not fourth.cache_hit

@@ -15,12 +15,12 @@ from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.storage import read_bytes
 from flows.ingest import ingest
-from flows.train import train
 from tests.support.data import make_loans, write_spec
+from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
-FAST = {"trials": 3, "parity_min_rows": 5_000}
+FAST = {"trials": 3, "parity_min_rows": 5_000}  # train_fast sets the parity rows
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -38,7 +38,7 @@ def loans(tmp_path: Path, home: Path) -> tuple[Path, str]:
 
 def test_train_registers_a_champion_then_reproduces_it(loans, tmp_path: Path) -> None:
     spec, dataset_id = loans
-    first = train(spec_path=str(spec), dataset_id=dataset_id, algorithms=["xgboost", "lightgbm"], seed=3, **FAST)
+    first = train_fast(spec_path=str(spec), dataset_id=dataset_id, algorithms=["xgboost", "lightgbm"], seed=3, **FAST)
     assert first.version == 1 and first.promoted and first.gate.passed
     assert "no champion yet: judged on absolute thresholds alone" in first.gate.reasons
     assert first.parity.label_flips == 0 and first.parity.max_abs_diff <= 1e-5
@@ -48,7 +48,7 @@ def test_train_registers_a_champion_then_reproduces_it(loans, tmp_path: Path) ->
     assert "## Promotion gate" in card and f"sha256 `{first.onnx_sha256}`" in card
 
     # Same dataset, spec, seed and trials: identical params and identical ONNX predictions.
-    second = train(spec_path=str(spec), dataset_id=dataset_id, algorithms=["xgboost", "lightgbm"], seed=3, **FAST)
+    second = train_fast(spec_path=str(spec), dataset_id=dataset_id, algorithms=["xgboost", "lightgbm"], seed=3, **FAST)
     v1, v2 = registry.get_version("loans", 1), registry.get_version("loans", 2)
     assert v1.params == v2.params and v1.algorithm == v2.algorithm
     rows = make_loans(3000, seed=11)
@@ -65,9 +65,9 @@ def test_train_registers_a_champion_then_reproduces_it(loans, tmp_path: Path) ->
 
 def test_gate_failure_registers_but_does_not_promote(loans, tmp_path: Path) -> None:
     spec, dataset_id = loans
-    train(spec_path=str(spec), dataset_id=dataset_id, algorithms=["lightgbm"], **FAST)
+    train_fast(spec_path=str(spec), dataset_id=dataset_id, algorithms=["lightgbm"], **FAST)
     strict = write_spec(tmp_path, {"gate": {"thresholds": {"roc_auc": {"min": 0.999}}}}, name="strict.yaml")
-    result = train(spec_path=str(strict), dataset_id=dataset_id, algorithms=["lightgbm"], **FAST)
+    result = train_fast(spec_path=str(strict), dataset_id=dataset_id, algorithms=["lightgbm"], **FAST)
     assert not result.gate.passed and not result.promoted
     assert any("< min 0.999" in r for r in result.gate.reasons)
     registry = open_registry(get_settings().registry_database_url())

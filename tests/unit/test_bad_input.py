@@ -12,7 +12,7 @@ from driftloop.errors import SchemaError, SourceError
 from driftloop.spec import load_spec
 from tasks.ingest import read_file
 from tasks.validate import ValidationResult, validate_rows, with_malformed
-from tests.support.data import GOOD_ROWS, HEADER, write_csv, write_spec
+from tests.support.data import GOOD_ROWS, HEADER, LOAN_SPEC, write_csv, write_spec
 
 
 def run(tmp_path: Path, rows: list[str], header: str = HEADER, labelled: bool = True) -> ValidationResult:
@@ -153,13 +153,16 @@ def test_duplicate_ids_keep_the_first(tmp_path: Path) -> None:
 
 
 def test_malformed_lines_are_quarantined_with_their_text(tmp_path: Path) -> None:
-    rows = [*GOOD_ROWS, "5,2024-01-05,10,0.5,low,true,12,1,surplus", "6,2024-01-06,10"]
+    rows = [*GOOD_ROWS, "5,2024-01-05,10,0.5,low,true,12,1,surplus", "6,2024-01-06,10", '7,"2024-01-07, late",10']
     result = run(tmp_path, rows)
-    assert result.rows_in == 6 and result.rows_valid == 4 and result.rows_quarantined == 2
-    checks = sorted(c for row in result.quarantine["_checks"].to_list() for c in row)
-    assert checks == ["field_count(expected 8, found 3)", "field_count(expected 8, found 9)"]
-    values = sorted(v for row in result.quarantine["_values"].to_list() for v in row)
-    assert values == ["5,2024-01-05,10,0.5,low,true,12,1,surplus", "6,2024-01-06,10"]
+    assert result.rows_in == 7 and result.rows_valid == 4 and result.rows_quarantined == 3
+    # Each record exactly as written, a quoted field holding a comma included.
+    records = [(row["_checks"], row["_values"]) for row in result.quarantine.iter_rows(named=True)]
+    assert sorted(records) == [
+        (["field_count(expected 8, found 3)"], ["6,2024-01-06,10"]),
+        (["field_count(expected 8, found 3)"], ['7,"2024-01-07, late",10']),
+        (["field_count(expected 8, found 9)"], ["5,2024-01-05,10,0.5,low,true,12,1,surplus"]),
+    ]
 
 
 def test_non_utf8_bytes_quarantine_the_record_and_keep_the_bytes(tmp_path: Path) -> None:
@@ -171,8 +174,18 @@ def test_non_utf8_bytes_quarantine_the_record_and_keep_the_bytes(tmp_path: Path)
     result = with_malformed(validate_rows(batch.frame, spec, source=batch.source), batch.malformed)
     assert (result.rows_in, result.rows_valid, result.rows_quarantined) == (5, 4, 1)
     assert result.quarantine["_checks"].to_list() == [["utf8"]]
-    assert result.quarantine["_values"].to_list() == [["5,2024-01-05 00:00:00,10,0.5,l\\xf6w,true,12,1"]] or \
-        result.quarantine["_values"].to_list() == [["5,2024-01-05,10,0.5,l\\xf6w,true,12,1"]]
+    # The record exactly as the file holds it (the bad byte escaped), not re-rendered.
+    assert result.quarantine["_values"].to_list() == [["5,2024-01-05,10,0.5,l\\xf6w,true,12,1"]]
+
+
+@pytest.mark.xfail(strict=True, reason="driftloop/inputs.py rebuilds a non-UTF-8 record from its parsed fields "
+                   "(joined with ',', quotes lost); to be fixed in the inputs.py rewrite, then drop this mark")
+def test_a_non_utf8_record_is_quarantined_exactly_as_written_quotes_and_all(tmp_path: Path) -> None:
+    path = write_csv(tmp_path, GOOD_ROWS)
+    with path.open("ab") as fh:
+        fh.write(b'5,2024-01-05,10,0.5,"l\xf6w, north",true,12,1\n')
+    batch = read_file(str(path))
+    assert batch.malformed["_values"].to_list() == [['5,2024-01-05,10,0.5,"l\\xf6w, north",true,12,1']]
 
 
 def test_parquet_with_wrong_types_is_parsed_like_text(tmp_path: Path) -> None:
@@ -220,3 +233,71 @@ def test_seen_values_finds_repeats_across_many_batches_exactly() -> None:
         assert len(seen.runs) <= 10  # log-structured, not one run per batch
         with_null = make(np.array([1, 2])).extend(pl.Series("id", [None], dtype=make(np.array([1])).dtype))
         assert seen.contains(with_null).to_list()[-1] is False
+
+
+def test_one_very_long_id_does_not_size_every_kept_id(tmp_path: Path) -> None:
+    """A 100,000-character id in an untrusted input: memory follows the bytes given, not
+    the longest id times the batch (numpy's fixed-width unicode made a 100,000-row batch
+    40 GB). Measured as allocations (tracemalloc sees numpy's) and as what is kept."""
+    import tracemalloc
+
+    from tasks.validate import SeenValues
+
+    long_id = "x" * 100_000
+    first = pl.Series("id", [f"c-{i}" for i in range(300)])
+    second = pl.Series("id", [f"c-{i}" for i in range(300, 600)] + [long_id])
+    given = first.estimated_size() + second.estimated_size()
+    tracemalloc.start()
+    try:
+        seen = SeenValues()
+        seen.add(first)
+        assert not seen.contains(second).any()
+        seen.add(second)
+        again = seen.contains(pl.Series("id", [long_id, "c-5", "c-600", None]))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert again.to_list() == [True, True, False, False]
+    assert peak < 10 * given, (peak, given)  # fixed-width: ~4 bytes x 100,000 x 301 = 120 MB
+    assert seen.nbytes < 3 * given, (seen.nbytes, given)
+
+    # Through validation: the long id is an id like any other; its repeat is quarantined.
+    spec = load_spec(write_spec(tmp_path, {"columns": {**LOAN_SPEC["columns"], "id": {"dtype": "string"}}}))
+    rows = [f"{new_id},{row.split(',', 1)[1]}" for new_id, row in zip(["a", long_id, "b"], GOOD_ROWS, strict=False)]
+    batch = read_file(str(write_csv(tmp_path, rows)))
+    result = validate_rows(batch.frame, spec, seen={"id": seen})
+    assert result.rows_valid == 2 and result.quarantine["_checks"].to_list() == [["unique(earlier batch)"]]
+    assert result.quarantine["_row"].to_list() == [1]
+
+
+def test_a_quarantine_file_can_be_ingested_again(tmp_path: Path) -> None:
+    """A quarantine file holds the input's columns plus ``_row`` and the failure lists. Fixed
+    and ingested again, ``_row`` collided with the position validation adds: polars'
+    DuplicateError ("unexpected error") as soon as one row failed."""
+    from driftloop.spec import RESERVED_COLUMN_NAMES
+    from tasks.validate import RESERVED_COLUMNS
+
+    assert RESERVED_COLUMNS == RESERVED_COLUMN_NAMES
+    first = run(tmp_path, [*GOOD_ROWS, "5,2024-01-05 00:00:00,-1,0.5,low,true,12,1", "6,2024-01-06 00:00:00,9,2.0,mid,no,6,0"])
+    assert first.rows_quarantined == 2 and "_row" in first.quarantine.columns
+    quarantine = tmp_path / "quarantine.parquet"
+    first.quarantine.write_parquet(quarantine)
+    # One row fixed (amount), one left as it was: the second pass quarantines that one again.
+    fixed = pl.read_parquet(quarantine).with_columns(
+        pl.when(pl.col("id") == "5").then(pl.lit("50")).otherwise(pl.col("amount")).alias("amount"))
+    fixed.write_parquet(quarantine)
+    batch = read_file(str(quarantine))
+    second = validate_rows(batch.frame, load_spec(write_spec(tmp_path)), source=batch.source)
+    assert (second.rows_in, second.rows_valid, second.rows_quarantined) == (2, 1, 1)
+    assert second.valid["id"].to_list() == [5]
+    assert failures(second) == [(1, "ratio", "less_than_or_equal_to(1.0)", "2.0")]  # its position in this input
+    assert set(RESERVED_COLUMNS) <= set(second.ignored_columns)
+
+
+def test_a_spec_column_cannot_take_a_quarantine_name() -> None:
+    from pydantic import ValidationError
+
+    from driftloop.spec import DatasetSpec
+
+    with pytest.raises(ValidationError, match="reserved for the quarantine"):
+        DatasetSpec.model_validate({**LOAN_SPEC, "columns": {**LOAN_SPEC["columns"], "_row": {"dtype": "int"}}})

@@ -139,3 +139,29 @@ def test_nightly_scoring_runs_in_one_process_and_its_commented_dask_options_vali
             from blocks.driftloop_blocks import check_dask_address
 
             check_dask_address(parameters["dask_address"])
+
+
+# Knobs that weaken a promise or write lineage: the flow that trains decides them, never a
+# parameter someone can set in the UI or with `prefect deployment run --param`.
+_NOT_PARAMETERS = {"parity_min_rows", "trigger"}
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, ids=lambda d: d["entrypoint"])
+def test_no_deployment_can_lower_the_parity_gate_or_set_its_lineage(deployment: dict) -> None:
+    flow = load_flow(deployment["entrypoint"])
+    assert not _NOT_PARAMETERS & set(flow.parameters.properties), flow.name
+    with pytest.raises(Exception, match="parity_min_rows"):
+        flow.validate_parameters({**deployment.get("parameters", {}), "model": "car_loan", "parity_min_rows": 10}
+                                 if flow.name == "retrain" else {**deployment.get("parameters", {}), "parity_min_rows": 10})
+
+
+def test_the_parity_rows_are_the_workers_setting_and_the_promised_100k_by_default(monkeypatch) -> None:
+    from driftloop.settings import get_settings
+    from flows.train import TrainOptions
+
+    monkeypatch.delenv("DRIFTLOOP_PARITY_MIN_ROWS", raising=False)
+    assert get_settings().parity_min_rows == 100_000
+    assert "parity_min_rows" not in TrainOptions.model_fields
+    assert TrainOptions(trigger="retrain").trigger == "retrain"
+    with pytest.raises(Exception, match="trigger"):
+        TrainOptions(trigger="from an event payload")

@@ -65,10 +65,16 @@ def test_the_onnx_form_at_two_threads_scores_halves_of_each_batch_bit_for_bit(mo
     rows = pl.concat([split.holdout] * (HALVES_MIN_ROWS // split.holdout.height + 2))
     assert rows.height > HALVES_MIN_ROWS
     single = predict_scores(load_model(onnx, threads=1), rows)
+    before = {t.ident for t in threading.enumerate()}
     halves = load_form(_form("onnx", 1.0), load_model(onnx, threads=2), onnx, threads=2)
     assert np.array_equal(halves.predict(rows), single)
     assert np.array_equal(halves.predict(rows.head(11)), single[:11])  # a small batch is scored whole
-    assert any(t.name.startswith("driftloop-onnx-half") for t in threading.enumerate())
+    helpers = [t for t in threading.enumerate() if t.name.startswith("driftloop-onnx-half") and t.ident not in before]
+    assert helpers and all(t.is_alive() for t in helpers)
+    # Closing the scorer shuts its helper thread down (it was never shut down before).
+    with halves:
+        pass
+    assert not any(t.is_alive() for t in helpers)
     # Without the ONNX bytes (the descriptor alone), the 2-thread session scores as before.
     plain = load_form(_form("onnx", 1.0), load_model(onnx, threads=2), b"", threads=2)
     assert np.abs(plain.predict(rows) - single).max() <= 1e-6

@@ -231,3 +231,50 @@ def test_gc_keeps_partitioned_runs_quarantine_and_removes_uncommitted_work_areas
     assert done.files == ["scoring/loans/run-crashed"]
     assert not areas["run-crashed"].exists()
     assert all(areas[r].exists() for r in ("run-recorded", committed_unrecorded, "run-in-progress"))
+
+
+def test_gc_keeps_every_file_a_version_or_dataset_points_at(tmp_path: Path) -> None:
+    """A version's whole lineage survives gc however old: its ONNX artifact, its other
+    scoring forms, its model card and monitoring reference, and the snapshot of the
+    dataset it was trained on; beside them, an unreferenced old ONNX file goes."""
+    import hashlib
+
+    from driftloop.registry.store import DatasetRecord
+
+    registry = open_registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+
+    def artifact(relpath: str, data: bytes) -> tuple[str, str]:
+        return store.write_bytes(relpath, data), hashlib.sha256(data).hexdigest()
+
+    onnx_uri, onnx_sha = artifact(f"models/loans/onnx/{hashlib.sha256(b'onnx').hexdigest()}.onnx", b"onnx")
+    forms = [{"kind": "onnx", "uri": onnx_uri, "sha256": onnx_sha}]
+    for kind, ext in (("native", "ubj"), ("tensor", "onnx")):
+        data = f"{kind} form".encode()
+        uri, sha = artifact(f"models/loans/{kind}/{hashlib.sha256(data).hexdigest()}.{ext}", data)
+        forms.append({"kind": kind, "uri": uri, "sha256": sha})
+    forms = [{**f, "parity_rows": 100_000, "parity_max_abs_diff": 0.0, "parity_flips": 0, "rows_per_s": 1.0} for f in forms]
+    snapshot, _ = artifact("datasets/loans/ds_lineage/rows.parquet", b"training rows")
+    registry.add_dataset(DatasetRecord(
+        id="ds_lineage", name="loans", content_hash="c" * 64, spec_hash="s" * 64, source="train.csv", labelled=True,
+        rows_in=1, rows_valid=1, rows_quarantined=0, snapshot_uri=snapshot, quarantine_uri=None, column_types={},
+        created_at=datetime.now(UTC) - timedelta(days=400)))
+    version = registry.register_version(version_draft(onnx_uri=onnx_uri, onnx_sha256=onnx_sha, forms=forms,
+                                                      dataset_id="ds_lineage")).version
+    reference, reference_sha = artifact(f"models/loans/v{version}/reference.parquet", b"reference rows")
+    registry.set_reference("loans", version, reference, reference_sha)
+    card, _ = artifact(f"models/loans/v{version}/model_card.md", b"# card")
+    registry.set_card_uri("loans", version, card)
+    orphan, _ = artifact(f"models/loans/onnx/{'f' * 64}.onnx", b"never registered")
+    lineage = [onnx_uri, *(f["uri"] for f in forms), snapshot, reference, card]
+    for uri in [*lineage, orphan]:
+        _age(Path(uri), 24 * 400)
+
+    later = datetime.now(UTC) + timedelta(days=400)
+    dry = collect(registry, store, keep_days=1, apply=False, now=later)
+    done = collect(registry, store, keep_days=1, apply=True, now=later)
+    kept = {str(Path(u).relative_to(tmp_path / "artifacts")) for u in lineage}
+    assert not kept & set(dry.files) and not kept & set(done.files), (dry.files, done.files)
+    assert all(Path(u).exists() for u in lineage), [u for u in lineage if not Path(u).exists()]
+    assert f"models/loans/onnx/{'f' * 64}.onnx" in done.files and not Path(orphan).exists()  # gc did run
+    assert registry.get_version("loans", version).forms == forms

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from driftloop.errors import RegistryError
-from driftloop.registry import ChampionChanged, DatasetRecord, VersionDraft
+from driftloop.registry import ChampionChanged, DatasetRecord, IncompleteVersion, VersionDraft
 from driftloop.registry.schema import current_revision, head_revision, upgrade
 from driftloop.registry.store import RegistryStore, create_registry_engine, open_registry
 
@@ -114,11 +117,22 @@ def version_draft(name: str = "loans", **overrides) -> VersionDraft:
     return VersionDraft(**{**draft, **overrides})
 
 
+def complete(store: RegistryStore, version: int, name: str = "loans") -> int:
+    """What training writes after registering: the reference and the card."""
+    store.set_reference(name, version, f"/models/{name}/v{version}/reference.parquet", "r" * 64)
+    store.set_card_uri(name, version, f"/models/{name}/v{version}/model_card.md")
+    return version
+
+
 def test_versions_aliases_promote_and_rollback(tmp_path: Path) -> None:
     store = open_registry(f"sqlite:///{tmp_path / 'models.db'}")
     v1 = store.register_version(version_draft())
     v2 = store.register_version(version_draft())
     assert (v1.version, v2.version) == (1, 2)
+    assert store.aliases("loans") == {}  # no alias until reference and card exist
+    for version in (1, 2):
+        complete(store, version)
+        store.set_alias("loans", "challenger", version, actor="driftloop", reason="registered")
     assert store.aliases("loans") == {"challenger": 2}
     store.promote("loans", 1, actor="alice", reason="first")
     store.promote("loans", 2, actor="bob", reason="better auc")
@@ -180,7 +194,7 @@ def test_concurrent_registration_postgres(postgres) -> None:
 def test_promotion_is_a_compare_and_swap(tmp_path: Path) -> None:
     store = open_registry(f"sqlite:///{tmp_path / 'cas.db'}")
     for _ in range(3):
-        store.register_version(version_draft())
+        complete(store, store.register_version(version_draft()).version)
     store.promote("loans", 1, actor="a", reason="first", expected_champion=None)
     store.promote("loans", 2, actor="b", reason="judged against v1", expected_champion=1)
     # v3 was judged against v1 too, but v2 became champion meanwhile: nothing moves.
@@ -191,21 +205,29 @@ def test_promotion_is_a_compare_and_swap(tmp_path: Path) -> None:
 
 _LEASE = """
 import sys, time
+from pathlib import Path
 from driftloop.registry.store import open_registry
-store = open_registry(sys.argv[1])
-decision = store.acquire_retrain_lease("loans", sys.argv[2], cooldown_s=600, ttl_s=3600)
-print(decision.acquired, decision.reason)
+url, name, flags, n = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+store = open_registry(url)
+(flags / f"ready-{name}").touch()
+while len(list(flags.glob("ready-*"))) < n:  # barrier: all ask at once
+    time.sleep(0.01)
+decision = store.acquire_retrain_lease("loans", name, cooldown_s=600, ttl_s=3600)
+print(decision.acquired, decision.reason, flush=True)
+(flags / f"decided-{name}").touch()
 if decision.acquired:
-    time.sleep(1)
-    store.release_retrain_lease("loans", sys.argv[2], "trained")
+    while len(list(flags.glob("decided-*"))) < n:  # hold the lease until every other one has asked
+        time.sleep(0.01)
+    store.release_retrain_lease("loans", name, "trained")
 """
 
 
-def lease_race(url: str, processes: int = 4) -> None:
+def lease_race(url: str, flags: Path, processes: int = 4) -> None:
     store = open_registry(url)
     store.register_version(version_draft())
-    procs = [subprocess.Popen([sys.executable, "-c", _LEASE, url, f"run-{i}"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    flags.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _LEASE, url, f"run-{i}", str(flags), str(processes)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
     outcomes = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -214,7 +236,9 @@ def lease_race(url: str, processes: int = 4) -> None:
     winners = [o for o in outcomes if o.startswith("True")]
     assert len(winners) == 1, outcomes
     losers = [o for o in outcomes if o.startswith("False")]
-    assert all("another retrain of loans is running" in o or "cooldown" in o for o in losers), losers
+    # Every loser asked while the winner held the lease: each was told a retrain runs
+    # (not "cooldown", which is what asking after the winner finished would say).
+    assert len(losers) == processes - 1 and all("another retrain of loans is running" in o for o in losers), losers
     # Finished and trained: the cooldown holds; a retrain that only waited for labels does not.
     again = store.acquire_retrain_lease("loans", "later", cooldown_s=600, ttl_s=3600)
     assert not again.acquired and again.reason.startswith("cooldown: the last retrain of loans") and "(trained)" in again.reason
@@ -226,12 +250,49 @@ def lease_race(url: str, processes: int = 4) -> None:
 
 
 def test_retrain_lease_sqlite(tmp_path: Path) -> None:
-    lease_race(f"sqlite:///{tmp_path / 'lease.db'}")
+    lease_race(f"sqlite:///{tmp_path / 'lease.db'}", tmp_path / "flags")
 
 
 @pytest.mark.postgres
-def test_retrain_lease_postgres(postgres) -> None:
-    lease_race(postgres.create_database("registry_lease"))
+def test_retrain_lease_postgres(postgres, tmp_path: Path) -> None:
+    lease_race(postgres.create_database("registry_lease"), tmp_path / "flags")
+
+
+def _lease_expiry(store: RegistryStore) -> datetime:
+    from driftloop.registry.tables import RetrainLeaseRow
+
+    with store.session() as s:
+        expires = s.get(RetrainLeaseRow, "loans").expires_at
+    return expires.replace(tzinfo=UTC) if expires.tzinfo is None else expires
+
+
+def _wait_until_past(moment: datetime) -> None:
+    while datetime.now(UTC) <= moment:
+        time.sleep(0.05)
+
+
+def test_a_renewed_lease_outlives_its_ttl_and_an_unrenewed_one_is_taken_over(tmp_path: Path) -> None:
+    """A retrain longer than the lease's TTL keeps its lease while its heartbeat renews it;
+    once renewals stop (the retrain died), the lease expires and the next retrain takes it."""
+    from datetime import timedelta
+
+    from tasks.retrain import LeaseHeartbeat
+
+    store = open_registry(f"sqlite:///{tmp_path / 'heartbeat.db'}")
+    store.register_version(version_draft())
+    ttl = 2.0
+    assert store.acquire_retrain_lease("loans", "long-retrain", cooldown_s=0, ttl_s=ttl).acquired
+    first_expiry = _lease_expiry(store)
+    with LeaseHeartbeat(store, "loans", "long-retrain", ttl_s=ttl, interval_s=0.2) as beat:
+        _wait_until_past(first_expiry + timedelta(seconds=0.5))  # past the TTL it was taken with
+        decision = store.acquire_retrain_lease("loans", "second", cooldown_s=0, ttl_s=ttl)
+        assert not decision.acquired and "another retrain of loans is running" in decision.reason, decision
+        assert beat.renewals > 0 and not beat.lost
+    # The heartbeat stopped without a release, as when the process dies: the lease expires.
+    _wait_until_past(_lease_expiry(store))
+    taken = store.acquire_retrain_lease("loans", "second", cooldown_s=0, ttl_s=ttl)
+    assert taken.acquired, taken
+    assert not store.renew_retrain_lease("loans", "long-retrain", ttl_s=ttl)  # the old holder learns it lost it
 
 
 def test_retrain_lease_needs_a_registered_model(tmp_path: Path) -> None:
@@ -258,11 +319,135 @@ def test_a_version_registered_without_an_alias_until_it_is_settled(tmp_path: Pat
     store = open_registry(f"sqlite:///{tmp_path / 'settle.db'}")
     first = register_unaliased(store, version_draft())
     assert store.aliases("loans") == {}  # what a crash here leaves behind
+    complete(store, first.version)
     assert settle_aliases(store, first, promote=True, judged_against=None, actor="t") == (True, None)
     second = register_unaliased(store, version_draft(gate={"passed": False, "reasons": ["roc_auc < min"]}))
+    complete(store, second.version)
     assert settle_aliases(store, second, promote=True, judged_against=1, actor="t") == (False, None)
     assert store.aliases("loans") == {"champion": 1, "challenger": 2}
     third = register_unaliased(store, version_draft())
+    complete(store, third.version)
     promoted, refused = settle_aliases(store, third, promote=True, judged_against=None, actor="t")  # stale judgement
     assert not promoted and "the champion is v1 now" in refused
     assert store.aliases("loans") == {"champion": 1, "challenger": 3}
+
+
+def test_cli_promote_refuses_a_half_written_version_and_a_moved_champion(home: Path, capsys) -> None:
+    """``models promote`` goes through the retrain's checks: an alias only once the
+    version's reference and card exist, and only if the champion is still what was seen."""
+    from driftloop.cli import main
+    from driftloop.settings import get_settings
+
+    store = open_registry(get_settings().registry_database_url())
+    v1 = complete(store, store.register_version(version_draft()).version)
+    store.promote("loans", v1, actor="t", reason="first", expected_champion=None)
+    v2 = store.register_version(version_draft()).version  # training died here: no reference, no card
+    assert main(["models", "promote", "loans", str(v2), "--reason", "looks fine"]) == 1
+    assert "v2 has no monitoring reference and no model card" in capsys.readouterr().err
+    store.set_reference("loans", v2, "/ref.parquet", "r" * 64)  # ... or died after the reference
+    assert main(["models", "promote", "loans", str(v2), "--reason", "looks fine"]) == 1
+    assert "v2 has no model card" in capsys.readouterr().err
+    assert store.aliases("loans") == {"champion": 1}
+    assert main(["models", "rollback", "loans", "--reason", "x"]) == 1  # v1 was the first champion
+    capsys.readouterr()
+
+    complete(store, v2)
+    v3 = complete(store, store.register_version(version_draft()).version)
+    # Reviewed while v1 was champion; v3 became champion meanwhile: nothing moves.
+    store.promote("loans", v3, actor="other", reason="meanwhile")
+    assert main(["models", "promote", "loans", str(v2), "--reason", "reviewed", "--expect-champion", "1"]) == 1
+    assert "the champion is v3 now, not v1" in capsys.readouterr().err
+    assert main(["models", "rollback", "loans", "--reason", "v2 misbehaves", "--expect-champion", "2"]) == 1
+    assert "the champion is v3 now, not v2" in capsys.readouterr().err
+    assert store.aliases("loans") == {"champion": 3}
+    assert main(["models", "rollback", "loans", "--reason", "v3 misbehaves", "--expect-champion", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["champion"] == 1
+    with pytest.raises(IncompleteVersion):
+        store.set_alias("loans", "challenger", store.register_version(version_draft()).version, actor="t", reason="x")
+
+
+@pytest.mark.postgres
+def test_rollback_waits_for_a_concurrent_promotion_and_walks_back_from_it(postgres) -> None:
+    """A promotion in flight (its transaction holds the model's row lock and has moved the
+    champion, not yet committed) when a rollback starts: the rollback must wait and roll
+    back the promoted version, not the one it saw before (which sent the champion two
+    versions back, to v1)."""
+    url = postgres.create_database("registry_rollback_race")
+    store = open_registry(url)
+    for _ in range(3):
+        complete(store, store.register_version(version_draft()).version)
+    store.promote("loans", 1, actor="a", reason="first")
+    store.promote("loans", 2, actor="a", reason="second")
+
+    promoting = store._sessions()
+    promoting.begin()
+    store._locked_model(promoting, "loans")
+    store._move_alias(promoting, "loans", "champion", 3, "b", "third")  # not committed yet
+    outcome: dict[str, object] = {}
+
+    def roll_back() -> None:
+        try:
+            outcome["version"] = open_registry(url).rollback("loans", actor="c", reason="the newest misbehaves")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=roll_back)
+    thread.start()
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    with store.engine.connect() as conn:
+        while not conn.execute(sa.text(waiting)).scalar() and thread.is_alive():
+            conn.rollback()  # pg_stat_activity is a snapshot per transaction
+            time.sleep(0.05)  # until the rollback waits on a lock (no timing is asserted)
+    promoting.commit()
+    thread.join(timeout=120)
+    assert outcome == {"version": 2}, outcome
+    assert store.aliases("loans") == {"champion": 2}
+    assert [(e.from_version, e.to_version) for e in store.alias_history("loans") if e.alias == "champion"][-2:] == [(2, 3), (3, 2)]
+
+
+def _no_nan(constant: str) -> None:
+    raise AssertionError(f"{constant} is not JSON")
+
+
+@pytest.mark.postgres
+def test_undefined_metrics_are_stored_and_printed_as_null_with_the_reason(postgres, monkeypatch, capsys) -> None:
+    """A holdout (or a segment) holding one class has no ROC AUC: NaN. PostgreSQL's json
+    rejected it, failing the registration after all the training work, and ``--json``
+    printed a bare NaN."""
+    import math
+
+    import numpy as np
+
+    from driftloop.cli import _emit, main
+    from tasks.evaluate import compute_metrics
+    from tasks.register import render_model_card
+
+    one_class = compute_metrics("binary_classification", np.zeros(40, dtype=int), np.linspace(0.1, 0.4, 40))
+    both = compute_metrics("binary_classification", np.arange(40) % 2, np.linspace(0.1, 0.9, 40))
+    assert math.isnan(one_class["roc_auc"]) and math.isnan(one_class["pr_auc"]) and not math.isnan(both["roc_auc"])
+    url = postgres.create_database("registry_undefined_metrics")
+    monkeypatch.setenv("DRIFTLOOP_REGISTRY_URL", url)
+    store = open_registry(url)
+    record = store.register_version(version_draft(
+        metrics=one_class, segment_metrics={"north": {"rows": 40, **one_class}, "south": {"rows": 40, **both}},
+        gate={"passed": False, "metric": "roc_auc", "reasons": ["roc_auc undefined"], "challenger_metrics": one_class},
+        split={"method": "random"}, parity={"passed": True, "max_abs_diff": 0.0, "tolerance": 1e-5, "label_flips": 0, "rows": 100_000},
+    ))
+    stored = store.get_version("loans", record.version)
+    assert stored.metrics["roc_auc"] is None and stored.metrics["accuracy"] == one_class["accuracy"]
+    assert stored.segment_metrics["north"]["roc_auc"] is None and stored.segment_metrics["south"]["roc_auc"] == both["roc_auc"]
+    card = render_model_card(stored, promoted=False)
+    assert "| roc_auc | n/a (undefined: the rows hold one class only" in card and "| north | 40 | n/a (undefined" in card
+
+    assert main(["models", "show", "loans:1", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out, parse_constant=_no_nan)
+    assert shown["metrics"]["roc_auc"] is None and "one class" in shown["undefined_metrics"]["roc_auc"]
+    assert main(["models", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out, parse_constant=_no_nan)
+    assert "one class" in listed["models"][0]["versions"][0]["undefined_metrics"]["pr_auc"]
+    assert main(["models", "show", "loans:1"]) == 0
+    assert "roc_auc n/a (undefined: the rows hold one class only" in capsys.readouterr().out
+    # What `driftloop train --json` prints for a result holding NaN (in memory) is JSON too.
+    _emit({"metrics": one_class, "gate": {"champion_metrics": {"roc_auc": float("nan")}}}, True, str)
+    printed = json.loads(capsys.readouterr().out, parse_constant=_no_nan)
+    assert printed["metrics"]["roc_auc"] is None and printed["gate"]["champion_metrics"]["roc_auc"] is None
