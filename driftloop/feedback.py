@@ -180,9 +180,12 @@ def _snapshot(table: MemoryTable | None, at: int | None) -> int | None:
     return at if at is not None else table.refresh().snapshot_id()
 
 
-def latest_labels(tables: Tables, spec: DatasetSpec, snapshot: int | None = None) -> tuple[pl.LazyFrame | None, int | None]:
+def latest_labels(tables: Tables, spec: DatasetSpec, snapshot: int | None = None, *,
+                  ids: pl.LazyFrame | None = None) -> tuple[pl.LazyFrame | None, int | None]:
     """The latest registered label of every id (id, target, REGISTERED_AT), lazily, from
-    the model's labels table as of ``snapshot`` (default: now); None when it has none."""
+    the model's labels table as of ``snapshot`` (default: now); None when it has none.
+    ``ids``: only these ids (a window's, a monitoring run's), selected before the latest
+    label is found, so the work follows them and not every label ever registered."""
     assert spec.id is not None
     table = tables.labels(spec.name)
     snapshot = _snapshot(table, snapshot)
@@ -190,11 +193,14 @@ def latest_labels(tables: Tables, spec: DatasetSpec, snapshot: int | None = None
         return None, None
     id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
     target_type = POLARS_DTYPES[spec.column_spec(spec.target).dtype]
+    rows = table.scan(snapshot).select(
+        pl.col(spec.id).cast(id_type), pl.col(spec.target).cast(target_type),
+        pl.col(LABELS_REGISTERED_AT).dt.replace_time_zone(None).dt.cast_time_unit("us").alias(REGISTERED_AT),
+        pl.col(REGISTRATION))
+    if ids is not None:
+        rows = rows.join(ids.select(pl.col(spec.id).cast(id_type)), on=spec.id, how="semi")
     labels = (
-        table.scan(snapshot)
-        .select(pl.col(spec.id).cast(id_type), pl.col(spec.target).cast(target_type),
-                pl.col(LABELS_REGISTERED_AT).dt.replace_time_zone(None).dt.cast_time_unit("us").alias(REGISTERED_AT),
-                pl.col(REGISTRATION))
+        rows
         # the latest registration of an id wins; within one registration, its last row
         .sort(REGISTERED_AT, REGISTRATION, maintain_order=True)
         .unique(subset=[spec.id], keep="last", maintain_order=True)
@@ -233,52 +239,102 @@ def _window_start(frames: list[pl.DataFrame], tables: Tables, spec: DatasetSpec,
         return None
     ts = spec.timestamp
     newest = [f[ts].max() for f in frames if f.height]
-    labels, _ = latest_labels(tables, spec, at.labels if at else None)
-    scored, _ = served_rows(tables, spec, at.predictions if at else None)
-    if labels is not None and scored is not None:
-        newest.append(scored.select(spec.id, ts).join(labels.select(spec.id), on=spec.id, how="semi")
-                      .select(pl.col(ts).max()).collect(engine="streaming").item())
+    newest.append(_newest_labelled(tables, spec, policy.window.span, at))
     newest = [n for n in newest if n is not None]
     if not newest:
         return None
     return max(newest) - policy.skip_recent_span - policy.window.span  # type: ignore[operator]
 
 
+def _label_ids(tables: Tables, spec: DatasetSpec, snapshot: int | None) -> pl.LazyFrame | None:
+    table = tables.labels(spec.name)
+    snapshot = _snapshot(table, snapshot)
+    if table is None or snapshot is None:
+        return None
+    id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]  # type: ignore[arg-type]
+    return table.scan(snapshot).select(pl.col(spec.id).cast(id_type))  # type: ignore[arg-type]
+
+
+def _newest_labelled(tables: Tables, spec: DatasetSpec, span: Any, at: WindowSnapshots | None) -> datetime | None:
+    """The newest timestamp of a served row that has a label. Looked for in the newest
+    ``span`` of served rows first (pruned to those files): only when none of them is
+    labelled does it read every served row's id and timestamp."""
+    assert spec.id is not None and spec.timestamp is not None
+    ts = spec.timestamp
+    labelled = _label_ids(tables, spec, at.labels if at else None)
+    scored, _ = served_rows(tables, spec, at.predictions if at else None)
+    if labelled is None or scored is None:
+        return None
+    newest_scored = scored.select(pl.col(ts).max()).collect().item()
+    if newest_scored is None:
+        return None
+    id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
+    for since in (newest_scored - span, None):
+        rows = scored if since is None else scored.filter(pl.col(ts) >= since)
+        found = (rows.select(pl.col(spec.id).cast(id_type), ts).join(labelled, on=spec.id, how="semi")
+                 .select(pl.col(ts).max()).collect(engine="streaming").item())
+        if found is not None:
+            return found
+    return None
+
+
 def _feedback(tables: Tables, spec: DatasetSpec, columns: list[str], out: LabelledData, at: WindowSnapshots | None,
               since: datetime | None) -> pl.DataFrame | None:
     """Served rows joined by id to their latest registered label, read lazily from the
-    two tables (as of ``at``, or now, recorded on ``out``)."""
+    two tables (as of ``at``, or now, recorded on ``out``). With ``since`` (a ``last``
+    window) only the window's served rows are read, and only their ids' labels are
+    deduplicated; ``labels`` and ``labels_unscored`` then count the labels registered
+    since the window's start (whole history otherwise)."""
     assert spec.id is not None
-    labels, out.labels_snapshot = latest_labels(tables, spec, at.labels if at else None)
-    scored, out.predictions_snapshot = served_rows(tables, spec, at.predictions if at else None)
-    if labels is None:
-        return None
-    counts = labels.select(pl.len()).collect().item()
-    out.labels = counts
-    if scored is None:
-        out.labels_unscored = counts
-        return None
     id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
-    out.labels_unscored = labels.join(scored.select(pl.col(spec.id).cast(id_type)).unique(), on=spec.id, how="anti") \
-        .select(pl.len()).collect(engine="streaming").item()
+    scored, out.predictions_snapshot = served_rows(tables, spec, at.predictions if at else None)
+    out.labels_snapshot = _snapshot(tables.labels(spec.name), at.labels if at else None)
+    if out.labels_snapshot is None:
+        return None
+    _count_labels(tables, spec, out, scored, since)
+    if scored is None:
+        return None
     window_rows = scored if since is None else scored.filter(pl.col(spec.timestamp) >= since)  # type: ignore[arg-type]
     scored_columns = [c for c in columns if c != spec.target]
     missing = [c for c in scored_columns if c not in window_rows.collect_schema().names()]
     if missing:
         out.skipped.append(f"table predictions.{spec.name} lacks column(s) {', '.join(missing)}")
         return None
-    joined = (
+    window = (
         window_rows.select(*[pl.col(c) for c in scored_columns], pl.col(SCORED_AT), pl.col(SCORING_RUN).alias(SOURCE))
         .with_columns(pl.col(spec.id).cast(id_type))
         # an id scored again (a re-scored input, a new champion) keeps its latest row
         .sort(SCORED_AT, maintain_order=True).unique(subset=[spec.id], keep="last", maintain_order=True)
-        .join(labels, on=spec.id, how="inner")
         .collect(engine="streaming")
     )
+    labels, _ = latest_labels(tables, spec, out.labels_snapshot, ids=window.lazy().select(spec.id))
+    assert labels is not None
+    joined = window.join(labels.collect(engine="streaming"), on=spec.id, how="inner")
+    del window
     frame = joined.select(pl.col(c).cast(POLARS_DTYPES[spec.column_spec(c).dtype]) for c in columns).with_columns(
         joined[SOURCE], joined[REGISTERED_AT])
     out.scoring_runs = sorted(frame[SOURCE].unique().to_list())
     return frame
+
+
+def _count_labels(tables: Tables, spec: DatasetSpec, out: LabelledData, scored: pl.LazyFrame | None,
+                  since: datetime | None) -> None:
+    """``labels``: distinct labelled ids; ``labels_unscored``: of those, ids no served row
+    holds. Ids only, streamed; with ``since``, among labels registered since then."""
+    assert spec.id is not None
+    table = tables.labels(spec.name)
+    assert table is not None and out.labels_snapshot is not None
+    id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
+    rows = table.scan(out.labels_snapshot)
+    if since is not None:
+        rows = rows.filter(pl.col(LABELS_REGISTERED_AT).dt.replace_time_zone(None) >= since)
+    ids = rows.select(pl.col(spec.id).cast(id_type)).unique()
+    out.labels = ids.select(pl.len()).collect(engine="streaming").item()
+    if scored is None:
+        out.labels_unscored = out.labels
+        return
+    out.labels_unscored = ids.join(scored.select(pl.col(spec.id).cast(id_type)), on=spec.id, how="anti") \
+        .select(pl.len()).collect(engine="streaming").item()
 
 
 def join_labels(scored: pl.DataFrame, labels: pl.DataFrame, spec: DatasetSpec, *, how: str = "left") -> pl.DataFrame:

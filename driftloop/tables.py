@@ -66,6 +66,12 @@ TABLE_PROPERTIES = {
     "commit.retry.max-wait-ms": "2000",
     "commit.retry.total-timeout-ms": "120000",
     "write.parquet.compression-codec": "zstd",
+    # Whole values in the file statistics of the columns a commit or a read filters on
+    # by equality (the default truncates strings to 16 characters, and input keys and run
+    # ids share longer prefixes: a replace would then read every earlier data file).
+    f"write.metadata.metrics.column.{INPUT_KEY}": "full",
+    f"write.metadata.metrics.column.{SCORING_RUN}": "full",
+    f"write.metadata.metrics.column.{REGISTRATION}": "full",
 }
 
 
@@ -314,6 +320,10 @@ class Tables:
                 logger.info("created table %s", name)
             except TableAlreadyExistsError:  # another process made it first
                 table = self.catalog.load_table(name)
+        missing = {k: v for k, v in TABLE_PROPERTIES.items() if table.properties.get(k) != v}
+        if missing:  # a table made by an earlier release
+            with table.transaction() as tx:
+                tx.set_properties(missing)
         if sample is not None:
             table = _evolve(table, sample)
         return MemoryTable(table)

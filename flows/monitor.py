@@ -166,7 +166,8 @@ def reference_period_task(tables: Tables, spec: DatasetSpec, record: ModelVersio
 
 
 @task(name="load-labels", cache_policy=NONE)
-def load_labels_task(tables: Tables, spec: DatasetSpec, labels_uri: str | None) -> tuple[pl.DataFrame | None, LabelsUsed | None]:
+def load_labels_task(tables: Tables, spec: DatasetSpec, labels_uri: str | None,
+                     analysis_ids: pl.Series | None = None) -> tuple[pl.DataFrame | None, LabelsUsed | None]:
     """Labels for realized performance: a file parsed and validated by the spec like
     ``driftloop labels`` (bad rows quarantined and counted), or by default the model's
     labels table (the latest registration of an id wins)."""
@@ -181,7 +182,9 @@ def load_labels_task(tables: Tables, spec: DatasetSpec, labels_uri: str | None) 
                                      result.rows_quarantined, result.rows_in)
         return result.valid, LabelsUsed(source=batch.source, rows_in=result.rows_in, rows_valid=result.rows_valid,
                                         rows_quarantined=result.rows_quarantined, matched=0)
-    lazy, snapshot = latest_labels(tables, spec)
+    # Only the monitored rows' labels: the work follows the analysis, not the labels' history.
+    ids = analysis_ids.to_frame().lazy() if analysis_ids is not None else None
+    lazy, snapshot = latest_labels(tables, spec, ids=ids)
     if lazy is None:
         return None, None
     labels = lazy.collect()
@@ -290,7 +293,8 @@ def monitor(
     # Only this version's rows: another version's would be judged against this reference.
     analysed = load_analysis_task(registry, tables, spec, record, scoring_run, start, end, input_uri)
     analysis = analysed.rows
-    labels, labels_used = load_labels_task(tables, spec, labels_uri)
+    labels, labels_used = load_labels_task(tables, spec, labels_uri,
+                                           analysis[spec.id] if spec.id and spec.id in analysis.columns else None)
     if labels is not None and labels_used is not None:
         analysis = join_labels(analysis, labels, spec)
         labels_used.matched = int(analysis[spec.target].is_not_null().sum())
