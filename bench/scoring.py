@@ -49,6 +49,14 @@ What it measures, on seeded synthetic data (20 float features, an int id, binary
    experiments on a 25k-row batch (validation split, ONNX Runtime options, output
    compression).
 
+4. The predictions table. ``score_to_table`` (the data centre's path: a ``TableSink`` into
+   the model's Iceberg predictions table, catalog in a temp SQLite registry, one commit
+   per run, each run a new input key so the table grows as it does nightly) beside
+   ``score_stream`` (the directory/manifest path, now the edge's), the ONNX form, same
+   file, batch size and threads, runs alternated: ``ratio_table_stream`` = table seconds
+   / stream seconds (target <= 1.05). ``--table-only`` runs the setup and this section
+   alone (batch size 100k).
+
 Input Parquet files are written in 100k-row row groups (snappy), features as float64.
 
 Run from the repository root:
@@ -56,6 +64,7 @@ Run from the repository root:
     .venv/bin/python bench/scoring.py            # full run: 1M / 5M rows, 12+ minutes on 2 cores
     .venv/bin/python bench/scoring.py --quick    # smoke run: 100k / 500k rows
     .venv/bin/python bench/scoring.py --rows 200000   # 200k / 1M rows, full-size models
+    .venv/bin/python bench/scoring.py --table-only    # table vs stream only, 1M rows
 
 The last line printed is one JSON object: {"results": [{"algorithm", "threads", "engine" (the
 form auto chose), "ours_rows_s", "onnx_rows_s", "native_inmemory_rows_s",
@@ -64,7 +73,8 @@ form auto chose), "ours_rows_s", "onnx_rows_s", "native_inmemory_rows_s",
 "tensor_rows_s", "tensor_slice_rows"; at 2 threads also "onnx_halves_rows_s",
 "onnx_halves_2sessions_rows_s", "onnx_intra2_rows_s", "kernel_intra2_rows_s",
 "kernel_halves_rows_s",
-"native_form_rows_s", "native_halves_rows_s"}, ...], "rss_ratio_5m_1m": ...} (the RSS ratio
+"native_form_rows_s", "native_halves_rows_s"; "stream_rows_s", "table_rows_s",
+"ratio_table_stream"}, ...], "rss_ratio_5m_1m": ..., "ratio_table_stream_worst": ...} (the RSS ratio
 is big / small input, 5x the rows in every mode). A line "results so far: {...}" after the
 throughput sections keeps the main figures if a long run is cut short.
 """
@@ -192,8 +202,9 @@ class Model:
     tensor: bytes = b""  # the tensor-op form (tasks.export_tensor)
 
 
-def train_models(spec: Any, train: pl.DataFrame, threads: int) -> tuple[Any, list[Model]]:
-    """XGBoost and LightGBM with fixed parameters and exactly ``N_TREES`` trees, exported."""
+def train_models(spec: Any, train: pl.DataFrame, threads: int, *, tensor: bool = True) -> tuple[Any, list[Model]]:
+    """XGBoost and LightGBM with fixed parameters and exactly ``N_TREES`` trees, exported
+    (``tensor``: also the tensor-op form)."""
     import lightgbm as lgb
     import xgboost as xgb
 
@@ -228,7 +239,7 @@ def train_models(spec: Any, train: pl.DataFrame, threads: int) -> tuple[Any, lis
             build_onnx(fitted, encoding, spec, metadata),
             booster.num_boosted_rounds(),
             elapsed,
-            build_tensor_onnx(fitted, encoding, spec, metadata),
+            build_tensor_onnx(fitted, encoding, spec, metadata) if tensor else b"",
         )
     )
 
@@ -254,7 +265,7 @@ def train_models(spec: Any, train: pl.DataFrame, threads: int) -> tuple[Any, lis
             build_onnx(fitted, encoding, spec, metadata),
             booster.num_trees(),
             elapsed,
-            build_tensor_onnx(fitted, encoding, spec, metadata),
+            build_tensor_onnx(fitted, encoding, spec, metadata) if tensor else b"",
         )
     )
     return encoding, models
@@ -401,6 +412,100 @@ def score_once(
         )
     shutil.rmtree(out)
     return elapsed
+
+
+@dataclass
+class TableTarget:
+    """A temp registry (SQLite) and artifact root: the predictions table a central
+    scoring run appends to (``tasks.score.TableSink``)."""
+
+    tables: Any  # driftloop.tables.Tables
+    store: Any  # driftloop.storage.ArtifactStore
+    runs: int = 0
+
+
+def table_target(root: Path) -> TableTarget:
+    from driftloop.registry import open_registry
+    from driftloop.storage import ArtifactStore
+    from driftloop.tables import open_tables
+
+    root.mkdir(parents=True, exist_ok=True)
+    registry = open_registry(f"sqlite:///{root / 'registry.db'}")
+    artifacts = str(root / "artifacts")
+    return TableTarget(open_tables(registry.engine, artifacts), ArtifactStore(artifacts))
+
+
+def table_once(
+    onnx: bytes,
+    input_path: Path,
+    target: TableTarget,
+    *,
+    threads: int,
+    batch_size: int,
+    rows: int,
+    scorer: Callable[[Any], Callable[[pl.DataFrame], np.ndarray]] | None = None,
+) -> float:
+    """Seconds for one end-to-end ``score_to_table`` run (model and form loading
+    excluded): the same stream of batches as ``score_once``, into the model's predictions
+    table through a ``TableSink``, committed once (the replace of an earlier run of the
+    same input included). Each run is a new input (a new input key: a nightly batch), so
+    the table grows by ``rows`` per run, as it does in production."""
+    import uuid
+
+    from driftloop.onnx_model import load_model
+    from tasks.score import TableSink, score_to_table
+
+    model = load_model(onnx, threads=threads)
+    predict = scorer(model) if scorer is not None else None
+    target.runs += 1
+    sink = TableSink(target.tables, target.store, model.spec(), model_name="bench", run_id=str(uuid.uuid4()),
+                     input_key=f"{input_path.as_uri()}#run-{target.runs}", form="onnx")
+    started = time.perf_counter()
+    result = score_to_table(model, str(input_path), sink, model_version=1, batch_size=batch_size, predict=predict)
+    elapsed = time.perf_counter() - started
+    if result.rows_scored != rows or result.rows_quarantined or result.snapshot_id is None:
+        raise RuntimeError(
+            f"scored {result.rows_scored} of {rows} rows ({result.rows_quarantined} quarantined) "
+            f"into snapshot {result.snapshot_id}"
+        )
+    return elapsed
+
+
+def table_vs_stream(
+    models: list[Model], score_path: Path, tmp: Path, *, rows: int, batch_size: int, repeats: int,
+    results: list[dict[str, Any]],
+) -> list[list[str]]:
+    """Rows/s of ``score_to_table`` (the data centre's path) beside ``score_stream`` (the
+    directory/manifest path), the ONNX form as ``load_form`` runs it, same input file,
+    batch size and threads, runs alternated; adds ``stream_rows_s``, ``table_rows_s`` and
+    ``ratio_table_stream`` (table seconds / stream seconds) to the matching ``results``
+    entries (made when missing)."""
+    lines = []
+    for model in models:
+        target = table_target(tmp / f"table-{model.algorithm}")
+        for threads in (1, 2):
+            scorer = lambda d, m=model, t=threads: form_predict("onnx", m.onnx, d, t)  # noqa: E731
+            stream_times, table_times = [], []
+            for _ in range(repeats):
+                stream_times.append(score_once(model.onnx, score_path, tmp, threads=threads, batch_size=batch_size,
+                                               rows=rows, scorer=scorer))
+                table_times.append(table_once(model.onnx, score_path, target, threads=threads,
+                                              batch_size=batch_size, rows=rows, scorer=scorer))
+            stream_s, table_s = min(stream_times), min(table_times)
+            entry = next((r for r in results if r["algorithm"] == model.algorithm and r["threads"] == threads), None)
+            if entry is None:
+                entry = {"algorithm": model.algorithm, "threads": threads}
+                results.append(entry)
+            entry |= {
+                "stream_rows_s": round(rows / stream_s),
+                "table_rows_s": round(rows / table_s),
+                "ratio_table_stream": round(table_s / stream_s, 3),
+            }
+            lines.append([model.algorithm, str(threads), rate(rows, stream_s), rate(rows, table_s),
+                          f"{table_s / stream_s:.3f}",
+                          " ".join(f"{s:.2f}" for s in stream_times), " ".join(f"{s:.2f}" for s in table_times)])
+            print(f"  {model.algorithm} t={threads}: stream {stream_s:.2f} s, table {table_s:.2f} s", flush=True)
+    return lines
 
 
 # --- scoring forms and --engine auto ------------------------------------------------------
@@ -820,6 +925,30 @@ def section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 76 - len(title)), flush=True)
 
 
+def table_section(models: list[Model], score_path: Path, tmp: Path, *, rows: int, batch_size: int, repeats: int,
+                  results: list[dict[str, Any]]) -> None:
+    section(
+        f"the predictions table: score_to_table (TableSink) vs score_stream, ONNX form, {rows:,} rows, "
+        f"batch size {batch_size:,}"
+    )
+    lines = table_vs_stream(models, score_path, tmp, rows=rows, batch_size=batch_size, repeats=repeats,
+                            results=results)
+    print(table(["algorithm", "threads", "stream rows/s", "table rows/s", "table / stream seconds",
+                 "stream runs s", "table runs s"], lines))
+    worst = worst_table_ratio(results)
+    print(
+        "stream: score_stream into a directory (parts + manifest; the edge path). table: score_to_table into the "
+        "model's Iceberg predictions table (catalog in a temp SQLite registry), one commit per run, each run a new "
+        "input key (the table grows by the input's rows per run). Same file, batch size and threads, runs alternated, "
+        f"best of {repeats}.\nworst table / stream seconds {worst:.3f} (target <= 1.05: "
+        f"{'met' if worst <= 1.05 else 'NOT met'})"
+    )
+
+
+def worst_table_ratio(results: list[dict[str, Any]]) -> float:
+    return max((r["ratio_table_stream"] for r in results if "ratio_table_stream" in r), default=float("nan"))
+
+
 # --- main ------------------------------------------------------------------------------
 
 
@@ -836,11 +965,16 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=2, help="runs per timing; the best is kept (default 2)"
     )
+    parser.add_argument(
+        "--table-only", action="store_true",
+        help="only the predictions-table path against score_stream (setup, then that section; batch size 100,000)",
+    )
     parser.add_argument("--child-rss", nargs=2, metavar=("ONNX", "INPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=100_000, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("driftloop").setLevel(logging.ERROR)  # "created table ..." per temp registry
     if args.child_rss:
         child_rss(*args.child_rss, batch_size=args.batch_size, threads=args.threads)
         return
@@ -859,7 +993,8 @@ def main() -> None:
         sizes = replace(
             sizes, score_rows=args.rows, big_rows=5 * args.rows, breakdown_batches=breakdown
         )
-    mode = (" --quick" if args.quick else "") + (f" --rows {args.rows}" if args.rows else "")
+    mode = (" --quick" if args.quick else "") + (f" --rows {args.rows}" if args.rows else "") + (
+        " --table-only" if args.table_only else "")
     spec = parse_spec(SPEC, source="bench/scoring.py")
     total_started = time.perf_counter()
     print(
@@ -881,14 +1016,18 @@ def main() -> None:
         )
         score_path, big_path = tmp / "score.parquet", tmp / "score-big.parquet"
         write_input(score_path, sizes.score_rows, SEED + 1)
-        write_input(big_path, sizes.big_rows, SEED + 2)
+        if not args.table_only:
+            write_input(big_path, sizes.big_rows, SEED + 2)
         print(
             f"data: {sizes.train_rows:,} training rows (positive rate {train[TARGET].mean():.2f}); scoring inputs "
-            f"{sizes.score_rows:,} rows ({score_path.stat().st_size / 1e6:.0f} MB) and {sizes.big_rows:,} rows "
-            f"({big_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.1f} s"
+            f"{sizes.score_rows:,} rows ({score_path.stat().st_size / 1e6:.0f} MB)"
+            + ("" if args.table_only else
+               f" and {sizes.big_rows:,} rows ({big_path.stat().st_size / 1e6:.0f} MB)")
+            + f" in {time.perf_counter() - started:.1f} s"
         )
 
-        encoding, models = train_models(spec, train, threads=os.cpu_count() or 2)
+        os.environ["DRIFTLOOP_HOME"] = str(tmp / "home")  # the table path's registry and tables: temp
+        encoding, models = train_models(spec, train, threads=os.cpu_count() or 2, tensor=not args.table_only)
         del train
         x = encoding.matrix(pl.read_parquet(score_path))
         for model in models:
@@ -898,13 +1037,26 @@ def main() -> None:
             head = pl.read_parquet(score_path, n_rows=20_000)
             native_head = native_predict(model, x[:20_000], 1)[0]
             diff = np.abs(predict_scores(load_model(model.onnx), head) - native_head).max()
-            tensor = load_model(model.tensor)
-            tensor_diff = np.abs(predict_scores(tensor, head) - native_head).max()
+            line = (f"{model.algorithm}: {model.trees} trees, trained in {model.train_s:.1f} s; "
+                    f"ONNX {len(model.onnx) / 1e6:.1f} MB; max |onnx - native| on 20k rows {diff:.1e}")
+            if model.tensor:
+                tensor = load_model(model.tensor)
+                tensor_diff = np.abs(predict_scores(tensor, head) - native_head).max()
+                line += (f"; tensor-op form ({tensor.metadata['tensor_layout']} layout, depth "
+                         f"{tensor.metadata['depth']}, {len(model.tensor) / 1e6:.1f} MB) max |tensor - native| "
+                         f"{tensor_diff:.1e}")
+            print(line)
+
+        if args.table_only:
+            results = []
+            table_section(models, score_path, tmp, rows=sizes.score_rows, batch_size=args.batch_size,
+                          repeats=args.repeats, results=results)
             print(
-                f"{model.algorithm}: {model.trees} trees, trained in {model.train_s:.1f} s; ONNX {len(model.onnx) / 1e6:.1f} MB; "
-                f"max |onnx - native| on 20k rows {diff:.1e}; tensor-op form ({tensor.metadata['tensor_layout']} layout, "
-                f"depth {tensor.metadata['depth']}, {len(model.tensor) / 1e6:.1f} MB) max |tensor - native| {tensor_diff:.1e}"
+                f"\ntotal benchmark time {time.perf_counter() - total_started:.0f} s; "
+                f"load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
             )
+            print(json.dumps({"results": results, "ratio_table_stream_worst": worst_table_ratio(results)}))
+            return
 
         section(
             f"batch size sweep (score_stream, {models[0].algorithm}, t=1, {sizes.score_rows:,} rows, single runs)"
@@ -1071,6 +1223,9 @@ def main() -> None:
             "native in-memory: float32 matrix already in memory -> predict (XGBoost: DMatrix construction included).\n"
             "user's script: Parquet file -> polars -> numpy -> inplace_predict / predict -> id + probability Parquet."
         )
+
+        table_section(models, score_path, tmp, rows=sizes.score_rows, batch_size=batch_size,
+                      repeats=args.repeats, results=results)
 
         section(
             f"the parallel-batches lever at 2 threads: halves of each batch on two threads, 1 thread each "
@@ -1274,7 +1429,8 @@ def main() -> None:
         f"\ntotal benchmark time {time.perf_counter() - total_started:.0f} s; "
         f"load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
     )
-    print(json.dumps({"results": results, "rss_ratio_5m_1m": rss_ratio}))
+    print(json.dumps({"results": results, "rss_ratio_5m_1m": rss_ratio,
+                      "ratio_table_stream_worst": worst_table_ratio(results)}))
 
 
 if __name__ == "__main__":
