@@ -25,7 +25,7 @@ included; seconds = wall clock of the read alone):
   rows of the 92 days before it, inner-joined to the labels table's latest row per id
   (sort by registered_at, unique keep last), collected (streaming engine).
 - ``monitor_read``: what ``flows/monitor.py`` does before NannyML for a time range:
-  ``served_rows(model_version, since, until)`` collected, ``latest_labels`` collected,
+  ``served_rows(model_version, since, until)`` collected, ``latest_labels`` of those ids collected,
   ``join_labels`` (left). NannyML itself is not run here (bench/monitoring.py times it
   on 1M rows; its cost does not depend on the tables).
 
@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -261,8 +261,8 @@ def read_monitor(home: Path) -> dict[str, Any]:
     started = time.perf_counter()
     rows, _ = served_rows(tables, spec, model_version=version, since=since, until=until)
     analysis = rows.collect()  # load_analysis_task
-    lazy, _ = latest_labels(tables, spec)
-    labels = lazy.collect()  # load_labels_task
+    lazy, _ = latest_labels(tables, spec, ids=analysis.select(spec.id).lazy())  # load_labels_task: the rows' ids only
+    labels = lazy.collect()
     joined = join_labels(analysis, labels, spec)  # the flow, before NannyML
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "since": str(since), "until": str(until), "model_version": version,

@@ -484,7 +484,7 @@ def table_vs_stream(
     for model in models:
         target = table_target(tmp / f"table-{model.algorithm}")
         for threads in (1, 2):
-            scorer = lambda d, m=model, t=threads: form_predict("onnx", m.onnx, d, t)  # noqa: E731
+            scorer = lambda d, m=model, t=threads: form_predict("onnx", m.onnx, d, t)
             stream_times, table_times = [], []
             for _ in range(repeats):
                 stream_times.append(score_once(model.onnx, score_path, tmp, threads=threads, batch_size=batch_size,
