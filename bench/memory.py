@@ -259,7 +259,7 @@ def read_monitor(home: Path) -> dict[str, Any]:
     since = until - spec.retrain.window.span
     version = int(newest["model_version"][0])
     started = time.perf_counter()
-    rows, _ = served_rows(tables, spec, model_version=version, since=since, until=until)
+    rows, _ = served_rows(tables, spec, model_version=version, since=since, until=until, bookkeeping=False)
     analysis = rows.collect()  # load_analysis_task
     lazy, _ = latest_labels(tables, spec, ids=analysis.select(spec.id).lazy())  # load_labels_task: the rows' ids only
     labels = lazy.collect()

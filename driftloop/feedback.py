@@ -29,6 +29,10 @@ from driftloop.schema import POLARS_DTYPES
 from driftloop.spec import DatasetSpec, RetrainPolicy
 from driftloop.storage import read_parquet
 from driftloop.tables import (
+    FORM,
+    INPUT_KEY,
+    LABEL_TIMESTAMP,
+    MODEL_NAME,
     MODEL_VERSION,
     REGISTRATION,
     ROLE,
@@ -167,6 +171,9 @@ def collect_labelled_data(registry: RegistryStore, tables: Tables, spec: Dataset
     if not frames:
         out.frame = pl.DataFrame(schema={c: POLARS_DTYPES[spec.column_spec(c).dtype] for c in columns})
         return out
+    if len(frames) == 1:  # one source is unique by id already: no copies
+        out.frame = frames[0]
+        return out
     combined = pl.concat(frames, how="vertical")
     if spec.id:
         combined = combined.sort(REGISTERED_AT, maintain_order=True).unique(subset=[spec.id], keep="last", maintain_order=True)
@@ -210,10 +217,12 @@ def latest_labels(tables: Tables, spec: DatasetSpec, snapshot: int | None = None
 
 
 def served_rows(tables: Tables, spec: DatasetSpec, snapshot: int | None = None, *, model_version: int | None = None,
-                since: datetime | None = None, until: datetime | None = None,
-                scoring_run: str | None = None) -> tuple[pl.LazyFrame | None, int | None]:
+                since: datetime | None = None, until: datetime | None = None, scoring_run: str | None = None,
+                bookkeeping: bool = True) -> tuple[pl.LazyFrame | None, int | None]:
     """The rows the model served (role ``served``) in its predictions table as of
-    ``snapshot``, lazily, filtered (and pruned) by version, time range and scoring run."""
+    ``snapshot``, lazily, filtered (and pruned) by version, time range and scoring run.
+    ``bookkeeping=False`` leaves out the per-row strings only the table needs (input key,
+    role, form, model name, run id): monitoring's copy of the rows is then much smaller."""
     table = tables.predictions(spec.name)
     snapshot = _snapshot(table, snapshot)
     if table is None or snapshot is None:
@@ -227,6 +236,8 @@ def served_rows(tables: Tables, spec: DatasetSpec, snapshot: int | None = None, 
         rows = rows.filter(pl.col(spec.timestamp) >= since)
     if spec.timestamp and until is not None:
         rows = rows.filter(pl.col(spec.timestamp) < until)
+    if not bookkeeping:
+        rows = rows.drop([INPUT_KEY, ROLE, FORM, MODEL_NAME, SCORING_RUN], strict=False)
     return rows, snapshot
 
 
@@ -283,8 +294,7 @@ def _feedback(tables: Tables, spec: DatasetSpec, columns: list[str], out: Labell
     """Served rows joined by id to their latest registered label, read lazily from the
     two tables (as of ``at``, or now, recorded on ``out``). With ``since`` (a ``last``
     window) only the window's served rows are read, and only their ids' labels are
-    deduplicated; ``labels`` and ``labels_unscored`` then count the labels registered
-    since the window's start (whole history otherwise)."""
+    deduplicated (see :func:`_count_labels` for what is counted then)."""
     assert spec.id is not None
     id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
     scored, out.predictions_snapshot = served_rows(tables, spec, at.predictions if at else None)
@@ -320,21 +330,26 @@ def _feedback(tables: Tables, spec: DatasetSpec, columns: list[str], out: Labell
 def _count_labels(tables: Tables, spec: DatasetSpec, out: LabelledData, scored: pl.LazyFrame | None,
                   since: datetime | None) -> None:
     """``labels``: distinct labelled ids; ``labels_unscored``: of those, ids no served row
-    holds. Ids only, streamed; with ``since``, among labels registered since then."""
+    holds (ids only, streamed). With ``since`` (a ``last`` window) labels whose label
+    timestamp is older than the window are not counted (labels sent without a timestamp
+    always are), so the work follows the window, not the labels' whole history."""
     assert spec.id is not None
     table = tables.labels(spec.name)
     assert table is not None and out.labels_snapshot is not None
     id_type = POLARS_DTYPES[spec.column_spec(spec.id).dtype]
     rows = table.scan(out.labels_snapshot)
     if since is not None:
-        rows = rows.filter(pl.col(LABELS_REGISTERED_AT).dt.replace_time_zone(None) >= since)
-    ids = rows.select(pl.col(spec.id).cast(id_type)).unique()
-    out.labels = ids.select(pl.len()).collect(engine="streaming").item()
+        rows = rows.filter(pl.col(LABEL_TIMESTAMP).is_null() | (pl.col(LABEL_TIMESTAMP) >= since))
+    ids = rows.select(pl.col(spec.id).cast(id_type)).unique().collect(engine="streaming")
+    out.labels = ids.height
     if scored is None:
         out.labels_unscored = out.labels
         return
-    out.labels_unscored = ids.join(scored.select(pl.col(spec.id).cast(id_type)), on=spec.id, how="anti") \
+    # Labels that found a served row: the served ids semi-joined to the (fewer) label ids,
+    # so the hash table is the labels', not every served row's.
+    matched = scored.select(pl.col(spec.id).cast(id_type)).join(ids.lazy(), on=spec.id, how="semi").unique() \
         .select(pl.len()).collect(engine="streaming").item()
+    out.labels_unscored = out.labels - matched
 
 
 def join_labels(scored: pl.DataFrame, labels: pl.DataFrame, spec: DatasetSpec, *, how: str = "left") -> pl.DataFrame:

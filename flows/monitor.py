@@ -135,12 +135,13 @@ def load_analysis_task(registry: RegistryStore, tables: Tables, spec: DatasetSpe
                 raise DriftloopError(f"scoring run {scoring_run} is not a run of {record.model_name} in its predictions "
                                      "table; list runs with driftloop models show --json")
             run = found
-        rows, snapshot = served_rows(tables, spec, run.snapshot_id, scoring_run=run.id)
+        rows, snapshot = served_rows(tables, spec, run.snapshot_id, scoring_run=run.id, bookkeeping=False)
         described = f"predictions.{spec.name}@{snapshot} run {run.id}"
     else:
         if not spec.timestamp:
             raise DriftloopError(f"spec '{spec.name}' has no timestamp: monitor a scoring run instead of a time range")
-        rows, snapshot = served_rows(tables, spec, model_version=record.version, since=start, until=end)
+        rows, snapshot = served_rows(tables, spec, model_version=record.version, since=start, until=end,
+                                     bookkeeping=False)
         described = f"predictions.{spec.name}@{snapshot} v{record.version} {start or '...'} .. {end or '...'}"
     if rows is None:
         raise DriftloopError(f"{record.ref} has no predictions table yet; score some data with it first")

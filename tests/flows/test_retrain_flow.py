@@ -21,6 +21,7 @@ from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.spec import load_spec
 from driftloop.storage import read_bytes
+from driftloop.tables import open_tables
 from flows.labels import ingest_labels
 from flows.retrain import retrain
 from flows.score import score
@@ -162,7 +163,8 @@ def test_feedback_joins_labels_to_scored_rows(tmp_path: Path, home: Path) -> Non
     new = make_period(300, start="2024-03-01", days=10, seed=5, first_id=5_000, concept="new")
     spec_path = start_model(tmp_path, "fb", {"all": True}, old, new)
     spec = load_spec(spec_path)
-    data = collect_labelled_data(open_registry(get_settings().registry_database_url()), spec)
+    registry = open_registry(get_settings().registry_database_url())
+    data = collect_labelled_data(registry, open_tables(registry.engine, get_settings().artifact_root_uri()), spec)
     assert data.labels == 300 + 50 and data.labels_unscored == 50
     assert data.frame.height == 600 + 300 and data.frame["id"].n_unique() == 900
     feedback = data.frame.filter(pl.col("id") >= 5_000).sort("id")
