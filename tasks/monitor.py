@@ -235,9 +235,12 @@ class Levers:
 
     batch_rows: int | None = BATCH_ROWS  # whole chunks per pass; None: the whole analysis in one pandas frame
     categoricals: bool = True  # string and flag features as pandas categoricals instead of Python strings
+    # The analysis's float features as float32 (the reference stays as it is). Off: it halves
+    # those columns but moves statistics by ~1e-7 (bench/monitoring.py --levers).
+    float32: bool = False
 
 
-def prepare(frame: pl.DataFrame, spec: DatasetSpec, *, categoricals: bool = False) -> pl.DataFrame:
+def prepare(frame: pl.DataFrame, spec: DatasetSpec, *, categoricals: bool = False, float32: bool = False) -> pl.DataFrame:
     """The frame NannyML is given, still in polars: sorted by time (not copied when it
     already is), flags as the strings "true"/"false" (NannyML's data reconstruction imputes
     a numpy bool column as continuous and fails; as strings they are categorical
@@ -250,6 +253,9 @@ def prepare(frame: pl.DataFrame, spec: DatasetSpec, *, categoricals: bool = Fals
     if categoricals:
         strings = [c for c in spec.feature_columns if c in frame.columns and frame.schema[c] == pl.String]
         frame = frame.with_columns(pl.col(strings).cast(pl.Categorical))
+    if float32:
+        floats = [c for c in spec.feature_columns if c in frame.columns and frame.schema[c] == pl.Float64]
+        frame = frame.with_columns(pl.col(floats).cast(pl.Float32))
     return frame
 
 
@@ -400,6 +406,86 @@ def calibration_key(reference: pl.DataFrame, spec: DatasetSpec, policy: Monitori
     return CalibrationKey(reference_sha256=frame_sha256(content), chunk_rows=chunk_rows, settings=settings)
 
 
+@dataclass(frozen=True)
+class PerformanceSetup:
+    """What performance monitoring computes: our estimated metric and NannyML's name for it
+    (None: drift only), NannyML's problem type, the probability column(s), and the realized
+    metrics (NannyML's name -> ours)."""
+
+    metric: str | None
+    nml_metric: str | None
+    problem: str
+    proba: str | dict[str, str] | None
+    realized: dict[str, list[str]]
+
+
+def performance_setup(spec: DatasetSpec, policy: MonitoringPolicy, reference: Any, analysis: Any | None = None) -> PerformanceSetup:
+    """The performance side of monitoring for frames with these columns (``analysis``
+    None: the reference's alone)."""
+    metric = policy.estimated_metric or _ESTIMATED_DEFAULT[spec.task]
+    problem = _PROBLEM[spec.task]
+    proba: str | dict[str, str] | None = "probability"
+    if problem == "classification_multiclass":
+        proba = class_probability_columns(reference, reference if analysis is None else analysis)
+    if proba is None:
+        metric = None  # scored by an early build without per-class probabilities: drift only
+        logger.warning("no probability_<class> columns in the scored output: performance is not estimated")
+    nml_metric = None
+    if metric is not None:
+        nml_metric = nannyml_metric(spec.task, metric)
+        if nml_metric is None:
+            known = ", ".join(_NANNYML_METRIC[spec.task])
+            raise MonitoringError(f"NannyML cannot estimate {metric!r} for {spec.task}; estimated_metric may be: {known}")
+    realized = realized_metrics(spec.task, [spec.gate_metric, metric]) if metric is not None else {}
+    return PerformanceSetup(metric, nml_metric, problem, proba, realized)
+
+
+def _stored_or_calibrated(calculators: _Calculators, reference: pl.DataFrame, ref: Any, perf: PerformanceSetup, *,
+                          chunk_rows: int, calibrations: CalibrationStore | None,
+                          batch_rows: int) -> tuple[Calibration, str]:
+    """The calibration for ``reference`` (prepared; ``ref`` its pandas form) and
+    ``chunk_rows``: read from ``calibrations`` when stored there and intact, else computed
+    (and stored). Returns it with "stored" or "computed"."""
+    policy = calculators.policy
+    assert policy.alert_rate is not None
+    key = None
+    if calibrations is not None:
+        key = calibration_key(reference, calculators.spec, policy, chunk_rows=chunk_rows, categorical=calculators.categorical,
+                              realized=perf.realized, proba=perf.proba, nannyml_version=calculators.nml.__version__)
+        stored = calibrations.load(key)
+        if stored is not None:
+            return stored, "stored"
+    calibration = calibrate(calculators, ref, chunk_rows=chunk_rows, alert_rate=policy.alert_rate,
+                            draws=policy.calibration_draws, realized=perf.realized, problem=perf.problem, proba=perf.proba,
+                            batch_rows=batch_rows)
+    if calibrations is not None and key is not None:
+        calibrations.save(key, calibration)
+    return calibration, "computed"
+
+
+def ensure_calibration(reference: pl.DataFrame, spec: DatasetSpec, policy: MonitoringPolicy, calibrations: CalibrationStore,
+                       *, chunk_rows: int | None = None, levers: Levers = Levers()) -> tuple[Calibration, str] | None:
+    """The calibration a monitoring run of ``reference`` with ``policy`` uses, stored in
+    ``calibrations`` if it was not yet ("stored" or "computed"). ``chunk_rows``: the chunk
+    size (default: the policy's, as monitoring chooses it; period chunks need it given, as
+    their full chunk depends on the analysis). None when the policy calibrates nothing."""
+    if policy.alert_rate is None:
+        return None
+    nml = _nannyml()
+    categorical = [c for c in spec.feature_columns if spec.column_spec(c).dtype in ("category", "string", "bool")]
+    if spec.task == "multiclass_classification" and spec.target in reference.columns:
+        reference = reference.with_columns(pl.col(spec.target).cast(pl.String))
+    reference = prepare(reference, spec, categoricals=levers.categoricals)
+    ref = reference.to_pandas()
+    chunk_rows = chunk_rows or chunking(policy, len(ref)).get("chunk_size")
+    if chunk_rows is None:
+        raise MonitoringError("period chunks: give ensure_calibration the full chunk's rows (chunk_rows)")
+    check_reference_chunks(ref, spec, policy, {"chunk_size": chunk_rows})
+    calculators = _Calculators(nml, spec, policy, categorical)
+    return _stored_or_calibrated(calculators, reference, ref, performance_setup(spec, policy, ref), chunk_rows=chunk_rows,
+                                 calibrations=calibrations, batch_rows=levers.batch_rows or BATCH_ROWS)
+
+
 def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: DatasetSpec, policy: MonitoringPolicy, *,
                    with_plots: bool = True, calibrations: CalibrationStore | None = None,
                    levers: Levers = Levers()) -> MonitorReport:
@@ -417,7 +503,7 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
             f.with_columns(pl.col(spec.target).cast(pl.String)) if spec.target in f.columns else f for f in (reference, analysis)
         )
     reference = prepare(reference, spec, categoricals=levers.categoricals)
-    analysis = prepare(analysis, spec, categoricals=levers.categoricals)
+    analysis = prepare(analysis, spec, categoricals=levers.categoricals, float32=levers.float32)
     ref = reference.to_pandas()
     chunk_args = chunking(policy, len(ref))
     check_reference_chunks(ref, spec, policy, chunk_args)
@@ -426,22 +512,10 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     results: list[dict[str, Any]] = []
     figures: dict[str, Any] = {}
 
-    metric = policy.estimated_metric or _ESTIMATED_DEFAULT[spec.task]
     has_labels = spec.target in analysis.columns and _any_label(analysis[spec.target])
-    problem = _PROBLEM[spec.task]
-    proba: str | dict[str, str] | None = "probability"
-    if problem == "classification_multiclass":
-        proba = class_probability_columns(ref, analysis)
-    if proba is None:
-        metric = None  # scored by an early build without per-class probabilities: drift only
-        logger.warning("no probability_<class> columns in the scored output: performance is not estimated")
-    nml_metric = None
-    if metric is not None:
-        nml_metric = nannyml_metric(spec.task, metric)
-        if nml_metric is None:
-            known = ", ".join(_NANNYML_METRIC[spec.task])
-            raise MonitoringError(f"NannyML cannot estimate {metric!r} for {spec.task}; estimated_metric may be: {known}")
-    realized_names = realized_metrics(spec.task, [spec.gate_metric, metric]) if metric is not None else {}
+    perf = performance_setup(spec, policy, ref, analysis)
+    metric, nml_metric, problem, proba, realized_names = (
+        perf.metric, perf.nml_metric, perf.problem, perf.proba, perf.realized)
 
     univariate_calc = calculators.univariate(ref, chunk_args, spec.timestamp)
     multivariate_calc = calculators.multivariate(ref, chunk_args, spec.timestamp)
@@ -492,19 +566,9 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     calibration = None
     calibration_source = None
     if policy.alert_rate is not None and full_chunk:
-        key = None
-        if calibrations is not None:
-            key = calibration_key(reference, spec, policy, chunk_rows=full_chunk, categorical=categorical,
-                                  realized=realized_names, proba=proba, nannyml_version=nml.__version__)
-            calibration = calibrations.load(key)
-            calibration_source = "stored" if calibration is not None else None
-        if calibration is None:
-            calibration = calibrate(calculators, ref, chunk_rows=full_chunk, alert_rate=policy.alert_rate,
-                                    draws=policy.calibration_draws, realized=realized_names, problem=problem, proba=proba,
-                                    batch_rows=levers.batch_rows or BATCH_ROWS)
-            calibration_source = "computed"
-            if calibrations is not None and key is not None:
-                calibrations.save(key, calibration)
+        calibration, calibration_source = _stored_or_calibrated(
+            calculators, reference, ref, perf, chunk_rows=full_chunk, calibrations=calibrations,
+            batch_rows=levers.batch_rows or BATCH_ROWS)
 
     if with_plots:
         figures["univariate_drift"] = univariate.filter(period="all").plot(kind="drift")
