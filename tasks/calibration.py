@@ -287,10 +287,15 @@ class _HashSink:
 def frame_sha256(frame: pl.DataFrame) -> str:
     """sha256 of a frame's content (columns, dtypes, rows in order) as an Arrow IPC stream,
     hashed as it is written: nothing the size of the frame is held."""
+    import polars as pl
     import pyarrow as pa
 
     sink = _HashSink()
-    table = frame.to_arrow()
+    # Canonical bytes: one chunk, strings as plain offsets + data (polars' string views
+    # lay their buffers out as the strings were built, so equal frames could hash apart).
+    strings = [c for c, t in frame.schema.items() if t in (pl.String, pl.Categorical, pl.Enum)]
+    frame = frame.with_columns(pl.col(strings).cast(pl.String)).rechunk()
+    table = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=65_536)
     return sink.digest.hexdigest()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,9 +70,33 @@ class MonitoringError(DriftloopError):
 
 def _nannyml() -> Any:
     os.environ["NML_DISABLE_USAGE_LOGGING"] = "1"  # before the first import, always
+    if "nannyml" not in sys.modules and "flaml" not in sys.modules:
+        # NannyML imports FLAML's AutoML at import time for two calculators monitoring
+        # does not use (DLE, which regression monitoring does use, and the domain
+        # classifier), and FLAML imports XGBoost: ~45 MB of RSS for nothing. A stand-in
+        # that imports the real FLAML on first use; removed once NannyML is imported, so
+        # anyone importing flaml afterwards gets the real module.
+        sys.modules["flaml"] = _lazy_flaml()
+        try:
+            import nannyml
+        finally:
+            del sys.modules["flaml"]
     import nannyml
 
     return nannyml
+
+
+def _lazy_flaml() -> types.ModuleType:
+    module = types.ModuleType("flaml", "driftloop's stand-in while NannyML imports; see tasks.monitor._nannyml")
+
+    class AutoML:
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            import flaml  # the real one: the stand-in is gone from sys.modules by now
+
+            return flaml.AutoML(*args, **kwargs)
+
+    module.AutoML = AutoML  # type: ignore[attr-defined]
+    return module
 
 
 @dataclass
@@ -238,6 +264,7 @@ class Levers:
     # The analysis's float features as float32 (the reference stays as it is). Off: it halves
     # those columns but moves statistics by ~1e-7 (bench/monitoring.py --levers).
     float32: bool = False
+    views: bool = True  # pandas frames over polars' numeric buffers instead of copies (pandas_view)
 
 
 def prepare(frame: pl.DataFrame, spec: DatasetSpec, *, categoricals: bool = False, float32: bool = False) -> pl.DataFrame:
@@ -259,6 +286,25 @@ def prepare(frame: pl.DataFrame, spec: DatasetSpec, *, categoricals: bool = Fals
     return frame
 
 
+def pandas_view(frame: pl.DataFrame) -> Any:
+    """``frame.to_pandas()`` without copying numeric columns that have no nulls: pandas
+    columns over polars' own buffers (read-only numpy views), one block per column. Same
+    column dtypes as ``to_pandas`` (checked; a column that would differ is converted)."""
+    import pandas as pd
+
+    template = frame.head(0).to_pandas()
+    columns: dict[str, Any] = {}
+    for name in frame.columns:
+        series = frame[name]
+        if series.dtype.is_numeric() and series.null_count() == 0:
+            values = series.to_numpy()
+            if values.dtype == template[name].dtype:
+                columns[name] = values
+                continue
+        columns[name] = series.to_pandas()
+    return pd.DataFrame(columns, copy=False)
+
+
 def analysis_batches(frame: pl.DataFrame, chunk_args: dict[str, Any], batch_rows: int | None) -> Iterator[tuple[int, int, pl.DataFrame]]:
     """(first chunk index, first row, rows) of whole chunks, ``batch_rows`` at most (at
     least one chunk); period chunks, or no ``batch_rows``: the whole frame at once."""
@@ -273,10 +319,15 @@ def analysis_batches(frame: pl.DataFrame, chunk_args: dict[str, Any], batch_rows
 
 def _shift_chunks(result: Any, chunk_offset: int, row_offset: int) -> Any:
     """A batch's analysis results renumbered as chunks of the whole analysis: chunk index,
-    row indices and the size-based chunk key ``[first:last]``. Drops the copy of the batch
-    some results keep (``analysis_data``): only the per-chunk rows are needed."""
+    row indices and the size-based chunk key ``[first:last]``. Drops the copies of the
+    batch and, after the first batch, of the reference that univariate results keep
+    (``analysis_data``, ``reference_data``: each result has its own, 40 MB a batch on the
+    bench): only the per-chunk rows are needed, and the merged result takes the first
+    batch's reference."""
     if hasattr(result, "analysis_data"):
         result.analysis_data = None
+    if chunk_offset > 0 and hasattr(result, "reference_data"):
+        result.reference_data = None
     if chunk_offset == 0 and row_offset == 0:
         return result
     data = result.data
@@ -302,6 +353,8 @@ def _merged(results: list[Any]) -> Any:
     if len(results) == 1:
         return results[0]
     merged = results[-1]
+    if hasattr(merged, "reference_data"):
+        merged.reference_data = results[0].reference_data
 
     def period(data: Any) -> Any:
         return data[next(c for c in data.columns if c[0] == "chunk" and c[-1] == "period")]
@@ -476,7 +529,7 @@ def ensure_calibration(reference: pl.DataFrame, spec: DatasetSpec, policy: Monit
     if spec.task == "multiclass_classification" and spec.target in reference.columns:
         reference = reference.with_columns(pl.col(spec.target).cast(pl.String))
     reference = prepare(reference, spec, categoricals=levers.categoricals)
-    ref = reference.to_pandas()
+    ref = pandas_view(reference) if levers.views else reference.to_pandas()
     chunk_rows = chunk_rows or chunking(policy, len(ref)).get("chunk_size")
     if chunk_rows is None:
         raise MonitoringError("period chunks: give ensure_calibration the full chunk's rows (chunk_rows)")
@@ -503,8 +556,7 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
             f.with_columns(pl.col(spec.target).cast(pl.String)) if spec.target in f.columns else f for f in (reference, analysis)
         )
     reference = prepare(reference, spec, categoricals=levers.categoricals)
-    analysis = prepare(analysis, spec, categoricals=levers.categoricals, float32=levers.float32)
-    ref = reference.to_pandas()
+    ref = pandas_view(reference) if levers.views else reference.to_pandas()
     chunk_args = chunking(policy, len(ref))
     check_reference_chunks(ref, spec, policy, chunk_args)
     common = {"timestamp_column_name": spec.timestamp, **chunk_args}
@@ -517,8 +569,14 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     metric, nml_metric, problem, proba, realized_names = (
         perf.metric, perf.nml_metric, perf.problem, perf.proba, perf.realized)
 
-    univariate_calc = calculators.univariate(ref, chunk_args, spec.timestamp)
+    # The data reconstruction's fit first: its working set (~4 copies of the reference's
+    # features) then comes before the other calculators' fitted state, not on top of it.
     multivariate_calc = calculators.multivariate(ref, chunk_args, spec.timestamp)
+    univariate_calc = calculators.univariate(ref, chunk_args, spec.timestamp)
+    if hasattr(univariate_calc.result, "reference_data"):
+        # A copy of the reference, for NannyML's distribution plots only (not drawn here);
+        # every result filtered from this one would copy it again.
+        univariate_calc.result.reference_data = None
     estimator = None
     if nml_metric is not None and problem == "regression":
         estimator = nml.DLE(
@@ -533,9 +591,12 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     performance = (calculators.realized(ref, chunk_args, spec.timestamp, list(realized_names), problem, proba)
                    if has_labels and realized_names else None)
 
+    # Prepared after the fits (their working sets are the peak): sorted, flags as strings,
+    # categoricals, as the reference.
+    analysis = prepare(analysis, spec, categoricals=levers.categoricals, float32=levers.float32)
     parts: dict[str, list[Any]] = {"univariate": [], "multivariate": [], "estimated": [], "realized": []}
     for chunk_offset, row_offset, rows in analysis_batches(analysis, chunk_args, levers.batch_rows):
-        batch = rows.to_pandas()
+        batch = pandas_view(rows) if levers.views else rows.to_pandas()
         del rows
         parts["univariate"].append(_shift_chunks(univariate_calc.calculate(batch), chunk_offset, row_offset))
         parts["multivariate"].append(_shift_chunks(multivariate_calc.calculate(batch), chunk_offset, row_offset))
