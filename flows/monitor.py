@@ -36,6 +36,7 @@ from driftloop.spec import DatasetSpec, MonitoringPolicy, ReferencePeriod
 from driftloop.storage import ArtifactStore, read_bytes
 from driftloop.tables import Tables, open_tables
 from flows.config import run_settings
+from tasks.calibration import CalibrationStore
 from tasks.ingest import read_file
 from tasks.labels import validate_labels
 from tasks.monitor import (
@@ -306,7 +307,8 @@ def monitor(
     active = policy or spec.monitoring
     if active.reference_period is not None:
         reference = reference_period_task(tables, spec, record, active.reference_period)
-    report = monitor_task(reference, analysis, spec, active)
+    # Drift and realized thresholds: calibrated once per reference, chunk size and policy, then read back.
+    report = monitor_task(reference, analysis, spec, active, CalibrationStore(store, record.model_name))
     decision = decide_task(report, active, spec.gate, spec.gate_metric)
 
     event = build_event(record, decision, report, analysed.described) if decision.fired else None

@@ -101,6 +101,9 @@ def test_drift_in_the_drifted_period_fires_the_policy_and_one_event(demo, prefec
     calibration = run["decision"]["calibration"]  # what every drift threshold was set for
     assert calibration["alert_rate"] == 0.01 and calibration["method"] == "bootstrap"
     assert set(calibration["univariate"]) == {f"{f}/jensen_shannon" for f in load_spec(DEMO_SPEC).feature_columns}
+    assert calibration["realized"]["roc_auc"]["lower"] is not None  # realized thresholds: the same calibration
+    # Calibrated once for this reference, chunk size and policy, and kept for the next runs.
+    assert len(stored_calibrations()) == 1
     results = registry.monitoring_results(result.run_id)
     assert {r["kind"] for r in results} == {"univariate", "multivariate", "estimated", "realized"}
     multivariate = sorted((r["chunk_index"], r["alert"]) for r in results if r["kind"] == "multivariate")
@@ -121,11 +124,21 @@ def test_drift_in_the_drifted_period_fires_the_policy_and_one_event(demo, prefec
     ]
 
 
+def stored_calibrations() -> dict[str, int]:
+    """The model's stored calibrations: name -> modification time (ns)."""
+    root = Path(get_settings().artifact_root_uri().removeprefix("file://")) / "calibrations" / "car_loan"
+    return {p.name: p.stat().st_mtime_ns for p in root.glob("*.json")}
+
+
 def test_stationary_control_raises_no_policy_alert_and_no_event(demo, prefect_server, monkeypatch) -> None:
     monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
     since = time.time() - 1
+    calibrations = stored_calibrations()
     state = monitor(scoring_run=demo["stationary"], model="car_loan", return_state=True)
     result = state.result()
+    # After the drifted run: the same reference, chunk size and policy, read back, not rewritten.
+    after = stored_calibrations()
+    assert len(after) == 1 and (not calibrations or after == calibrations)
     assert not result.policy.fired and result.event is None
     assert all(c.realized is None for c in result.chunks)  # no labels given
     time.sleep(3)  # give a (wrong) event time to arrive
