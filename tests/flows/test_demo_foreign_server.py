@@ -58,7 +58,8 @@ def test_demo_refuses_a_server_holding_our_pools_and_says_what_would_change(
     with pytest.raises(DriftloopError) as refused:
         run_loop_demo(trials=1)
     message = str(refused.value)
-    assert "already holds work pool edge" in message and "--yes-this-server" in message
+    # The session's server may hold other tests' pools too: the edge pool is named among them.
+    assert "already holds" in message and "work pool edge" in message and "--yes-this-server" in message
     assert "edge (updated: its base job template and concurrency limit reset)" in message
     assert "cpu (created)" in message or "cpu (updated" in message
     assert "start a cpu and a gpu worker" in message and "deployments of prefect.yaml" in message
