@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -398,6 +399,9 @@ class TuningJob:
     heartbeat_s: int = HEARTBEAT_S
     grace_s: int = GRACE_S
     max_retry: int = MAX_RETRY
+    run: str = ""  # this tune_in_workers call: workers of one run wait for each other to start
+    workers: int = 1
+    start_wait_s: float = 120  # how long a worker waits for the others before it claims alone
 
 
 @dataclass
@@ -519,6 +523,7 @@ def run_tuning_worker(job: TuningJob) -> WorkerReport:
     study = open_study(job.study_name, storage, seed=job.seed)
     data = load_training_data(job.data_uri)
     _import_trainer(job.algorithm)  # seconds of imports, not inside the first trial's time
+    _wait_for_the_others(study, job)
     lock = create_engine(job.storage, pool_size=1, max_overflow=0)  # the claim lock's own connection
     started, ran = time.monotonic(), 0
     try:
@@ -533,6 +538,24 @@ def run_tuning_worker(job: TuningJob) -> WorkerReport:
         storage.remove_session()
         storage.engine.dispose()
     return WorkerReport(job.worker, job.seed, os.getpid(), ran)
+
+
+def _wait_for_the_others(study: optuna.Study, job: TuningJob) -> None:
+    """A start barrier: say this worker is ready, then wait until every worker of the run
+    is (or ``start_wait_s`` has passed: a worker that never starts must not hold the others).
+    Without it a worker whose process started first (on a loaded machine, by seconds)
+    could claim every trial before the others had joined."""
+    if job.workers <= 1 or not job.run:
+        return
+    study.set_user_attr(f"ready:{job.run}:{job.worker}", True)
+    wanted = {f"ready:{job.run}:{i}" for i in range(job.workers)}
+    deadline = time.monotonic() + job.start_wait_s
+    while time.monotonic() < deadline:
+        if wanted <= set(study.user_attrs):
+            return
+        time.sleep(0.2)
+    logger.warning("tuning worker %d: not every worker of run %s started within %.0f s; claiming trials anyway",
+                   job.worker, job.run, job.start_wait_s)
 
 
 def _run_trial(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: optuna.Trial, job: TuningJob,
@@ -587,10 +610,11 @@ def tune_in_workers(
     if threads is None and dask_address is None:
         threads = max(1, (os.cpu_count() or 1) // workers)  # N local processes share the cores
     data_uri = save_training_data(data, data_uri or tempfile.mkdtemp(prefix="driftloop-tune-"))
+    run = uuid.uuid4().hex[:12]
     jobs = [
         TuningJob(algorithm=algorithm, study_name=study_name, storage=storage, data_uri=data_uri,
                   cap=already + n_trials, worker=i, seed=seed + i, device=device, threads=threads,
-                  timeout=timeout, heartbeat_s=heartbeat_s, grace_s=grace_s)
+                  timeout=timeout, heartbeat_s=heartbeat_s, grace_s=grace_s, run=run, workers=workers)
         for i in range(workers)
     ]
 
