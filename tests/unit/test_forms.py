@@ -65,11 +65,11 @@ def test_the_onnx_form_at_two_threads_scores_halves_of_each_batch_bit_for_bit(mo
     rows = pl.concat([split.holdout] * (HALVES_MIN_ROWS // split.holdout.height + 2))
     assert rows.height > HALVES_MIN_ROWS
     single = predict_scores(load_model(onnx, threads=1), rows)
-    before = {t.ident for t in threading.enumerate()}
+    before = set(threading.enumerate())  # thread objects: an ident is reused once its thread ends
     halves = load_form(_form("onnx", 1.0), load_model(onnx, threads=2), onnx, threads=2)
     assert np.array_equal(halves.predict(rows), single)
     assert np.array_equal(halves.predict(rows.head(11)), single[:11])  # a small batch is scored whole
-    helpers = [t for t in threading.enumerate() if t.name.startswith("driftloop-onnx-half") and t.ident not in before]
+    helpers = [t for t in threading.enumerate() if t.name.startswith("driftloop-onnx-half") and t not in before]
     assert helpers and all(t.is_alive() for t in helpers)
     # Closing the scorer shuts its helper thread down (it was never shut down before).
     with halves:
