@@ -36,6 +36,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from driftloop.outputs import modified_time, newest_write
 from driftloop.registry import RegistryStore
 from driftloop.storage import ArtifactStore
 from driftloop.tables import LABELS, PREDICTIONS, SCORING_RUN, MemoryTable, Tables
@@ -273,7 +274,7 @@ def _orphans(table: Any, snapshots: list[Any], settled: datetime) -> list[tuple[
         for path, info in listed.items():
             if strip(path) in referenced:
                 continue
-            modified = _modified(info)
+            modified = modified_time(info)
             if modified is not None and modified < settled:
                 found.append((path, int(info.get("size") or 0)))
     return sorted(found)
@@ -286,22 +287,6 @@ def _shown(path: str, base: str) -> str:
     bare = base.split("://", 1)[-1].removeprefix("/").rstrip("/")
     plain = path.split("://", 1)[-1].removeprefix("/")
     return plain.removeprefix(bare + "/") if bare and plain.startswith(bare + "/") else mask_uri(path)
-
-
-def _modified(info: dict[str, Any]) -> datetime | None:
-    """An object's last-modified time from a listing, whatever the filesystem calls it."""
-    for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
-        value = info.get(key)
-        if isinstance(value, int | float):
-            return datetime.fromtimestamp(value, UTC)
-        if isinstance(value, datetime):
-            return _aware(value)
-        if isinstance(value, str):
-            try:
-                return _aware(datetime.fromisoformat(value))
-            except ValueError:
-                continue
-    return None
 
 
 # --- the rest of the artifact store -------------------------------------------------------
@@ -375,14 +360,7 @@ def _orphaned_artifacts(registry: RegistryStore, store: ArtifactStore, before: d
 
 
 def _newest_write(store: ArtifactStore, relpath: str) -> datetime | None:
-    full = store.path(relpath)
-    store.fs.invalidate_cache(full)
-    try:
-        listed = store.fs.find(full, detail=True, withdirs=False)
-    except FileNotFoundError:
-        return None
-    times = [t for t in (_modified(info) for info in listed.values()) if t is not None]
-    return max(times) if times else None
+    return newest_write(store.fs, store.path(relpath))
 
 
 def _abandoned_work_areas(registry: RegistryStore, store: ArtifactStore, tables: Tables,

@@ -111,7 +111,7 @@ def is_local_fs(fs: Any) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def _modified(info: dict[str, Any]) -> datetime | None:
+def modified_time(info: dict[str, Any]) -> datetime | None:
     """An object's last-modified time from a listing, whatever the filesystem calls it."""
     for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
         value = info.get(key)
@@ -126,6 +126,18 @@ def _modified(info: dict[str, Any]) -> datetime | None:
                 continue
             return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return None
+
+
+def newest_write(fs: Any, path: str) -> datetime | None:
+    """The newest modification time of any file under ``path``, listed afresh (None if
+    there is nothing there)."""
+    fs.invalidate_cache(path)
+    try:
+        listed = fs.find(path, detail=True, withdirs=False)
+    except FileNotFoundError:
+        return None
+    times = [t for t in (modified_time(info) for info in listed.values()) if t is not None]
+    return max(times) if times else None
 
 
 def _is_legacy(names: list[str]) -> bool:
@@ -410,14 +422,7 @@ class ScoringOutput:
         return doomed
 
     def _newest_write(self, relpath: str) -> datetime | None:
-        path = self._full(relpath)
-        self.fs.invalidate_cache(path)
-        try:
-            listed = self.fs.find(path, detail=True, withdirs=False)
-        except FileNotFoundError:
-            return None
-        times = [t for t in (_modified(info) for info in listed.values()) if t is not None]
-        return max(times) if times else None
+        return newest_write(self.fs, self._full(relpath))
 
 
 class _PartProblem(Exception):
