@@ -88,7 +88,7 @@ pools: venv
 	$(BIN)/driftloop infra apply
 
 deploy: venv pools
-	$(BIN)/prefect block register -f blocks/driftloop_blocks.py
+	$(BIN)/prefect block register -m driftloop.blocks.driftloop_blocks
 	DRIFTLOOP_PROJECT_DIR=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
 lint: venv

@@ -121,11 +121,11 @@ def auc(scored_dir: str, truth: pl.DataFrame) -> float:
 
 def run_strategy(strategy: str, window: str, root: Path, data: dict[int, pl.DataFrame],
                  args: argparse.Namespace) -> list[dict[str, Any]]:
-    from flows.labels import ingest_labels
-    from flows.monitor import monitor
-    from flows.retrain import retrain
-    from flows.score import score
-    from flows.train import train
+    from driftloop.flows.labels import ingest_labels
+    from driftloop.flows.monitor import monitor
+    from driftloop.flows.retrain import retrain
+    from driftloop.flows.score import score
+    from driftloop.flows.train import train
 
     home = root / f"{strategy}-{window}"
     os.environ["DRIFTLOOP_HOME"] = str(home)  # this strategy's own registry and artifacts

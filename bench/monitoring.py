@@ -82,7 +82,7 @@ def bench_spec(chunk: int) -> Any:
 def import_nannyml() -> float:
     """Seconds to import NannyML (several on 2 cores): paid once per process, kept out of
     the monitoring figures as in every earlier run of this bench."""
-    from tasks.monitor import _nannyml  # as monitoring imports it (in either checkout)
+    from driftloop.tasks.monitor import _nannyml  # as monitoring imports it (in either checkout)
 
     started = time.perf_counter()
     _nannyml()
@@ -99,8 +99,8 @@ def child_calibrate(data: Path, store_dir: Path, chunk: int) -> dict[str, Any]:
     import polars as pl
 
     from driftloop.storage import ArtifactStore
-    from tasks.calibration import CalibrationStore
-    from tasks.monitor import ensure_calibration
+    from driftloop.tasks.calibration import CalibrationStore
+    from driftloop.tasks.monitor import ensure_calibration
 
     import_seconds = import_nannyml()
     spec = bench_spec(chunk)
@@ -116,7 +116,7 @@ def child_calibrate(data: Path, store_dir: Path, chunk: int) -> dict[str, Any]:
 def child_monitor(data: Path, store_dir: Path | None, chunk: int, levers: dict[str, Any], dump: Path | None) -> dict[str, Any]:
     import polars as pl
 
-    from tasks import monitor
+    from driftloop.tasks import monitor
 
     import_seconds = import_nannyml()
     spec = bench_spec(chunk)
@@ -125,7 +125,7 @@ def child_monitor(data: Path, store_dir: Path | None, chunk: int, levers: dict[s
     kwargs: dict[str, Any] = {}
     if store_dir is not None:  # this checkout's code: stored thresholds and levers
         from driftloop.storage import ArtifactStore
-        from tasks.calibration import CalibrationStore
+        from driftloop.tasks.calibration import CalibrationStore
 
         kwargs = {"calibrations": CalibrationStore(ArtifactStore(str(store_dir)), "bench"),
                   "levers": monitor.Levers(**levers)}

@@ -80,7 +80,7 @@ def measure_tuning(create_database: Callable[[str], str], *, workers: int, trial
     (``create_database(name)`` creates it and returns its URL)."""
     import optuna
 
-    from tasks.tune import tune_in_workers
+    from driftloop.tasks.tune import tune_in_workers
 
     data = _training_data(rows)
     storage = create_database(f"bench_tune_{workers}_{uuid.uuid4().hex[:8]}")
@@ -99,7 +99,7 @@ def measure_tuning(create_database: Callable[[str], str], *, workers: int, trial
 
 
 def _rounds(trial: Any) -> int:
-    from tasks.tune import EARLY_STOPPING, MAX_ROUNDS
+    from driftloop.tasks.tune import EARLY_STOPPING, MAX_ROUNDS
 
     if "best_iteration" in trial.user_attrs:
         return min(int(trial.user_attrs["best_iteration"]) + EARLY_STOPPING, MAX_ROUNDS)
@@ -138,8 +138,8 @@ def postgres(url: str | None) -> Iterator[Callable[[str], str]]:
 
 def _training_data(rows: int) -> Any:
     from driftloop.spec import load_spec
-    from tasks.split import split_dataset
-    from tasks.tune import prepare_training_data
+    from driftloop.tasks.split import split_dataset
+    from driftloop.tasks.tune import prepare_training_data
     from tests.support.data import make_loans, write_spec
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +151,7 @@ def _training_data(rows: int) -> Any:
 def _fit_loop(rows: int, start_at: float, seconds: float) -> float:
     """Fits per second in the window [start_at, start_at + seconds] (wall clock, so that
     processes started together measure the same moment)."""
-    from tasks.tune import fit_model
+    from driftloop.tasks.tune import fit_model
 
     data = _training_data(rows)
     fit_model("lightgbm", {"learning_rate": 0.05}, data, threads=1)  # imports, first-call costs
@@ -197,7 +197,7 @@ def tuning_section(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _timed_score(**kwargs: Any) -> float:
-    from flows.score import score
+    from driftloop.flows.score import score
 
     started = time.perf_counter()
     result = score(**kwargs)
@@ -211,9 +211,9 @@ def scoring_section(args: argparse.Namespace) -> dict[str, Any]:
     from distributed import Client, LocalCluster
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.ingest import ingest
-    from flows.score_partitioned import SINGLE_THREADED_WORKER_ENV
-    from flows.train import train
+    from driftloop.flows.ingest import ingest
+    from driftloop.flows.score_partitioned import SINGLE_THREADED_WORKER_ENV
+    from driftloop.flows.train import train
     from tests.support.data import make_loans, write_spec
 
     rows = args.score_rows
@@ -239,7 +239,7 @@ def scoring_section(args: argparse.Namespace) -> dict[str, Any]:
                               env=SINGLE_THREADED_WORKER_ENV) as cluster:
                 address = cluster.scheduler_address
                 with Client(address) as client:  # every worker imports what a partition runs
-                    client.run(lambda: __import__("flows.score_partitioned"))
+                    client.run(lambda: __import__("driftloop.flows.score_partitioned"))
                 _timed_score(input_uri=str(warm), output_uri=str(root / f"warm-{workers}"), model="loans",
                              dask_address=address, workers=workers)
                 rates[workers] = _timed_score(input_uri=str(source), output_uri=str(root / f"dask-{workers}"),

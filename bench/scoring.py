@@ -209,9 +209,9 @@ def train_models(spec: Any, train: pl.DataFrame, threads: int, *, tensor: bool =
     import xgboost as xgb
 
     from driftloop.features import fit_encoding, target_vector
-    from tasks.export import build_onnx
-    from tasks.export_tensor import build_tensor_onnx
-    from tasks.tune import FittedModel, round_lightgbm_thresholds
+    from driftloop.tasks.export import build_onnx
+    from driftloop.tasks.export_tensor import build_tensor_onnx
+    from driftloop.tasks.tune import FittedModel, round_lightgbm_thresholds
 
     encoding = fit_encoding(spec, train)
     x, y = encoding.matrix(train), target_vector(spec, train)
@@ -390,7 +390,7 @@ def score_once(
     ``scorer`` turns the ONNX descriptor (loaded at ``threads``) into the ``predict`` of
     another form; by default the ONNX form scores."""
     from driftloop.onnx_model import load_model
-    from tasks.score import score_stream
+    from driftloop.tasks.score import score_stream
 
     model = load_model(onnx, threads=threads)
     predict = scorer(model) if scorer is not None else None
@@ -453,7 +453,7 @@ def table_once(
     import uuid
 
     from driftloop.onnx_model import load_model
-    from tasks.score import TableSink, score_to_table
+    from driftloop.tasks.score import TableSink, score_to_table
 
     model = load_model(onnx, threads=threads)
     predict = scorer(model) if scorer is not None else None
@@ -523,7 +523,7 @@ def register_forms(model: Model, encoding: Any, spec: Any, parity: pl.DataFrame)
     """What registration does: build, verify and time (1 thread) every form of the model."""
     import hashlib
 
-    from tasks.forms import build_forms
+    from driftloop.tasks.forms import build_forms
 
     built = build_forms(model.fitted, encoding, spec, model.onnx, parity)
     records = [
@@ -551,7 +551,7 @@ def forms_at(forms: Forms, onnx: bytes, frame: pl.DataFrame, threads: int) -> li
     timing rows as registration (``tasks.forms.TIMING_ROWS``, ``rows_per_second``)."""
     from driftloop.forms import rows_per_second
     from driftloop.onnx_model import load_model
-    from tasks.forms import TIMING_ROWS
+    from driftloop.tasks.forms import TIMING_ROWS
 
     if threads == 1:
         return forms.records
@@ -657,7 +657,7 @@ def proc_status_kib(field: str) -> int | None:
 def child_rss(onnx_path: str, input_path: str, batch_size: int, threads: int) -> None:
     """Child mode: score one file, print peak RSS (and the RSS before scoring) as JSON."""
     from driftloop.onnx_model import load_model
-    from tasks.score import score_stream
+    from driftloop.tasks.score import score_stream
 
     model = load_model(Path(onnx_path).read_bytes(), threads=threads)
     before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -736,8 +736,8 @@ def stage_times(
     from datetime import UTC, datetime
 
     from driftloop.onnx_model import load_model, predict_scores
-    from tasks.score import prediction_frame
-    from tasks.validate import validate_rows
+    from driftloop.tasks.score import prediction_frame
+    from driftloop.tasks.validate import validate_rows
 
     model = load_model(onnx, threads=threads)
     stages = Stages([], [], [], [], [])
@@ -790,9 +790,9 @@ def experiments(
 
     from driftloop.onnx_model import input_feed, load_model, predict_scores
     from driftloop.schema import build_schema_for
-    from tasks.export import _convert_ensemble, binary_classifier_as_margin
-    from tasks.score import prediction_frame
-    from tasks.validate import coerce_to_spec, validate_rows
+    from driftloop.tasks.export import _convert_ensemble, binary_classifier_as_margin
+    from driftloop.tasks.score import prediction_frame
+    from driftloop.tasks.validate import coerce_to_spec, validate_rows
 
     lines = []
     frame = pl.from_arrow(next(pq.ParquetFile(input_path).iter_batches(batch_size=batch_size)))

@@ -67,8 +67,8 @@ def _configure_environment(*, verbose: bool) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.ingest import ingest
-    from tasks.ingest import SqlSource
+    from driftloop.flows.ingest import ingest
+    from driftloop.tasks.ingest import SqlSource
 
     sql = None
     if args.sql_url or args.sql_url_env or args.sql_secret:
@@ -139,7 +139,7 @@ def _human_datasets(p: dict[str, Any]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.train import train
+    from driftloop.flows.train import train
 
     if (args.dataset is None) == (args.source is None):
         raise DriftloopError("give a SOURCE path or URI, or --dataset ID (see: driftloop datasets list)")
@@ -300,7 +300,7 @@ def _progress_bar(enabled: bool) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.score import score
+    from driftloop.flows.score import score
 
     _progress_bar(not args.json)
     result = score(input_uri=args.input, output_uri=args.output, model=args.model,
@@ -326,7 +326,7 @@ def _human_score(p: dict[str, Any]) -> str:
 
 
 def cmd_retrain(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.retrain import retrain
+    from driftloop.flows.retrain import retrain
 
     result = retrain(model=args.model, trials=args.trials, cooldown_s=args.cooldown)
     payload = result.model_dump(mode="json", exclude={"score"})
@@ -352,13 +352,13 @@ def _human_retrain(p: dict[str, Any]) -> str:
 
 
 def cmd_labels(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.labels import ingest_labels
+    from driftloop.flows.labels import ingest_labels
 
     return ingest_labels(spec_path=args.spec, source=args.source).model_dump()
 
 
 def cmd_monitor(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.monitor import monitor
+    from driftloop.flows.monitor import monitor
 
     return monitor(model=args.model, scoring_run=args.scoring_run, start=args.start, end=args.end,
                    input_uri=args.input, labels_uri=args.labels).model_dump()
@@ -383,7 +383,7 @@ def _human_monitor(p: dict[str, Any]) -> str:
 
 
 def cmd_infra_apply(args: argparse.Namespace) -> dict[str, Any]:
-    from driftloop.infra import apply_pools
+    from driftloop.work_pools import apply_pools
 
     return {"pools": apply_pools(gpu_device=args.gpu_device, gpus=args.gpus)}
 

@@ -10,11 +10,11 @@ from driftloop.errors import DriftloopError
 
 
 def run_demo(trials: int = 10) -> dict[str, Any]:
+    from driftloop.flows.ingest import ingest
+    from driftloop.flows.monitor import monitor
+    from driftloop.flows.score import score
+    from driftloop.flows.train import train
     from driftloop.settings import get_settings
-    from flows.ingest import ingest
-    from flows.monitor import monitor
-    from flows.score import score
-    from flows.train import train
 
     spec = str(DEMO_SPEC)
     reference = ingest(spec_path=spec, source=str(demo_data_path("reference")))
@@ -101,7 +101,7 @@ def run_loop_demo(trials: int = 5, keep_running: bool = False, yes_this_server: 
 def _analysis_with_labels() -> Any:
     """The analysis rows as read (text) with their target; ISO timestamps compare as text."""
 
-    from tasks.ingest import read_file
+    from driftloop.tasks.ingest import read_file
 
     analysis = read_file(str(demo_data_path("analysis"))).frame
     targets = read_file(str(demo_data_path("analysis_targets"))).frame
@@ -129,8 +129,8 @@ def compare_on_later_labels(registry: Any) -> dict[str, Any] | None:
 
     from driftloop.onnx_model import load_model, predict_scores
     from driftloop.spec import load_spec
-    from tasks.score import fetch_verified
-    from tasks.validate import validate_rows
+    from driftloop.tasks.score import fetch_verified
+    from driftloop.tasks.validate import validate_rows
 
     champion = registry.find_alias("car_loan", "champion")
     if champion is None:
@@ -150,7 +150,7 @@ def compare_on_later_labels(registry: Any) -> dict[str, Any] | None:
 def latest_monitoring(registry: Any, model: str) -> dict[str, Any] | None:
     """What the model's latest monitoring run found, read back from the registry, in the
     shape of the monitor flow's result."""
-    from tasks.monitor import Chunk, MonitorReport, chunk_summaries
+    from driftloop.tasks.monitor import Chunk, MonitorReport, chunk_summaries
 
     runs = registry.list_monitoring_runs(model)
     if not runs:
@@ -168,7 +168,7 @@ def latest_monitoring(registry: Any, model: str) -> dict[str, Any] | None:
 
 def _cuda_available() -> bool:
     try:
-        from tasks.tune import check_device
+        from driftloop.tasks.tune import check_device
 
         check_device("cuda")
         return True

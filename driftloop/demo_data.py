@@ -8,8 +8,9 @@ import importlib.util
 from pathlib import Path
 
 from driftloop.errors import DriftloopError
+from driftloop.resources import package_file
 
-DEMO_SPEC = Path(__file__).resolve().parent.parent / "deployments" / "specs" / "car_loan.yaml"
+DEMO_SPEC = package_file("deployments", "specs", "car_loan.yaml")
 _FILES = {
     "reference": "synthetic_car_loan_reference.csv",
     "analysis": "synthetic_car_loan_analysis.csv",

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Self
 
 from driftloop.errors import DriftloopError
+from driftloop.resources import project_root
 
-REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
@@ -131,7 +131,7 @@ def _prefect_yaml_deployments() -> list[tuple[str, str]]:
     """``(name, entrypoint)`` of each deployment in this repository's prefect.yaml."""
     import yaml
 
-    document = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    document = yaml.safe_load((project_root() / "prefect.yaml").read_text())
     return [(d["name"], d["entrypoint"]) for d in document.get("deployments", [])]
 
 
@@ -146,7 +146,7 @@ def ours_on_server() -> dict[str, list[str]]:
         WorkPoolFilterName,
     )
 
-    from driftloop.infra import POOLS
+    from driftloop.work_pools import POOLS
 
     names = sorted({name for name, _ in _prefect_yaml_deployments()})
     try:
@@ -165,7 +165,7 @@ def ours_on_server() -> dict[str, list[str]]:
 def what_the_demo_changes(api_url: str, ours: dict[str, list[str]]) -> str:
     """In words: what ``make demo`` would do to the server at ``api_url``, given what of
     this project is already there."""
-    from driftloop.infra import POOLS
+    from driftloop.work_pools import POOLS
 
     deployments = _prefect_yaml_deployments()
     pools = ", ".join(f"{p} ({'updated: its base job template and concurrency limit reset' if p in ours['pools'] else 'created'})"
@@ -193,7 +193,7 @@ class LocalStack:
             **os.environ,
             "PREFECT_API_URL": self.api_url,
             "DRIFTLOOP_HOME": str(self.home),
-            "DRIFTLOOP_PROJECT_DIR": str(REPO),
+            "DRIFTLOOP_PROJECT_DIR": str(project_root()),
             "PREFECT_WORKER_QUERY_SECONDS": "2",
             "NML_DISABLE_USAGE_LOGGING": "1",
         }
@@ -260,14 +260,14 @@ class LocalStack:
         return [run["name"] for run, _, _ in ended]
 
     def run(self, *args: str) -> str:
-        done = subprocess.run(list(args), cwd=REPO, env=self.env(), check=False, capture_output=True, text=True)
+        done = subprocess.run(list(args), cwd=project_root(), env=self.env(), check=False, capture_output=True, text=True)
         if done.returncode != 0:
             raise DriftloopError(f"{' '.join(args)} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
         return done.stdout
 
     def deploy(self, *, gpu_device: str) -> None:
         self.run(str(BIN / "driftloop"), "infra", "apply", "--gpu-device", gpu_device)
-        self.run(str(BIN / "prefect"), "block", "register", "-f", "blocks/driftloop_blocks.py")
+        self.run(str(BIN / "prefect"), "block", "register", "-m", "driftloop.blocks.driftloop_blocks")
         self.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
 
     def start_workers(self, pools: tuple[str, ...] = ("cpu", "gpu")) -> None:
@@ -275,7 +275,7 @@ class LocalStack:
             log = (self.home / f"worker-{pool}.log").open("wb")
             self.processes.append(subprocess.Popen(
                 [str(BIN / "prefect"), "worker", "start", "--pool", pool],
-                cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=project_root(), env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             ))
         self._record()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from driftloop.errors import DriftloopError
 from driftloop.redact import refuse_credentials, refuse_credentials_in
 from driftloop.settings import Settings, get_settings
-from tasks.ingest import SqlSource
+from driftloop.tasks.ingest import SqlSource
 
 SQL_BLOCK_PREFIX = "sql-block:"
 
@@ -40,7 +40,7 @@ def run_settings(registry_block: str | None = None) -> Settings:
     refuse_credentials_in_run()
     settings = get_settings()
     if registry_block:
-        from blocks.driftloop_blocks import RegistryConnection
+        from driftloop.blocks.driftloop_blocks import RegistryConnection
 
         block = _load(RegistryConnection, registry_block, "driftloop-registry")
         settings = settings.model_copy(update={"registry_url": block.url,
@@ -53,7 +53,7 @@ def resolve_source(source: str) -> str | SqlSource:
     """A path or URI stays as it is; ``sql-block:<name>`` becomes the block's SQL source."""
     if not source.startswith(SQL_BLOCK_PREFIX):
         return source
-    from blocks.driftloop_blocks import SqlDataSource
+    from driftloop.blocks.driftloop_blocks import SqlDataSource
 
     name = source.removeprefix(SQL_BLOCK_PREFIX)
     block = _load(SqlDataSource, name, "driftloop-sql-source")
@@ -66,7 +66,7 @@ def resolve_source(source: str) -> str | SqlSource:
 def dask_block_address(name: str) -> str:
     """The scheduler address saved in the ``driftloop-dask`` block ``name``, checked again
     here (tcp:// or tls:// host:port): a block edited through the API is input too."""
-    from blocks.driftloop_blocks import DaskCluster, check_dask_address
+    from driftloop.blocks.driftloop_blocks import DaskCluster, check_dask_address
 
     try:
         block = _load(DaskCluster, name, "driftloop-dask")

@@ -8,13 +8,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
+from driftloop.flows.config import SQL_BLOCK_PREFIX, resolve_source, run_settings
 from driftloop.markdown import md_code
 from driftloop.naming import artifact_key
 from driftloop.registry import open_registry
 from driftloop.spec import DatasetSpec, load_spec
 from driftloop.storage import ArtifactStore
-from flows.config import SQL_BLOCK_PREFIX, resolve_source, run_settings
-from tasks.ingest import (
+from driftloop.tasks.ingest import (
     SqlSource,
     dataset_id_for,
     enforce_reject_limit,
@@ -22,7 +22,7 @@ from tasks.ingest import (
     snapshot_dataset_task,
     write_quarantine_task,
 )
-from tasks.validate import validate_task, with_malformed
+from driftloop.tasks.validate import validate_task, with_malformed
 
 
 class IngestResult(BaseModel):

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from driftloop.flows.config import SQL_BLOCK_PREFIX, resolve_source, run_settings
+from driftloop.flows.ingest import IngestResult, load_spec_task
 from driftloop.registry import open_registry
 from driftloop.storage import ArtifactStore
 from driftloop.tables import open_tables
-from flows.config import SQL_BLOCK_PREFIX, resolve_source, run_settings
-from flows.ingest import IngestResult, load_spec_task
-from tasks.ingest import (
+from driftloop.tasks.ingest import (
     dataset_id_for,
     enforce_reject_limit,
     read_source_task,
     snapshot_dataset_task,
     write_quarantine_task,
 )
-from tasks.labels import append_labels_task, validate_labels_task
+from driftloop.tasks.labels import append_labels_task, validate_labels_task
 
 
 @flow(name="labels")

@@ -6,13 +6,13 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
+from driftloop.flows.config import refuse_credentials_in_run
+from driftloop.flows.ingest import IngestResult, ingest
+from driftloop.flows.monitor import MonitorResult, monitor
+from driftloop.flows.score import ScoreSummary, score
+from driftloop.flows.train import TrainResult, train
 from driftloop.registry.store import parse_model_ref
 from driftloop.spec import load_spec
-from flows.config import refuse_credentials_in_run
-from flows.ingest import IngestResult, ingest
-from flows.monitor import MonitorResult, monitor
-from flows.score import ScoreSummary, score
-from flows.train import TrainResult, train
 
 
 class LifecycleResult(BaseModel):

@@ -26,6 +26,7 @@ from driftloop.feedback import (
     scored_and_labelled,
     served_rows,
 )
+from driftloop.flows.config import run_settings
 from driftloop.inputs import read_input
 from driftloop.legacy_outputs import import_legacy_outputs
 from driftloop.naming import artifact_key
@@ -35,11 +36,10 @@ from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
 from driftloop.spec import DatasetSpec, MonitoringPolicy, ReferencePeriod
 from driftloop.storage import ArtifactStore, read_bytes
 from driftloop.tables import Tables, open_tables
-from flows.config import run_settings
-from tasks.calibration import CalibrationStore
-from tasks.ingest import read_file
-from tasks.labels import validate_labels
-from tasks.monitor import (
+from driftloop.tasks.calibration import CalibrationStore
+from driftloop.tasks.ingest import read_file
+from driftloop.tasks.labels import validate_labels
+from driftloop.tasks.monitor import (
     MonitoringError,
     MonitorReport,
     PolicyDecision,
@@ -48,8 +48,8 @@ from tasks.monitor import (
     monitor_task,
     render_summary,
 )
-from tasks.monitor_charts import artifact_markdown, render_charts
-from tasks.score import fetch_verified
+from driftloop.tasks.monitor_charts import artifact_markdown, render_charts
+from driftloop.tasks.score import fetch_verified
 
 
 class ChunkSummary(BaseModel):
@@ -301,7 +301,7 @@ def monitor(
         analysis = join_labels(analysis, labels, spec)
         labels_used.matched = int(analysis[spec.target].is_not_null().sum())
     if policy is None and policy_block:
-        from blocks.driftloop_blocks import MonitoringPolicyBlock
+        from driftloop.blocks.driftloop_blocks import MonitoringPolicyBlock
 
         policy = MonitoringPolicyBlock.load(policy_block).policy
     active = policy or spec.monitoring

@@ -21,16 +21,16 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from driftloop.feedback import WindowRecord
+from driftloop.flows.config import run_settings
+from driftloop.flows.score import ScoreSummary, score
+from driftloop.flows.train import TrainOptions, train_and_register
 from driftloop.metrics import format_metric
 from driftloop.naming import artifact_key
 from driftloop.registry import ModelNotFound, open_registry
 from driftloop.spec import check_model_name
 from driftloop.storage import ArtifactStore
 from driftloop.tables import open_tables
-from flows.config import run_settings
-from flows.score import ScoreSummary, score
-from flows.train import TrainOptions, train_and_register
-from tasks.retrain import (
+from driftloop.tasks.retrain import (
     LeaseHeartbeat,
     acquire_lease_task,
     champion_spec_task,
@@ -38,7 +38,7 @@ from tasks.retrain import (
     select_window_task,
     snapshot_window_task,
 )
-from tasks.tune import ALGORITHMS
+from driftloop.tasks.tune import ALGORITHMS
 
 Algorithm = Literal["xgboost", "lightgbm"]
 

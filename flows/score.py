@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
+from driftloop.flows.config import dask_block_address, run_settings
 from driftloop.forms import Device, Engine
 from driftloop.inputs import input_key
 from driftloop.legacy_outputs import import_legacy_outputs
@@ -21,8 +22,7 @@ from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
 from driftloop.storage import ArtifactStore
 from driftloop.tables import history, open_tables
-from flows.config import dask_block_address, run_settings
-from tasks.score import (
+from driftloop.tasks.score import (
     DEFAULT_BATCH_SIZE,
     ScoreResult,
     TableSink,
@@ -129,7 +129,7 @@ def score(
     import_legacy_outputs(registry, tables, settings.artifact_root_uri(), model=record.model_name, spec=spec)
     address = dask_address or settings.dask_address
     if workers or address:
-        from flows.score_partitioned import dask_runner, score_partitioned
+        from driftloop.flows.score_partitioned import dask_runner, score_partitioned
 
         runner = dask_runner(workers, address)
         result = score_partitioned.with_options(task_runner=runner)(

@@ -10,13 +10,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel
 
+from driftloop.flows.config import run_settings
 from driftloop.naming import artifact_key
 from driftloop.onnx_model import load_model
 from driftloop.registry import open_registry
 from driftloop.registry.store import parse_model_ref
-from flows.config import run_settings
-from tasks.edge import ModelCache, refresh_task
-from tasks.score import DEFAULT_BATCH_SIZE, percentile, score_task
+from driftloop.tasks.edge import ModelCache, refresh_task
+from driftloop.tasks.score import DEFAULT_BATCH_SIZE, percentile, score_task
 
 
 class EdgeResult(BaseModel):

@@ -18,19 +18,19 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NONE
 
 from driftloop.errors import DriftloopError, SourceError
+from driftloop.flows.config import run_settings
 from driftloop.forms import Device, Engine
 from driftloop.outputs import QUARANTINE, RUNS, RunWriter, ScoringOutput
 from driftloop.storage import ArtifactStore
 from driftloop.tables import open_tables
-from flows.config import run_settings
-from tasks.partitions import (
+from driftloop.tasks.partitions import (
     Partition,
     PartitionResult,
     plan_partitions,
     score_partition,
     settle_partitions,
 )
-from tasks.score import ScoreResult, TableSink, aborted_on_failure, load_scoring_form
+from driftloop.tasks.score import ScoreResult, TableSink, aborted_on_failure, load_scoring_form
 
 
 @task(name="plan-partitions", cache_policy=NONE)

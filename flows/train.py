@@ -15,20 +15,20 @@ from pydantic import BaseModel, Field
 
 from driftloop.errors import DriftloopError
 from driftloop.feedback import WindowRecord
+from driftloop.flows.config import run_settings
+from driftloop.flows.ingest import ingest, load_spec_task
 from driftloop.metrics import undefined_metrics
 from driftloop.naming import artifact_key
 from driftloop.registry import DatasetRecord, VersionDraft, open_registry
 from driftloop.settings import Settings
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
-from flows.config import run_settings
-from flows.ingest import ingest, load_spec_task
-from tasks.evaluate import evaluate_champion_task, evaluate_task, same_predictions_task
-from tasks.export import ParityReport, export_task, native_scores, parity_task
-from tasks.forms import forms_task
-from tasks.gate import GateDecision, gate_task
-from tasks.ingest import load_dataset_task
-from tasks.register import (
+from driftloop.tasks.evaluate import evaluate_champion_task, evaluate_task, same_predictions_task
+from driftloop.tasks.export import ParityReport, export_task, native_scores, parity_task
+from driftloop.tasks.forms import forms_task
+from driftloop.tasks.gate import GateDecision, gate_task
+from driftloop.tasks.ingest import load_dataset_task
+from driftloop.tasks.register import (
     card_headline,
     library_versions,
     model_card_task,
@@ -38,9 +38,16 @@ from tasks.register import (
     store_onnx_task,
     store_reference_task,
 )
-from tasks.score import fetch_verified
-from tasks.split import split_task
-from tasks.tune import ALGORITHMS, check_device, fit_task, prepare_task, tune_task, tuning_storage
+from driftloop.tasks.score import fetch_verified
+from driftloop.tasks.split import split_task
+from driftloop.tasks.tune import (
+    ALGORITHMS,
+    check_device,
+    fit_task,
+    prepare_task,
+    tune_task,
+    tuning_storage,
+)
 
 Algorithm = Literal["xgboost", "lightgbm"]
 

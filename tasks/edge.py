@@ -25,7 +25,7 @@ from prefect.cache_policies import NONE
 from driftloop.errors import DriftloopError, is_unreachable
 from driftloop.registry.store import ModelNotFound
 from driftloop.spec import check_model_name
-from tasks.score import IntegrityError, fetch_verified
+from driftloop.tasks.score import IntegrityError, fetch_verified
 
 logger = logging.getLogger(__name__)
 

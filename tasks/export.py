@@ -23,8 +23,8 @@ from prefect.cache_policies import NONE
 from driftloop.features import FeatureEncoding
 from driftloop.onnx_model import METADATA_KEY, load_model, predict_scores
 from driftloop.spec import DatasetSpec
-from tasks.evaluate import predicted_labels
-from tasks.tune import FittedModel
+from driftloop.tasks.evaluate import predicted_labels
+from driftloop.tasks.tune import FittedModel
 
 TARGET_OPSET = 15
 ML_OPSET = 3

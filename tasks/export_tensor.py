@@ -60,8 +60,8 @@ from driftloop.errors import DriftloopError
 from driftloop.features import FeatureEncoding
 from driftloop.onnx_model import METADATA_KEY
 from driftloop.spec import DatasetSpec
-from tasks.export import encoding_nodes
-from tasks.tune import FittedModel
+from driftloop.tasks.export import encoding_nodes
+from driftloop.tasks.tune import FittedModel
 
 TARGET_OPSET = 15
 ML_OPSET = 3

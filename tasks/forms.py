@@ -32,8 +32,8 @@ from driftloop.forms import (
 from driftloop.onnx_model import load_model
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
-from tasks.export import compare_scores, native_scores, parity_rows
-from tasks.tune import FittedModel
+from driftloop.tasks.export import compare_scores, native_scores, parity_rows
+from driftloop.tasks.tune import FittedModel
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def build_forms(fitted: FittedModel, encoding: FeatureEncoding, spec: DatasetSpe
                 frame: pl.DataFrame) -> FormsBuilt:
     """Every form of the model, verified against the native model on ``frame`` (the
     parity rows) and timed on its first rows."""
-    from tasks.export_tensor import TensorFormUnsupported, build_tensor_onnx
+    from driftloop.tasks.export_tensor import TensorFormUnsupported, build_tensor_onnx
 
     native = native_scores(fitted, encoding.matrix(frame), spec.task)
     descriptor = load_model(onnx_bytes, threads=1)

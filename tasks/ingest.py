@@ -29,7 +29,7 @@ from driftloop.inputs import malformed_frame, read_input
 from driftloop.registry.store import DatasetRecord, RegistryStore, masked_url, utcnow
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
-from tasks.validate import ValidationResult
+from driftloop.tasks.validate import ValidationResult
 
 logger = logging.getLogger(__name__)
 

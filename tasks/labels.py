@@ -16,7 +16,7 @@ from driftloop.errors import DriftloopError
 from driftloop.redact import mask_uri
 from driftloop.spec import ColumnSpec, DatasetSpec
 from driftloop.tables import LABEL_TIMESTAMP, REGISTERED_AT, REGISTRATION, SOURCE, Tables
-from tasks.validate import ValidationResult, validate_columns, with_malformed
+from driftloop.tasks.validate import ValidationResult, validate_columns, with_malformed
 
 
 def label_columns(spec: DatasetSpec, raw_columns: list[str]) -> dict[str, ColumnSpec]:

@@ -29,7 +29,7 @@ from prefect.cache_policies import NONE
 from driftloop.errors import DriftloopError
 from driftloop.metrics import HIGHER_IS_BETTER
 from driftloop.spec import DatasetSpec, GateSpec, MonitoringPolicy
-from tasks.calibration import (
+from driftloop.tasks.calibration import (
     CALIBRATION_VERSION,
     MULTIVARIATE_SPLITS,
     Calibration,
@@ -674,7 +674,7 @@ def realized_metrics(task: str, metrics: list[str]) -> dict[str, list[str]]:
 
 def class_probability_columns(reference: Any, analysis: Any) -> dict[str, str] | None:
     """class label -> its probability column, when both frames have them."""
-    from tasks.score import PROBABILITY_PREFIX
+    from driftloop.tasks.score import PROBABILITY_PREFIX
 
     columns = {c.removeprefix(PROBABILITY_PREFIX): c for c in reference.columns if c.startswith(PROBABILITY_PREFIX)}
     if not columns or not set(columns.values()) <= set(analysis.columns):

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from tasks.monitor import MonitorReport
+    from driftloop.tasks.monitor import MonitorReport
 
 WIDTH_IN = 7.5  # inches at DPI: 600 px wide, readable in the artifact page's column
 DPI = 80

@@ -34,8 +34,8 @@ from driftloop.errors import DriftloopError
 from driftloop.forms import Device, Engine, FormScorer
 from driftloop.inputs import InputFile, iter_file, list_input_files, parquet_row_groups
 from driftloop.outputs import RUNS, PartInfo, RunWriter, ScoringOutput
-from tasks.score import BatchCounts, load_scoring_form, score_batches
-from tasks.validate import ROW, unique_columns, without_reserved_columns
+from driftloop.tasks.score import BatchCounts, load_scoring_form, score_batches
+from driftloop.tasks.validate import ROW, unique_columns, without_reserved_columns
 
 logger = logging.getLogger(__name__)
 

@@ -174,7 +174,7 @@ def store_reference(registry: RegistryStore, store: ArtifactStore, record: Model
     from datetime import UTC, datetime
 
     from driftloop.onnx_model import load_model, predict_scores
-    from tasks.score import prediction_frame
+    from driftloop.tasks.score import prediction_frame
 
     model = load_model(onnx_bytes)
     frame = prediction_frame(model, spec, holdout, predict_scores(model, holdout), model_name=record.model_name,

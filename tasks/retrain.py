@@ -27,8 +27,8 @@ from driftloop.registry.store import LeaseDecision, utcnow
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
 from driftloop.tables import Tables
-from tasks.ingest import frame_content_hash
-from tasks.score import fetch_verified
+from driftloop.tasks.ingest import frame_content_hash
+from driftloop.tasks.score import fetch_verified
 
 logger = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ from driftloop.tables import (
     Tables,
     TableWriter,
 )
-from tasks.validate import ROW, SeenValues, unique_columns, validate_rows
+from driftloop.tasks.validate import ROW, SeenValues, unique_columns, validate_rows
 
 logger = logging.getLogger(__name__)
 

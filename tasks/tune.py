@@ -650,7 +650,7 @@ def _in_local_processes(jobs: list[TuningJob], progress: Callable[[], None],
     for job in jobs:
         # Files, not pipes: a worker writing more than a pipe holds would block on it.
         out, err = (logs / f"worker-{job.worker}.out").open("w+"), (logs / f"worker-{job.worker}.err").open("w+")
-        proc = subprocess.Popen([sys.executable, "-m", "tasks.tune"], stdin=subprocess.PIPE, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "driftloop.tasks.tune"], stdin=subprocess.PIPE, stdout=out,
                                 stderr=err, text=True, env=env)
         proc.stdin.write(json.dumps(asdict(job)))
         proc.stdin.close()

@@ -21,8 +21,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from driftloop.errors import DriftloopError
 from driftloop.registry import open_registry
 from driftloop.spec import load_spec
-from tasks.split import split_dataset
-from tasks.tune import (
+from driftloop.tasks.split import split_dataset
+from driftloop.tasks.tune import (
     TrainingData,
     TuneResult,
     prepare_training_data,

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from driftloop.demo_data import DEMO_SPEC, demo_data_path
-from flows.ingest import ingest
-from flows.monitor import monitor
-from flows.score import score
+from driftloop.flows.ingest import ingest
+from driftloop.flows.monitor import monitor
+from driftloop.flows.score import score
 from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.e2e, pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]

@@ -11,11 +11,11 @@ import pytest
 
 from driftloop.onnx_model import load_model
 from driftloop.spec import load_spec
-from tasks.edge import ModelCache
-from tasks.export import build_onnx
-from tasks.score import IntegrityError, load_verified_model
-from tasks.split import split_dataset
-from tasks.tune import fit_model, prepare_training_data
+from driftloop.tasks.edge import ModelCache
+from driftloop.tasks.export import build_onnx
+from driftloop.tasks.score import IntegrityError, load_verified_model
+from driftloop.tasks.split import split_dataset
+from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 

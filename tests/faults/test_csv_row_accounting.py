@@ -11,10 +11,10 @@ import pytest
 
 from driftloop.onnx_model import load_model
 from driftloop.spec import load_spec
-from tasks.export import build_onnx
-from tasks.score import score_stream
-from tasks.split import split_dataset
-from tasks.tune import fit_model, prepare_training_data
+from driftloop.tasks.export import build_onnx
+from driftloop.tasks.score import score_stream
+from driftloop.tasks.split import split_dataset
+from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 ROWS = 120_000
@@ -59,7 +59,7 @@ def test_a_failing_consumer_stops_the_reader_and_closes_the_input(scored_input: 
     input handle must be closed."""
     import threading
 
-    from tasks.score import _prefetch, iter_input
+    from driftloop.tasks.score import _prefetch, iter_input
 
     _, path, _ = scored_input
     before = {t for t in threading.enumerate() if t.name == "driftloop-reader"}

@@ -10,7 +10,7 @@ import pytest
 
 from driftloop.errors import RegistryError, SpecError, is_unreachable
 from driftloop.registry.store import open_registry
-from tasks.edge import ModelCache, refresh
+from driftloop.tasks.edge import ModelCache, refresh
 
 
 def cached(tmp_path: Path) -> ModelCache:

@@ -11,17 +11,17 @@ from pathlib import Path
 from driftloop.onnx_model import load_model
 from driftloop.spec import load_spec
 from driftloop.storage import read_predictions
-from tasks.export import build_onnx
-from tasks.score import score_stream
-from tasks.split import split_dataset
-from tasks.tune import fit_model, prepare_training_data
+from driftloop.tasks.export import build_onnx
+from driftloop.tasks.score import score_stream
+from driftloop.tasks.split import split_dataset
+from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 _LIMITED_SCORER = """
 import resource, signal, sys
 from driftloop.errors import DriftloopError
 from driftloop.onnx_model import load_model
-from tasks.score import score_stream
+from driftloop.tasks.score import score_stream
 model = load_model(open(sys.argv[1], "rb").read())
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))

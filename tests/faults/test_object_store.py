@@ -20,6 +20,9 @@ import fsspec
 import polars as pl
 import pytest
 
+from driftloop.flows.ingest import ingest
+from driftloop.flows.monitor import monitor
+from driftloop.flows.score import score
 from driftloop.onnx_model import LoadedModel, load_model
 from driftloop.outputs import (
     ORPHAN_GRACE,
@@ -32,10 +35,7 @@ from driftloop.outputs import (
 )
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
-from flows.ingest import ingest
-from flows.monitor import monitor
-from flows.score import score
-from tasks.score import fetch_verified, score_stream
+from driftloop.tasks.score import fetch_verified, score_stream
 from tests.support import tables as memory
 from tests.support.data import make_loans, write_spec
 from tests.support.models import train_fast
@@ -117,7 +117,7 @@ from driftloop.onnx_model import load_model
 from driftloop.registry import open_registry
 from driftloop.storage import ArtifactStore
 from driftloop.tables import open_tables
-from tasks.score import TableSink, score_to_table
+from driftloop.tasks.score import TableSink, score_to_table
 model_path, registry_url, root, source, run_id, start = sys.argv[1:7]
 model = load_model(Path(model_path).read_bytes())
 sink = TableSink(open_tables(open_registry(registry_url).engine, root), ArtifactStore(root), model.spec(),
@@ -236,7 +236,7 @@ def test_a_reader_never_sees_a_manifest_whose_parts_are_missing(on_s3, s3_bucket
 _KILLED_BEFORE_MANIFEST = """
 import sys, time
 from driftloop.onnx_model import load_model
-from tasks.score import score_stream
+from driftloop.tasks.score import score_stream
 
 def hold():
     print("parts written", flush=True)

@@ -82,7 +82,7 @@ def test_a_sqlite_registry_locked_too_long_is_one_clear_error_and_nothing_writte
 # the test stops PostgreSQL meanwhile), then goes on as the real CLI would.
 _PAUSED_TRAINER = """
 import pathlib, sys, time
-import flows.train as train_flow
+import driftloop.flows.train as train_flow
 paused, resume = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 original = train_flow.register_task
 def pause_then_register(*args, **kwargs):

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 # SIGKILL right after the named step of flows/train.py returns.
 _KILLED_TRAINER = """
 import os, signal, sys
-import flows.train as train_flow
+import driftloop.flows.train as train_flow
 step = sys.argv[1]
 original = getattr(train_flow, step)
 def die_after(*args, **kwargs):

@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 
 from driftloop.errors import RejectLimitExceeded
+from driftloop.flows.ingest import ingest
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
-from flows.ingest import ingest
 from tests.support.data import GOOD_ROWS, write_csv, write_spec
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
@@ -112,7 +112,7 @@ def test_cli_failure_is_one_clear_line(tmp_path: Path, home: Path, make_args, ex
 def test_sql_credentials_from_a_prefect_secret_block(tmp_path: Path, home: Path) -> None:
     from prefect.blocks.system import Secret
 
-    from tasks.ingest import SqlSource
+    from driftloop.tasks.ingest import SqlSource
 
     url = loans_table(tmp_path / "secret-src.db", "(7,'2024-01-01',1,0.1,'low',1,12,1)")
     Secret(value=url).save("loans-source-url", overwrite=True)
@@ -126,7 +126,7 @@ def test_registry_and_sql_source_named_by_blocks(tmp_path: Path, home: Path) -> 
     environment's; the dataset records the block reference so a retrain can read it again."""
     from pydantic import SecretStr
 
-    from blocks.driftloop_blocks import RegistryConnection, SqlDataSource
+    from driftloop.blocks.driftloop_blocks import RegistryConnection, SqlDataSource
 
     source_url = loans_table(tmp_path / "warehouse.db", "(1,'2024-01-01',1,0.1,'low',1,12,1),(2,'2024-01-02',2,0.2,'mid',0,12,0),(3,'2024-01-03',3,0.3,'high',1,24,1)")
     SqlDataSource(url=SecretStr(source_url), query="SELECT * FROM loans WHERE term = :term", params={"term": 12}).save("loans-warehouse", overwrite=True)

@@ -14,13 +14,13 @@ import polars as pl
 import pytest
 
 from driftloop.feedback import WindowRecord, latest_labels, reread_window
+from driftloop.flows.labels import ingest_labels
+from driftloop.flows.retrain import retrain
+from driftloop.flows.score import score
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.spec import load_spec
 from driftloop.storage import read_parquet
-from flows.labels import ingest_labels
-from flows.retrain import retrain
-from flows.score import score
 from tests.support import tables as memory
 from tests.support.data import make_period, write_spec
 from tests.support.models import train_fast
@@ -121,7 +121,7 @@ from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.storage import ArtifactStore
 from driftloop.tables import open_tables
-from tasks.score import TableSink, load_verified_model, score_to_table
+from driftloop.tasks.score import TableSink, load_verified_model, score_to_table
 settings = get_settings()
 registry = open_registry(settings.registry_database_url())
 record = registry.resolve("loans")

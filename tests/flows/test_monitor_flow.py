@@ -14,13 +14,13 @@ import httpx
 import pytest
 
 from driftloop.demo_data import DEMO_SPEC, demo_data_path
+from driftloop.flows.ingest import ingest
+from driftloop.flows.monitor import monitor
+from driftloop.flows.score import score
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.spec import MonitoringPolicy, load_spec
-from flows.ingest import ingest
-from flows.monitor import monitor
-from flows.score import score
-from tasks.monitor import DRIFT_EVENT, PERFORMANCE_EVENT, MonitoringError
+from driftloop.tasks.monitor import DRIFT_EVENT, PERFORMANCE_EVENT, MonitoringError
 from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]

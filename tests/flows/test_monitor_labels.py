@@ -9,11 +9,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from driftloop.flows.labels import ingest_labels
+from driftloop.flows.monitor import monitor
+from driftloop.flows.score import score
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
-from flows.labels import ingest_labels
-from flows.monitor import monitor
-from flows.score import score
 from tests.support.data import LOAN_SPEC, make_loans, write_spec
 from tests.support.models import train_fast
 

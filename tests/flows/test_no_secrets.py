@@ -96,11 +96,11 @@ def test_flows_refuse_credentials_in_their_parameters_before_anything_runs(tmp_p
     from pydantic import SecretStr
 
     from driftloop.errors import CredentialsInUri
-    from flows.ingest import ingest
-    from flows.labels import ingest_labels
-    from flows.monitor import monitor
-    from flows.score import score
-    from tasks.ingest import SqlSource
+    from driftloop.flows.ingest import ingest
+    from driftloop.flows.labels import ingest_labels
+    from driftloop.flows.monitor import monitor
+    from driftloop.flows.score import score
+    from driftloop.tasks.ingest import SqlSource
 
     spec = str(write_spec(tmp_path))
     calls = {

@@ -16,17 +16,17 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from driftloop.feedback import collect_labelled_data
+from driftloop.flows.labels import ingest_labels
+from driftloop.flows.retrain import retrain
+from driftloop.flows.score import score
 from driftloop.onnx_model import load_model, predict_scores
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.spec import load_spec
 from driftloop.storage import read_bytes
 from driftloop.tables import open_tables
-from flows.labels import ingest_labels
-from flows.retrain import retrain
-from flows.score import score
-from tasks.split import split_dataset
-from tasks.tune import fit_model, prepare_training_data
+from driftloop.tasks.split import split_dataset
+from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_period, write_spec
 from tests.support.models import train_fast
 

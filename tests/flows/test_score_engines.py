@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from driftloop.flows.score import score
 from driftloop.forms import registered_forms
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.storage import read_bytes
-from flows.score import score
-from tasks.score import IntegrityError
+from driftloop.tasks.score import IntegrityError
 from tests.support import tables as memory
 from tests.support.data import make_loans
 from tests.support.models import loans_champion

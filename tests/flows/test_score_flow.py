@@ -14,16 +14,16 @@ import polars as pl
 import pytest
 
 from driftloop.feedback import join_labels, latest_labels
+from driftloop.flows.ingest import ingest
+from driftloop.flows.labels import ingest_labels
+from driftloop.flows.score import score
+from driftloop.flows.score_edge import score_edge
 from driftloop.outputs import read_predictions
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.spec import load_spec
-from flows.ingest import ingest
-from flows.labels import ingest_labels
-from flows.score import score
-from flows.score_edge import score_edge
-from tasks.edge import ModelCache
-from tasks.score import IntegrityError
+from driftloop.tasks.edge import ModelCache
+from driftloop.tasks.score import IntegrityError
 from tests.support import tables as memory
 from tests.support.data import make_loans, write_spec
 from tests.support.models import train_fast
@@ -101,7 +101,7 @@ from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.storage import ArtifactStore
 from driftloop.tables import open_tables
-from tasks.score import TableSink, load_verified_model, score_to_table
+from driftloop.tasks.score import TableSink, load_verified_model, score_to_table
 settings = get_settings()
 registry = open_registry(settings.registry_database_url())
 record = registry.resolve("loans")
@@ -218,7 +218,7 @@ class Guard:
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"light install: {name} must not be imported when scoring")
 sys.meta_path.insert(0, Guard())
-from flows.score import score
+from driftloop.flows.score import score
 result = score(input_uri=sys.argv[1], output_uri=sys.argv[2], model="loans")
 loaded = sorted(m for m in BLOCKED if m in sys.modules)
 print(result.rows_scored, loaded)
@@ -274,7 +274,7 @@ def test_each_scored_probability_belongs_to_its_own_id(trained, tmp_path: Path) 
     import numpy as np
 
     from driftloop.onnx_model import load_model, predict_scores
-    from tasks.score import fetch_verified
+    from driftloop.tasks.score import fetch_verified
 
     frame = make_loans(5000, seed=13).drop("repaid").sample(fraction=1.0, shuffle=True, seed=4)
     source = tmp_path / "shuffled.parquet"

@@ -15,10 +15,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from driftloop.flows.score import score
 from driftloop.settings import get_settings
-from flows.score import score
-from tasks.partitions import plan_partitions
-from tasks.validate import ROW
+from driftloop.tasks.partitions import plan_partitions
+from driftloop.tasks.validate import ROW
 from tests.support import tables as memory
 from tests.support.data import make_loans
 from tests.support.models import loans_champion

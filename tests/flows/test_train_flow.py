@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from driftloop.flows.ingest import ingest
 from driftloop.onnx_model import load_model, predict_scores
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.storage import read_bytes
-from flows.ingest import ingest
 from tests.support.data import make_loans, write_spec
 from tests.support.models import train_fast
 

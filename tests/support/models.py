@@ -15,7 +15,7 @@ from tests.support.data import make_loans, write_spec
 def train_fast(*, parity_min_rows: int, **params):
     """The ``train`` flow with the parity gate checked on ``parity_min_rows`` rows (the
     worker's DRIFTLOOP_PARITY_MIN_ROWS; the flow takes no such parameter)."""
-    from flows.train import train
+    from driftloop.flows.train import train
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DRIFTLOOP_PARITY_MIN_ROWS", str(parity_min_rows))
@@ -26,7 +26,7 @@ def train_fast(*, parity_min_rows: int, **params):
 def loans_champion(root: Path, *, algorithm: str = "lightgbm", trials: int = 1, rows: int = 3000, seed: int = 1,
                    parity_min_rows: int = 2000) -> Iterator[Path]:
     """Train and register the ``loans`` model under ``root/home``; yields the spec path."""
-    from flows.ingest import ingest
+    from driftloop.flows.ingest import ingest
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DRIFTLOOP_HOME", str(root / "home"))

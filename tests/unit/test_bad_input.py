@@ -10,8 +10,8 @@ import pytest
 
 from driftloop.errors import SchemaError, SourceError
 from driftloop.spec import load_spec
-from tasks.ingest import read_file
-from tasks.validate import ValidationResult, validate_rows, with_malformed
+from driftloop.tasks.ingest import read_file
+from driftloop.tasks.validate import ValidationResult, validate_rows, with_malformed
 from tests.support.data import GOOD_ROWS, HEADER, LOAN_SPEC, write_csv, write_spec
 
 
@@ -218,7 +218,7 @@ def test_seen_values_finds_repeats_across_many_batches_exactly() -> None:
     whatever the batch order, and runs stay few as batches accumulate."""
     import numpy as np
 
-    from tasks.validate import SeenValues
+    from driftloop.tasks.validate import SeenValues
 
     rng = np.random.default_rng(0)
     for make in (lambda a: pl.Series("id", a, dtype=pl.Int64), lambda a: pl.Series("id", [f"c-{v}" for v in a])):
@@ -241,7 +241,7 @@ def test_one_very_long_id_does_not_size_every_kept_id(tmp_path: Path) -> None:
     40 GB). Measured as allocations (tracemalloc sees numpy's) and as what is kept."""
     import tracemalloc
 
-    from tasks.validate import SeenValues
+    from driftloop.tasks.validate import SeenValues
 
     long_id = "x" * 100_000
     first = pl.Series("id", [f"c-{i}" for i in range(300)])
@@ -275,7 +275,7 @@ def test_a_quarantine_file_can_be_ingested_again(tmp_path: Path) -> None:
     and ingested again, ``_row`` collided with the position validation adds: polars'
     DuplicateError ("unexpected error") as soon as one row failed."""
     from driftloop.spec import RESERVED_COLUMN_NAMES
-    from tasks.validate import RESERVED_COLUMNS
+    from driftloop.tasks.validate import RESERVED_COLUMNS
 
     assert RESERVED_COLUMNS == RESERVED_COLUMN_NAMES
     first = run(tmp_path, [*GOOD_ROWS, "5,2024-01-05 00:00:00,-1,0.5,low,true,12,1", "6,2024-01-06 00:00:00,9,2.0,mid,no,6,0"])

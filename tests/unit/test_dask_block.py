@@ -10,7 +10,7 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from blocks.driftloop_blocks import DaskCluster, check_dask_address
+from driftloop.blocks.driftloop_blocks import DaskCluster, check_dask_address
 from driftloop.errors import DriftloopError
 
 
@@ -63,7 +63,7 @@ def test_nothing_is_loaded_on_import() -> None:
         "from prefect.blocks.core import Block\n"
         "def refuse(*a, **k): raise SystemExit('Block.load on import')\n"
         "Block.load = Block.aload = classmethod(refuse)\n"
-        "import blocks.driftloop_blocks, flows.config, flows.score\n"
+        "import driftloop.blocks.driftloop_blocks, driftloop.flows.config, driftloop.flows.score\n"
     )
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -73,14 +73,14 @@ def test_nothing_is_loaded_on_import() -> None:
 @pytest.mark.usefixtures("prefect_server")
 class TestSavedBlock:
     def test_a_saved_block_resolves_by_name(self) -> None:
-        from flows.config import dask_block_address
+        from driftloop.flows.config import dask_block_address
 
         name = f"dask-{uuid.uuid4().hex[:8]}"
         DaskCluster(address="tcp://dask-scheduler:8786").save(name)
         assert dask_block_address(name) == "tcp://dask-scheduler:8786"
 
     def test_a_missing_block_names_itself_and_the_fix(self) -> None:
-        from flows.config import dask_block_address
+        from driftloop.flows.config import dask_block_address
 
         with pytest.raises(DriftloopError, match=r"driftloop-dask block 'no-such-cluster'.*create it in the UI"):
             dask_block_address("no-such-cluster")
@@ -90,7 +90,7 @@ class TestSavedBlock:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import BlockDocumentUpdate
 
-        from flows.config import dask_block_address
+        from driftloop.flows.config import dask_block_address
 
         name = f"dask-{uuid.uuid4().hex[:8]}"
         DaskCluster(address="tcp://dask-scheduler:8786").save(name)
@@ -102,7 +102,7 @@ class TestSavedBlock:
             dask_block_address(name)
 
     def test_the_score_flow_loads_the_block_at_the_start_and_an_explicit_address_wins(self) -> None:
-        from flows.score import score
+        from driftloop.flows.score import score
 
         # The block is resolved first: a missing one fails the run before anything else.
         with pytest.raises(DriftloopError, match="driftloop-dask block 'absent-cluster'"):

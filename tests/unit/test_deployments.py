@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.monitor import DRIFT_EVENT, PERFORMANCE_EVENT
+from driftloop.tasks.monitor import DRIFT_EVENT, PERFORMANCE_EVENT
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())
@@ -100,7 +100,7 @@ def _render(trigger: dict, event) -> dict:
 
 @pytest.mark.parametrize("event_name", [DRIFT_EVENT, PERFORMANCE_EVENT])
 def test_the_monitor_event_fires_the_trigger_and_renders_only_the_model_name(event_name: str) -> None:
-    from flows.monitor import model_resource
+    from driftloop.flows.monitor import model_resource
 
     hostile = {"model": "other_model", "source": "s3://evil/poison.csv", "version": 99}
     event = _received(event_name, model_resource("car_loan", 3), hostile)
@@ -136,7 +136,7 @@ def test_nightly_scoring_runs_in_one_process_and_its_commented_dask_options_vali
         parameters = {**deployment["parameters"], **yaml.safe_load(line)}
         flow.validate_parameters(parameters)
         if "dask_address" in parameters:
-            from blocks.driftloop_blocks import check_dask_address
+            from driftloop.blocks.driftloop_blocks import check_dask_address
 
             check_dask_address(parameters["dask_address"])
 
@@ -156,8 +156,8 @@ def test_no_deployment_can_lower_the_parity_gate_or_set_its_lineage(deployment: 
 
 
 def test_the_parity_rows_are_the_workers_setting_and_the_promised_100k_by_default(monkeypatch) -> None:
+    from driftloop.flows.train import TrainOptions
     from driftloop.settings import get_settings
-    from flows.train import TrainOptions
 
     monkeypatch.delenv("DRIFTLOOP_PARITY_MIN_ROWS", raising=False)
     assert get_settings().parity_min_rows == 100_000

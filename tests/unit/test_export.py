@@ -11,7 +11,7 @@ import pytest
 
 from driftloop.onnx_model import load_model
 from driftloop.spec import load_spec
-from tasks.export import (
+from driftloop.tasks.export import (
     PARITY_MIN_ROWS,
     _convert_ensemble,
     binary_classifier_as_margin,
@@ -20,8 +20,8 @@ from tasks.export import (
     native_scores,
     parity_rows,
 )
-from tasks.split import split_dataset
-from tasks.tune import fit_model, prepare_training_data, round_lightgbm_thresholds
+from driftloop.tasks.split import split_dataset
+from driftloop.tasks.tune import fit_model, prepare_training_data, round_lightgbm_thresholds
 from tests.support.data import make_loans, write_spec
 
 PARAMS = {"xgboost": {"max_depth": 6, "learning_rate": 0.1}, "lightgbm": {"num_leaves": 63, "learning_rate": 0.1}}

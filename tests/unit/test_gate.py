@@ -1,5 +1,5 @@
 from driftloop.spec import GateSpec, Threshold
-from tasks.gate import decide
+from driftloop.tasks.gate import decide
 
 POLICY = GateSpec(thresholds={"roc_auc": Threshold(min=0.8), "log_loss": Threshold(max=0.5)}, max_regression=0.01)
 

@@ -48,7 +48,7 @@ def test_md_text_in_a_table_cell_stays_one_cell(name: str) -> None:
 
 
 def test_the_ingestion_artifact_shows_hostile_column_names_and_source_as_text() -> None:
-    from flows.ingest import IngestResult, _summary_markdown
+    from driftloop.flows.ingest import IngestResult, _summary_markdown
 
     summary = IngestResult(dataset_id="ds_1", name="loans", rows_in=3, rows_valid=3, rows_quarantined=0,
                            quarantine_uri=None, snapshot_uri="/a/rows.parquet", created=True, ignored_columns=HOSTILE)

@@ -17,9 +17,9 @@ import pytest
 
 from driftloop.spec import DatasetSpec, MonitoringPolicy, parse_spec
 from driftloop.storage import ArtifactStore
-from tasks import monitor
-from tasks.calibration import CalibrationStore, resample, resample_batches
-from tasks.monitor import Levers, ensure_calibration, run_monitoring
+from driftloop.tasks import monitor
+from driftloop.tasks.calibration import CalibrationStore, resample, resample_batches
+from driftloop.tasks.monitor import Levers, ensure_calibration, run_monitoring
 
 CHUNK = 400
 POLICY = MonitoringPolicy(chunk_size=CHUNK, calibration_draws=50)
@@ -139,7 +139,7 @@ def test_a_damaged_stored_calibration_is_recomputed_with_a_warning(
         ensure_calibration(data["reference"], spec, POLICY.model_copy(update={"chunk_size": 500}), store)
         (other,) = [p for p in stored_files(tmp_path) if p != path]
         path.write_bytes(other.read_bytes())
-    with caplog.at_level(logging.WARNING, logger="tasks.calibration"):
+    with caplog.at_level(logging.WARNING, logger="driftloop.tasks.calibration"):
         report = run_monitoring(data["reference"], data["analysis"], spec, POLICY, with_plots=False, calibrations=store)
     assert report.calibration_source == "computed" and len(calls) == (3 if damage == "another key's document" else 2)
     assert "is not usable" in caplog.text and "recalibrating" in caplog.text
@@ -166,7 +166,7 @@ def test_realized_performance_is_judged_by_the_stored_calibration(
     document["body"]["calibration"]["realized"]["roc_auc"]["lower"] = 0.999
     import hashlib
 
-    from tasks.calibration import _canonical
+    from driftloop.tasks.calibration import _canonical
 
     document["sha256"] = hashlib.sha256(_canonical(document["body"])).hexdigest()
     path.write_text(json.dumps(document))
@@ -212,7 +212,7 @@ def test_the_draws_are_the_same_rows_chunk_by_chunk(data: dict) -> None:
 
 
 def test_the_reference_hash_depends_on_content_only() -> None:
-    from tasks.calibration import frame_sha256
+    from driftloop.tasks.calibration import frame_sha256
 
     plain = pl.DataFrame({"x": [1.0, 2.0, 3.0], "s": ["a", "b", "a"]})
     built = pl.concat([plain.head(1), plain.tail(2)], rechunk=False).with_columns(pl.col("s").cast(pl.Categorical))

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tasks.monitor import Chunk, MonitorReport, PolicyDecision, render_summary
-from tasks.monitor_charts import (
+from driftloop.tasks.monitor import Chunk, MonitorReport, PolicyDecision, render_summary
+from driftloop.tasks.monitor_charts import (
     artifact_markdown,
     charts_markdown,
     drift_map_chart,

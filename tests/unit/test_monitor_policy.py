@@ -13,8 +13,8 @@ import pytest
 
 from driftloop.onnx_model import load_model, predict_scores
 from driftloop.spec import DatasetSpec, GateSpec, MonitoringPolicy, Threshold, load_spec
-from tasks.export import build_onnx
-from tasks.monitor import (
+from driftloop.tasks.export import build_onnx
+from driftloop.tasks.monitor import (
     PERFORMANCE_EVENT,
     Chunk,
     MonitorReport,
@@ -23,9 +23,9 @@ from tasks.monitor import (
     render_summary,
     run_monitoring,
 )
-from tasks.score import prediction_frame
-from tasks.split import split_dataset
-from tasks.tune import fit_model, prepare_training_data
+from driftloop.tasks.score import prediction_frame
+from driftloop.tasks.split import split_dataset
+from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 ROWS = 2400  # analysis rows: 10 full chunks of the default 240 (reference 1200 // 5)
@@ -175,7 +175,7 @@ def test_lower_is_better_metrics_use_the_gates_max() -> None:
 
 
 def test_performance_better_than_the_reference_is_no_reason_to_retrain() -> None:
-    from tasks.monitor import Chunk, worse_than_threshold
+    from driftloop.tasks.monitor import Chunk, worse_than_threshold
 
     def row(i: int, value: float) -> dict:
         return {"chunk_index": i, "chunk_key": f"[{i}]", "chunk_start": None, "chunk_end": None, "kind": "estimated",

@@ -276,7 +276,7 @@ def test_a_renewed_lease_outlives_its_ttl_and_an_unrenewed_one_is_taken_over(tmp
     once renewals stop (the retrain died), the lease expires and the next retrain takes it."""
     from datetime import timedelta
 
-    from tasks.retrain import LeaseHeartbeat
+    from driftloop.tasks.retrain import LeaseHeartbeat
 
     store = open_registry(f"sqlite:///{tmp_path / 'heartbeat.db'}")
     store.register_version(version_draft())
@@ -314,7 +314,7 @@ def test_the_longest_model_name_fits_its_labels_and_window_datasets(postgres) ->
 def test_a_version_registered_without_an_alias_until_it_is_settled(tmp_path: Path) -> None:
     """A crash between registration and the alias move leaves an unaliased version, never
     a champion or challenger without its reference and card."""
-    from tasks.register import register_unaliased, settle_aliases
+    from driftloop.tasks.register import register_unaliased, settle_aliases
 
     store = open_registry(f"sqlite:///{tmp_path / 'settle.db'}")
     first = register_unaliased(store, version_draft())
@@ -419,8 +419,8 @@ def test_undefined_metrics_are_stored_and_printed_as_null_with_the_reason(postgr
     import numpy as np
 
     from driftloop.cli import _emit, main
-    from tasks.evaluate import compute_metrics
-    from tasks.register import render_model_card
+    from driftloop.tasks.evaluate import compute_metrics
+    from driftloop.tasks.register import render_model_card
 
     one_class = compute_metrics("binary_classification", np.zeros(40, dtype=int), np.linspace(0.1, 0.4, 40))
     both = compute_metrics("binary_classification", np.arange(40) % 2, np.linspace(0.1, 0.9, 40))

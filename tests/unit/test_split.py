@@ -3,7 +3,7 @@ from pathlib import Path
 import polars as pl
 
 from driftloop.spec import load_spec
-from tasks.split import split_dataset
+from driftloop.tasks.split import split_dataset
 from tests.support.data import make_loans, write_spec
 
 

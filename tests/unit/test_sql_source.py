@@ -8,8 +8,8 @@ from pydantic import SecretStr, ValidationError
 
 from driftloop.errors import SourceError
 from driftloop.spec import load_spec
-from tasks.ingest import SqlSource, read_sql
-from tasks.validate import validate_rows
+from driftloop.tasks.ingest import SqlSource, read_sql
+from driftloop.tasks.validate import validate_rows
 from tests.support.data import write_spec
 
 
@@ -139,10 +139,10 @@ def test_more_than_one_statement_is_refused_and_the_table_keeps_its_rows(postgre
 def test_without_the_statement_check_the_extended_protocol_still_runs_one_statement(postgres, monkeypatch) -> None:
     """The second wall on its own: with the statement count check out of the way, psycopg
     is made to use the extended protocol, which runs one statement per query."""
-    import tasks.ingest
+    import driftloop.tasks.ingest
 
     url = _pg_loans(postgres, "sql_escape_extended")
-    monkeypatch.setattr(tasks.ingest, "count_statements", lambda query: 1)
+    monkeypatch.setattr(driftloop.tasks.ingest, "count_statements", lambda query: 1)
     with pytest.raises(SourceError, match="cannot insert multiple commands"):
         read_sql(SqlSource(url=SecretStr(url), query="SELECT 1 AS id; COMMIT; DELETE FROM t"))
     assert _count(url) == 3
@@ -159,6 +159,6 @@ def test_without_the_statement_check_the_extended_protocol_still_runs_one_statem
     ("SELECT $$;$$, $tag$ ; $tag$", 3),
 ])
 def test_statements_are_counted_outside_strings_identifiers_and_comments(query: str, count: int) -> None:
-    from tasks.ingest import count_statements
+    from driftloop.tasks.ingest import count_statements
 
     assert count_statements(query) == count

@@ -28,7 +28,7 @@ entry = sys.argv[1]
 if entry == "nannyml":  # control: NannyML imported as anyone would
     import nannyml as nml
 elif entry == "monitor":  # driftloop's monitoring
-    from tasks.monitor import _nannyml
+    from driftloop.tasks.monitor import _nannyml
     nml = _nannyml()
 elif entry == "cli":  # the command line, before it runs any command
     from driftloop.cli import _configure_environment

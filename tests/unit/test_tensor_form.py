@@ -14,15 +14,20 @@ import pytest
 from driftloop.features import fit_encoding, target_vector
 from driftloop.onnx_model import load_model, predict_scores
 from driftloop.spec import DatasetSpec, load_spec, parse_spec
-from tasks.export import build_onnx, check_parity
-from tasks.export_tensor import (
+from driftloop.tasks.export import build_onnx, check_parity
+from driftloop.tasks.export_tensor import (
     TensorFormUnsupported,
     build_tensor_onnx,
     ensemble_of,
     tensor_model,
 )
-from tasks.split import split_dataset
-from tasks.tune import FittedModel, fit_model, prepare_training_data, round_lightgbm_thresholds
+from driftloop.tasks.split import split_dataset
+from driftloop.tasks.tune import (
+    FittedModel,
+    fit_model,
+    prepare_training_data,
+    round_lightgbm_thresholds,
+)
 from tests.support.data import make_loans, write_spec
 
 FEATURES = [f"f{i}" for i in range(6)]

@@ -1,14 +1,14 @@
-"""Work pools from ``infra/pools/*.json``: create or update them, idempotently."""
+"""Work pools from ``infra/pools/*.json`` (package data ``driftloop.infra``): create or update them, idempotently."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
-POOLS_DIR = Path(__file__).resolve().parent.parent / "infra" / "pools"
+from driftloop.resources import package_file
+
 POOLS = ("cpu", "gpu", "edge")
 
 
@@ -24,7 +24,7 @@ def gpu_count() -> int:
 
 
 def load_template(name: str, *, gpu_device: str | None = None) -> dict[str, Any]:
-    template = json.loads((POOLS_DIR / f"{name}.json").read_text())
+    template = json.loads(package_file("infra", "pools", f"{name}.json").read_text())
     if name == "gpu" and gpu_device:
         template["variables"]["properties"]["env"]["default"]["DRIFTLOOP_DEVICE"] = gpu_device
     return template
