@@ -59,13 +59,19 @@ chromium-bin:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	fi
 
+# One pytest worker per core (pytest-xdist); a test file stays on one worker, so its module
+# fixtures (a trained model, a server of its own) are built once; each worker has its own
+# Prefect server, PostgreSQL and S3 endpoint. The 25 slowest tests are printed every run.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
+
 test: venv postgres-bin chromium-bin
 	$(BIN)/ruff check driftloop flows tasks blocks tests bench
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # Unit tests only: no Prefect server, no PostgreSQL.
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not postgres and not prefect and not e2e" $(PYTEST_ARGS)
+	$(PYTEST) -m "not postgres and not prefect and not e2e" $(PYTEST_ARGS)
 
 # A local Prefect server on 127.0.0.1 with SQLite under .driftloop/ (PostgreSQL: set
 # PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host/prefect first).

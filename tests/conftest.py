@@ -86,3 +86,36 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "home"
     monkeypatch.setenv("DRIFTLOOP_HOME", str(path))
     return path
+
+
+# The longest files first: `make test` runs two workers (`-n 2 --dist loadfile`), each taking
+# the next file as it frees up, so the long end-to-end files start at once and the short
+# unit files fill the gaps at the end. Within a file the order stays as written.
+_LONGEST_FIRST = (
+    "tests/e2e/test_loop.py",
+    "tests/faults/test_training_killed.py",
+    "tests/e2e/test_server_restart.py",
+    "tests/faults/test_object_store.py",
+    "tests/e2e/test_distributed_tuning.py",
+    "tests/flows/test_retrain_flow.py",
+    "tests/e2e/test_storm.py",
+    "tests/flows/test_train_flow.py",
+    "tests/faults/test_registry_outages.py",
+    "tests/flows/test_no_secrets.py",
+    "tests/flows/test_monitor_flow.py",
+    "tests/flows/test_monitor_labels.py",
+    "tests/flows/test_score_flow.py",
+    "tests/flows/test_score_engines.py",
+    "tests/flows/test_score_partitioned.py",
+    "tests/e2e/test_ui.py",
+    "tests/unit/test_tune.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        path = item.nodeid.split("::")[0]
+        first = _LONGEST_FIRST.index(path) if path in _LONGEST_FIRST else len(_LONGEST_FIRST)
+        return first, ("unit/" in path)  # then flows and faults before unit tests
+
+    items.sort(key=rank)
