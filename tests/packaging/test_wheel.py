@@ -39,7 +39,8 @@ UV = Path(sys.executable).with_name("uv")
 MAPPED = {"driftloop": "driftloop", "flows": "driftloop/flows", "tasks": "driftloop/tasks",
           "blocks": "driftloop/blocks", "deployments": "driftloop/deployments", "infra": "driftloop/infra"}
 # Data files the code reads at run time (or alembic needs), by repository path pattern.
-PACKAGE_DATA = ("deployments/specs/*.yaml", "infra/pools/*.json", "driftloop/registry/migrations/script.py.mako")
+PACKAGE_DATA = ("deployments/specs/*.yaml", "infra/pools/*.json", "infra/kubernetes/*.yaml", "infra/compose/*.yml",
+                "infra/Dockerfile", "driftloop/registry/migrations/script.py.mako")
 # What an edge device must not be made to install.
 NOT_ON_EDGE = ("xgboost", "lightgbm", "optuna", "nannyml", "sklearn", "pandas")
 TRAIN_ROWS, SCORE_ROWS = 3000, 2000
