@@ -383,9 +383,12 @@ def _human_monitor(p: dict[str, Any]) -> str:
 
 
 def cmd_infra_apply(args: argparse.Namespace) -> dict[str, Any]:
-    from driftloop.work_pools import apply_pools
+    from driftloop.work_pools import apply_pools, plan_pools
 
-    return {"pools": apply_pools(gpu_device=args.gpu_device, gpus=args.gpus)}
+    if args.dry_run:
+        pools = plan_pools(gpu_device=args.gpu_device, gpus=args.gpus)
+        return {"dry_run": True, "pools": [{k: v for k, v in p.items() if k != "template"} for p in pools]}
+    return {"dry_run": False, "pools": apply_pools(gpu_device=args.gpu_device, gpus=args.gpus)}
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -503,12 +506,24 @@ def _human_db_upgrade(p: dict[str, Any]) -> str:
 # --- parser -----------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("driftloop")  # the installed distribution's, wheel or editable
+    except PackageNotFoundError:
+        from driftloop import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object")
     common.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs")
 
     parser = argparse.ArgumentParser(prog="driftloop", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"driftloop {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ingest = sub.add_parser("ingest", parents=[common], help="ingest and validate a dataset")
@@ -624,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     apply = infra_sub.add_parser("apply", parents=[common], help="create or update the cpu, gpu and edge pools")
     apply.add_argument("--gpu-device", choices=["cuda", "cpu"], help="DRIFTLOOP_DEVICE for the gpu pool (cpu where there is no GPU)")
     apply.add_argument("--gpus", type=int, help="gpu pool concurrency (default: GPUs nvidia-smi sees)")
+    apply.add_argument("--dry-run", action="store_true",
+                       help="print the pools and settings it would send, without contacting a Prefect server")
     apply.set_defaults(handler=cmd_infra_apply, human=lambda p: "\n".join(f"{x['pool']}: {x['action']} (concurrency {x['concurrency_limit']}, env {x['env']})" for x in p["pools"]))
 
     demo = sub.add_parser("demo", parents=[common], help="run the lifecycle on the bundled car-loan data")

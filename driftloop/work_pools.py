@@ -30,6 +30,17 @@ def load_template(name: str, *, gpu_device: str | None = None) -> dict[str, Any]
     return template
 
 
+def plan_pools(*, gpu_device: str | None = None, gpus: int | None = None) -> list[dict[str, Any]]:
+    """What :func:`apply_pools` would send, read from the package data only (no server)."""
+    plans = []
+    for name in POOLS:
+        template = load_template(name, gpu_device=gpu_device)
+        plans.append({"pool": name, "action": "would create or update", "template": template,
+                      "concurrency_limit": (gpus or gpu_count()) if name == "gpu" else None,
+                      "env": template["variables"]["properties"]["env"]["default"]})
+    return plans
+
+
 def apply_pools(*, gpu_device: str | None = None, gpus: int | None = None) -> list[dict[str, Any]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
@@ -37,9 +48,8 @@ def apply_pools(*, gpu_device: str | None = None, gpus: int | None = None) -> li
 
     applied = []
     with get_client(sync_client=True) as client:
-        for name in POOLS:
-            template = load_template(name, gpu_device=gpu_device)
-            limit = (gpus or gpu_count()) if name == "gpu" else None
+        for plan in plan_pools(gpu_device=gpu_device, gpus=gpus):
+            name, template, limit = plan["pool"], plan.pop("template"), plan["concurrency_limit"]
             try:
                 client.read_work_pool(name)
             except ObjectNotFound:
@@ -49,6 +59,5 @@ def apply_pools(*, gpu_device: str | None = None, gpus: int | None = None) -> li
             else:
                 client.update_work_pool(name, WorkPoolUpdate(base_job_template=template, concurrency_limit=limit))
                 action = "updated"
-            applied.append({"pool": name, "action": action, "concurrency_limit": limit,
-                            "env": template["variables"]["properties"]["env"]["default"]})
+            applied.append({**plan, "action": action})
     return applied
