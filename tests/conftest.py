@@ -100,6 +100,7 @@ _LONGEST_FIRST = (
     "tests/flows/test_retrain_flow.py",
     "tests/e2e/test_storm.py",
     "tests/flows/test_train_flow.py",
+    "tests/packaging/test_wheel.py",
     "tests/faults/test_registry_outages.py",
     "tests/flows/test_no_secrets.py",
     "tests/flows/test_monitor_flow.py",
