@@ -27,7 +27,8 @@ from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+# The snippet lives where the predictions table is documented.
+TABLES_DOC = Path(__file__).resolve().parents[2] / "docs" / "scoring-and-edge.md"
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +152,13 @@ def test_two_concurrent_scoring_runs_both_land(loans) -> None:
 
 
 def test_the_readme_snippet_reads_a_run_without_driftloop(loans) -> None:
-    """The README's polars/pyarrow snippet, run as written in a process that cannot
+    """The docs' polars/pyarrow snippet, run as written in a process that cannot
     import driftloop, reads a scoring run's rows from the table."""
     scored = score(input_uri=str(night(loans["root"], "snippet", start="2024-04-01", first_id=50_000, n=250)[0]),
                    model="loans")
-    text = README.read_text()
+    text = TABLES_DOC.read_text()
     match = re.search(r"<!-- snippet: read-predictions -->\s*```python\n(.*?)```", text, re.DOTALL)
-    assert match, "README lost its read-predictions snippet"
+    assert match, f"{TABLES_DOC.name} lost its read-predictions snippet"
     guard = ("import sys\nclass Guard:\n    def find_spec(self, name, path=None, target=None):\n"
              "        if name.split('.')[0] in ('driftloop', 'tasks', 'flows', 'blocks'):\n"
              "            raise ImportError('the snippet must not need driftloop: ' + name)\n"
