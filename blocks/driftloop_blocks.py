@@ -1,5 +1,5 @@
 """driftloop's Prefect Block types. Register them with
-``prefect block register -f blocks/driftloop_blocks.py``; then create and edit
+``prefect block register -m driftloop.blocks.driftloop_blocks``; then create and edit
 instances in the UI, and pass their names to flows."""
 
 from __future__ import annotations

@@ -87,5 +87,5 @@ def _load(block_type, name: str, slug: str):
     except ValueError as exc:
         raise DriftloopError(
             f"cannot load the {slug} block {name!r} ({exc}); create it in the UI (Blocks) or in Python "
-            f"after `prefect block register -f blocks/driftloop_blocks.py`"
+            f"after `prefect block register -m driftloop.blocks.driftloop_blocks`"
         ) from None
