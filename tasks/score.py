@@ -433,6 +433,7 @@ def export_run(table: MemoryTable, snapshot_id: int, run_id: str, output_uri: st
     upload on an object store)."""
     import tempfile
 
+    from driftloop.atomic import replace_durably
     from driftloop.outputs import is_local_fs
     from driftloop.redact import mask_uri
 
@@ -446,7 +447,7 @@ def export_run(table: MemoryTable, snapshot_id: int, run_id: str, output_uri: st
             tmp = os.path.join(parent, f".tmp-{run_id}.parquet")
             try:
                 rows.sink_parquet(tmp, compression="zstd")
-                os.replace(tmp, path)
+                replace_durably(tmp, path)
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
