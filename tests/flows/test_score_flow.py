@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
 import pytest
-from sqlalchemy import event
-from sqlalchemy.exc import OperationalError
 
 from driftloop.feedback import join_labels, latest_labels
 from driftloop.flows.ingest import ingest
@@ -30,6 +26,7 @@ from driftloop.tasks.edge import ModelCache
 from driftloop.tasks.score import IntegrityError
 from tests.support import tables as memory
 from tests.support.data import make_loans, write_spec
+from tests.support.faults import inserts_fail
 from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
@@ -308,25 +305,6 @@ def test_an_export_into_a_users_directory_adds_its_own_file_only(trained, tmp_pa
     assert pl.read_parquet(users / f"{run_id}.parquet").height == 40
 
 
-@contextmanager
-def scoring_run_inserts_fail(engine) -> Iterator[list[str]]:
-    """The registry database refuses to record a scoring run (a real DBAPI error raised
-    on the connection, for that statement only), as a database that fails between the
-    table's commit and the run's record would."""
-    refused: list[str] = []
-
-    def refuse(conn, cursor, statement, parameters, context, executemany) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO SCORING_RUNS"):
-            refused.append(statement)
-            raise OperationalError(statement, parameters, sqlite3.OperationalError("disk I/O error"))
-
-    event.listen(engine, "before_cursor_execute", refuse)
-    try:
-        yield refused
-    finally:
-        event.remove(engine, "before_cursor_execute", refuse)
-
-
 def test_a_run_committed_but_not_recorded_is_accounted_from_its_snapshot(trained, tmp_path: Path) -> None:
     """The registry fails after the table's commit: the committed rows are not left
     unrecorded; the run is recorded from the snapshot it committed (which carries the
@@ -334,7 +312,7 @@ def test_a_run_committed_but_not_recorded_is_accounted_from_its_snapshot(trained
     registry = open_registry(get_settings().registry_database_url())
     source = scoring_csv(tmp_path / "lost.csv", 600, bad=2, seed=31)
     before = memory.predictions("loans").refresh().snapshot_id() if memory.tables().predictions("loans") else None
-    with scoring_run_inserts_fail(registry.engine) as refused, pytest.raises(Exception) as failed:
+    with inserts_fail(registry.engine, "scoring_runs") as refused, pytest.raises(Exception) as failed:
         score(input_uri=str(source), model="loans@champion", batch_size=250)
     assert refused, "the fault was never reached"
     table = memory.predictions("loans").refresh()
