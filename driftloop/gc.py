@@ -20,7 +20,14 @@ recent run, found and (only when asked) removed.
 - the work area of a partitioned scoring run that never committed
   (``scoring/<model>/<run id>``: no scoring run record and no row in the table), untouched
   for :data:`GRACE`; a committed run's work area holds its quarantine and is kept;
-- model artifacts (``models/<name>/onnx/<sha256>.onnx``) no registered version points at.
+- model artifacts (``models/<name>/onnx/<sha256>.onnx``) no registered version points at,
+  unless a training run marked the artifact pending (``<sha256>.onnx.pending``, written
+  before the artifact and removed when the version registers) less than
+  :data:`PENDING_TTL` ago: training stores the artifact, then builds its forms and
+  evaluates it before it registers, which can take longer than :data:`GRACE`. A stale
+  mark (a training run that crashed) goes with its artifact.
+
+Optuna studies with a trial still running are never removed, however old.
 
 Versions, their artifacts, cards and references, datasets, quarantines and the scoring
 outputs written before the tables (imported by :mod:`driftloop.legacy_outputs`) are
@@ -30,12 +37,14 @@ kept: they are lineage.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from driftloop.errors import DriftloopError
 from driftloop.outputs import modified_time, newest_write
 from driftloop.registry import RegistryStore
 from driftloop.storage import ArtifactStore
@@ -44,6 +53,8 @@ from driftloop.tables import LABELS, PREDICTIONS, SCORING_RUN, MemoryTable, Tabl
 logger = logging.getLogger(__name__)
 
 GRACE = timedelta(hours=1)  # younger files may belong to a run in progress
+PENDING_TTL = timedelta(days=1)  # a training run's artifact, stored before it registers its version
+PENDING_SUFFIX = ".pending"  # <sha256>.onnx.pending beside the artifact
 WORK_AREAS = "scoring"  # <artifact root>/scoring/<model>/<run id>: partitioned runs' parts and quarantine
 
 
@@ -79,6 +90,10 @@ def collect(registry: RegistryStore, store: ArtifactStore, *, keep_days: float, 
             now: datetime | None = None, grace: timedelta = GRACE, tables: Tables | None = None) -> Collected:
     """What retention removes; removed only when ``apply`` (a dry run otherwise).
     ``grace``: how old an unreferenced file must be before it is removed."""
+    if not (isinstance(keep_days, int | float) and math.isfinite(keep_days) and keep_days > 0):
+        raise DriftloopError(f"gc: --keep-days must be a number of days above 0, got {keep_days!r}; retention 0 would "
+                             "remove everything a running training or monitoring run may still need (default: "
+                             "DRIFTLOOP_RETENTION_DAYS, 90)")
     now = now or datetime.now(UTC)
     plan = _Plan()
     cutoff = now - timedelta(days=keep_days)
@@ -94,13 +109,15 @@ def collect(registry: RegistryStore, store: ArtifactStore, *, keep_days: float, 
         from driftloop.tables import open_tables
 
         tables = open_tables(registry.engine, store.uri("").rstrip("/"))
-    plan.files = (_crash_leftovers(store, settled) + _orphaned_artifacts(registry, store, settled)
+    plan.files = (_crash_leftovers(store, settled) + _orphaned_artifacts(registry, store, settled, now)
                   + _abandoned_work_areas(registry, store, tables, settled))
     if apply:
         registry.delete_monitoring_runs(plan.monitoring_runs)
         for relpath in [*plan.monitoring_dirs, *plan.files]:
+            if relpath.endswith(".onnx") and _pending(store, relpath, now):
+                continue  # a training run marked it since the plan was made
             store.remove(relpath)
-        _delete_studies(registry, plan.studies)
+        plan.studies = _delete_studies(registry, plan.studies)
     # Read after the monitoring runs went (when applying): a snapshot only they named goes too.
     named = named_snapshots(registry, dropping=set(plan.monitoring_runs))
     base = store.uri("").rstrip("/")
@@ -304,18 +321,44 @@ def _old_studies(registry: RegistryStore, cutoff: datetime) -> list[str]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    summaries = optuna.get_all_study_summaries(storage=_storage_url(registry), include_best_trial=False)
-    return sorted(s.study_name for s in summaries
-                  if s.datetime_start is not None and _aware(s.datetime_start.astimezone(UTC)) < cutoff)
+    storage = _storage_url(registry)
+    summaries = optuna.get_all_study_summaries(storage=storage, include_best_trial=False)
+    old = sorted(s.study_name for s in summaries
+                 if s.datetime_start is not None and _aware(s.datetime_start.astimezone(UTC)) < cutoff)
+    return [name for name in old if not _running(storage, name)]
 
 
-def _delete_studies(registry: RegistryStore, names: list[str]) -> None:
+def _running(storage: str, name: str) -> bool:
+    """Whether a trial of the study is running (a tuning worker is on it), however old
+    the study: such a study is never removed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:  # removed meanwhile
+        return False
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        logger.info("gc: study %s kept: %d trial(s) running", name, len(running))
+    return bool(running)
+
+
+def _delete_studies(registry: RegistryStore, names: list[str]) -> list[str]:
+    """Delete the studies, each checked again just before (a worker may have started a
+    trial since the plan); the names deleted."""
     if not names:
-        return
+        return []
     import optuna
 
+    storage = _storage_url(registry)
+    deleted = []
     for name in names:
-        optuna.delete_study(study_name=name, storage=_storage_url(registry))
+        if _running(storage, name):
+            continue
+        optuna.delete_study(study_name=name, storage=storage)
+        deleted.append(name)
+    return deleted
 
 
 def _crash_leftovers(store: ArtifactStore, before: datetime) -> list[str]:
@@ -342,9 +385,9 @@ def _dir_modified(store: ArtifactStore, path: str) -> datetime | None:
         return None
 
 
-def _orphaned_artifacts(registry: RegistryStore, store: ArtifactStore, before: datetime) -> list[str]:
-    """Artifacts no version points at, written before ``before`` (a younger one may be
-    a training run's, stored just before it registers its version)."""
+def _orphaned_artifacts(registry: RegistryStore, store: ArtifactStore, before: datetime, now: datetime) -> list[str]:
+    """Artifacts no version points at, written before ``before`` and not marked pending
+    by a training run (see :func:`pending_mark`); and stale pending marks."""
     referenced = {v.onnx_sha256 for v in registry.list_versions()}
     orphans = []
     for model in registry.list_models():
@@ -353,10 +396,29 @@ def _orphaned_artifacts(registry: RegistryStore, store: ArtifactStore, before: d
             continue
         for full in store.fs.ls(store.path(relpath), detail=False):
             name = full.rsplit("/", 1)[-1]
-            if (name.endswith(".onnx") and name.removesuffix(".onnx") not in referenced
-                    and _aware(store.fs.modified(full)) < before):
+            if name.endswith(".onnx" + PENDING_SUFFIX):
+                if not _pending(store, f"{relpath}/{name.removesuffix(PENDING_SUFFIX)}", now):
+                    orphans.append(f"{relpath}/{name}")  # its training crashed long ago, or registered and then crashed
+            elif (name.endswith(".onnx") and name.removesuffix(".onnx") not in referenced
+                    and _aware(store.fs.modified(full)) < before and not _pending(store, f"{relpath}/{name}", now)):
                 orphans.append(f"{relpath}/{name}")
     return sorted(orphans)
+
+
+def pending_mark(artifact_uri: str) -> str:
+    """The mark a training run writes beside its artifact before storing it, and removes
+    once its version is registered: gc leaves a marked artifact alone while the mark is
+    younger than :data:`PENDING_TTL`."""
+    return artifact_uri + PENDING_SUFFIX
+
+
+def _pending(store: ArtifactStore, artifact_relpath: str, now: datetime) -> bool:
+    mark = store.path(pending_mark(artifact_relpath))
+    try:
+        marked = modified_time(store.fs.info(mark))
+    except FileNotFoundError:
+        return False
+    return marked is not None and now - _aware(marked) < PENDING_TTL
 
 
 def _newest_write(store: ArtifactStore, relpath: str) -> datetime | None:

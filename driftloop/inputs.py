@@ -373,7 +373,9 @@ def read_csv_bytes(data: bytes, uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     try:
         return _parse_csv(data, uri)
     except pa.ArrowInvalid as exc:
-        if "UTF8" not in str(exc) and "utf8" not in str(exc).lower():
+        # A record with a bad byte and the wrong field count fails in the field-count
+        # callback (its text is not UTF-8), not as a UTF-8 error: the slow path takes it too.
+        if "UTF8" not in str(exc) and "utf8" not in str(exc).lower() and not _bad_byte_offsets(data, first=True):
             raise SourceError(f"input {uri} is not a readable CSV file: {exc}") from None
     # Slow path, only for files with invalid UTF-8: mark the bad bytes, then quarantine
     # the records that hold them.
@@ -383,10 +385,14 @@ def read_csv_bytes(data: bytes, uri: str) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col(c).str.contains(_BAD_BYTE_PATTERN).fill_null(False) for c in frame.columns
     )
     bad = frame.with_row_index(ROW).filter(has_bad)
-    encoding_failures = [
-        _malformed_record("utf8", _escape_bad_bytes(",".join(v or "" for v in row[1:])))
-        for row in bad.iter_rows()
-    ]
+    raw = _raw_records_with_bad_bytes(data, frame.width)
+    if len(raw) == bad.height:  # each as the file holds it (quotes and all), with its first bad byte's offset
+        encoding_failures = [_malformed_record(f"utf8(byte {offset})", text) for offset, text in raw]
+    else:  # not expected: the fields as parsed, joined
+        encoding_failures = [
+            _malformed_record("utf8", _escape_bad_bytes(",".join(v or "" for v in row[1:])))
+            for row in bad.iter_rows()
+        ]
     frame = frame.filter(~has_bad)
     malformed = pl.concat([malformed, malformed_frame(encoding_failures)])
     logger.warning("%s: %d record(s) hold bytes that are not UTF-8", uri, len(encoding_failures))
@@ -440,6 +446,49 @@ def csv_header(data: bytes, uri: str) -> list[str]:
     if dupes:
         raise SourceError(f"input {uri}: header names {dupes} more than once; make column names unique")
     return names
+
+
+def _bad_byte_offsets(data: bytes, *, first: bool = False) -> list[int]:
+    """The offset of every byte of ``data`` that is not valid UTF-8 (one decode pass;
+    ``first``: stop at the first)."""
+    offsets: list[int] = []
+    pos, view = 0, memoryview(data)
+    while pos < len(data):
+        try:
+            codecs.utf_8_decode(view[pos:], "strict", True)
+            break
+        except UnicodeDecodeError as exc:
+            offsets.extend(range(pos + exc.start, pos + exc.end))
+            pos += exc.end
+            if first:
+                break
+    return offsets
+
+
+def _raw_records_with_bad_bytes(data: bytes, columns: int) -> list[tuple[int, str]]:
+    """The records of CSV ``data`` that hold bytes that are not UTF-8 and have
+    ``columns`` fields (the others went to the quarantine as field-count failures), in
+    file order: the offset of each one's first bad byte, and its text exactly as the
+    file holds it (the bad bytes escaped as ``\\xNN``; a record may span lines inside
+    quotes). Record bounds follow the quotes from a known record boundary forward, so the
+    file is scanned once however many records are bad."""
+    found: list[tuple[int, str]] = []
+    cursor = 0  # a record boundary: the quotes before it are balanced
+    for offset in _bad_byte_offsets(data):
+        if offset < cursor:
+            continue  # in the record just taken
+        start = data.rfind(b"\n", cursor, offset) + 1 or cursor
+        while start > cursor and data.count(b'"', cursor, start) % 2:  # inside a quoted field: began a line earlier
+            start = data.rfind(b"\n", cursor, start - 1) + 1 or cursor
+        end = data.find(b"\n", offset)
+        while end != -1 and data.count(b'"', start, end) % 2:  # a quoted newline: the record goes on
+            end = data.find(b"\n", end + 1)
+        end = len(data) if end == -1 else end
+        cursor = end + 1
+        text = data[start:end].removesuffix(b"\r").decode("utf-8", errors=_bad_byte_errors())
+        if len(next(csv.reader(io.StringIO(text)), [])) == columns:
+            found.append((offset, _escape_bad_bytes(text)))
+    return found
 
 
 def _escape_bad_bytes(value: str) -> str:

@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import threading
 import uuid
@@ -44,6 +43,7 @@ import fsspec
 import polars as pl
 from pydantic import BaseModel, Field, ValidationError
 
+from driftloop.atomic import write_atomic
 from driftloop.errors import DriftloopError
 from driftloop.redact import mask_uri
 
@@ -188,17 +188,7 @@ class ScoringOutput:
         if not self.local:
             self.fs.pipe_file(full, data)
             return
-        parent = os.path.dirname(full)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, full)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_atomic(full, data)  # durably: fsynced before the rename
 
     def _remove(self, relpath: str) -> None:
         try:

@@ -4,10 +4,11 @@ local directory or any fsspec URI (``s3://bucket/prefix``, ``gs://...``)."""
 from __future__ import annotations
 
 import io
-import uuid
 
 import fsspec
 import polars as pl
+
+from driftloop.atomic import write_atomic
 
 # Scoring outputs have their own commit protocol (driftloop.outputs); their reader is
 # re-exported here, where callers have always found it.
@@ -46,12 +47,7 @@ class ArtifactStore:
         if not is_local_fs(self.fs):
             self.fs.pipe_file(path, data)
             return self.uri(relpath)
-        parent = path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with self.fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        self.fs.mv(tmp, path)
+        write_atomic(path, data)  # durably: fsynced before the rename
         return self.uri(relpath)
 
     def write_parquet(self, relpath: str, frame: pl.DataFrame) -> str:

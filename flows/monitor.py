@@ -33,6 +33,7 @@ from driftloop.naming import artifact_key
 from driftloop.onnx_model import load_model
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
+from driftloop.scoring_runs import reconcile_scoring_runs
 from driftloop.spec import DatasetSpec, MonitoringPolicy, ReferencePeriod
 from driftloop.storage import ArtifactStore, read_bytes
 from driftloop.tables import Tables, open_tables
@@ -123,6 +124,7 @@ def load_analysis_task(registry: RegistryStore, tables: Tables, spec: DatasetSpe
     if input_uri:
         return Analysis(read_input(input_uri).frame, mask_uri(input_uri))
     if start is None and end is None:
+        reconcile_scoring_runs(registry, tables, record.model_name)  # a committed run the registry failed to record
         if scoring_run is None:
             runs = [r for r in registry.list_scoring_runs(record.model_name)
                     if r.model_version == record.version and r.snapshot_id is not None]

@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 
+from driftloop.errors import DriftloopError
 from driftloop.flows.config import dask_block_address, run_settings
 from driftloop.forms import Device, Engine
 from driftloop.inputs import input_key
@@ -20,8 +21,9 @@ from driftloop.legacy_outputs import import_legacy_outputs
 from driftloop.naming import artifact_key
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
+from driftloop.scoring_runs import reconcile_scoring_runs, record_scoring_run, run_properties
 from driftloop.storage import ArtifactStore
-from driftloop.tables import history, open_tables
+from driftloop.tables import Tables, history, open_tables
 from driftloop.tasks.score import (
     DEFAULT_BATCH_SIZE,
     ScoreResult,
@@ -56,6 +58,9 @@ def resolve_model_task(registry: RegistryStore, ref: str) -> ModelVersionRecord:
 @task(name="record-scoring-run", cache_policy=NONE)
 def record_run_task(registry: RegistryStore, record: ModelVersionRecord, input_uri: str, result: ScoreResult,
                     started_at: datetime) -> ScoringRunRecord:
+    """The run's record, written after its commit. If the registry fails here the rows
+    are committed all the same: the snapshot carries the run's record, and the next
+    score or monitor run of the model records it from there (reconcile_scoring_runs)."""
     run = ScoringRunRecord(
         id=result.run_id, model_name=record.model_name, model_version=record.version,
         onnx_sha256=record.onnx_sha256, input_uri=mask_uri(input_uri), output_uri=result.table or "",
@@ -63,8 +68,22 @@ def record_run_task(registry: RegistryStore, record: ModelVersionRecord, input_u
         rows_quarantined=result.rows_quarantined, form=result.form, started_at=started_at,
         finished_at=datetime.now(UTC), snapshot_id=result.snapshot_id, input_key=result.input_key,
     )
-    registry.add_scoring_run(run)
+    try:
+        record_scoring_run(registry, run)
+    except DriftloopError as exc:
+        if result.snapshot_id is None:
+            raise
+        raise DriftloopError(
+            f"scoring run {run.id} committed its rows to {result.table} (snapshot {result.snapshot_id}) but could not "
+            f"be recorded: {exc}; nothing is lost: the next driftloop score or monitor of {record.model_name} records "
+            "it from that snapshot"
+        ) from None
     return run
+
+
+@task(name="reconcile-scoring-runs", cache_policy=NONE)
+def reconcile_task(registry: RegistryStore, tables: Tables, model: str) -> list[str]:
+    return [run.id for run in reconcile_scoring_runs(registry, tables, model)]
 
 
 @task(name="input-key", cache_policy=NONE)
@@ -127,16 +146,19 @@ def score(
     spec = scorer.descriptor.spec()
     # Rows scored before the tables existed are imported once, before anything is replaced.
     import_legacy_outputs(registry, tables, settings.artifact_root_uri(), model=record.model_name, spec=spec)
+    # A run that committed but was never recorded (the registry failed after its commit).
+    reconcile_task(registry, tables, record.model_name)
     address = dask_address or settings.dask_address
     if workers or address:
         from driftloop.flows.score_partitioned import dask_runner, score_partitioned
 
         runner = dask_runner(workers, address)
         result = score_partitioned.with_options(task_runner=runner)(
-            record, input_uri, run_id, key, engine, device, threads or 1, batch_size, workers or 2, registry_block)
+            record, input_uri, run_id, key, engine, device, threads or 1, batch_size, workers or 2, registry_block,
+            started_at)
     else:
         sink = TableSink(tables, store, spec, model_name=record.model_name, run_id=run_id, input_key=key,
-                         form=scorer.kind)
+                         form=scorer.kind, properties=run_properties(record, input_uri, started_at))
         result = score_table_task(scorer, input_uri, sink, record.version, batch_size)
     scorer.close()  # its helper threads, if any
     run = record_run_task(registry, record, input_uri, result, started_at)

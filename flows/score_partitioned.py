@@ -21,6 +21,7 @@ from driftloop.errors import DriftloopError, SourceError
 from driftloop.flows.config import run_settings
 from driftloop.forms import Device, Engine
 from driftloop.outputs import QUARANTINE, RUNS, RunWriter, ScoringOutput
+from driftloop.scoring_runs import run_properties
 from driftloop.storage import ArtifactStore
 from driftloop.tables import open_tables
 from driftloop.tasks.partitions import (
@@ -69,7 +70,7 @@ SINGLE_THREADED_WORKER_ENV = {"POLARS_MAX_THREADS": "1", "OMP_NUM_THREADS": "1"}
 @flow(name="score-partitioned")
 def score_partitioned(record: Any, input_uri: str, run_id: str, input_key: str, engine: Engine = "auto",
                       device: Device = "cpu", threads: int | None = 1, batch_size: int = 100_000, workers: int = 2,
-                      registry_block: str | None = None) -> ScoreResult:
+                      registry_block: str | None = None, started_at: datetime | None = None) -> ScoreResult:
     logger = get_run_logger()
     settings = run_settings(registry_block)
     from driftloop.registry import open_registry
@@ -97,18 +98,22 @@ def score_partitioned(record: Any, input_uri: str, run_id: str, input_key: str, 
         logger.info("partitions scored in %.1f s, settled in %.1f s", scored_s, time.perf_counter() - started - scored_s)
         if settled.rows_in == 0:
             raise SourceError(f"input {input_uri} has no data rows; nothing to score")
+        # The form the workers scored with (each loads its own), not the flow process's pick.
         forms = sorted({r.form for r in results})
+        quarantine_uri = output.uri_of(f"{RUNS}/{run.run_id}/{QUARANTINE}") if settled.rows_quarantined else None
         sink = TableSink(tables, store, spec, model_name=record.model_name, run_id=run_id, input_key=input_key,
-                         form=forms[0] if len(forms) == 1 else "+".join(forms))
+                         form=forms[0] if len(forms) == 1 else "+".join(forms),
+                         properties=run_properties(record, input_uri, started_at or scored_at))
         table, snapshot = _commit_parts(output, run, sink, {
             "run-id": run_id, "model-version": record.version, "input-key": input_key, "rows-in": settled.rows_in,
-            "rows-scored": settled.rows_scored, "rows-quarantined": settled.rows_quarantined})
+            "rows-scored": settled.rows_scored, "rows-quarantined": settled.rows_quarantined,
+            **({"quarantine-uri": quarantine_uri} if quarantine_uri else {})})
     if settled.repeats_moved:
         logger.info("%d rows repeated an id of an earlier partition: quarantined", settled.repeats_moved)
     return ScoreResult(
         rows_in=settled.rows_in, rows_scored=settled.rows_scored, rows_quarantined=settled.rows_quarantined,
         output_uri=table or "",
-        quarantine_uri=output.uri_of(f"{RUNS}/{run.run_id}/{QUARANTINE}") if settled.rows_quarantined else None,
+        quarantine_uri=quarantine_uri,
         batches=len(partitions), run_id=run_id, snapshot_id=snapshot, input_key=input_key, table=table,
         form=sink.form,
     )

@@ -3,8 +3,15 @@ so scoring goes on when the registry or the artifact store cannot be reached.
 
 Layout per model: ``artifacts/<sha256>.onnx`` and ``state.json`` naming the ``current``
 and ``previous`` artifacts. Moving to a new champion writes the new artifact first and
-then replaces ``state.json`` in one rename: a crash leaves the old state intact. The
-previous artifact stays for :func:`rollback`.
+then replaces ``state.json`` (both durably: fsynced before the rename), so a crash or a
+power loss leaves the old state or the new one. The previous artifact stays for
+:func:`rollback`.
+
+Agents on one device share the cache: every change and every read of the state and the
+artifacts happens under one file lock (``.lock``), and a model handed to the scorer holds
+its verified bytes, so another agent's pruning cannot pull the artifact from under it. A
+``state.json`` that is damaged all the same (a disk that lied about its flush) is rebuilt
+from the registry on the next run that reaches it; offline it is one clear error.
 """
 
 from __future__ import annotations
@@ -12,22 +19,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from prefect import task
 from prefect.cache_policies import NONE
 
+from driftloop.atomic import write_atomic
 from driftloop.errors import DriftloopError, is_unreachable
 from driftloop.registry.store import ModelNotFound
 from driftloop.spec import check_model_name
 from driftloop.tasks.score import IntegrityError, fetch_verified
 
 logger = logging.getLogger(__name__)
+
+LOCK_TIMEOUT_S = 300.0  # another agent installing a model holds the lock for one fetch at most
+
+
+class DamagedCacheState(DriftloopError):
+    """The cache's state.json cannot be read (empty, truncated, not a cache state)."""
 
 
 @dataclass
@@ -39,9 +54,10 @@ class CachedModel:
     cache_hit: bool
     offline: bool
     note: str
+    data: bytes | None = None  # the artifact's bytes, read and verified under the cache's lock
 
     def read(self) -> bytes:
-        data = self.path.read_bytes()
+        data = self.data if self.data is not None else self.path.read_bytes()
         found = hashlib.sha256(data).hexdigest()
         if found != self.sha256:
             raise IntegrityError(
@@ -51,61 +67,112 @@ class CachedModel:
         return data
 
 
+_EMPTY: dict[str, Any] = {"current": None, "previous": None}
+
+
+def _valid_entry(entry: Any) -> bool:
+    return entry is None or (isinstance(entry, dict) and isinstance(entry.get("version"), int)
+                             and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64)
+
+
 class ModelCache:
     def __init__(self, root: Path, model_name: str) -> None:
         check_model_name(model_name)  # it becomes a path: no '..', no '/'
         self.dir = root / model_name
         self.name = model_name
+        self._lock = FileLock(str(self.dir / ".lock"), timeout=LOCK_TIMEOUT_S)
 
     @property
     def _state_path(self) -> Path:
         return self.dir / "state.json"
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The cache to this agent alone (reentrant within the agent)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._lock:
+                yield
+        except Timeout:
+            raise DriftloopError(
+                f"edge cache {self.dir}: another agent has held its lock ({self.dir / '.lock'}) for more than "
+                f"{LOCK_TIMEOUT_S:.0f} s; if no other agent runs on this device, delete the lock file"
+            ) from None
+
     def state(self) -> dict[str, Any]:
-        if not self._state_path.exists():
-            return {"current": None, "previous": None}
-        return json.loads(self._state_path.read_text())
+        """The cache's state; :class:`DamagedCacheState` if state.json is unreadable."""
+        try:
+            raw = self._state_path.read_bytes()
+        except FileNotFoundError:
+            return dict(_EMPTY)
+        try:
+            state = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            reason = "empty" if not raw.strip(b"\0 \n") else f"not JSON ({exc})"
+            raise DamagedCacheState(f"edge cache state {self._state_path} is damaged: {reason}") from None
+        if not (isinstance(state, dict) and _valid_entry(state.get("current")) and _valid_entry(state.get("previous"))):
+            raise DamagedCacheState(f"edge cache state {self._state_path} is damaged: not a cache state "
+                                    "(current and previous entries with version and sha256)")
+        return {"current": state.get("current"), "previous": state.get("previous")}
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        tmp = self.dir / f".state-{os.getpid()}.json"
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self._state_path)  # atomic: readers see old or new state
+        write_atomic(self._state_path, json.dumps(state, indent=2).encode())  # old or new state, even on power loss
 
     def _artifact_path(self, sha256: str) -> Path:
         return self.dir / "artifacts" / f"{sha256}.onnx"
 
-    def install(self, version: int, sha256: str, data: bytes, source_uri: str) -> None:
+    def _holds(self, sha256: str) -> bool:
         path = self._artifact_path(sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        state = self.state()
-        entry = {"version": version, "sha256": sha256, "source_uri": source_uri,
-                 "installed_at": datetime.now(UTC).isoformat()}
-        self._write_state({"current": entry, "previous": state["current"]})
-        self._prune(keep={sha256, (state["current"] or {}).get("sha256")})
+        return path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+
+    def install(self, version: int, sha256: str, data: bytes, source_uri: str, *, rebuild: bool = False) -> None:
+        """Make ``data`` the current artifact. ``rebuild``: a damaged state is replaced
+        (the previous model is then unknown)."""
+        with self.locked():
+            try:
+                state = self.state()
+            except DamagedCacheState as exc:
+                if not rebuild:
+                    raise
+                logger.warning("%s; rebuilding it from the registry (v%d current, no previous model)", exc, version)
+                state = dict(_EMPTY)
+            if not self._holds(sha256):
+                write_atomic(self._artifact_path(sha256), data)
+            entry = {"version": version, "sha256": sha256, "source_uri": source_uri,
+                     "installed_at": datetime.now(UTC).isoformat()}
+            previous = state["current"] if (state["current"] or {}).get("sha256") != sha256 else state["previous"]
+            self._write_state({"current": entry, "previous": previous})
+            self._prune(keep={sha256, (previous or {}).get("sha256")})
 
     def _prune(self, keep: set[str | None]) -> None:
         for path in (self.dir / "artifacts").glob("*.onnx"):
             if path.stem not in keep:
-                path.unlink()
+                path.unlink(missing_ok=True)
 
     def current(self, *, cache_hit: bool, offline: bool, note: str) -> CachedModel | None:
-        entry = self.state()["current"]
-        if entry is None:
-            return None
-        return CachedModel(self.name, entry["version"], entry["sha256"], self._artifact_path(entry["sha256"]),
-                           cache_hit, offline, note)
+        """The current model with its verified bytes, read under the lock."""
+        with self.locked():
+            entry = self.state()["current"]
+            if entry is None:
+                return None
+            path = self._artifact_path(entry["sha256"])
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                raise IntegrityError(f"cached artifact {path} (v{entry['version']}) is missing; connect once to "
+                                     "fetch the model again, or delete the cache directory") from None
+            model = CachedModel(self.name, entry["version"], entry["sha256"], path, cache_hit, offline, note, data)
+            model.read()  # verified now
+            return model
 
     def rollback(self) -> dict[str, Any]:
         """Make the previous artifact current again (the current one becomes previous)."""
-        state = self.state()
-        if state["previous"] is None:
-            raise DriftloopError(f"edge cache for {self.name}: no previous model to roll back to")
-        self._write_state({"current": state["previous"], "previous": state["current"]})
-        return state["previous"]
+        with self.locked():
+            state = self.state()
+            if state["previous"] is None:
+                raise DriftloopError(f"edge cache for {self.name}: no previous model to roll back to")
+            self._write_state({"current": state["previous"], "previous": state["current"]})
+            return state["previous"]
 
 
 def refresh(cache: ModelCache, resolve: Callable[[], Any]) -> CachedModel:
@@ -113,26 +180,39 @@ def refresh(cache: ModelCache, resolve: Callable[[], Any]) -> CachedModel:
     cached model (marked offline) when the registry or artifact store is unreachable."""
     try:
         record = resolve()
-        state = cache.state()
-        if state["current"] and state["current"]["sha256"] == record.onnx_sha256:
-            model = cache.current(cache_hit=True, offline=False, note=f"cached v{record.version} is current")
+        with cache.locked():
+            try:
+                state = cache.state()
+            except DamagedCacheState:
+                state = dict(_EMPTY)  # rebuilt below, from the registry's record
+            if state["current"] and state["current"]["sha256"] == record.onnx_sha256 \
+                    and cache._holds(record.onnx_sha256):
+                model = cache.current(cache_hit=True, offline=False, note=f"cached v{record.version} is current")
+                assert model is not None
+                return model
+            data = cache._artifact_path(record.onnx_sha256).read_bytes() if cache._holds(record.onnx_sha256) \
+                else fetch_verified(record.onnx_uri, record.onnx_sha256)
+            cache.install(record.version, record.onnx_sha256, data, record.onnx_uri, rebuild=True)
+            before = state["current"]["version"] if state["current"] else None
+            note = f"fetched v{record.version}" + (f" (replacing cached v{before})" if before is not None else "")
+            model = cache.current(cache_hit=False, offline=False, note=note)
             assert model is not None
             return model
-        data = fetch_verified(record.onnx_uri, record.onnx_sha256)
-        cache.install(record.version, record.onnx_sha256, data, record.onnx_uri)
-        before = state["current"]["version"] if state["current"] else None
-        note = f"fetched v{record.version}" + (f" (replacing cached v{before})" if before is not None else "")
-        model = cache.current(cache_hit=False, offline=False, note=note)
-        assert model is not None
-        return model
-    except (IntegrityError, ModelNotFound):
+    except (IntegrityError, ModelNotFound, DamagedCacheState):
         raise  # a tampered artifact is never installed; an unknown model is an error
     except Exception as exc:
         # Only an outage may be ridden out on the cache: a configuration error or a revoked
         # credential must fail the run, not score with a stale model forever.
         if not is_unreachable(exc):
             raise
-        cached = cache.current(cache_hit=True, offline=True, note=f"registry or artifact store unreachable ({exc}); scoring with the cached model")
+        try:
+            cached = cache.current(cache_hit=True, offline=True,
+                                   note=f"registry or artifact store unreachable ({exc}); scoring with the cached model")
+        except DamagedCacheState as damaged:
+            raise DamagedCacheState(
+                f"{damaged} and the registry or artifact store cannot be reached ({exc}): the cached model cannot be "
+                "told; connect once to rebuild the state from the registry (or delete the cache directory)"
+            ) from None
         if cached is None:
             raise DriftloopError(
                 f"edge agent: cannot reach the registry or artifact store ({exc}) and no model of {cache.name!r} "

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
+import fsspec
 from prefect import task
 from prefect.cache_policies import NONE
 
+from driftloop.gc import pending_mark
 from driftloop.metrics import format_metric
 from driftloop.registry import ChampionChanged, ModelVersionRecord, RegistryStore, VersionDraft
 from driftloop.storage import ArtifactStore
@@ -29,16 +32,29 @@ def library_versions() -> dict[str, str]:
 
 
 def store_onnx(store: ArtifactStore, model_name: str, onnx_bytes: bytes) -> tuple[str, str]:
-    """Write the artifact under its sha256 (immutable; identical bytes share one file)."""
+    """Write the artifact under its sha256 (immutable; identical bytes share one file),
+    marked pending first: the version is registered only after its forms are built and
+    it is evaluated, and until then gc must not take it for an orphan
+    (:func:`driftloop.gc.pending_mark`; :func:`register_unaliased` removes the mark)."""
     digest = hashlib.sha256(onnx_bytes).hexdigest()
     relpath = f"models/{model_name}/onnx/{digest}.onnx"
+    store.write_text(pending_mark(relpath), datetime.now(UTC).isoformat())
     uri = store.uri(relpath) if store.exists(relpath) else store.write_bytes(relpath, onnx_bytes)
     return uri, digest
 
 
 def register_unaliased(registry: RegistryStore, draft: VersionDraft) -> ModelVersionRecord:
-    """Store the version; no alias points at it until its reference and card exist."""
-    return registry.register_version(draft)
+    """Store the version; no alias points at it until its reference and card exist. Its
+    artifact is lineage now: the pending mark goes (gc removes a mark left by a crash
+    here once it is stale)."""
+    record = registry.register_version(draft)
+    mark = pending_mark(draft.onnx_uri)
+    fs, path = fsspec.core.url_to_fs(mark)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
+    return record
 
 
 def write_model_card(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, *, promoted: bool) -> ModelVersionRecord:

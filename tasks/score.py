@@ -312,8 +312,11 @@ class TableSink:
     to either."""
 
     def __init__(self, tables: Tables, store: ArtifactStore, spec: DatasetSpec, *, model_name: str, run_id: str,
-                 input_key: str, form: str, role: Role = SERVED) -> None:
+                 input_key: str, form: str, role: Role = SERVED, properties: dict[str, str] | None = None) -> None:
         self.tables = tables
+        # What the commit's snapshot carries besides the accounting, so that the run can be
+        # recorded from the snapshot alone (driftloop.scoring_runs).
+        self.properties = dict(properties or {})
         self.spec = spec
         self.model_name = model_name
         self.run_id = run_id
@@ -366,6 +369,9 @@ class TableSink:
                 return None, None
             self._table, self._writer = table, table.writer()
         replace = And(EqualTo(INPUT_KEY, self.input_key), EqualTo(ROLE, self.role))
+        quarantine = self.quarantine_uri()
+        properties = {**self.properties, "form": self.form, **({"quarantine-uri": quarantine} if quarantine else {}),
+                      **properties}
         snapshot = self._writer.commit(replace=replace, properties={f"driftloop.{k}": v for k, v in properties.items()})
         return self._table.name, snapshot
 
@@ -427,6 +433,7 @@ def export_run(table: MemoryTable, snapshot_id: int, run_id: str, output_uri: st
     upload on an object store)."""
     import tempfile
 
+    from driftloop.atomic import replace_durably
     from driftloop.outputs import is_local_fs
     from driftloop.redact import mask_uri
 
@@ -440,7 +447,7 @@ def export_run(table: MemoryTable, snapshot_id: int, run_id: str, output_uri: st
             tmp = os.path.join(parent, f".tmp-{run_id}.parquet")
             try:
                 rows.sink_parquet(tmp, compression="zstd")
-                os.replace(tmp, path)
+                replace_durably(tmp, path)
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)

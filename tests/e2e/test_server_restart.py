@@ -5,6 +5,7 @@ worker, real deployments from prefect.yaml."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -57,8 +58,26 @@ def own_server(tmp_path: Path):
     server.stop()
 
 
+def _assert_whole(model: str) -> None:
+    """What scoring left is whole: every run the predictions table holds a commit of is
+    recorded (a run committed and then crashed is recorded from its snapshot by the next
+    run), and each recorded run's snapshot holds exactly the rows it recorded."""
+    from driftloop.registry import open_registry
+    from driftloop.settings import get_settings
+    from tests.support import tables as memory
+
+    runs = {r.id: r for r in open_registry(get_settings().registry_database_url()).list_scoring_runs(model)}
+    table = memory.predictions(model).refresh()
+    committed = {s.summary.additional_properties.get("driftloop.run-id") for s in table.table.snapshots() if s.summary}
+    assert committed - {None} <= set(runs), "a committed scoring run is not recorded"
+    for run in runs.values():
+        assert run.rows_in == run.rows_scored + run.rows_quarantined > 0
+        if run.snapshot_id is not None:
+            assert memory.rows(model, run.snapshot_id, run=run.id).height == run.rows_scored, run
+
+
 def test_a_server_restart_under_a_scoring_run_leaves_no_run_stuck_and_keeps_the_automation(
-        own_server: PrefectServer, tmp_path: Path) -> None:
+        own_server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = {
         **os.environ,
         "PREFECT_API_URL": own_server.api_url,
@@ -98,11 +117,19 @@ def test_a_server_restart_under_a_scoring_run_leaves_no_run_stuck_and_keeps_the_
 
         ended = _wait(finished, 600, "the scoring run is stuck after the restart", interval=2)
         assert ended["state_type"] in ("COMPLETED", "CRASHED"), ended["state"]
-        if ended["state_type"] == "COMPLETED":
-            from driftloop.registry import open_registry
+        # However it ended, it left nothing half-done: what it committed is recorded with its
+        # rows, and the same input scored again completes, replacing its rows (no duplicates).
+        monkeypatch.setenv("DRIFTLOOP_HOME", env["DRIFTLOOP_HOME"])
+        rerun = json.loads(_run([str(BIN / "driftloop"), "score", "--model", "car_loan@champion", "--input",
+                                 "demo:analysis", "--json"], env))
+        assert rerun["rows_in"] == rerun["rows_scored"] + rerun["rows_quarantined"] > 0
+        _assert_whole("car_loan")
+        import polars as pl
 
-            (record,) = open_registry(f"sqlite:///{tmp_path / 'home' / 'registry.db'}").list_scoring_runs("car_loan")
-            assert record.rows_in == record.rows_scored + record.rows_quarantined > 0
+        from tests.support import tables as memory
+
+        current = memory.rows("car_loan").filter(pl.col("input_key") == rerun["input_key"])
+        assert current.height == rerun["rows_scored"] and current["scoring_run_id"].unique().to_list() == [rerun["run_id"]]
 
         # After the restart the automation still listens: a drift event starts the retrain.
         assert _runs_of(own_server, "retrain", "every-model") == []

@@ -48,6 +48,6 @@ def test_a_damaged_artifact_is_refused_by_the_scorer_and_the_edge_cache(tmp_path
     cache.install(1, expected, ours, str(artifact))
     cached = cache.current(cache_hit=True, offline=True, note="registry unreachable")
     assert cached is not None and cached.read() == ours
-    cached.path.write_bytes(damaged)  # the device's disk damages it while offline
+    cached.path.write_bytes(damaged)  # the device's disk damages it while offline: the next run refuses it
     with pytest.raises(IntegrityError, match="delete the cache directory"):
-        cached.read()
+        cache.current(cache_hit=True, offline=True, note="registry unreachable")

@@ -149,3 +149,38 @@ def test_unknown_block_names_the_block_and_what_to_do(tmp_path: Path, home: Path
         ingest(spec_path=str(write_spec(tmp_path)), source=str(write_csv(tmp_path, GOOD_ROWS)), registry_block="nowhere")
     with pytest.raises(DriftloopError, match=r"driftloop-sql-source block 'absent'"):
         ingest(spec_path=str(write_spec(tmp_path)), source="sql-block:absent")
+
+
+@pytest.mark.postgres
+def test_labels_from_a_sql_block_on_postgres(postgres, tmp_path: Path, home: Path) -> None:
+    """`driftloop labels --spec ... sql-block:<name>` reads the labels a SqlDataSource
+    block names (here a query on PostgreSQL), as the README promises, and appends them to
+    the model's labels table with the block reference as their source."""
+    import sqlalchemy as sa
+    from pydantic import SecretStr
+
+    from driftloop.blocks.driftloop_blocks import SqlDataSource
+    from tests.support import tables as memory
+
+    url = postgres.create_database("labels_block_source")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE outcomes (loan_id INT, repaid INT, closed_on DATE)")
+        conn.exec_driver_sql("INSERT INTO outcomes VALUES (11, 1, '2024-03-01'), (12, 0, '2024-03-02'), "
+                             "(13, 1, '2024-03-03'), (14, 7, '2024-03-04')")  # 7: not a valid target
+    engine.dispose()
+    SqlDataSource(url=SecretStr(url), query="SELECT loan_id AS id, repaid FROM outcomes WHERE closed_on >= CAST(:since AS DATE)",
+                  params={"since": "2024-03-02"}).save("loans-labels", overwrite=True)
+
+    run = cli("labels", "--spec", str(write_spec(tmp_path)), "sql-block:loans-labels", "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert (result["rows_in"], result["rows_valid"], result["rows_quarantined"]) == (3, 2, 1)
+    assert result["table"] == "labels.loans"
+    labels = memory.tables().labels("loans")
+    assert labels is not None
+    rows = labels.scan(result["table_snapshot"]).collect().sort("id")
+    assert rows.select("id", "repaid").rows() == [(12, 0), (13, 1)]
+    assert rows["source"].unique().to_list() == ["sql-block:loans-labels"]
+    (dataset,) = [d for d in open_registry(get_settings().registry_database_url()).list_datasets() if d.id == result["dataset_id"]]
+    assert dataset.source == "sql-block:loans-labels" and dataset.name == "loans.labels"

@@ -20,7 +20,8 @@ from driftloop.flows.score import score
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.spec import MonitoringPolicy, load_spec
-from driftloop.tasks.monitor import DRIFT_EVENT, PERFORMANCE_EVENT, MonitoringError
+from driftloop.tasks.monitor import PERFORMANCE_EVENT, MonitoringError
+from tests.support.faults import inserts_fail
 from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
@@ -64,6 +65,34 @@ def wait_for_events(prefect_server, since: float, count: int, timeout: float = 2
     return events
 
 
+def events_after_a_sentinel(prefect_server, since: float, timeout: float = 60) -> list[dict]:
+    """The driftloop model events stored since ``since``, read once a sentinel event
+    emitted now (after them, through the same client) is stored: an event the run
+    emitted has arrived by then, so "none arrived" is an observation, not a guess."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from prefect.events import emit_event
+
+    marker = f"driftloop.test.sentinel.{uuid.uuid4().hex}"
+    emit_event(event="driftloop.test.sentinel", resource={"prefect.resource.id": marker})
+    body = {"filter": {"occurred": {"since": datetime.fromtimestamp(since, UTC).isoformat()},
+                       "resource": {"id": [marker]}}, "limit": 1}
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.post(f"{prefect_server.api_url}/events/filter", json=body, timeout=10)
+        response.raise_for_status()
+        if response.json()["events"]:
+            return model_events(prefect_server, since)
+        assert time.monotonic() < deadline, "the sentinel event never arrived: the server stores no events"
+        time.sleep(0.2)  # polling the server for the sentinel, not standing in for it
+
+
+def of_run(events: list[dict], flow_run_id) -> list[dict]:
+    this_run = f"prefect.flow-run.{flow_run_id}"
+    return [e for e in events if this_run in {r["prefect.resource.id"] for r in e.get("related", [])}]
+
+
 def test_drift_in_the_drifted_period_fires_the_policy_and_one_event(demo, prefect_server, monkeypatch) -> None:
     monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
     since = time.time() - 1
@@ -80,7 +109,10 @@ def test_drift_in_the_drifted_period_fires_the_policy_and_one_event(demo, prefec
     assert all(c.estimated is not None and c.realized is not None for c in result.chunks)
 
     event = result.event
-    assert event.event in (DRIFT_EVENT, PERFORMANCE_EVENT)
+    # The rule that fired, pinned: the labelled late chunks' realized ROC AUC falls below the
+    # gate's bar (the performance rules come before drift); drift is reported beside it.
+    assert event.event == PERFORMANCE_EVENT, result.policy.reasons
+    assert any(r.startswith("realized roc_auc") for r in result.policy.reasons), result.policy.reasons
     assert event.resource == {"prefect.resource.id": "driftloop.model.car_loan", "driftloop.model.name": "car_loan",
                               "driftloop.model.version": str(result.version)}
     assert set(event.payload) >= {"drifting_features", "estimates", "chunk_span", "analysed"}
@@ -141,10 +173,29 @@ def test_stationary_control_raises_no_policy_alert_and_no_event(demo, prefect_se
     assert len(after) == 1 and (not calibrations or after == calibrations)
     assert not result.policy.fired and result.event is None
     assert all(c.realized is None for c in result.chunks)  # no labels given
-    time.sleep(3)  # give a (wrong) event time to arrive
     # Events of this run only: the previous test's event can land within `since`'s slack.
-    this_run = f"prefect.flow-run.{state.state_details.flow_run_id}"
-    assert [e for e in model_events(prefect_server, since) if this_run in {r["prefect.resource.id"] for r in e.get("related", [])}] == []
+    assert of_run(events_after_a_sentinel(prefect_server, since), state.state_details.flow_run_id) == []
+
+
+def test_an_event_is_never_emitted_for_results_that_were_not_stored(demo, prefect_server, monkeypatch) -> None:
+    """Stored first, emitted second: the registry refuses the monitoring run's record, so
+    the drift the run found is not announced (a retrain would read results that are not
+    there); the same run with the registry back emits its event."""
+    monkeypatch.setenv("DRIFTLOOP_HOME", str(demo["root"] / "home"))
+    registry = open_registry(get_settings().registry_database_url())
+    since = time.time() - 1
+    before = {r["id"] for r in registry.list_monitoring_runs("car_loan")}
+    with inserts_fail(registry.engine, "monitoring_runs") as refused:
+        state = monitor(scoring_run=demo["drifted"], model="car_loan", labels_uri=str(demo_data_path("analysis_targets")),
+                        return_state=True)
+    assert refused and state.is_failed()
+    assert {r["id"] for r in registry.list_monitoring_runs("car_loan")} == before
+    assert of_run(events_after_a_sentinel(prefect_server, since), state.state_details.flow_run_id) == []
+    # The control: the same run, the registry working, does emit (so the check above could fail).
+    again = monitor(scoring_run=demo["drifted"], model="car_loan", labels_uri=str(demo_data_path("analysis_targets")),
+                    return_state=True)
+    emitted = of_run(events_after_a_sentinel(prefect_server, since), again.state_details.flow_run_id)
+    assert [e["payload"]["monitoring_run"] for e in emitted] == [again.result().run_id]
 
 
 def test_too_few_reference_chunks_is_refused(demo, monkeypatch) -> None:

@@ -26,6 +26,7 @@ from driftloop.tasks.edge import ModelCache
 from driftloop.tasks.score import IntegrityError
 from tests.support import tables as memory
 from tests.support.data import make_loans, write_spec
+from tests.support.faults import inserts_fail
 from tests.support.models import train_fast
 
 pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
@@ -302,3 +303,38 @@ def test_an_export_into_a_users_directory_adds_its_own_file_only(trained, tmp_pa
     assert sorted(p.name for p in users.iterdir()) == sorted(["thesis.txt", f"{run_id}.parquet"])
     assert (users / "thesis.txt").read_text() == "years of work"
     assert pl.read_parquet(users / f"{run_id}.parquet").height == 40
+
+
+def test_a_run_committed_but_not_recorded_is_accounted_from_its_snapshot(trained, tmp_path: Path) -> None:
+    """The registry fails after the table's commit: the committed rows are not left
+    unrecorded; the run is recorded from the snapshot it committed (which carries the
+    run's accounting) by the next run that reads or writes the table."""
+    registry = open_registry(get_settings().registry_database_url())
+    source = scoring_csv(tmp_path / "lost.csv", 600, bad=2, seed=31)
+    before = memory.predictions("loans").refresh().snapshot_id() if memory.tables().predictions("loans") else None
+    with inserts_fail(registry.engine, "scoring_runs") as refused, pytest.raises(Exception) as failed:
+        score(input_uri=str(source), model="loans@champion", batch_size=250)
+    assert refused, "the fault was never reached"
+    table = memory.predictions("loans").refresh()
+    snapshot = table.table.current_snapshot()
+    assert snapshot.snapshot_id != before  # the rows were committed ...
+    run_id = snapshot.summary.additional_properties["driftloop.run-id"]
+    assert memory.rows("loans", snapshot.snapshot_id, run=run_id).height == 600
+
+    # ... and the next run that touches the table records the lost one from its snapshot.
+    later = score(input_uri=str(scoring_csv(tmp_path / "next.csv", 50, seed=32)), model="loans@champion")
+    lost = registry.get_scoring_run(run_id)
+    assert lost is not None, "a committed scoring run is still unrecorded"
+    assert (lost.rows_in, lost.rows_scored, lost.rows_quarantined) == (603, 600, 3)
+    assert lost.snapshot_id == snapshot.snapshot_id and lost.model_name == "loans"
+    assert lost.input_key == memory.rows("loans", snapshot.snapshot_id, run=run_id)["input_key"].unique().item()
+    record = registry.resolve("loans@champion")
+    assert (lost.model_version, lost.onnx_sha256) == (record.version, record.onnx_sha256)
+    assert lost.form == later.form and lost.input_uri == str(source)
+    assert lost.quarantine_uri is not None and pl.read_parquet(f"{lost.quarantine_uri}/*.parquet").height == 3
+    assert lost.started_at <= lost.finished_at
+    assert registry.get_scoring_run(later.run_id) is not None
+    # Recorded once: the reconciled record is not added again.
+    assert [r.id for r in registry.list_scoring_runs("loans")].count(run_id) == 1
+    # The failed run said what happened to its rows.
+    assert run_id in str(failed.value) and str(snapshot.snapshot_id) in str(failed.value)

@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 
 from driftloop.flows.score import score
+from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.tasks.partitions import plan_partitions
 from driftloop.tasks.validate import ROW
@@ -93,6 +94,13 @@ def test_partitioned_scoring_equals_one_process(trained: Path, cluster, tmp_path
     assert memory.rows("loans", parted.snapshot_id).filter(pl.col("input_key") == parted.input_key).height == 9000 - parted.rows_quarantined
     repeats = _quarantine(parted).filter(pl.col("_checks").list.contains("unique(earlier batch)"))
     assert sorted(repeats["id"].to_list()) == list(range(2500, 3000))  # the later copies, not the first
+    # The run is recorded with the form its workers scored with, as its rows and its snapshot say.
+    recorded = open_registry(get_settings().registry_database_url()).get_scoring_run(parted.run_id)
+    assert recorded is not None and recorded.snapshot_id == parted.snapshot_id
+    assert _rows(parted)["scoring_form"].unique().to_list() == [recorded.form] == [parted.form]
+    props = memory.predictions("loans").table.snapshot_by_id(parted.snapshot_id).summary.additional_properties
+    assert props["driftloop.form"] == recorded.form and int(props["driftloop.rows-in"]) == recorded.rows_in == 9000
+    assert props["driftloop.quarantine-uri"] == recorded.quarantine_uri
 
 
 def test_one_large_parquet_file_is_split_by_row_groups(trained: Path, tmp_path: Path) -> None:

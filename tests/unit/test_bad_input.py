@@ -173,19 +173,31 @@ def test_non_utf8_bytes_quarantine_the_record_and_keep_the_bytes(tmp_path: Path)
     batch = read_file(str(path))
     result = with_malformed(validate_rows(batch.frame, spec, source=batch.source), batch.malformed)
     assert (result.rows_in, result.rows_valid, result.rows_quarantined) == (5, 4, 1)
-    assert result.quarantine["_checks"].to_list() == [["utf8"]]
-    # The record exactly as the file holds it (the bad byte escaped), not re-rendered.
+    # Where the bad byte is in the file, and the record exactly as the file holds it (the
+    # bad byte escaped), not re-rendered.
+    assert result.quarantine["_checks"].to_list() == [["utf8(byte {})".format(path.read_bytes().index(b"\xf6"))]]
     assert result.quarantine["_values"].to_list() == [["5,2024-01-05,10,0.5,l\\xf6w,true,12,1"]]
 
 
-@pytest.mark.xfail(strict=True, reason="driftloop/inputs.py rebuilds a non-UTF-8 record from its parsed fields "
-                   "(joined with ',', quotes lost); to be fixed in the inputs.py rewrite, then drop this mark")
 def test_a_non_utf8_record_is_quarantined_exactly_as_written_quotes_and_all(tmp_path: Path) -> None:
     path = write_csv(tmp_path, GOOD_ROWS)
     with path.open("ab") as fh:
         fh.write(b'5,2024-01-05,10,0.5,"l\xf6w, north",true,12,1\n')
+        fh.write(b'6,2024-01-06,10,0.5,"two\r\nlines \xe9\xff",true,12,1\r\n')  # a quoted newline, two bad bytes
+        fh.write(b'7,2024-01-07,10,0.5,"fine, \xc3\xa9",true,12,1\n')  # valid UTF-8: not quarantined
+        fh.write(b'8,2024-01-08,10,\xb5\n')  # bad byte and too few fields: a field-count failure
     batch = read_file(str(path))
-    assert batch.malformed["_values"].to_list() == [['5,2024-01-05,10,0.5,"l\\xf6w, north",true,12,1']]
+    data = path.read_bytes()
+    assert batch.malformed["_values"].to_list() == [
+        ["8,2024-01-08,10,\\xb5"],
+        ['5,2024-01-05,10,0.5,"l\\xf6w, north",true,12,1'],
+        ['6,2024-01-06,10,0.5,"two\r\nlines \\xe9\\xff",true,12,1'],
+    ]
+    assert batch.malformed["_checks"].to_list() == [
+        ["field_count(expected 8, found 4)"], ["utf8(byte {})".format(data.index(b"\xf6"))],
+        ["utf8(byte {})".format(data.index(b"\xe9"))],
+    ]
+    assert batch.frame["id"].to_list()[-1] == "7"
 
 
 def test_parquet_with_wrong_types_is_parsed_like_text(tmp_path: Path) -> None:

@@ -13,11 +13,13 @@ import polars as pl
 import pytest
 from pyiceberg.expressions import EqualTo
 
+from driftloop.errors import DriftloopError
 from driftloop.gc import collect
 from driftloop.registry import RegistryStore, ScoringRunRecord
 from driftloop.registry.store import open_registry
 from driftloop.storage import ArtifactStore
 from driftloop.tables import INPUT_KEY, MemoryTable, TableError, Tables, open_tables
+from driftloop.tasks.register import register_unaliased, store_onnx
 from tests.unit.test_registry import version_draft
 
 
@@ -190,17 +192,18 @@ def test_orphan_files_wait_for_the_grace(tmp_path: Path) -> None:
     registry, store, tables, snaps, stray = _history(tmp_path)
     predictions = tables.predictions("loans")
     assert predictions is not None
+    keep = 1e-6  # days (0.09 s): every snapshot is past the retention, only the grace keeps anything
     # Everything was written (and superseded) seconds ago: within the hour's grace.
-    young = collect(registry, store, keep_days=0, apply=True, tables=tables)
+    young = collect(registry, store, keep_days=keep, apply=True, tables=tables)
     assert all(not t.snapshots and not t.files for t in young.tables) and stray.exists()
     assert snaps["p1"] in {s.snapshot_id for s in predictions.refresh().table.snapshots()}
     # A crashed writer's file from three hours ago goes; the snapshots are still young.
     _age(stray, 3)
-    aged = collect(registry, store, keep_days=0, apply=True, tables=tables)
+    aged = collect(registry, store, keep_days=keep, apply=True, tables=tables)
     assert [f for t in aged.tables for f in t.files] == ["tables/predictions/loans/data/crashed-writer.parquet"]
     assert not stray.exists()
     # No grace at all: p1 expires now, and its data file with it.
-    done = collect(registry, store, keep_days=0, apply=True, tables=tables, grace=timedelta(0))
+    done = collect(registry, store, keep_days=keep, apply=True, tables=tables, grace=timedelta(0))
     assert snaps["p1"] in {t.table: t.snapshots for t in done.tables}["predictions.loans"]
     assert any(f.startswith("tables/predictions/loans/data/") for t in done.tables for f in t.files)
     assert predictions.scan().select("id").collect()["id"].sort().to_list() == [4, 5, 6, 7, 8, 9, 10, 11, 12]
@@ -278,3 +281,53 @@ def test_gc_keeps_every_file_a_version_or_dataset_points_at(tmp_path: Path) -> N
     assert all(Path(u).exists() for u in lineage), [u for u in lineage if not Path(u).exists()]
     assert f"models/loans/onnx/{'f' * 64}.onnx" in done.files and not Path(orphan).exists()  # gc did run
     assert registry.get_version("loans", version).forms == forms
+
+
+@pytest.mark.parametrize("keep_days", [0, -5, float("nan"), float("inf")])
+def test_gc_refuses_a_retention_that_is_not_a_positive_number_of_days(tmp_path: Path, keep_days: float) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = open_registry(url)
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    study = optuna.create_study(study_name="loans-lightgbm-run1", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    with pytest.raises(DriftloopError, match="keep.days"):
+        collect(registry, store, keep_days=keep_days, apply=True)
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["loans-lightgbm-run1"]
+
+
+def test_gc_never_deletes_a_study_with_a_running_trial(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    registry = open_registry(url)
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    done = optuna.create_study(study_name="loans-xgboost-done", storage=url)
+    done.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    running = optuna.create_study(study_name="loans-xgboost-running", storage=url)
+    running.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    running.ask()  # a worker is evaluating this trial now
+    later = datetime.now(UTC) + timedelta(days=100)  # both studies started long before the retention
+    dry = collect(registry, store, keep_days=90, apply=False, now=later)
+    assert dry.studies == ["loans-xgboost-done"]
+    applied = collect(registry, store, keep_days=90, apply=True, now=later)
+    assert applied.studies == ["loans-xgboost-done"]
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["loans-xgboost-running"]
+
+
+def test_a_training_runs_artifact_is_kept_until_it_registers(tmp_path: Path) -> None:
+    """Training stores the ONNX artifact, then builds its forms and evaluates it before
+    it registers the version: however long that takes, gc leaves the artifact alone.
+    One that never registers (the run crashed) goes once its pending mark is stale."""
+    registry = open_registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    registry.register_version(version_draft())  # the model exists (a retrain, not a first training)
+    in_flight, sha = store_onnx(store, "loans", b"a model whose forms are being built")
+    crashed, _ = store_onnx(store, "loans", b"a model whose training crashed before registering")
+    hours_later = datetime.now(UTC) + timedelta(hours=5)
+    during = collect(registry, store, keep_days=90, apply=True, now=hours_later)
+    assert Path(in_flight).exists() and Path(crashed).exists(), during.files
+    record = register_unaliased(registry, version_draft(onnx_uri=in_flight, onnx_sha256=sha))
+    assert record.onnx_sha256 == sha
+    days_later = datetime.now(UTC) + timedelta(days=3)
+    after = collect(registry, store, keep_days=90, apply=True, now=days_later)
+    assert Path(in_flight).exists()  # registered: lineage
+    assert not Path(crashed).exists() and str(Path(crashed).relative_to(tmp_path / "artifacts")) in after.files
+    assert not list((tmp_path / "artifacts" / "models" / "loans" / "onnx").glob("*.pending"))  # no mark left behind
