@@ -195,7 +195,7 @@ def write_input(path: Path, rows: int, seed: int) -> None:
 @dataclass
 class Model:
     algorithm: str
-    fitted: Any  # tasks.tune.FittedModel
+    fitted: Any  # tasks.fit.FittedModel
     onnx: bytes
     trees: int
     train_s: float
@@ -211,7 +211,7 @@ def train_models(spec: Any, train: pl.DataFrame, threads: int, *, tensor: bool =
     from driftloop.features import fit_encoding, target_vector
     from driftloop.tasks.export import build_onnx
     from driftloop.tasks.export_tensor import build_tensor_onnx
-    from driftloop.tasks.tune import FittedModel, round_lightgbm_thresholds
+    from driftloop.tasks.fit import FittedModel, round_lightgbm_thresholds
 
     encoding = fit_encoding(spec, train)
     x, y = encoding.matrix(train), target_vector(spec, train)

@@ -168,7 +168,7 @@ def latest_monitoring(registry: Any, model: str) -> dict[str, Any] | None:
 
 def _cuda_available() -> bool:
     try:
-        from driftloop.tasks.tune import check_device
+        from driftloop.tasks.fit import check_device
 
         check_device("cuda")
         return True

@@ -5,7 +5,7 @@ Design: the artifact scores raw validated rows. Each categorical feature goes th
 a ``Concat`` builds the matrix the tree ensemble was trained on. No sidecar to keep in
 step with the model: the sha256 of the .onnx covers everything.
 
-LightGBM boosters arrive with float32-exact thresholds (``tasks.tune.fit_model`` rounds
+LightGBM boosters arrive with float32-exact thresholds (``tasks.fit.fit_model`` rounds
 them), so the float32 comparisons of ONNX make the same decisions as native LightGBM.
 """
 
@@ -24,7 +24,7 @@ from driftloop.features import FeatureEncoding
 from driftloop.onnx_model import METADATA_KEY, load_model, predict_scores
 from driftloop.spec import DatasetSpec
 from driftloop.tasks.evaluate import predicted_labels
-from driftloop.tasks.tune import FittedModel
+from driftloop.tasks.fit import FittedModel
 
 TARGET_OPSET = 15
 ML_OPSET = 3

@@ -61,7 +61,7 @@ from driftloop.features import FeatureEncoding
 from driftloop.onnx_model import METADATA_KEY
 from driftloop.spec import DatasetSpec
 from driftloop.tasks.export import encoding_nodes
-from driftloop.tasks.tune import FittedModel
+from driftloop.tasks.fit import FittedModel
 
 TARGET_OPSET = 15
 ML_OPSET = 3

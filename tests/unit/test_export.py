@@ -20,8 +20,8 @@ from driftloop.tasks.export import (
     native_scores,
     parity_rows,
 )
+from driftloop.tasks.fit import fit_model, prepare_training_data, round_lightgbm_thresholds
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import fit_model, prepare_training_data, round_lightgbm_thresholds
 from tests.support.data import make_loans, write_spec
 
 PARAMS = {"xgboost": {"max_depth": 6, "learning_rate": 0.1}, "lightgbm": {"num_leaves": 63, "learning_rate": 0.1}}

@@ -12,10 +12,10 @@ import pytest
 from driftloop.onnx_model import load_model, predict_scores
 from driftloop.spec import MonitoringPolicy, load_spec
 from driftloop.tasks.export import build_onnx
+from driftloop.tasks.fit import fit_model, prepare_training_data
 from driftloop.tasks.monitor import decide, render_summary, run_monitoring
 from driftloop.tasks.score import prediction_frame
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 CHUNK = 240  # the default: the 1,200-row reference // (min_reference_chunks + 1)

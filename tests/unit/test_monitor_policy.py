@@ -14,6 +14,7 @@ import pytest
 from driftloop.onnx_model import load_model, predict_scores
 from driftloop.spec import DatasetSpec, GateSpec, MonitoringPolicy, Threshold, load_spec
 from driftloop.tasks.export import build_onnx
+from driftloop.tasks.fit import fit_model, prepare_training_data
 from driftloop.tasks.monitor import (
     PERFORMANCE_EVENT,
     Chunk,
@@ -25,7 +26,6 @@ from driftloop.tasks.monitor import (
 )
 from driftloop.tasks.score import prediction_frame
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 ROWS = 2400  # analysis rows: 10 full chunks of the default 240 (reference 1200 // 5)

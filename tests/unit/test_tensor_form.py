@@ -21,13 +21,13 @@ from driftloop.tasks.export_tensor import (
     ensemble_of,
     tensor_model,
 )
-from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import (
+from driftloop.tasks.fit import (
     FittedModel,
     fit_model,
     prepare_training_data,
     round_lightgbm_thresholds,
 )
+from driftloop.tasks.split import split_dataset
 from tests.support.data import make_loans, write_spec
 
 FEATURES = [f"f{i}" for i in range(6)]
