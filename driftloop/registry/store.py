@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -16,9 +15,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from driftloop.errors import DriftloopError, RegistryError, RegistryUnreachable
+from driftloop.errors import DriftloopError
 from driftloop.metrics import json_safe
 from driftloop.registry import schema
+from driftloop.registry.errors import open_error, operational_error
 from driftloop.registry.tables import (
     AliasEventRow,
     AliasRow,
@@ -159,20 +159,6 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:
             raise DriftloopError(f"model reference {ref!r}: version must be an integer (name:3)")
         return name, None, int(version)
     return ref, "champion", None
-
-
-def masked_url(url: str) -> str:
-    """The URL with any password (in the user part or a ``?password=`` parameter) replaced
-    by ***, safe to log and show; a string that is not a URL is shown as ``***`` only."""
-    from driftloop.redact import MASK, mask_uri
-
-    if "://" not in url:
-        return MASK
-    try:
-        shown = make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show only its scheme
-        return url.split("://", 1)[0] + "://" + MASK
-    return mask_uri(shown)
 
 
 def _json(value: Any) -> str:
@@ -576,35 +562,6 @@ def utcnow() -> datetime:
 
 
 _opened: dict[str, RegistryStore] = {}
-_NETWORK_FAILURE = re.compile(
-    r"connection refused|could not connect|timeout expired|timed out|could not translate host name|"
-    r"no route to host|network is unreachable|name or service not known|connection reset",
-    re.IGNORECASE,
-)
-# A server that went away under an open connection (restart, failover, admin shutdown).
-_CONNECTION_LOST = re.compile(
-    r"server closed the connection|terminating connection|connection .*closed|the database system is "
-    r"(shutting down|starting up|in recovery mode)|consuming input failed|SSL SYSCALL error",
-    re.IGNORECASE,
-)
-
-
-def operational_error(url: Any, exc: OperationalError) -> RegistryError:
-    """The registry error for a driver failure: locked, unreachable or refused."""
-    reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-    shown = masked_url(str(url))
-    if "database is locked" in reason:
-        return RegistryError(
-            f"the registry database {shown} is locked by another process and stayed locked past "
-            "DRIFTLOOP_REGISTRY_LOCK_TIMEOUT_S; nothing was written: find the process holding it "
-            f"(fuser {make_url(str(url)).database}) and run again, or use a PostgreSQL registry for many writers"
-        )
-    if _NETWORK_FAILURE.search(reason) or _CONNECTION_LOST.search(reason):
-        return RegistryUnreachable(
-            f"lost the registry database {shown}: {reason}; nothing of the interrupted step was written: "
-            "run again when the database is back"
-        )
-    return RegistryError(f"registry database {shown}: {reason}")
 
 
 def open_registry(url: str) -> RegistryStore:
@@ -622,16 +579,7 @@ def open_registry(url: str) -> RegistryStore:
         schema.upgrade(engine)
     except OperationalError as exc:
         engine.dispose()
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        if "database is locked" in reason:
-            raise operational_error(url, exc) from None
-        # Refused credentials or a missing database are configuration errors; a host that
-        # does not answer is an outage (an edge agent may ride it out on its cache).
-        error = RegistryUnreachable if _NETWORK_FAILURE.search(reason) else RegistryError
-        raise error(
-            f"cannot open the registry database {masked_url(url)}: {reason}; "
-            "check DRIFTLOOP_REGISTRY_URL (host, port, credentials) or DRIFTLOOP_HOME"
-        ) from None
+        raise open_error(url, exc) from None
     store = RegistryStore(engine)
     _opened[url] = store
     return store
