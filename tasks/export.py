@@ -11,7 +11,6 @@ them), so the float32 comparisons of ONNX make the same decisions as native Ligh
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from driftloop.features import FeatureEncoding
-from driftloop.onnx_model import METADATA_KEY, load_model, predict_scores
+from driftloop.onnx_model import artifact_metadata, load_model, metadata_props, predict_scores
 from driftloop.spec import DatasetSpec
 from driftloop.tasks.evaluate import predicted_labels
 from driftloop.tasks.fit import FittedModel
@@ -180,16 +179,10 @@ def build_onnx(fitted: FittedModel, encoding: FeatureEncoding, spec: DatasetSpec
     score_output = "variable" if spec.task == "regression" else "probabilities"
     if score_output not in outputs:
         raise RuntimeError(f"converted {fitted.algorithm} model has outputs {outputs}, expected {score_output!r}")
-    meta = {
-        **metadata,
-        "task": spec.task,
-        "algorithm": fitted.algorithm,
-        "inputs": [[n, "string" if n in encoding.categories else "float"] for n in encoding.features],
-        "encoding": encoding.to_dict(),
-        "score_output": score_output,
-    }
+    meta = artifact_metadata(metadata, task=spec.task, algorithm=fitted.algorithm, encoding=encoding,
+                             score_output=score_output)
     del model.metadata_props[:]
-    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    onnx.helper.set_model_props(model, metadata_props(meta))
     model.producer_name = "driftloop"
     onnx.checker.check_model(model)
     return model.SerializeToString()
