@@ -25,7 +25,7 @@ from prefect.cache_policies import NONE
 from driftloop.errors import DriftloopError, is_unreachable
 from driftloop.registry.store import ModelNotFound
 from driftloop.spec import check_model_name
-from driftloop.tasks.score import IntegrityError, fetch_verified
+from driftloop.tasks.score import ArtifactIntegrityError, fetch_verified
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class CachedModel:
         data = self.path.read_bytes()
         found = hashlib.sha256(data).hexdigest()
         if found != self.sha256:
-            raise IntegrityError(
+            raise ArtifactIntegrityError(
                 f"cached artifact {self.path} has sha256 {found}, expected {self.sha256}; delete the cache "
                 "directory to fetch the model again"
             )
@@ -125,7 +125,7 @@ def refresh(cache: ModelCache, resolve: Callable[[], Any]) -> CachedModel:
         model = cache.current(cache_hit=False, offline=False, note=note)
         assert model is not None
         return model
-    except (IntegrityError, ModelNotFound):
+    except (ArtifactIntegrityError, ModelNotFound):
         raise  # a tampered artifact is never installed; an unknown model is an error
     except Exception as exc:
         # Only an outage may be ridden out on the cache: a configuration error or a revoked
