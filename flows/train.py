@@ -26,7 +26,7 @@ from driftloop.storage import ArtifactStore
 from driftloop.tasks.evaluate import evaluate_champion_task, evaluate_task, same_predictions_task
 from driftloop.tasks.export import ParityReport, export_task, native_scores, parity_task
 from driftloop.tasks.fit import check_device
-from driftloop.tasks.forms import forms_task
+from driftloop.tasks.form_builder import forms_task
 from driftloop.tasks.gate import GateDecision, gate_task
 from driftloop.tasks.ingest import load_dataset_task
 from driftloop.tasks.register import (

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from driftloop.errors import DriftloopError
 from driftloop.metrics import json_safe
-from driftloop.registry import schema
+from driftloop.registry import migrate
 from driftloop.registry.errors import open_error, operational_error
 from driftloop.registry.tables import (
     AliasEventRow,
@@ -576,7 +576,7 @@ def open_registry(url: str) -> RegistryStore:
 
     engine = create_registry_engine(url, lock_timeout_s=get_settings().registry_lock_timeout_s)
     try:
-        schema.upgrade(engine)
+        migrate.upgrade(engine)
     except OperationalError as exc:
         engine.dispose()
         raise open_error(url, exc) from None

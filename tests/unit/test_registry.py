@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from driftloop.errors import RegistryError
 from driftloop.registry import ChampionChanged, DatasetRecord, IncompleteVersion, VersionDraft
-from driftloop.registry.schema import current_revision, head_revision, upgrade
+from driftloop.registry.migrate import current_revision, head_revision, upgrade
 from driftloop.registry.store import RegistryStore, create_registry_engine, open_registry
 
 
