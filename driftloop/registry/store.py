@@ -277,7 +277,7 @@ class RegistryStore:
             self._locked_model(s, name)
             lease = s.get(RetrainLeaseRow, name)
             if lease is not None:
-                acquired_at, expires_at = _aware(lease.acquired_at), _aware(lease.expires_at)
+                acquired_at, expires_at = lease.acquired_at, lease.expires_at
                 if lease.finished_at is None and expires_at > now:
                     return LeaseDecision(acquired=False, reason=(
                         f"another retrain of {name} is running (lease held by {lease.holder} since {acquired_at:%Y-%m-%d %H:%M:%S} UTC)"))
@@ -532,29 +532,18 @@ def _check_complete(row: ModelVersionRow, alias: str) -> None:
         )
 
 
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value  # SQLite drops the zone
-
-
-def _utc(data: dict[str, Any], key: str) -> dict[str, Any]:
-    if data[key] is not None and data[key].tzinfo is None:  # SQLite drops the zone; we store UTC
-        data[key] = data[key].replace(tzinfo=UTC)
-    return data
-
-
 def _scoring_run(row: ScoringRunRow) -> ScoringRunRecord:
-    return ScoringRunRecord.model_validate(
-        _utc(_utc({c.key: getattr(row, c.key) for c in ScoringRunRow.__table__.columns}, "started_at"), "finished_at"))
+    return ScoringRunRecord.model_validate({c.key: getattr(row, c.key) for c in ScoringRunRow.__table__.columns})
 
 
 def _dataset(row: DatasetRow) -> DatasetRecord:
     data = {c.key: getattr(row, c.key) for c in DatasetRow.__table__.columns}
-    return DatasetRecord.model_validate(_utc(data, "created_at"))
+    return DatasetRecord.model_validate(data)
 
 
 def _model_version(row: ModelVersionRow) -> ModelVersionRecord:
     data = {c.key: getattr(row, c.key) for c in ModelVersionRow.__table__.columns if c.key != "id"}
-    return ModelVersionRecord.model_validate(_utc(data, "created_at"))
+    return ModelVersionRecord.model_validate(data)
 
 
 def utcnow() -> datetime:
