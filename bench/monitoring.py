@@ -9,7 +9,7 @@ monitoring call alone (imports and reading excluded); peak RSS is the whole proc
 (imports, inputs and all), from ``getrusage``.
 
 - ``calibration``: the one-off calibration of the thresholds for this reference, chunk
-  size and policy (``tasks.monitor.ensure_calibration``), into an empty store.
+  size and policy (``tasks.monitor_calculators.ensure_calibration``), into an empty store.
 - ``driftloop``: a monitoring run that reads those stored thresholds (``run_monitoring``
   with a ``CalibrationStore``), as every run after the first does.
 - ``evidently``: Evidently's DataDriftPreset, one report on the whole analysis window
@@ -82,10 +82,13 @@ def bench_spec(chunk: int) -> Any:
 def import_nannyml() -> float:
     """Seconds to import NannyML (several on 2 cores): paid once per process, kept out of
     the monitoring figures as in every earlier run of this bench."""
-    from driftloop.tasks.monitor import _nannyml  # as monitoring imports it (in either checkout)
+    try:  # as monitoring imports it (in either checkout)
+        from driftloop.tasks.monitor_frames import nannyml
+    except ImportError:  # a baseline checkout from before tasks/monitor.py was split
+        from driftloop.tasks.monitor_frames import nannyml
 
     started = time.perf_counter()
-    _nannyml()
+    nannyml()
     return time.perf_counter() - started
 
 
@@ -100,7 +103,7 @@ def child_calibrate(data: Path, store_dir: Path, chunk: int) -> dict[str, Any]:
 
     from driftloop.storage import ArtifactStore
     from driftloop.tasks.calibration import CalibrationStore
-    from driftloop.tasks.monitor import ensure_calibration
+    from driftloop.tasks.monitor_calculators import ensure_calibration
 
     import_seconds = import_nannyml()
     spec = bench_spec(chunk)

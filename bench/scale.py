@@ -1,6 +1,6 @@
 """Scaling out: what a second worker buys, measured on this machine in one run.
 
-Tuning. ``tasks.tune.tune_in_workers``: LightGBM trials on one Optuna study in
+Tuning. ``tasks.tune_workers.tune_in_workers``: LightGBM trials on one Optuna study in
 PostgreSQL, with 1 and then 2 worker processes (each on 1 thread, so 2 workers can use
 2 cores), the same data (synthetic loans, ``--rows``), the same number of trials and the
 same base seed, each on a fresh database. Two rates per worker count:
@@ -80,7 +80,7 @@ def measure_tuning(create_database: Callable[[str], str], *, workers: int, trial
     (``create_database(name)`` creates it and returns its URL)."""
     import optuna
 
-    from driftloop.tasks.tune import tune_in_workers
+    from driftloop.tasks.tune_workers import tune_in_workers
 
     data = _training_data(rows)
     storage = create_database(f"bench_tune_{workers}_{uuid.uuid4().hex[:8]}")
@@ -99,7 +99,7 @@ def measure_tuning(create_database: Callable[[str], str], *, workers: int, trial
 
 
 def _rounds(trial: Any) -> int:
-    from driftloop.tasks.tune import EARLY_STOPPING, MAX_ROUNDS
+    from driftloop.tasks.fit import EARLY_STOPPING, MAX_ROUNDS
 
     if "best_iteration" in trial.user_attrs:
         return min(int(trial.user_attrs["best_iteration"]) + EARLY_STOPPING, MAX_ROUNDS)
@@ -138,8 +138,8 @@ def postgres(url: str | None) -> Iterator[Callable[[str], str]]:
 
 def _training_data(rows: int) -> Any:
     from driftloop.spec import load_spec
+    from driftloop.tasks.fit import prepare_training_data
     from driftloop.tasks.split import split_dataset
-    from driftloop.tasks.tune import prepare_training_data
     from tests.support.data import make_loans, write_spec
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +151,7 @@ def _training_data(rows: int) -> Any:
 def _fit_loop(rows: int, start_at: float, seconds: float) -> float:
     """Fits per second in the window [start_at, start_at + seconds] (wall clock, so that
     processes started together measure the same moment)."""
-    from driftloop.tasks.tune import fit_model
+    from driftloop.tasks.fit import fit_model
 
     data = _training_data(rows)
     fit_model("lightgbm", {"learning_rate": 0.05}, data, threads=1)  # imports, first-call costs

@@ -7,7 +7,7 @@ What it measures, on seeded synthetic data (20 float features, an int id, binary
    trained on 200k rows with fixed parameters and exported with ``tasks.export.build_onnx``,
    at 1 and 2 threads:
      forms  -- every scoring form of each model built, verified and timed as registration
-               does it (``tasks.forms.build_forms`` on 100k parity rows, 1 thread).
+               does it (``tasks.form_builder.build_forms`` on 100k parity rows, 1 thread).
      ours   -- rows/s of ``score_stream`` end to end on a 1M-row Parquet file (Parquet in,
                validation, the form ``--engine auto`` picks, Parquet out) with that form's
                ``predict``. Auto picks with ``driftloop.forms.choose_form`` on the forms'
@@ -195,7 +195,7 @@ def write_input(path: Path, rows: int, seed: int) -> None:
 @dataclass
 class Model:
     algorithm: str
-    fitted: Any  # tasks.tune.FittedModel
+    fitted: Any  # tasks.fit.FittedModel
     onnx: bytes
     trees: int
     train_s: float
@@ -211,7 +211,7 @@ def train_models(spec: Any, train: pl.DataFrame, threads: int, *, tensor: bool =
     from driftloop.features import fit_encoding, target_vector
     from driftloop.tasks.export import build_onnx
     from driftloop.tasks.export_tensor import build_tensor_onnx
-    from driftloop.tasks.tune import FittedModel, round_lightgbm_thresholds
+    from driftloop.tasks.fit import FittedModel, round_lightgbm_thresholds
 
     encoding = fit_encoding(spec, train)
     x, y = encoding.matrix(train), target_vector(spec, train)
@@ -513,9 +513,9 @@ def table_vs_stream(
 
 @dataclass
 class Forms:
-    """The verified forms of one bench model (``tasks.forms.build_forms``), as registered."""
+    """The verified forms of one bench model (``tasks.form_builder.build_forms``), as registered."""
 
-    built: Any  # tasks.forms.FormsBuilt
+    built: Any  # tasks.form_builder.FormsBuilt
     records: list[Any]  # driftloop.forms.FormRecord, rows_per_s measured at 1 thread
 
 
@@ -523,7 +523,7 @@ def register_forms(model: Model, encoding: Any, spec: Any, parity: pl.DataFrame)
     """What registration does: build, verify and time (1 thread) every form of the model."""
     import hashlib
 
-    from driftloop.tasks.forms import build_forms
+    from driftloop.tasks.form_builder import build_forms
 
     built = build_forms(model.fitted, encoding, spec, model.onnx, parity)
     records = [
@@ -548,10 +548,10 @@ def form_predict(
 
 def forms_at(forms: Forms, onnx: bytes, frame: pl.DataFrame, threads: int) -> list[Any]:
     """The registered records with ``rows_per_s`` re-measured at ``threads`` on the same
-    timing rows as registration (``tasks.forms.TIMING_ROWS``, ``rows_per_second``)."""
+    timing rows as registration (``tasks.form_builder.TIMING_ROWS``, ``rows_per_second``)."""
     from driftloop.forms import rows_per_second
     from driftloop.onnx_model import load_model
-    from driftloop.tasks.forms import TIMING_ROWS
+    from driftloop.tasks.form_builder import TIMING_ROWS
 
     if threads == 1:
         return forms.records
@@ -1082,7 +1082,7 @@ def main() -> None:
 
         parity = pl.read_parquet(score_path, n_rows=min(PARITY_ROWS, sizes.score_rows))
         section(
-            f"scoring forms, as registration builds them (tasks.forms.build_forms, {parity.height:,} parity rows)"
+            f"scoring forms, as registration builds them (tasks.form_builder.build_forms, {parity.height:,} parity rows)"
         )
         forms: dict[str, Forms] = {}
         form_rows = []

@@ -473,8 +473,9 @@ def _human_gc(p: dict[str, Any]) -> str:
 
 def cmd_db_upgrade(args: argparse.Namespace) -> dict[str, Any]:
     from driftloop.legacy_outputs import import_legacy_outputs
-    from driftloop.registry.schema import current_revision, head_revision
-    from driftloop.registry.store import masked_url, open_registry
+    from driftloop.registry.migrate import current_revision, head_revision
+    from driftloop.registry.store import open_registry
+    from driftloop.registry.urls import masked_url
     from driftloop.settings import get_settings
     from driftloop.tables import open_tables
 

@@ -150,7 +150,8 @@ def compare_on_later_labels(registry: Any) -> dict[str, Any] | None:
 def latest_monitoring(registry: Any, model: str) -> dict[str, Any] | None:
     """What the model's latest monitoring run found, read back from the registry, in the
     shape of the monitor flow's result."""
-    from driftloop.tasks.monitor import Chunk, MonitorReport, chunk_summaries
+    from driftloop.tasks.monitor_report import Chunk, MonitorReport
+    from driftloop.tasks.monitor_summary import chunk_summaries
 
     runs = registry.list_monitoring_runs(model)
     if not runs:
@@ -168,7 +169,7 @@ def latest_monitoring(registry: Any, model: str) -> dict[str, Any] | None:
 
 def _cuda_available() -> bool:
     try:
-        from driftloop.tasks.tune import check_device
+        from driftloop.tasks.fit import check_device
 
         check_device("cuda")
         return True

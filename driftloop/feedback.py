@@ -383,7 +383,10 @@ def scored_and_labelled(tables: Tables, spec: DatasetSpec, *, model_version: int
 
 
 @dataclass
-class TrainingWindow:
+class LabelledWindow:
+    """The labelled rows a retrain trains on, and the record of how they were chosen
+    (not the policy that chooses them: that is ``driftloop.spec.TrainingWindow``)."""
+
     frame: pl.DataFrame  # training columns only
     record: WindowRecord
 
@@ -397,7 +400,7 @@ def champion_data_end(split: dict[str, Any], window: dict[str, Any] | None) -> d
 def select_window(
     data: LabelledData, spec: DatasetSpec, policy: RetrainPolicy, *,
     champion_end: datetime | None = None, champion_sources: set[str] | None = None,
-) -> TrainingWindow:
+) -> LabelledWindow:
     """The rows a retrain learns from. With a timestamp the window ends at the newest
     label minus ``skip_recent`` and reaches back ``last`` (or ``rows`` rows, or all);
     without one, ``rows`` takes the most recently registered rows. ``new_labels``
@@ -451,11 +454,11 @@ def select_window(
         labels_snapshot=data.labels_snapshot,
         datasets_read=list(data.datasets),
     )
-    return TrainingWindow(chosen.select(training_columns(spec)), record)
+    return LabelledWindow(chosen.select(training_columns(spec)), record)
 
 
 def reread_window(registry: RegistryStore, tables: Tables, spec: DatasetSpec, policy: RetrainPolicy,
-                  record: WindowRecord) -> TrainingWindow:
+                  record: WindowRecord) -> LabelledWindow:
     """A stored window read again from the snapshots and datasets it names: the same
     rows it trained on, however much the tables have grown since."""
     if record.predictions_snapshot is None and record.labels_snapshot is None and record.datasets_read is None:

@@ -19,6 +19,29 @@ import polars as pl
 METADATA_KEY = "driftloop"
 
 
+
+def artifact_metadata(base: dict[str, Any], *, task: str, algorithm: str, encoding: Any, score_output: str,
+                      **form: Any) -> dict[str, Any]:
+    """The metadata every driftloop ONNX artifact carries under ``METADATA_KEY``, whatever
+    its form: the caller's ``base`` (model name, classes, spec, ...), the task, algorithm,
+    raw inputs and their encoding (a ``driftloop.features.FeatureEncoding``), the output
+    to read, then what only this form adds (``form``: e.g. ``form="tensor"``). The one
+    place the artifact's contract is written; ``load_model`` reads it back."""
+    return {
+        **base,
+        "task": task,
+        "algorithm": algorithm,
+        "inputs": [[n, "string" if n in encoding.categories else "float"] for n in encoding.features],
+        "encoding": encoding.to_dict(),
+        "score_output": score_output,
+        **form,
+    }
+
+
+def metadata_props(meta: dict[str, Any]) -> dict[str, str]:
+    """``meta`` as the ONNX model properties ``load_model`` reads."""
+    return {METADATA_KEY: json.dumps(meta, sort_keys=True)}
+
 @dataclass
 class LoadedModel:
     session: ort.InferenceSession

@@ -35,7 +35,6 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -245,21 +244,25 @@ class ScoringOutput:
         self._put(relpath, data)
         return PartInfo(path=relpath, rows=frame.height, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
-    def commit(self, manifest: Manifest, *, before_manifest: Callable[[], None] | None = None) -> tuple[str, Manifest]:
+    def commit(self, manifest: Manifest) -> tuple[str, Manifest]:
         """Check that every listed part is there, write the manifest (the commit), then
         collect what it supersedes. Returns the manifest's name and the manifest as written."""
         self._check_parts_written(manifest)
-        if before_manifest is not None:
-            before_manifest()  # tests: the moment between the last part and the manifest
-        committed = datetime.now(UTC)
-        manifest = manifest.model_copy(update={"created_at": committed})
-        name = f"{committed.strftime(_TIME_FORMAT)}-{manifest.run_id}.json"
-        self._put(f"{MANIFESTS}/{name}", manifest.model_dump_json(indent=2).encode())
+        name, manifest = self._write_manifest(manifest)
         try:
             self.collect_garbage()
         except Exception as exc:  # noqa: BLE001 - the run is committed; leftovers wait for `driftloop gc`
             logger.warning("scoring output %s: committed %s, but removing superseded runs failed (%s); "
                            "`driftloop gc --apply` removes them later", self.shown, name, exc)
+        return name, manifest
+
+    def _write_manifest(self, manifest: Manifest) -> tuple[str, Manifest]:
+        """The commit itself: one manifest object, written after every part is there.
+        (Fault tests wrap this method to act in the moment before it.)"""
+        committed = datetime.now(UTC)
+        manifest = manifest.model_copy(update={"created_at": committed})
+        name = f"{committed.strftime(_TIME_FORMAT)}-{manifest.run_id}.json"
+        self._put(f"{MANIFESTS}/{name}", manifest.model_dump_json(indent=2).encode())
         return name, manifest
 
     def _check_parts_written(self, manifest: Manifest) -> None:
@@ -449,7 +452,7 @@ class RunWriter:
             (self._quarantine if quarantine else self._parts)[info.path] = info
 
     def commit(self, *, model_name: str, model_version: int, input_uri: str, rows_in: int, rows_scored: int,
-               rows_quarantined: int, before_manifest: Callable[[], None] | None = None) -> Manifest:
+               rows_quarantined: int) -> Manifest:
         with self._lock:
             parts, quarantine = list(self._parts.values()), list(self._quarantine.values())
         if sum(p.rows for p in parts) != rows_scored or sum(p.rows for p in quarantine) != rows_quarantined:
@@ -463,7 +466,7 @@ class RunWriter:
             parts=parts, quarantine=quarantine, rows_in=rows_in, rows_scored=rows_scored,
             rows_quarantined=rows_quarantined, created_at=datetime.now(UTC),
         )
-        return self.output.commit(manifest, before_manifest=before_manifest)[1]
+        return self.output.commit(manifest)[1]
 
     def abort(self) -> None:
         self.output.abort(self.run_id)
@@ -485,7 +488,3 @@ def read_quarantine(uri: str) -> pl.DataFrame:
 def current_manifest(uri: str) -> Manifest | None:
     found = ScoringOutput(uri).current()
     return found[1] if found else None
-
-
-def is_scoring_output(uri: str) -> bool:
-    return _is_ours(ScoringOutput(uri)._names())

@@ -340,29 +340,6 @@ class DatasetSpec(BaseModel):
             order.append(self.target)
         return {name: self.column_spec(name) for name in order}
 
-    def onnx_input_signature(self) -> list[tuple[str, str]]:
-        """One ONNX input per feature: numeric and bool as float32, text as string."""
-        return [
-            (name, "string" if self.column_spec(name).is_categorical else "float")
-            for name in self.feature_columns
-        ]
-
-    def nannyml_column_mapping(self) -> dict[str, Any]:
-        """Keyword arguments shared by NannyML calculators for this dataset."""
-        mapping: dict[str, Any] = {
-            "feature_column_names": self.feature_columns,
-            "y_true": self.target,
-            "categorical_column_names": [
-                c for c in self.feature_columns if self.column_spec(c).dtype in ("category", "string", "bool")
-            ],
-            "continuous_column_names": [
-                c for c in self.feature_columns if self.column_spec(c).dtype in NUMERIC_DTYPES
-            ],
-        }
-        if self.timestamp:
-            mapping["timestamp_column_name"] = self.timestamp
-        return mapping
-
     def fingerprint(self) -> str:
         """sha256 of the spec's data part (columns, roles, limits): changes whenever
         validation would, not when the gate, monitoring or retrain policy is edited."""

@@ -40,16 +40,11 @@ from driftloop.tables import Tables, open_tables
 from driftloop.tasks.calibration import CalibrationStore
 from driftloop.tasks.ingest import read_file
 from driftloop.tasks.labels import validate_labels
-from driftloop.tasks.monitor import (
-    MonitoringError,
-    MonitorReport,
-    PolicyDecision,
-    chunk_summaries,
-    decide_task,
-    monitor_task,
-    render_summary,
-)
+from driftloop.tasks.monitor import decide_task, monitor_task
 from driftloop.tasks.monitor_charts import artifact_markdown, render_charts
+from driftloop.tasks.monitor_policy import PolicyDecision
+from driftloop.tasks.monitor_report import MonitoringError, MonitorReport
+from driftloop.tasks.monitor_summary import chunk_summaries, render_summary
 from driftloop.tasks.score import fetch_verified
 
 

@@ -38,7 +38,7 @@ from driftloop.tasks.retrain import (
     select_window_task,
     snapshot_window_task,
 )
-from driftloop.tasks.tune import ALGORITHMS
+from driftloop.tasks.search_space import ALGORITHMS
 
 Algorithm = Literal["xgboost", "lightgbm"]
 

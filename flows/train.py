@@ -25,7 +25,8 @@ from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
 from driftloop.tasks.evaluate import evaluate_champion_task, evaluate_task, same_predictions_task
 from driftloop.tasks.export import ParityReport, export_task, native_scores, parity_task
-from driftloop.tasks.forms import forms_task
+from driftloop.tasks.fit import check_device
+from driftloop.tasks.form_builder import forms_task
 from driftloop.tasks.gate import GateDecision, gate_task
 from driftloop.tasks.ingest import load_dataset_task
 from driftloop.tasks.register import (
@@ -39,15 +40,10 @@ from driftloop.tasks.register import (
     store_reference_task,
 )
 from driftloop.tasks.score import fetch_verified
+from driftloop.tasks.search_space import ALGORITHMS
 from driftloop.tasks.split import split_task
-from driftloop.tasks.tune import (
-    ALGORITHMS,
-    check_device,
-    fit_task,
-    prepare_task,
-    tune_task,
-    tuning_storage,
-)
+from driftloop.tasks.study import tuning_storage
+from driftloop.tasks.tune import fit_task, prepare_task, tune_task
 
 Algorithm = Literal["xgboost", "lightgbm"]
 

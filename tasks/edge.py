@@ -34,7 +34,7 @@ from driftloop.atomic import write_atomic
 from driftloop.errors import DriftloopError, is_unreachable
 from driftloop.registry.store import ModelNotFound
 from driftloop.spec import check_model_name
-from driftloop.tasks.score import IntegrityError, fetch_verified
+from driftloop.tasks.score import ArtifactIntegrityError, fetch_verified
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class CachedModel:
         data = self.data if self.data is not None else self.path.read_bytes()
         found = hashlib.sha256(data).hexdigest()
         if found != self.sha256:
-            raise IntegrityError(
+            raise ArtifactIntegrityError(
                 f"cached artifact {self.path} has sha256 {found}, expected {self.sha256}; delete the cache "
                 "directory to fetch the model again"
             )
@@ -159,7 +159,7 @@ class ModelCache:
             try:
                 data = path.read_bytes()
             except FileNotFoundError:
-                raise IntegrityError(f"cached artifact {path} (v{entry['version']}) is missing; connect once to "
+                raise ArtifactIntegrityError(f"cached artifact {path} (v{entry['version']}) is missing; connect once to "
                                      "fetch the model again, or delete the cache directory") from None
             model = CachedModel(self.name, entry["version"], entry["sha256"], path, cache_hit, offline, note, data)
             model.read()  # verified now
@@ -198,7 +198,7 @@ def refresh(cache: ModelCache, resolve: Callable[[], Any]) -> CachedModel:
             model = cache.current(cache_hit=False, offline=False, note=note)
             assert model is not None
             return model
-    except (IntegrityError, ModelNotFound, DamagedCacheState):
+    except (ArtifactIntegrityError, ModelNotFound, DamagedCacheState):
         raise  # a tampered artifact is never installed; an unknown model is an error
     except Exception as exc:
         # Only an outage may be ridden out on the cache: a configuration error or a revoked

@@ -5,13 +5,12 @@ Design: the artifact scores raw validated rows. Each categorical feature goes th
 a ``Concat`` builds the matrix the tree ensemble was trained on. No sidecar to keep in
 step with the model: the sha256 of the .onnx covers everything.
 
-LightGBM boosters arrive with float32-exact thresholds (``tasks.tune.fit_model`` rounds
+LightGBM boosters arrive with float32-exact thresholds (``tasks.fit.fit_model`` rounds
 them), so the float32 comparisons of ONNX make the same decisions as native LightGBM.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +20,10 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from driftloop.features import FeatureEncoding
-from driftloop.onnx_model import METADATA_KEY, load_model, predict_scores
+from driftloop.onnx_model import artifact_metadata, load_model, metadata_props, predict_scores
 from driftloop.spec import DatasetSpec
 from driftloop.tasks.evaluate import predicted_labels
-from driftloop.tasks.tune import FittedModel
+from driftloop.tasks.fit import FittedModel
 
 TARGET_OPSET = 15
 ML_OPSET = 3
@@ -180,16 +179,10 @@ def build_onnx(fitted: FittedModel, encoding: FeatureEncoding, spec: DatasetSpec
     score_output = "variable" if spec.task == "regression" else "probabilities"
     if score_output not in outputs:
         raise RuntimeError(f"converted {fitted.algorithm} model has outputs {outputs}, expected {score_output!r}")
-    meta = {
-        **metadata,
-        "task": spec.task,
-        "algorithm": fitted.algorithm,
-        "inputs": [[n, "string" if n in encoding.categories else "float"] for n in encoding.features],
-        "encoding": encoding.to_dict(),
-        "score_output": score_output,
-    }
+    meta = artifact_metadata(metadata, task=spec.task, algorithm=fitted.algorithm, encoding=encoding,
+                             score_output=score_output)
     del model.metadata_props[:]
-    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    onnx.helper.set_model_props(model, metadata_props(meta))
     model.producer_name = "driftloop"
     onnx.checker.check_model(model)
     return model.SerializeToString()

@@ -58,10 +58,10 @@ import numpy as np
 
 from driftloop.errors import DriftloopError
 from driftloop.features import FeatureEncoding
-from driftloop.onnx_model import METADATA_KEY
+from driftloop.onnx_model import artifact_metadata, metadata_props
 from driftloop.spec import DatasetSpec
 from driftloop.tasks.export import encoding_nodes
-from driftloop.tasks.tune import FittedModel
+from driftloop.tasks.fit import FittedModel
 
 TARGET_OPSET = 15
 ML_OPSET = 3
@@ -536,19 +536,10 @@ def tensor_model(ensemble: Ensemble, encoding: FeatureEncoding, spec: DatasetSpe
         opsets.append(helper.make_opsetid("ai.onnx.ml", ML_OPSET))
     model = helper.make_model(graph, opset_imports=opsets, producer_name="driftloop")
     model.ir_version = min(model.ir_version, 8)  # what onnxruntime 1.1x reads
-    meta = {
-        **metadata,
-        "task": spec.task,
-        "algorithm": ensemble.algorithm,
-        "inputs": [[n, "string" if n in encoding.categories else "float"] for n in encoding.features],
-        "encoding": encoding.to_dict(),
-        "score_output": score_output,
-        "form": "tensor",
-        "tensor_layout": chosen,
-        "trees": len(ensemble.trees),
-        "depth": depth,
-    }
-    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    meta = artifact_metadata(metadata, task=spec.task, algorithm=ensemble.algorithm, encoding=encoding,
+                             score_output=score_output, form="tensor", tensor_layout=chosen,
+                             trees=len(ensemble.trees), depth=depth)
+    onnx.helper.set_model_props(model, metadata_props(meta))
     onnx.checker.check_model(model)
     return model.SerializeToString()
 

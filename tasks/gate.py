@@ -30,7 +30,7 @@ class GateDecision(BaseModel):
     min_improvement: float | None = None
 
 
-def decide(
+def decide_promotion(
     challenger: dict[str, float], policy: GateSpec, metric: str, *,
     champion: dict[str, float] | None = None, champion_version: int | None = None,
     min_improvement: float | None = None, identical_to_champion: bool = False,
@@ -95,5 +95,5 @@ def decide(
 def gate_task(challenger: dict[str, Any], policy: GateSpec, metric: str, champion: dict[str, Any] | None,
               champion_version: int | None, min_improvement: float | None = None,
               identical_to_champion: bool = False) -> GateDecision:
-    return decide(challenger, policy, metric, champion=champion, champion_version=champion_version,
+    return decide_promotion(challenger, policy, metric, champion=champion, champion_version=champion_version,
                   min_improvement=min_improvement, identical_to_champion=identical_to_champion)

@@ -26,7 +26,8 @@ from sqlalchemy.exc import (
 
 from driftloop.errors import RejectLimitExceeded, SourceError
 from driftloop.inputs import malformed_frame, read_input
-from driftloop.registry.store import DatasetRecord, RegistryStore, masked_url, utcnow
+from driftloop.registry.store import DatasetRecord, RegistryStore, utcnow
+from driftloop.registry.urls import masked_url
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
 from driftloop.tasks.validate import ValidationResult

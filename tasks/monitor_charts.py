@@ -2,7 +2,7 @@
 
 The UI renders a markdown artifact's images when they are PNG data URIs
 (``![alt](data:image/png;base64,...)``); a ``file://`` link does not open from its pages.
-Each chart is a plain function of a :class:`tasks.monitor.MonitorReport` that returns PNG
+Each chart is a plain function of a :class:`tasks.monitor_report.MonitorReport` that returns PNG
 bytes (a few tens of KB), or None when the report has nothing for it to draw:
 
 - :func:`performance_chart`: estimated and realized metric per chunk, thresholds, alerts;
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from driftloop.tasks.monitor import MonitorReport
+    from driftloop.tasks.monitor_report import MonitorReport
 
 WIDTH_IN = 7.5  # inches at DPI: 600 px wide, readable in the artifact page's column
 DPI = 80
@@ -275,7 +275,7 @@ def charts_markdown(report: MonitorReport) -> str:
 
 
 def with_charts(summary: str, charts: str) -> str:
-    """``summary`` (tasks.monitor.render_summary: title, verdict, reasons, then the
+    """``summary`` (tasks.monitor_summary.render_summary: title, verdict, reasons, then the
     per-chunk table) with ``charts`` placed before the table, or at the end without one."""
     if not charts:
         return summary

@@ -15,7 +15,7 @@ from prefect.cache_policies import NONE
 
 from driftloop.feedback import (
     LabelledData,
-    TrainingWindow,
+    LabelledWindow,
     champion_data_end,
     collect_labelled_data,
     select_window,
@@ -83,7 +83,7 @@ def champion_sources(record: ModelVersionRecord) -> set[str]:
     return {record.dataset_id}
 
 
-def snapshot_window(registry: RegistryStore, store: ArtifactStore, spec: DatasetSpec, window: TrainingWindow) -> DatasetRecord:
+def snapshot_window(registry: RegistryStore, store: ArtifactStore, spec: DatasetSpec, window: LabelledWindow) -> DatasetRecord:
     """Register the window's rows as the dataset ``<name>.window`` (content-addressed: the
     same rows give the same dataset)."""
     content_hash = frame_content_hash(window.frame)
@@ -120,11 +120,11 @@ def collect_labelled_task(registry: RegistryStore, tables: Tables, spec: Dataset
 
 
 @task(name="training-window", cache_policy=NONE)
-def select_window_task(data: LabelledData, spec: DatasetSpec, champion: ModelVersionRecord) -> TrainingWindow:
+def select_window_task(data: LabelledData, spec: DatasetSpec, champion: ModelVersionRecord) -> LabelledWindow:
     return select_window(data, spec, spec.retrain, champion_end=champion_data_end(champion.split, champion.window),
                          champion_sources=champion_sources(champion))
 
 
 @task(name="snapshot-window", cache_policy=NONE)
-def snapshot_window_task(registry: RegistryStore, store: ArtifactStore, spec: DatasetSpec, window: TrainingWindow) -> DatasetRecord:
+def snapshot_window_task(registry: RegistryStore, store: ArtifactStore, spec: DatasetSpec, window: LabelledWindow) -> DatasetRecord:
     return snapshot_window(registry, store, spec, window)

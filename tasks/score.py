@@ -74,7 +74,7 @@ DEFAULT_BATCH_SIZE = 100_000
 PROBABILITY_PREFIX = "probability_"  # multiclass outputs: one probability_<class> column per class
 
 
-class IntegrityError(DriftloopError):
+class ArtifactIntegrityError(DriftloopError):
     """A model artifact is missing or is not the one the registry recorded."""
 
 
@@ -84,13 +84,13 @@ def fetch_verified(uri: str, expected_sha256: str) -> bytes:
         with fsspec.open(uri, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
-        raise IntegrityError(
+        raise ArtifactIntegrityError(
             f"model artifact {uri} is missing (expected sha256 {expected_sha256}); "
             "restore it from backup or register the model again"
         ) from None
     found = hashlib.sha256(data).hexdigest()
     if found != expected_sha256:
-        raise IntegrityError(
+        raise ArtifactIntegrityError(
             f"model artifact {uri} has sha256 {found}, expected {expected_sha256}: it was modified "
             "or replaced; refusing to score with it"
         )
@@ -270,11 +270,10 @@ def score_batches(
 def score_stream(
     model: LoadedModel, input_uri: str, output_uri: str, *, model_name: str, model_version: int,
     batch_size: int = DEFAULT_BATCH_SIZE, on_batch: Callable[[int, int | None], None] | None = None,
-    before_commit: Callable[[], None] | None = None, predict: Callable[[pl.DataFrame], np.ndarray] | None = None,
+    predict: Callable[[pl.DataFrame], np.ndarray] | None = None,
 ) -> ScoreResult:
     """Score ``input_uri`` into the scoring output ``output_uri`` (a directory or prefix,
-    see :mod:`driftloop.outputs`). ``before_commit`` runs after the last part is written
-    and before the manifest (tests inject crashes there). ``predict`` scores validated rows
+    see :mod:`driftloop.outputs`). ``predict`` scores validated rows
     with another verified form of the same version (:mod:`driftloop.forms`); by default
     the ONNX form ``model``, which always describes the spec and outputs."""
     if batch_size < 1:
@@ -295,7 +294,7 @@ def score_stream(
             raise SourceError(f"input {input_uri} has no data rows; nothing to score")
         manifest = run.commit(model_name=model_name, model_version=model_version, input_uri=input_uri,
                               rows_in=counts.rows_in, rows_scored=counts.rows_scored,
-                              rows_quarantined=counts.rows_quarantined, before_manifest=before_commit)
+                              rows_quarantined=counts.rows_quarantined)
     return ScoreResult(
         rows_in=counts.rows_in, rows_scored=counts.rows_scored, rows_quarantined=counts.rows_quarantined,
         output_uri=output.uri,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -16,9 +15,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from driftloop.errors import DriftloopError, RegistryError, RegistryUnreachable
+from driftloop.errors import DriftloopError
 from driftloop.metrics import json_safe
-from driftloop.registry import schema
+from driftloop.registry import migrate
+from driftloop.registry.errors import open_error, operational_error
 from driftloop.registry.tables import (
     AliasEventRow,
     AliasRow,
@@ -161,20 +161,6 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:
     return ref, "champion", None
 
 
-def masked_url(url: str) -> str:
-    """The URL with any password (in the user part or a ``?password=`` parameter) replaced
-    by ***, safe to log and show; a string that is not a URL is shown as ``***`` only."""
-    from driftloop.redact import MASK, mask_uri
-
-    if "://" not in url:
-        return MASK
-    try:
-        shown = make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show only its scheme
-        return url.split("://", 1)[0] + "://" + MASK
-    return mask_uri(shown)
-
-
 def _json(value: Any) -> str:
     """JSON columns: an undefined metric (NaN) is stored as null. PostgreSQL's json type
     rejects NaN, which failed the registration after all the training work."""
@@ -291,7 +277,7 @@ class RegistryStore:
             self._locked_model(s, name)
             lease = s.get(RetrainLeaseRow, name)
             if lease is not None:
-                acquired_at, expires_at = _aware(lease.acquired_at), _aware(lease.expires_at)
+                acquired_at, expires_at = lease.acquired_at, lease.expires_at
                 if lease.finished_at is None and expires_at > now:
                     return LeaseDecision(acquired=False, reason=(
                         f"another retrain of {name} is running (lease held by {lease.holder} since {acquired_at:%Y-%m-%d %H:%M:%S} UTC)"))
@@ -546,29 +532,18 @@ def _check_complete(row: ModelVersionRow, alias: str) -> None:
         )
 
 
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value  # SQLite drops the zone
-
-
-def _utc(data: dict[str, Any], key: str) -> dict[str, Any]:
-    if data[key] is not None and data[key].tzinfo is None:  # SQLite drops the zone; we store UTC
-        data[key] = data[key].replace(tzinfo=UTC)
-    return data
-
-
 def _scoring_run(row: ScoringRunRow) -> ScoringRunRecord:
-    return ScoringRunRecord.model_validate(
-        _utc(_utc({c.key: getattr(row, c.key) for c in ScoringRunRow.__table__.columns}, "started_at"), "finished_at"))
+    return ScoringRunRecord.model_validate({c.key: getattr(row, c.key) for c in ScoringRunRow.__table__.columns})
 
 
 def _dataset(row: DatasetRow) -> DatasetRecord:
     data = {c.key: getattr(row, c.key) for c in DatasetRow.__table__.columns}
-    return DatasetRecord.model_validate(_utc(data, "created_at"))
+    return DatasetRecord.model_validate(data)
 
 
 def _model_version(row: ModelVersionRow) -> ModelVersionRecord:
     data = {c.key: getattr(row, c.key) for c in ModelVersionRow.__table__.columns if c.key != "id"}
-    return ModelVersionRecord.model_validate(_utc(data, "created_at"))
+    return ModelVersionRecord.model_validate(data)
 
 
 def utcnow() -> datetime:
@@ -576,35 +551,6 @@ def utcnow() -> datetime:
 
 
 _opened: dict[str, RegistryStore] = {}
-_NETWORK_FAILURE = re.compile(
-    r"connection refused|could not connect|timeout expired|timed out|could not translate host name|"
-    r"no route to host|network is unreachable|name or service not known|connection reset",
-    re.IGNORECASE,
-)
-# A server that went away under an open connection (restart, failover, admin shutdown).
-_CONNECTION_LOST = re.compile(
-    r"server closed the connection|terminating connection|connection .*closed|the database system is "
-    r"(shutting down|starting up|in recovery mode)|consuming input failed|SSL SYSCALL error",
-    re.IGNORECASE,
-)
-
-
-def operational_error(url: Any, exc: OperationalError) -> RegistryError:
-    """The registry error for a driver failure: locked, unreachable or refused."""
-    reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-    shown = masked_url(str(url))
-    if "database is locked" in reason:
-        return RegistryError(
-            f"the registry database {shown} is locked by another process and stayed locked past "
-            "DRIFTLOOP_REGISTRY_LOCK_TIMEOUT_S; nothing was written: find the process holding it "
-            f"(fuser {make_url(str(url)).database}) and run again, or use a PostgreSQL registry for many writers"
-        )
-    if _NETWORK_FAILURE.search(reason) or _CONNECTION_LOST.search(reason):
-        return RegistryUnreachable(
-            f"lost the registry database {shown}: {reason}; nothing of the interrupted step was written: "
-            "run again when the database is back"
-        )
-    return RegistryError(f"registry database {shown}: {reason}")
 
 
 def open_registry(url: str) -> RegistryStore:
@@ -619,19 +565,10 @@ def open_registry(url: str) -> RegistryStore:
 
     engine = create_registry_engine(url, lock_timeout_s=get_settings().registry_lock_timeout_s)
     try:
-        schema.upgrade(engine)
+        migrate.upgrade(engine)
     except OperationalError as exc:
         engine.dispose()
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        if "database is locked" in reason:
-            raise operational_error(url, exc) from None
-        # Refused credentials or a missing database are configuration errors; a host that
-        # does not answer is an outage (an edge agent may ride it out on its cache).
-        error = RegistryUnreachable if _NETWORK_FAILURE.search(reason) else RegistryError
-        raise error(
-            f"cannot open the registry database {masked_url(url)}: {reason}; "
-            "check DRIFTLOOP_REGISTRY_URL (host, port, credentials) or DRIFTLOOP_HOME"
-        ) from None
+        raise open_error(url, exc) from None
     store = RegistryStore(engine)
     _opened[url] = store
     return store

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -16,7 +16,29 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp that is timezone-aware UTC on every database. Written: converted to UTC
+    (a naive value is taken as UTC). Read: UTC, also from SQLite, which keeps no zone and
+    gives back naive values. Every timestamp column uses it; the DDL is the plain
+    ``DateTime(timezone=True)`` the migrations create."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -41,7 +63,7 @@ class DatasetRow(Base):
     snapshot_uri: Mapped[str] = mapped_column(Text)
     quarantine_uri: Mapped[str | None] = mapped_column(Text)
     column_types: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class ModelRow(Base):
@@ -51,7 +73,7 @@ class ModelRow(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     latest_version: Mapped[int] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class ModelVersionRow(Base):
@@ -82,7 +104,7 @@ class ModelVersionRow(Base):
     trigger: Mapped[str] = mapped_column(String(32), default="manual")
     window: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     forms: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class RetrainLeaseRow(Base):
@@ -93,9 +115,9 @@ class RetrainLeaseRow(Base):
 
     model_name: Mapped[str] = mapped_column(String(64), ForeignKey("models.name"), primary_key=True)
     holder: Mapped[str] = mapped_column(String(200))
-    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
@@ -105,7 +127,7 @@ class AliasRow(Base):
     model_name: Mapped[str] = mapped_column(String(64), ForeignKey("models.name"), primary_key=True)
     alias: Mapped[str] = mapped_column(String(32), primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class AliasEventRow(Base):
@@ -120,7 +142,7 @@ class AliasEventRow(Base):
     to_version: Mapped[int | None] = mapped_column(Integer)
     actor: Mapped[str] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class ScoringRunRow(Base):
@@ -139,8 +161,8 @@ class ScoringRunRow(Base):
     rows_scored: Mapped[int] = mapped_column(Integer)
     rows_quarantined: Mapped[int] = mapped_column(Integer)
     form: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    finished_at: Mapped[datetime] = mapped_column(UtcDateTime())
     # The predictions table's snapshot this run committed (None: scored before the tables,
     # or an edge run that wrote only an export), the input it replaces on a re-run, and the
     # plain Parquet export it wrote for consumers (if asked).
@@ -160,7 +182,7 @@ class MonitoringRunRow(Base):
     decision: Mapped[dict[str, Any]] = mapped_column(JSON)
     event: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     report_uri: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     snapshots: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # table -> snapshot id read
 
 

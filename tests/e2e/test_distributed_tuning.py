@@ -21,15 +21,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from driftloop.errors import DriftloopError
 from driftloop.registry import open_registry
 from driftloop.spec import load_spec
+from driftloop.tasks.fit import TrainingData, prepare_training_data
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import (
-    TrainingData,
-    TuneResult,
-    prepare_training_data,
-    tune,
-    tune_in_workers,
-    tuning_storage,
-)
+from driftloop.tasks.study import TuneResult, tuning_storage
+from driftloop.tasks.tune import tune
+from driftloop.tasks.tune_workers import tune_in_workers
 from tests.support.data import make_loans, write_spec
 from tests.support.models import train_fast
 

@@ -13,9 +13,9 @@ from driftloop.onnx_model import load_model
 from driftloop.spec import load_spec
 from driftloop.tasks.edge import ModelCache
 from driftloop.tasks.export import build_onnx
-from driftloop.tasks.score import IntegrityError, load_verified_model
+from driftloop.tasks.fit import fit_model, prepare_training_data
+from driftloop.tasks.score import ArtifactIntegrityError, load_verified_model
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 
@@ -39,7 +39,7 @@ def test_a_damaged_artifact_is_refused_by_the_scorer_and_the_edge_cache(tmp_path
     artifact.parent.mkdir(parents=True)
     artifact.write_bytes(damaged)
 
-    with pytest.raises(IntegrityError) as err:
+    with pytest.raises(ArtifactIntegrityError) as err:
         load_verified_model(str(artifact), expected)
     message = str(err.value)
     assert str(artifact) in message and expected in message and hashlib.sha256(damaged).hexdigest() in message
@@ -49,5 +49,5 @@ def test_a_damaged_artifact_is_refused_by_the_scorer_and_the_edge_cache(tmp_path
     cached = cache.current(cache_hit=True, offline=True, note="registry unreachable")
     assert cached is not None and cached.read() == ours
     cached.path.write_bytes(damaged)  # the device's disk damages it while offline: the next run refuses it
-    with pytest.raises(IntegrityError, match="delete the cache directory"):
+    with pytest.raises(ArtifactIntegrityError, match="delete the cache directory"):
         cache.current(cache_hit=True, offline=True, note="registry unreachable")

@@ -12,9 +12,9 @@ import pytest
 from driftloop.onnx_model import load_model
 from driftloop.spec import load_spec
 from driftloop.tasks.export import build_onnx
+from driftloop.tasks.fit import fit_model, prepare_training_data
 from driftloop.tasks.score import score_stream
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 ROWS = 120_000

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from driftloop.onnx_model import LoadedModel, load_model
 from driftloop.outputs import (
     ORPHAN_GRACE,
     RUNS,
+    Manifest,
     OutputError,
     ScoringOutput,
     current_manifest,
@@ -79,6 +80,22 @@ def _batch(n: int, *, seed: int, first_id: int = 0, bad: bool = False) -> pl.Dat
 
 def _score(model: LoadedModel, source: str, out: str, **kwargs) -> object:
     return score_stream(model, source, out, model_name="loans", model_version=kwargs.pop("version", 1), **kwargs)
+
+
+@pytest.fixture
+def before_manifest(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], None]], None]:
+    """Fault injection: ``before_manifest(hook)`` runs ``hook`` in the moment between a
+    run's last part and its manifest (every commit, in every thread, for this test)."""
+    real = ScoringOutput._write_manifest
+
+    def install(hook: Callable[[], None]) -> None:
+        def hooked(self: ScoringOutput, manifest: Manifest) -> tuple[str, Manifest]:
+            hook()
+            return real(self, manifest)
+
+        monkeypatch.setattr(ScoringOutput, "_write_manifest", hooked)
+
+    return install
 
 
 def test_ingest_score_and_monitor_through_s3(on_s3, monkeypatch) -> None:
@@ -187,7 +204,8 @@ def test_the_predictions_table_on_s3_replaces_survives_kill_and_takes_concurrent
         "again": 900, "concurrent-b": 900, "concurrent-c": 900}
 
 
-def test_a_reader_never_sees_a_manifest_whose_parts_are_missing(on_s3, s3_bucket: str, tmp_path: Path) -> None:
+def test_a_reader_never_sees_a_manifest_whose_parts_are_missing(on_s3, s3_bucket: str, tmp_path: Path,
+                                                                 before_manifest) -> None:
     model = on_s3["model"]
     source = tmp_path / "in.parquet"
     _batch(1200, seed=7).write_parquet(source)
@@ -201,7 +219,8 @@ def test_a_reader_never_sees_a_manifest_whose_parts_are_missing(on_s3, s3_bucket
         committed = {n.split("-", 1)[1].removesuffix(".json") for n in ScoringOutput(out).manifest_names()}
         assert runs_here - committed, "the run's parts are not in the bucket before its manifest"
 
-    _score(model, str(source), out, before_commit=all_parts_then_manifest)
+    before_manifest(all_parts_then_manifest)
+    _score(model, str(source), out)
     seen: list[int] = []
     runs_seen: set[object] = set()
     failures: list[BaseException] = []
@@ -222,7 +241,7 @@ def test_a_reader_never_sees_a_manifest_whose_parts_are_missing(on_s3, s3_bucket
     reader.start()
     try:
         for batch_size in (100, 300, 250, 1200, 90):  # each rerun supersedes (and collects) the previous run
-            _score(model, str(source), out, batch_size=batch_size, before_commit=all_parts_then_manifest)
+            _score(model, str(source), out, batch_size=batch_size)
             for name in ScoringOutput(out).manifest_names():
                 manifest = ScoringOutput(out).load_manifest(name)
                 assert {p.path for p in manifest.parts} <= set(_objects(out))
@@ -236,14 +255,16 @@ def test_a_reader_never_sees_a_manifest_whose_parts_are_missing(on_s3, s3_bucket
 _KILLED_BEFORE_MANIFEST = """
 import sys, time
 from driftloop.onnx_model import load_model
+from driftloop.outputs import ScoringOutput
 from driftloop.tasks.score import score_stream
 
-def hold():
+def hold(self, manifest):  # the moment between the last part and the manifest
     print("parts written", flush=True)
     time.sleep(600)
 
+ScoringOutput._write_manifest = hold
 model = load_model(open(sys.argv[1], "rb").read())
-score_stream(model, sys.argv[2], sys.argv[3], model_name="loans", model_version=2, batch_size=300, before_commit=hold)
+score_stream(model, sys.argv[2], sys.argv[3], model_name="loans", model_version=2, batch_size=300)
 """
 
 
@@ -273,19 +294,20 @@ def test_a_crash_between_parts_and_manifest_leaves_the_previous_output(on_s3, s3
     assert not [p for p in _objects(out) if p.startswith(f"{RUNS}/{run}")] and read_predictions(out).height == 800
 
 
-def test_two_runs_into_one_output_at_once_leave_one_complete_run(on_s3, s3_bucket: str, tmp_path: Path) -> None:
+def test_two_runs_into_one_output_at_once_leave_one_complete_run(on_s3, s3_bucket: str, tmp_path: Path,
+                                                                  before_manifest) -> None:
     inputs = {"a": (tmp_path / "a.parquet", 0), "b": (tmp_path / "b.parquet", 100_000)}
     for seed, (path, first_id) in enumerate(inputs.values()):
         _batch(1000 + 300 * seed, seed=seed, first_id=first_id, bad=True).write_parquet(path)
     out = f"{s3_bucket}/predictions"
     both_written = threading.Barrier(2, timeout=120)  # neither commits before both have written every part
+    before_manifest(both_written.wait)
     results: dict[str, object] = {}
     failures: list[BaseException] = []
 
     def run(name: str) -> None:
         try:
-            results[name] = _score(on_s3["model"], str(inputs[name][0]), out, batch_size=250,
-                                   before_commit=both_written.wait)
+            results[name] = _score(on_s3["model"], str(inputs[name][0]), out, batch_size=250)
         except BaseException as exc:  # noqa: BLE001 - reported below
             failures.append(exc)
 

@@ -20,7 +20,8 @@ from driftloop.flows.score import score
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.spec import MonitoringPolicy, load_spec
-from driftloop.tasks.monitor import PERFORMANCE_EVENT, MonitoringError
+from driftloop.tasks.monitor_policy import PERFORMANCE_EVENT
+from driftloop.tasks.monitor_report import MonitoringError
 from tests.support.faults import inserts_fail
 from tests.support.models import train_fast
 

@@ -25,8 +25,8 @@ from driftloop.settings import get_settings
 from driftloop.spec import load_spec
 from driftloop.storage import read_bytes
 from driftloop.tables import open_tables
+from driftloop.tasks.fit import fit_model, prepare_training_data
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_period, write_spec
 from tests.support.models import train_fast
 

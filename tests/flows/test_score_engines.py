@@ -19,7 +19,7 @@ from driftloop.forms import registered_forms
 from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.storage import read_bytes
-from driftloop.tasks.score import IntegrityError
+from driftloop.tasks.score import ArtifactIntegrityError
 from tests.support import tables as memory
 from tests.support.data import make_loans
 from tests.support.models import loans_champion
@@ -100,7 +100,7 @@ def test_a_damaged_form_is_refused(trained, tmp_path: Path) -> None:
     original = path.read_bytes()
     try:
         path.write_bytes(original[:-8] + b"\x00" * 8)
-        with pytest.raises(IntegrityError, match=native.sha256):
+        with pytest.raises(ArtifactIntegrityError, match=native.sha256):
             score(input_uri=str(trained["source"]), output_uri=str(tmp_path / "x"), model="loans", engine="native")
     finally:
         path.write_bytes(original)

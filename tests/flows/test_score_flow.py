@@ -23,7 +23,7 @@ from driftloop.registry import open_registry
 from driftloop.settings import get_settings
 from driftloop.spec import load_spec
 from driftloop.tasks.edge import ModelCache
-from driftloop.tasks.score import IntegrityError
+from driftloop.tasks.score import ArtifactIntegrityError
 from tests.support import tables as memory
 from tests.support.data import make_loans, write_spec
 from tests.support.faults import inserts_fail
@@ -147,11 +147,11 @@ def test_tampered_or_missing_artifact_is_refused(trained, tmp_path: Path) -> Non
     before = table.refresh().snapshot_id() if table else None
     try:
         artifact.write_bytes(original[:-10] + b"0123456789")
-        with pytest.raises(IntegrityError) as err:
+        with pytest.raises(ArtifactIntegrityError) as err:
             score(input_uri=str(source), output_uri=str(out), model="loans")
         assert f"expected {record.onnx_sha256}" in str(err.value) and "has sha256" in str(err.value)
         artifact.unlink()
-        with pytest.raises(IntegrityError, match="is missing"):
+        with pytest.raises(ArtifactIntegrityError, match="is missing"):
             score(input_uri=str(source), output_uri=str(out), model="loans")
     finally:
         artifact.write_bytes(original)

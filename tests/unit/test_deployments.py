@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from driftloop.tasks.monitor import DRIFT_EVENT, PERFORMANCE_EVENT
+from driftloop.tasks.monitor_policy import DRIFT_EVENT, PERFORMANCE_EVENT
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())

@@ -14,9 +14,9 @@ from driftloop.onnx_model import load_model
 from driftloop.spec import load_spec
 from driftloop.storage import ArtifactStore, read_bytes
 from driftloop.tasks.export import build_onnx, native_scores
-from driftloop.tasks.forms import build_forms, store_forms
+from driftloop.tasks.fit import fit_model, prepare_training_data
+from driftloop.tasks.form_builder import build_forms, store_forms
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 

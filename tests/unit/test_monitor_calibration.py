@@ -12,10 +12,12 @@ import pytest
 from driftloop.onnx_model import load_model, predict_scores
 from driftloop.spec import MonitoringPolicy, load_spec
 from driftloop.tasks.export import build_onnx
-from driftloop.tasks.monitor import decide, render_summary, run_monitoring
+from driftloop.tasks.fit import fit_model, prepare_training_data
+from driftloop.tasks.monitor import run_monitoring
+from driftloop.tasks.monitor_policy import decide_retraining
+from driftloop.tasks.monitor_summary import render_summary
 from driftloop.tasks.score import prediction_frame
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 CHUNK = 240  # the default: the 1,200-row reference // (min_reference_chunks + 1)
@@ -56,7 +58,7 @@ def test_a_stationary_stream_alerts_at_the_calibrated_rate_and_never_fires(setup
     print(f"\nstationary: {alert_fraction:.4f} of {len(checks)} chunk x feature checks alert, "
           f"{multivariate_alerts} of {FULL_CHUNKS + 1} multivariate chunks")
     assert alert_fraction <= 2 * POLICY.alert_rate
-    decision = decide(report, POLICY, gate=setup["spec"].gate, gate_metric="roc_auc")
+    decision = decide_retraining(report, POLICY, gate=setup["spec"].gate, gate_metric="roc_auc")
     assert not decision.fired, decision.reasons
     # Every drift row carries the calibrated threshold it was judged by.
     assert all(r["upper_threshold"] is not None and r["lower_threshold"] is None for r in checks)
@@ -69,7 +71,7 @@ def test_the_partial_last_chunk_is_reported_without_alerts(setup: dict) -> None:
     last = max(c.index for c in report.chunks)
     assert report.partial_chunks == {last: 60}
     assert not any(r["alert"] for r in report.results if r["chunk_index"] == last)
-    summary = render_summary("m:1", report, decide(report, POLICY), None)
+    summary = render_summary("m:1", report, decide_retraining(report, POLICY), None)
     assert f"Chunk {report.chunks[-1].key} (60 rows, fewer than a full chunk) is reported without alerts." in summary
 
 
@@ -81,4 +83,4 @@ def test_a_one_sd_shift_is_found_in_nearly_every_chunk(setup: dict) -> None:
     print(f"\npower: amount shifted by 1 sd flagged in {power:.0%} of {len(full)} chunks; "
           f"other features alert in {sum(r['alert'] for r in others) / len(others):.3f} of their checks")
     assert power >= 0.9
-    assert decide(report, POLICY).drifting_features == ["amount"]
+    assert decide_retraining(report, POLICY).drifting_features == ["amount"]

@@ -17,9 +17,11 @@ import pytest
 
 from driftloop.spec import DatasetSpec, MonitoringPolicy, parse_spec
 from driftloop.storage import ArtifactStore
-from driftloop.tasks import monitor
+from driftloop.tasks import monitor_calculators
 from driftloop.tasks.calibration import CalibrationStore, resample, resample_batches
-from driftloop.tasks.monitor import Levers, ensure_calibration, run_monitoring
+from driftloop.tasks.monitor import run_monitoring
+from driftloop.tasks.monitor_calculators import ensure_calibration
+from driftloop.tasks.monitor_frames import Levers
 
 CHUNK = 400
 POLICY = MonitoringPolicy(chunk_size=CHUNK, calibration_draws=50)
@@ -58,13 +60,13 @@ def data() -> dict[str, pl.DataFrame]:
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many times the calibration was computed."""
     made: list[int] = []
-    real = monitor.calibrate
+    real = monitor_calculators.calibrate
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         made.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(monitor, "calibrate", counting)
+    monkeypatch.setattr(monitor_calculators, "calibrate", counting)
     return made
 
 

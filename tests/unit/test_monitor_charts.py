@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from driftloop.tasks.monitor import Chunk, MonitorReport, PolicyDecision, render_summary
 from driftloop.tasks.monitor_charts import (
     artifact_markdown,
     charts_markdown,
@@ -21,6 +20,9 @@ from driftloop.tasks.monitor_charts import (
     render_charts,
     with_charts,
 )
+from driftloop.tasks.monitor_policy import PolicyDecision
+from driftloop.tasks.monitor_report import Chunk, MonitorReport
+from driftloop.tasks.monitor_summary import render_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FEATURES = ["car_value", "salary_range", "debt_to_income_ratio", "loan_length", "driver_tenure"]

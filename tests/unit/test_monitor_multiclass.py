@@ -13,10 +13,10 @@ import polars as pl
 from driftloop.onnx_model import load_model, predict_scores
 from driftloop.spec import MonitoringPolicy, load_spec
 from driftloop.tasks.export import build_onnx
+from driftloop.tasks.fit import fit_model, prepare_training_data
 from driftloop.tasks.monitor import run_monitoring
 from driftloop.tasks.score import prediction_frame
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 COLUMNS = {

@@ -14,18 +14,13 @@ import pytest
 from driftloop.onnx_model import load_model, predict_scores
 from driftloop.spec import DatasetSpec, GateSpec, MonitoringPolicy, Threshold, load_spec
 from driftloop.tasks.export import build_onnx
-from driftloop.tasks.monitor import (
-    PERFORMANCE_EVENT,
-    Chunk,
-    MonitorReport,
-    chunk_summaries,
-    decide,
-    render_summary,
-    run_monitoring,
-)
+from driftloop.tasks.fit import fit_model, prepare_training_data
+from driftloop.tasks.monitor import run_monitoring
+from driftloop.tasks.monitor_policy import PERFORMANCE_EVENT, decide_retraining
+from driftloop.tasks.monitor_report import Chunk, MonitorReport
+from driftloop.tasks.monitor_summary import chunk_summaries, render_summary
 from driftloop.tasks.score import prediction_frame
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import fit_model, prepare_training_data
 from tests.support.data import make_loans, write_spec
 
 ROWS = 2400  # analysis rows: 10 full chunks of the default 240 (reference 1200 // 5)
@@ -84,9 +79,9 @@ def test_concept_drift_fires_on_realized_performance_only_with_labels(setup: dic
     # CBPE sees nothing: it reads the model's scores, which did not change.
     assert not any(r["alert"] for r in report.rows("estimated"))
 
-    estimated_only = decide(report, POLICY)
+    estimated_only = decide_retraining(report, POLICY)
     assert estimated_only.event != PERFORMANCE_EVENT
-    decision = decide(report, POLICY, gate=spec.gate, gate_metric="roc_auc")
+    decision = decide_retraining(report, POLICY, gate=spec.gate, gate_metric="roc_auc")
     assert decision.fired and decision.event == PERFORMANCE_EVENT
     reason = next(r for r in decision.reasons if r.startswith("realized roc_auc"))
     assert "alerted against the reference in 3 of the last 3 labelled chunks" in reason
@@ -94,7 +89,7 @@ def test_concept_drift_fires_on_realized_performance_only_with_labels(setup: dic
 
     unlabelled = run_monitoring(setup["reference"], drifted.drop("repaid"), spec, POLICY, with_plots=False)
     assert not unlabelled.has_labels and not unlabelled.rows("realized")
-    no_labels = decide(unlabelled, POLICY, gate=spec.gate, gate_metric="roc_auc")
+    no_labels = decide_retraining(unlabelled, POLICY, gate=spec.gate, gate_metric="roc_auc")
     assert no_labels.event != PERFORMANCE_EVENT
     assert not any("realized" in r for r in no_labels.reasons)
 
@@ -103,7 +98,7 @@ def test_stationary_control_with_labels_does_not_fire(setup: dict) -> None:
     report: MonitorReport = setup["stationary"]
     values = [r["value"] for r in realized(report)]
     assert len(values) == 10 and all(0.65 < v < 0.9 for v in values), values
-    decision = decide(report, POLICY, gate=setup["spec"].gate, gate_metric="roc_auc")
+    decision = decide_retraining(report, POLICY, gate=setup["spec"].gate, gate_metric="roc_auc")
     assert decision.event != PERFORMANCE_EVENT
     assert not any("realized" in r for r in decision.reasons)
 
@@ -114,7 +109,7 @@ def test_the_gates_absolute_bar_fires_without_a_reference_alert(setup: dict) -> 
     assert not any(r["alert"] for r in recent)  # NannyML's reference-relative rule is quiet
 
     strict = GateSpec(thresholds={"roc_auc": Threshold(min=0.99)})  # never reached
-    decision = decide(report, POLICY, gate=strict, gate_metric="roc_auc")
+    decision = decide_retraining(report, POLICY, gate=strict, gate_metric="roc_auc")
     assert decision.fired and decision.event == PERFORMANCE_EVENT
     reason = next(r for r in decision.reasons if r.startswith("realized"))
     assert reason.startswith("realized roc_auc below the gate's min 0.99 in 3 of the last 3 labelled chunks")
@@ -122,11 +117,11 @@ def test_the_gates_absolute_bar_fires_without_a_reference_alert(setup: dict) -> 
     assert "alerted" not in reason
 
     lenient = GateSpec(thresholds={"roc_auc": Threshold(min=0.5)})
-    assert decide(report, POLICY, gate=lenient, gate_metric="roc_auc").event != PERFORMANCE_EVENT
+    assert decide_retraining(report, POLICY, gate=lenient, gate_metric="roc_auc").event != PERFORMANCE_EVENT
     # The gate's own metric is the default; a metric NannyML cannot compute has no rows.
-    assert decide(report, POLICY, gate=strict.model_copy(update={"metric": "roc_auc"})).event == PERFORMANCE_EVENT
+    assert decide_retraining(report, POLICY, gate=strict.model_copy(update={"metric": "roc_auc"})).event == PERFORMANCE_EVENT
     log_loss_bar = GateSpec(thresholds={"log_loss": Threshold(max=0.01)})
-    assert decide(report, POLICY, gate=log_loss_bar, gate_metric="log_loss").event != PERFORMANCE_EVENT
+    assert decide_retraining(report, POLICY, gate=log_loss_bar, gate_metric="log_loss").event != PERFORMANCE_EVENT
 
 
 def test_a_tiny_last_chunk_is_ignored_and_the_gate_metric_is_realized(setup: dict) -> None:
@@ -144,19 +139,19 @@ def test_a_tiny_last_chunk_is_ignored_and_the_gate_metric_is_realized(setup: dic
     assert report.partial_chunks == {5: 30}
 
     one_of_last = MonitoringPolicy(performance={"alerts": 1, "of_last": 1})
-    assert decide(report, one_of_last, gate_metric="roc_auc").event != PERFORMANCE_EVENT
+    assert decide_retraining(report, one_of_last, gate_metric="roc_auc").event != PERFORMANCE_EVENT
     # Judged against a gate bar it would be degraded: the labelled-rows rule keeps it out.
     strict = GateSpec(thresholds={"roc_auc": Threshold(min=0.6)})
-    assert decide(report, one_of_last, gate=strict, gate_metric="roc_auc").event != PERFORMANCE_EVENT
+    assert decide_retraining(report, one_of_last, gate=strict, gate_metric="roc_auc").event != PERFORMANCE_EVENT
     uncounted = dataclasses.replace(report, chunk_rows=None)
-    assert decide(uncounted, one_of_last, gate=strict, gate_metric="roc_auc").event == PERFORMANCE_EVENT
+    assert decide_retraining(uncounted, one_of_last, gate=strict, gate_metric="roc_auc").event == PERFORMANCE_EVENT
 
     pr_auc = realized(report, "pr_auc")
     assert len(pr_auc) == 6 and all(0 < r["value"] <= 1 for r in pr_auc)
     summaries = chunk_summaries(report)
     assert [c["realized"] for c in summaries] == [r["value"] for r in realized(report)]  # the estimated metric's
     assert [c["realized_gate"] for c in summaries] == [r["value"] for r in pr_auc]
-    assert "realized pr_auc" in render_summary("m:1", report, decide(report, POLICY), None)
+    assert "realized pr_auc" in render_summary("m:1", report, decide_retraining(report, POLICY), None)
 
 
 def test_lower_is_better_metrics_use_the_gates_max() -> None:
@@ -168,14 +163,15 @@ def test_lower_is_better_metrics_use_the_gates_max() -> None:
     report = MonitorReport([Chunk(i, f"c{i}", None, None) for i in range(4)],
                            [row(0, 1.0), row(1, 1.0), row(2, 3.0), row(3, 3.5)], "mae", True)
     gate = GateSpec(thresholds={"mae": Threshold(max=2.0)})
-    decision = decide(report, POLICY, gate=gate, gate_metric="mae")
+    decision = decide_retraining(report, POLICY, gate=gate, gate_metric="mae")
     assert decision.event == PERFORMANCE_EVENT
     assert "realized mae above the gate's max 2 in 2 of the last 3 labelled chunks (c2: 3.000, c3: 3.500)" in decision.reasons[0]
-    assert decide(report, POLICY, gate=GateSpec(thresholds={"mae": Threshold(max=4.0)}), gate_metric="mae").fired is False
+    assert decide_retraining(report, POLICY, gate=GateSpec(thresholds={"mae": Threshold(max=4.0)}), gate_metric="mae").fired is False
 
 
 def test_performance_better_than_the_reference_is_no_reason_to_retrain() -> None:
-    from driftloop.tasks.monitor import Chunk, worse_than_threshold
+    from driftloop.tasks.monitor_policy import worse_than_threshold
+    from driftloop.tasks.monitor_report import Chunk
 
     def row(i: int, value: float) -> dict:
         return {"chunk_index": i, "chunk_key": f"[{i}]", "chunk_start": None, "chunk_end": None, "kind": "estimated",
@@ -184,7 +180,7 @@ def test_performance_better_than_the_reference_is_no_reason_to_retrain() -> None
 
     better = [row(i, 0.95) for i in range(3)]
     report = MonitorReport([Chunk(i, f"[{i}]", None, None) for i in range(3)], better, "roc_auc", False)
-    assert not decide(report, POLICY).fired and not any(worse_than_threshold(r) for r in better)
+    assert not decide_retraining(report, POLICY).fired and not any(worse_than_threshold(r) for r in better)
     worse = [row(i, 0.70) for i in range(3)]
     report = MonitorReport([Chunk(i, f"[{i}]", None, None) for i in range(3)], worse, "roc_auc", False)
-    assert decide(report, POLICY).event == PERFORMANCE_EVENT
+    assert decide_retraining(report, POLICY).event == PERFORMANCE_EVENT

@@ -3,7 +3,7 @@ from pydantic import BaseModel, SecretStr
 
 from driftloop.errors import CredentialsInUri
 from driftloop.redact import credentials_in, mask_uri, refuse_credentials, refuse_credentials_in
-from driftloop.registry.store import masked_url
+from driftloop.registry.urls import masked_url
 
 # An AWS-style secret key holding '/', and secrets holding '#' and '?': each ended the
 # RFC authority early, and the whole secret came back unmasked.

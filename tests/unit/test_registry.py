@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from driftloop.errors import RegistryError
 from driftloop.registry import ChampionChanged, DatasetRecord, IncompleteVersion, VersionDraft
-from driftloop.registry.schema import current_revision, head_revision, upgrade
+from driftloop.registry.migrate import current_revision, head_revision, upgrade
 from driftloop.registry.store import RegistryStore, create_registry_engine, open_registry
 
 
@@ -44,6 +44,32 @@ def test_sqlite_registry(tmp_path: Path) -> None:
     assert current_revision(store.engine) == head_revision()
     exercise_store(store)
 
+
+
+def test_timestamps_read_back_from_sqlite_are_utc_aware(tmp_path: Path) -> None:
+    """SQLite keeps no zone; every timestamp column (one type, UtcDateTime) gives UTC back."""
+    from datetime import timedelta, timezone
+
+    from driftloop.registry.tables import DatasetRow, RetrainLeaseRow, UtcDateTime
+
+    assert all(isinstance(c.type, UtcDateTime) for t in DatasetRow.metadata.sorted_tables for c in t.columns
+               if isinstance(c.type, sa.DateTime | UtcDateTime))
+    store = open_registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    written = datetime(2026, 3, 1, 14, 30, tzinfo=timezone(timedelta(hours=2)))  # 12:30 UTC
+    store.add_dataset(record().model_copy(update={"created_at": written}))
+    read = store.get_dataset("ds_0001").created_at
+    assert read.tzinfo is not None and read.utcoffset() == timedelta(0) and read == written
+    assert read.hour == 12
+    with store.session() as s:  # a naive value written is taken as UTC
+        s.add(RetrainLeaseRow(model_name="loans", holder="me", acquired_at=datetime(2026, 3, 1, 9),
+                              expires_at=written, finished_at=None, outcome=None))
+    with store.session() as s:
+        lease = s.get(RetrainLeaseRow, "loans")
+        assert lease.acquired_at == datetime(2026, 3, 1, 9, tzinfo=UTC) and lease.expires_at == written
+        assert lease.expires_at.utcoffset() == timedelta(0) and lease.finished_at is None
+    with store.engine.connect() as conn:  # what SQLite holds: the UTC wall time, no zone
+        raw = conn.execute(sa.text("SELECT created_at FROM datasets")).scalar_one()
+    assert str(raw).startswith("2026-03-01 12:30:00")
 
 def test_upgrade_keeps_an_earlier_release_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"

@@ -18,13 +18,6 @@ def test_spec_derives_every_column_list(tmp_path: Path) -> None:
     assert "repaid" not in spec.schema_columns(labelled=False)
     assert spec.column_spec("id").unique  # ids are unique even when not declared so
     assert spec.column_spec("repaid").allowed == [0, 1]  # implied binary target
-    assert spec.onnx_input_signature() == [
-        ("amount", "float"), ("ratio", "float"), ("band", "string"), ("prev_ok", "float"), ("term", "float"),
-    ]
-    mapping = spec.nannyml_column_mapping()
-    assert mapping["timestamp_column_name"] == "ts"
-    assert mapping["y_true"] == "repaid"
-    assert mapping["categorical_column_names"] == ["band", "prev_ok"]
     assert set(build_schema(spec).columns) == set(spec.schema_columns())
 
 

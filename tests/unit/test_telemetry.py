@@ -28,8 +28,8 @@ entry = sys.argv[1]
 if entry == "nannyml":  # control: NannyML imported as anyone would
     import nannyml as nml
 elif entry == "monitor":  # driftloop's monitoring
-    from driftloop.tasks.monitor import _nannyml
-    nml = _nannyml()
+    from driftloop.tasks.monitor_frames import nannyml
+    nml = nannyml()
 elif entry == "cli":  # the command line, before it runs any command
     from driftloop.cli import _configure_environment
     _configure_environment(verbose=False)

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from driftloop.features import fit_encoding, target_vector
-from driftloop.onnx_model import load_model, predict_scores
+from driftloop.onnx_model import artifact_metadata, load_model, predict_scores
 from driftloop.spec import DatasetSpec, load_spec, parse_spec
 from driftloop.tasks.export import build_onnx, check_parity
 from driftloop.tasks.export_tensor import (
@@ -21,13 +21,13 @@ from driftloop.tasks.export_tensor import (
     ensemble_of,
     tensor_model,
 )
-from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import (
+from driftloop.tasks.fit import (
     FittedModel,
     fit_model,
     prepare_training_data,
     round_lightgbm_thresholds,
 )
+from driftloop.tasks.split import split_dataset
 from tests.support.data import make_loans, write_spec
 
 FEATURES = [f"f{i}" for i in range(6)]
@@ -211,6 +211,22 @@ def test_same_contract_as_the_tree_kernel_form_and_standard_ops_only() -> None:
     bigger = onnx.load_from_string(build_tensor_onnx(more_trees, encoding_more, spec_more, {})).graph  # type: ignore[arg-type]
     assert len(bigger.node) == len(graph.node)
 
+
+
+def test_both_forms_carry_the_one_metadata_builders_output() -> None:
+    """Both forms' metadata is ``artifact_metadata``'s, for the same model: equal apart
+    from what the tensor form adds about itself."""
+    spec, fitted, encoding = train("lightgbm", "binary_classification")
+    metadata = {"model": spec.name, "classes": None}
+    common = artifact_metadata(metadata, task=spec.task, algorithm=fitted.algorithm, encoding=encoding,
+                               score_output="probabilities")
+    kernel = load_model(build_onnx(fitted, encoding, spec, metadata))  # type: ignore[arg-type]
+    tensor = load_model(build_tensor_onnx(fitted, encoding, spec, metadata, layout="compact"))  # type: ignore[arg-type]
+    assert kernel.metadata == common
+    form = {k: tensor.metadata[k] for k in ("form", "tensor_layout", "trees", "depth")}
+    assert form["form"] == "tensor" and form["tensor_layout"] == "compact"
+    assert tensor.metadata == artifact_metadata(metadata, task=spec.task, algorithm=fitted.algorithm,
+                                                encoding=encoding, score_output="probabilities", **form)
 
 @pytest.mark.parametrize("algorithm", ["xgboost", "lightgbm"])
 def test_categorical_features_through_fit_model(tmp_path: Path, algorithm: str) -> None:

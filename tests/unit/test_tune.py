@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from driftloop.errors import DriftloopError
-from driftloop.tasks.tune import check_device
+from driftloop.tasks.fit import check_device
 from tests.support.data import write_spec
 
 # Runs in a fresh process: tune `n` trials of a shared study with a worker-specific seed.
@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from driftloop.spec import load_spec
 from driftloop.tasks.split import split_dataset
-from driftloop.tasks.tune import prepare_training_data, tune
+from driftloop.tasks.fit import prepare_training_data
+from driftloop.tasks.tune import tune
 from tests.support.data import make_loans
 storage, worker, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 spec = load_spec(sys.argv[4])

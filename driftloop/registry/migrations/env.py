@@ -1,9 +1,9 @@
 """Alembic environment: driftloop runs migrations programmatically on a connection it
-passes in ``config.attributes['connection']`` (see ``driftloop.registry.schema``)."""
+passes in ``config.attributes['connection']`` (see ``driftloop.registry.migrate``)."""
 
 from alembic import context
 
-from driftloop.registry.schema import VERSION_TABLE
+from driftloop.registry.migrate import VERSION_TABLE
 from driftloop.registry.tables import Base
 
 connection = context.config.attributes["connection"]

@@ -33,7 +33,7 @@ from driftloop.onnx_model import load_model
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
 from driftloop.tasks.export import compare_scores, native_scores, parity_rows
-from driftloop.tasks.tune import FittedModel
+from driftloop.tasks.fit import FittedModel
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,49 @@
+"""Dependencies point one way: flows -> tasks -> core (``driftloop/``). The CLI and the
+demo are entry points on top and may import anything."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRY_POINTS = {"cli.py", "demo.py"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at the top or inside a function (absolute names;
+    ``from driftloop import tasks`` counts as ``driftloop.tasks``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def violations(folder: str, forbidden: tuple[str, ...], skip: set[str] = frozenset()) -> list[str]:
+    out = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        if path.name in skip and path.parent == ROOT / folder:
+            continue
+        for module in sorted(imported_modules(path)):
+            if any(module == f or module.startswith(f + ".") for f in forbidden):
+                out.append(f"{path.relative_to(ROOT)} imports {module}")
+    return out
+
+
+def test_core_imports_neither_tasks_nor_flows() -> None:
+    assert violations("driftloop", ("driftloop.tasks", "driftloop.flows"), ENTRY_POINTS) == []
+
+
+def test_tasks_and_blocks_never_import_flows() -> None:
+    assert violations("tasks", ("driftloop.flows",)) == []
+    assert violations("blocks", ("driftloop.flows", "driftloop.tasks")) == []
+
+
+def test_the_check_sees_a_lazy_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from driftloop import tasks\n    import driftloop.flows.train\n")
+    assert {"driftloop.tasks", "driftloop.flows.train"} <= imported_modules(module)
