@@ -9,7 +9,6 @@ Prefect server if the command needs one and PREFECT_API_URL is unset, run, print
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +22,7 @@ from driftloop.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     CliParser,
+    HelpFormatter,
     UsageError,
     common_options,
     configure_environment,
@@ -38,15 +38,14 @@ from driftloop.spec import format_validation_error
 
 __all__ = ["build_parser", "main"]
 
-DESCRIPTION = """\
-driftloop: the life of a tabular model on Prefect 3. Ingest and validate data, train
-and register a model, score in batches, monitor drift, retrain."""
+DESCRIPTION = ("driftloop: the life of a tabular model on Prefect 3. Ingest and validate data, train and "
+               "register a model, score in batches, monitor drift, retrain.")
 GROUPS = (data, training, score, monitor, models, infra, housekeeping, demo)
 
 
 def build_parser() -> CliParser:
     parser = CliParser(prog="driftloop", description=DESCRIPTION, epilog=EPILOG, parents=[common_options()],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"driftloop {package_version()}",
                         help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,13 +33,18 @@ EXIT_INTERRUPTED = 130
 EPHEMERAL_STARTUP_TIMEOUT_S = 600
 
 EPILOG = """\
-exit codes: 0 done; 1 failed (one line on stderr saying what to do); 2 usage: the
-command line or a file it names is wrong, found before anything ran; 130 interrupted.
-With --json the result, or the error as {"error": ..., "kind": ...}, is one JSON object
-on stdout.
-Prefect: runs go to PREFECT_API_URL when set; else the command starts a temporary local
-server and waits up to 600 s for it (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-overrides)."""
+exit codes: 0 done; 1 failed (one line on stderr saying what to do); 2 usage: the command line or a file it names is wrong, found before anything ran; 130 interrupted.
+With --json the result, or the error as {"error": ..., "kind": ...}, is one JSON object on stdout.
+Prefect: runs go to PREFECT_API_URL when set; else the command starts a temporary local server and waits up to 600 s for it (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS overrides)."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog on its own: paragraphs stay apart."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent) or ""
+                         for line in text.splitlines())
+
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 Human = Callable[[dict[str, Any]], str]
@@ -136,14 +142,14 @@ def add_command(sub: argparse._SubParsersAction, name: str, *, help: str, handle
     what main calls: ``check`` (before anything runs), then ``handler``; ``human`` formats
     the result without --json."""
     parser = sub.add_parser(name, help=help, description=description or help, epilog=EPILOG,
-                            parents=[common_options()], formatter_class=argparse.RawDescriptionHelpFormatter)
+                            parents=[common_options()], formatter_class=HelpFormatter)
     parser.set_defaults(handler=handler, human=human, check=check, binding=binding, needs_prefect=needs_prefect)
     return parser
 
 
 def add_group(sub: argparse._SubParsersAction, name: str, *, help: str) -> argparse._SubParsersAction:
     parser = sub.add_parser(name, help=help, description=help, epilog=EPILOG, parents=[common_options()],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=HelpFormatter)
     return parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND",
                                  help=f"see: driftloop {name} COMMAND --help")
 
