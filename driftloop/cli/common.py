@@ -32,10 +32,14 @@ EXIT_INTERRUPTED = 130
 # Ten minutes unless the user set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
 EPHEMERAL_STARTUP_TIMEOUT_S = 600
 
-EPILOG = """\
-exit codes: 0 done; 1 failed (one line on stderr saying what to do); 2 usage: the command line or a file it names is wrong, found before anything ran; 130 interrupted.
-With --json the result, or the error as {"error": ..., "kind": ...}, is one JSON object on stdout.
-Prefect: runs go to PREFECT_API_URL when set; else the command starts a temporary local server and waits up to 600 s for it (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS overrides)."""
+# Every --help ends with this; each line wraps as its own paragraph.
+EPILOG = "\n".join([
+    ("exit codes: 0 done; 1 failed (one line on stderr saying what to do); 2 usage: the command line or a file it "
+    "names is wrong, found before anything ran; 130 interrupted."),
+    'With --json the result, or the error as {"error": ..., "kind": ...}, is one JSON object on stdout.',
+    ("Prefect: runs go to PREFECT_API_URL when set; else the command starts a temporary local server and waits up "
+    f"to {EPHEMERAL_STARTUP_TIMEOUT_S} s for it (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS overrides)."),
+])
 
 
 class HelpFormatter(argparse.HelpFormatter):
