@@ -92,21 +92,28 @@ def test_cli_ingest_from_sql_table(tmp_path: Path, home: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("make_args", "expected"),
+    ("make_args", "expected", "code", "kind"),
     [
-        (lambda d: ["--spec", str(write_spec(d, {"colour": 1})), str(write_csv(d, GOOD_ROWS))], "key 'colour': unknown key"),
-        (lambda d: ["--spec", str(write_spec(d)), str(d / "absent.csv")], "absent.csv does not exist"),
-        (lambda d: ["--spec", str(write_spec(d)), str(write_csv(d, GOOD_ROWS, header="id,ts"))], "missing columns"),
-        (lambda d: ["--spec", str(write_spec(d)), "--sql-url", f"sqlite:///{d}/src.db", "--table", "nope"], "table 'nope' does not exist"),
+        # found by the CLI's checks before anything ran: usage errors (exit 2)
+        (lambda d: ["--spec", str(write_spec(d, {"colour": 1})), str(write_csv(d, GOOD_ROWS))], "key 'colour': unknown key",
+         2, "spec"),
+        (lambda d: ["--spec", str(write_spec(d)), str(d / "absent.csv")], "absent.csv does not exist", 2, "source"),
+        # found by the flow (exit 1)
+        (lambda d: ["--spec", str(write_spec(d)), str(write_csv(d, GOOD_ROWS, header="id,ts"))], "missing columns",
+         1, "schema"),
+        (lambda d: ["--spec", str(write_spec(d)), "--sql-url", f"sqlite:///{d}/src.db", "--table", "nope"],
+         "table 'nope' does not exist", 1, "source"),
     ],
 )
-def test_cli_failure_is_one_clear_line(tmp_path: Path, home: Path, make_args, expected: str) -> None:
+def test_cli_failure_is_one_clear_line(tmp_path: Path, home: Path, make_args, expected: str, code: int,
+                                       kind: str) -> None:
     run = cli("ingest", *make_args(tmp_path), "--json")
-    assert run.returncode == 1
-    assert run.stdout == ""
+    assert run.returncode == code
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith("driftloop: error: ") and expected in lines[0]
+    error = json.loads(run.stdout)  # --json: the error as one object on stdout, the same words
+    assert error == {"error": lines[0].removeprefix("driftloop: error: "), "kind": kind}
 
 
 def test_sql_credentials_from_a_prefect_secret_block(tmp_path: Path, home: Path) -> None:

@@ -77,7 +77,8 @@ def test_planted_secrets_reach_no_output_record_log_or_artifact(tmp_path: Path, 
         assert not [m for m in MARKERS if m.decode() in printed], f"{name} printed a secret: {printed}"
         if name in ("ingest s3 with key", "train s3 with key", "score pre-signed", "score output with key",
                     "labels pre-signed", "monitor labels pre-signed"):
-            assert run.returncode == 1 and "holds credentials" in run.stderr and "environment" in run.stderr, printed
+            # refused with the other argument checks, before anything ran: a usage error
+            assert run.returncode == 2 and "holds credentials" in run.stderr and "environment" in run.stderr, printed
 
     # the registry database and the artifact root (under DRIFTLOOP_HOME), the Prefect
     # server's database (its WAL too), its log and anything it stores (under its home)

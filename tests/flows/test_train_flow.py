@@ -103,4 +103,4 @@ def test_train_and_models_cli(tmp_path: Path, home: Path) -> None:
     assert shown["alias_history"][-1]["reason"] == "rollback: canary failed"
 
     bad = cli("train", "--spec", str(spec), str(data), "--algorithms", "catboost")
-    assert bad.returncode == 1 and "unknown catboost" in bad.stderr
+    assert bad.returncode == 2 and "unknown catboost" in bad.stderr  # a usage error, found before anything ran

@@ -444,7 +444,8 @@ def test_undefined_metrics_are_stored_and_printed_as_null_with_the_reason(postgr
 
     import numpy as np
 
-    from driftloop.cli import _emit, main
+    from driftloop.cli import main
+    from driftloop.cli.common import emit
     from driftloop.tasks.evaluate import compute_metrics
     from driftloop.tasks.register import render_model_card
 
@@ -474,6 +475,6 @@ def test_undefined_metrics_are_stored_and_printed_as_null_with_the_reason(postgr
     assert main(["models", "show", "loans:1"]) == 0
     assert "roc_auc n/a (undefined: the rows hold one class only" in capsys.readouterr().out
     # What `driftloop train --json` prints for a result holding NaN (in memory) is JSON too.
-    _emit({"metrics": one_class, "gate": {"champion_metrics": {"roc_auc": float("nan")}}}, True, str)
+    emit({"metrics": one_class, "gate": {"champion_metrics": {"roc_auc": float("nan")}}}, True, str)
     printed = json.loads(capsys.readouterr().out, parse_constant=_no_nan)
     assert printed["metrics"]["roc_auc"] is None and printed["gate"]["champion_metrics"]["roc_auc"] is None

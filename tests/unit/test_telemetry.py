@@ -31,8 +31,8 @@ elif entry == "monitor":  # driftloop's monitoring
     from driftloop.tasks.monitor_frames import nannyml
     nml = nannyml()
 elif entry == "cli":  # the command line, before it runs any command
-    from driftloop.cli import _configure_environment
-    _configure_environment(verbose=False)
+    from driftloop.cli.common import configure_environment
+    configure_environment(verbose=False)
     import nannyml as nml
 import numpy as np
 import pandas as pd
