@@ -93,30 +93,56 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # unit files fill the gaps at the end. Within a file the order stays as written.
 _LONGEST_FIRST = (
     "tests/e2e/test_loop.py",
-    "tests/faults/test_training_killed.py",
-    "tests/e2e/test_server_restart.py",
     "tests/faults/test_object_store.py",
+    "tests/e2e/test_server_restart.py",
     "tests/e2e/test_distributed_tuning.py",
+    "tests/faults/test_training_killed.py",
     "tests/flows/test_retrain_flow.py",
+    "tests/packaging/test_wheel.py",
     "tests/e2e/test_storm.py",
     "tests/flows/test_train_flow.py",
-    "tests/packaging/test_wheel.py",
+    "tests/unit/test_cli.py",
     "tests/faults/test_registry_outages.py",
-    "tests/flows/test_no_secrets.py",
     "tests/flows/test_monitor_flow.py",
-    "tests/flows/test_monitor_labels.py",
+    "tests/flows/test_no_secrets.py",
     "tests/flows/test_score_flow.py",
+    "tests/flows/test_monitor_labels.py",
     "tests/flows/test_score_engines.py",
     "tests/flows/test_score_partitioned.py",
+    "tests/faults/test_edge_failures.py",
     "tests/e2e/test_ui.py",
     "tests/unit/test_tune.py",
 )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> tuple[int, int]:
+    def rank(item: pytest.Item) -> tuple[int, bool]:
         path = item.nodeid.split("::")[0]
         first = _LONGEST_FIRST.index(path) if path in _LONGEST_FIRST else len(_LONGEST_FIRST)
-        return first, ("unit/" in path)  # then flows and faults before unit tests
+        return first, "unit/" in path  # then flows and faults before unit tests
 
     items.sort(key=rank)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadfile`` in collection order (xdist's own reorders files by test count,
+    which put the one-test end-to-end files last), handing a worker its next file only when
+    it is down to its last test: a worker always holds one test ahead (it must know its next
+    test), so with xdist's threshold of two a long file could queue two more behind it."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirst(LoadFileScheduling):
+        def _reschedule(self, node) -> None:
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+                return
+            if self._pending_of(self.assigned_work[node]) <= 1:
+                self._assign_work_unit(node)
+
+    config.option.loadscopereorder = False
+    return LongestFirst(config, log)
