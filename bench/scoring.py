@@ -958,12 +958,13 @@ def profile_stages(model: Model, data: bytes, kind: str, spec: Any, input_path: 
     per batch with the functions the scorer runs: read (the input reader's Parquet batch
     to polars), validate (``validate_rows`` with the earlier batches' ids), matrix (the
     form's input), predict (the form's kernel at ``threads``), conform (the output rows:
-    ``prediction_frame``), write (a zstd Parquet part, as ``score_stream`` writes it) and
+    ``prediction_frame``), write (a Parquet part, as ``score_stream`` writes it) and
     table (the same rows through ``TableSink``: tags, conform, an Iceberg data file)."""
     import io
     import uuid
     from datetime import UTC, datetime
 
+    from driftloop import outputs
     from driftloop.onnx_model import load_model
     from driftloop.tasks.score import TableSink, prediction_frame
     from driftloop.tasks.validate import SeenValues, validate_rows
@@ -977,6 +978,7 @@ def profile_stages(model: Model, data: bytes, kind: str, spec: Any, input_path: 
     stages: dict[str, list[float]] = {k: [] for k in PROFILE_STAGES}
     seen: dict[str, SeenValues] = {}
     scored_at = datetime.now(UTC)
+    compression = getattr(outputs, "PART_COMPRESSION", "zstd")  # what score_stream's parts are written with
     reader = pq.ParquetFile(input_path).iter_batches(batch_size=batch_size)
     scorer.predict(pl.from_arrow(next(pq.ParquetFile(input_path).iter_batches(batch_size=16))))  # warm-up
     for index in range(batches):
@@ -998,7 +1000,7 @@ def profile_stages(model: Model, data: bytes, kind: str, spec: Any, input_path: 
                                scored_at=scored_at)
         t5 = time.perf_counter()
         buffer = io.BytesIO()
-        out.write_parquet(buffer, compression="zstd")
+        out.write_parquet(buffer, compression=compression)
         t6 = time.perf_counter()
         sink.write_part(out, partition="p", index=index)
         t7 = time.perf_counter()
@@ -1011,6 +1013,12 @@ def profile_stages(model: Model, data: bytes, kind: str, spec: Any, input_path: 
 
 
 PROFILE_STAGES = ("read", "validate", "matrix", "predict", "conform", "write", "table")
+
+
+def model_descriptor(model: Model, threads: int) -> Any:
+    from driftloop.onnx_model import load_model
+
+    return load_model(model.onnx, threads=threads)
 
 
 def form_scorer(kind: str, data: bytes, descriptor: Any, threads: int) -> Any:
@@ -1039,9 +1047,13 @@ def profile_section(models: list[Model], forms: dict[str, Forms], spec: Any, x: 
             st = profile_stages(model, data[kind], kind, spec, score_path, tmp, threads=threads,
                                 batch_size=batch_size, batches=max(1, min(5, rows // batch_size)))
             medians = [median_ms(st[name]) for name in PROFILE_STAGES]
-            scoring_thread = medians[PROFILE_STAGES.index("predict")]
+            ms = dict(zip(PROFILE_STAGES, medians, strict=True))
+            # What the scoring thread runs: the kernel alone where score_batches pipelines the
+            # form's stages; else validation, the form's input, the kernel and the output rows.
+            staged = hasattr(form_scorer(kind, data[kind], model_descriptor(model, threads), threads).predict, "run")
+            scoring_thread = ms["predict"] if staged else ms["validate"] + ms["matrix"] + ms["predict"] + ms["conform"]
             stage_rows.append([model.algorithm, str(threads), kind, *(f"{m:.0f}" for m in medians),
-                               f"{sum(medians) - medians[-1]:.0f}"])
+                               f"{sum(medians) - medians[-1]:.0f}", f"{scoring_thread:.0f}"])
             scorer = lambda d, k=kind, b=data[kind], t=threads: form_predict(k, b, d, t)
             target = table_target(tmp / f"bench-table-{model.algorithm}-{threads}")
             runs: dict[str, list[float]] = {"ours": [], "table": [], "native": [], "script": []}
@@ -1071,12 +1083,14 @@ def profile_section(models: list[Model], forms: dict[str, Forms], spec: Any, x: 
             print(f"  {model.algorithm} t={threads} ({kind}): " + "; ".join(
                 f"{k} " + " ".join(f"{s:.2f}" for s in v) + " s" for k, v in runs.items()), flush=True)
     print(f"\nstages run serially, median ms per {batch_size:,}-row batch:")
-    print(table(["algorithm", "threads", "form", *PROFILE_STAGES, "serial total (no table)"], stage_rows))
+    print(table(["algorithm", "threads", "form", *PROFILE_STAGES, "serial total (no table)",
+                 "on the scoring thread"], stage_rows))
     print(
         "read: Parquet batch -> polars; validate: validate_rows + ids kept; matrix: the form's input (native: the "
         "float32 matrix; onnx: built inside predict, so counted there); predict: the form's kernel; conform: "
         "prediction_frame; write: a zstd Parquet part (score_stream); table: the same rows into the Iceberg table "
-        "(TableSink: tags, conform, data file)."
+        "(TableSink: tags, conform, data file). On the scoring thread: the stages score_batches runs there (the rest "
+        "runs on the reader, prepare and writer threads)."
     )
     print(table(["algorithm", "threads", "form", "ours rows/s", "table rows/s", "native in-memory rows/s",
                  "script rows/s", "ours / in-memory", "ours / script", "table / in-memory", "table / script"],
