@@ -1088,7 +1088,7 @@ def profile_section(models: list[Model], forms: dict[str, Forms], spec: Any, x: 
     print(
         "read: Parquet batch -> polars; validate: validate_rows + ids kept; matrix: the form's input (native: the "
         "float32 matrix; onnx: built inside predict, so counted there); predict: the form's kernel; conform: "
-        "prediction_frame; write: a zstd Parquet part (score_stream); table: the same rows into the Iceberg table "
+        "prediction_frame; write: a Parquet part as score_stream writes it (driftloop.outputs.PART_COMPRESSION); table: the same rows into the Iceberg table "
         "(TableSink: tags, conform, data file). On the scoring thread: the stages score_batches runs there (the rest "
         "runs on the reader, prepare and writer threads)."
     )
