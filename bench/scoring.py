@@ -65,6 +65,7 @@ Run from the repository root:
     .venv/bin/python bench/scoring.py --quick    # smoke run: 100k / 500k rows
     .venv/bin/python bench/scoring.py --rows 200000   # 200k / 1M rows, full-size models
     .venv/bin/python bench/scoring.py --table-only    # table vs stream only, 1M rows
+    .venv/bin/python bench/scoring.py --profile --rows 300000   # stage table + ours/table vs native vs script
 
 The last line printed is one JSON object: {"results": [{"algorithm", "threads", "engine" (the
 form auto chose), "ours_rows_s", "onnx_rows_s", "native_inmemory_rows_s",
