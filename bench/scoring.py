@@ -65,6 +65,7 @@ Run from the repository root:
     .venv/bin/python bench/scoring.py --quick    # smoke run: 100k / 500k rows
     .venv/bin/python bench/scoring.py --rows 200000   # 200k / 1M rows, full-size models
     .venv/bin/python bench/scoring.py --table-only    # table vs stream only, 1M rows
+    .venv/bin/python bench/scoring.py --profile --rows 300000   # stage table + ours/table vs native vs script
 
 The last line printed is one JSON object: {"results": [{"algorithm", "threads", "engine" (the
 form auto chose), "ours_rows_s", "onnx_rows_s", "native_inmemory_rows_s",
@@ -949,6 +950,166 @@ def worst_table_ratio(results: list[dict[str, Any]]) -> float:
     return max((r["ratio_table_stream"] for r in results if "ratio_table_stream" in r), default=float("nan"))
 
 
+# --- --profile: where the time of the fastest verified form goes, per batch ---------------
+
+
+def profile_stages(model: Model, data: bytes, kind: str, spec: Any, input_path: Path, out_root: Path, *,
+                   threads: int, batch_size: int, batches: int) -> dict[str, list[float]]:
+    """Each stage of ``score_batches`` for form ``kind`` (bytes ``data``), timed serially
+    per batch with the functions the scorer runs: read (the input reader's Parquet batch
+    to polars), validate (``validate_rows`` with the earlier batches' ids), matrix (the
+    form's input), predict (the form's kernel at ``threads``), conform (the output rows:
+    ``prediction_frame``), write (a Parquet part, as ``score_stream`` writes it) and
+    table (the same rows through ``TableSink``: tags, conform, an Iceberg data file)."""
+    import io
+    import uuid
+    from datetime import UTC, datetime
+
+    from driftloop import outputs
+    from driftloop.onnx_model import load_model
+    from driftloop.tasks.score import TableSink, prediction_frame
+    from driftloop.tasks.validate import SeenValues, validate_rows
+
+    descriptor = load_model(model.onnx, threads=threads)
+    scorer = form_scorer(kind, data, descriptor, threads)
+    prepare = getattr(scorer.predict, "prepare", None)
+    target = table_target(out_root / f"profile-{model.algorithm}-{threads}")
+    sink = TableSink(target.tables, target.store, spec, model_name="bench", run_id=str(uuid.uuid4()),
+                     input_key="profile", form=kind)
+    stages: dict[str, list[float]] = {k: [] for k in PROFILE_STAGES}
+    seen: dict[str, SeenValues] = {}
+    scored_at = datetime.now(UTC)
+    compression = getattr(outputs, "PART_COMPRESSION", "zstd")  # what score_stream's parts are written with
+    reader = pq.ParquetFile(input_path).iter_batches(batch_size=batch_size)
+    scorer.predict(pl.from_arrow(next(pq.ParquetFile(input_path).iter_batches(batch_size=16))))  # warm-up
+    for index in range(batches):
+        t0 = time.perf_counter()
+        frame = pl.from_arrow(next(reader))
+        t1 = time.perf_counter()
+        valid = validate_rows(frame, spec, labelled=False, warn_ignored=False, seen=seen).valid
+        seen.setdefault("id", SeenValues()).add(valid["id"])
+        t2 = time.perf_counter()
+        if prepare is not None:
+            prepared = prepare(valid)
+            t3 = time.perf_counter()
+            scores = scorer.predict.run(prepared)
+        else:  # a form without stages: its input is built inside predict
+            t3 = time.perf_counter()
+            scores = scorer.predict(valid)
+        t4 = time.perf_counter()
+        out = prediction_frame(descriptor, spec, valid, scores, model_name="bench", model_version=1,
+                               scored_at=scored_at)
+        t5 = time.perf_counter()
+        buffer = io.BytesIO()
+        out.write_parquet(buffer, compression=compression)
+        t6 = time.perf_counter()
+        sink.write_part(out, partition="p", index=index)
+        t7 = time.perf_counter()
+        for name, seconds in zip(PROFILE_STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6),
+                                 strict=True):
+            stages[name].append(seconds)
+    sink.abort()
+    scorer.close()
+    return stages
+
+
+PROFILE_STAGES = ("read", "validate", "matrix", "predict", "conform", "write", "table")
+
+
+def model_descriptor(model: Model, threads: int) -> Any:
+    from driftloop.onnx_model import load_model
+
+    return load_model(model.onnx, threads=threads)
+
+
+def form_scorer(kind: str, data: bytes, descriptor: Any, threads: int) -> Any:
+    from driftloop.forms import FormRecord, load_form
+
+    record = FormRecord(kind=kind, uri="bench://", sha256="", parity_rows=0, parity_max_abs_diff=0.0,
+                        parity_flips=0, rows_per_s=0.0)
+    return load_form(record, descriptor, data, threads=threads)
+
+
+def profile_section(models: list[Model], forms: dict[str, Forms], spec: Any, x: np.ndarray, score_path: Path,
+                    tmp: Path, *, rows: int, batch_size: int, repeats: int) -> list[dict[str, Any]]:
+    """The per-stage table and, in the same process, ours (``score_stream`` and
+    ``score_to_table`` with the fastest verified form) vs native in-memory vs the user's
+    script, at 1 and 2 threads; each run's seconds kept (the spread)."""
+    from driftloop.forms import choose_form
+
+    stage_rows, rows_out, results = [], [], []
+    for model in models:
+        data = {form.kind: form.data for form in forms[model.algorithm].built.forms}
+        for threads in (1, 2):
+            timed_forms = forms_at(forms[model.algorithm], model.onnx, x_frame_cache(score_path), threads)
+            chosen, _ = choose_form(timed_forms, engine="auto", algorithm=model.algorithm)
+            kind = chosen.kind
+            (tmp / "parts").mkdir(exist_ok=True)
+            st = profile_stages(model, data[kind], kind, spec, score_path, tmp, threads=threads,
+                                batch_size=batch_size, batches=max(1, min(5, rows // batch_size)))
+            medians = [median_ms(st[name]) for name in PROFILE_STAGES]
+            ms = dict(zip(PROFILE_STAGES, medians, strict=True))
+            # What the scoring thread runs: the kernel alone where score_batches pipelines the
+            # form's stages; else validation, the form's input, the kernel and the output rows.
+            staged = hasattr(form_scorer(kind, data[kind], model_descriptor(model, threads), threads).predict, "run")
+            scoring_thread = ms["predict"] if staged else ms["validate"] + ms["matrix"] + ms["predict"] + ms["conform"]
+            stage_rows.append([model.algorithm, str(threads), kind, *(f"{m:.0f}" for m in medians),
+                               f"{sum(medians) - medians[-1]:.0f}", f"{scoring_thread:.0f}"])
+            scorer = lambda d, k=kind, b=data[kind], t=threads: form_predict(k, b, d, t)
+            target = table_target(tmp / f"bench-table-{model.algorithm}-{threads}")
+            runs: dict[str, list[float]] = {"ours": [], "table": [], "native": [], "script": []}
+            for _ in range(repeats):  # alternated, so load swings hit every figure alike
+                runs["ours"].append(score_once(model.onnx, score_path, tmp, threads=threads, batch_size=batch_size,
+                                               rows=rows, scorer=scorer))
+                runs["table"].append(table_once(model.onnx, score_path, target, threads=threads,
+                                                batch_size=batch_size, rows=rows, scorer=scorer))
+                runs["native"].append(native_predict(model, x, threads)[1])
+                runs["script"].append(script_once(model, score_path, tmp, threads))
+            best = {k: min(v) for k, v in runs.items()}
+            entry = {
+                "algorithm": model.algorithm, "threads": threads, "engine": kind,
+                "ratio_inmemory": round(best["native"] / best["ours"], 3),
+                "ratio_script": round(best["script"] / best["ours"], 3),
+                "ratio_table_inmemory": round(best["native"] / best["table"], 3),
+                "ratio_table_script": round(best["script"] / best["table"], 3),
+                "seconds": {k: [round(s, 3) for s in v] for k, v in runs.items()},
+                "stages_ms": dict(zip(PROFILE_STAGES, (round(m, 1) for m in medians), strict=True)),
+                "predict_ms": round(scoring_thread, 1),
+            }
+            results.append(entry)
+            rows_out.append([model.algorithm, str(threads), kind, rate(rows, best["ours"]), rate(rows, best["table"]),
+                             rate(rows, best["native"]), rate(rows, best["script"]),
+                             f"{entry['ratio_inmemory']:.3f}", f"{entry['ratio_script']:.3f}",
+                             f"{entry['ratio_table_inmemory']:.3f}", f"{entry['ratio_table_script']:.3f}"])
+            print(f"  {model.algorithm} t={threads} ({kind}): " + "; ".join(
+                f"{k} " + " ".join(f"{s:.2f}" for s in v) + " s" for k, v in runs.items()), flush=True)
+    print(f"\nstages run serially, median ms per {batch_size:,}-row batch:")
+    print(table(["algorithm", "threads", "form", *PROFILE_STAGES, "serial total (no table)",
+                 "on the scoring thread"], stage_rows))
+    print(
+        "read: Parquet batch -> polars; validate: validate_rows + ids kept; matrix: the form's input (native: the "
+        "float32 matrix; onnx: built inside predict, so counted there); predict: the form's kernel; conform: "
+        "prediction_frame; write: a Parquet part as score_stream writes it (driftloop.outputs.PART_COMPRESSION); table: the same rows into the Iceberg table "
+        "(TableSink: tags, conform, data file). On the scoring thread: the stages score_batches runs there (the rest "
+        "runs on the reader, prepare and writer threads)."
+    )
+    print(table(["algorithm", "threads", "form", "ours rows/s", "table rows/s", "native in-memory rows/s",
+                 "script rows/s", "ours / in-memory", "ours / script", "table / in-memory", "table / script"],
+                rows_out))
+    return results
+
+
+_X_FRAME: dict[str, pl.DataFrame] = {}
+
+
+def x_frame_cache(path: Path) -> pl.DataFrame:
+    """The timing rows auto's choice is measured on (registration's parity rows' head)."""
+    key = str(path)
+    if key not in _X_FRAME:
+        _X_FRAME[key] = pl.read_parquet(path, n_rows=PARITY_ROWS)
+    return _X_FRAME[key]
+
+
 # --- main ------------------------------------------------------------------------------
 
 
@@ -969,6 +1130,10 @@ def main() -> None:
         "--table-only", action="store_true",
         help="only the predictions-table path against score_stream (setup, then that section; batch size 100,000)",
     )
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="only the per-stage profile and ours vs native vs script with the fastest verified form (batch 100,000)",
+    )
     parser.add_argument("--child-rss", nargs=2, metavar=("ONNX", "INPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=100_000, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
@@ -983,6 +1148,8 @@ def main() -> None:
     import onnxruntime
     import xgboost
 
+    import driftloop.tasks.forms  # imported up front: the code measured is the code at the start
+    import driftloop.tasks.score  # noqa: F401
     from driftloop.forms import choose_form
     from driftloop.onnx_model import load_model, predict_scores
     from driftloop.spec import parse_spec
@@ -994,7 +1161,7 @@ def main() -> None:
             sizes, score_rows=args.rows, big_rows=5 * args.rows, breakdown_batches=breakdown
         )
     mode = (" --quick" if args.quick else "") + (f" --rows {args.rows}" if args.rows else "") + (
-        " --table-only" if args.table_only else "")
+        " --table-only" if args.table_only else "") + (" --profile" if args.profile else "")
     spec = parse_spec(SPEC, source="bench/scoring.py")
     total_started = time.perf_counter()
     print(
@@ -1016,18 +1183,18 @@ def main() -> None:
         )
         score_path, big_path = tmp / "score.parquet", tmp / "score-big.parquet"
         write_input(score_path, sizes.score_rows, SEED + 1)
-        if not args.table_only:
+        if not (args.table_only or args.profile):
             write_input(big_path, sizes.big_rows, SEED + 2)
         print(
             f"data: {sizes.train_rows:,} training rows (positive rate {train[TARGET].mean():.2f}); scoring inputs "
             f"{sizes.score_rows:,} rows ({score_path.stat().st_size / 1e6:.0f} MB)"
-            + ("" if args.table_only else
+            + ("" if args.table_only or args.profile else
                f" and {sizes.big_rows:,} rows ({big_path.stat().st_size / 1e6:.0f} MB)")
             + f" in {time.perf_counter() - started:.1f} s"
         )
 
         os.environ["DRIFTLOOP_HOME"] = str(tmp / "home")  # the table path's registry and tables: temp
-        encoding, models = train_models(spec, train, threads=os.cpu_count() or 2, tensor=not args.table_only)
+        encoding, models = train_models(spec, train, threads=os.cpu_count() or 2, tensor=not (args.table_only or args.profile))
         del train
         x = encoding.matrix(pl.read_parquet(score_path))
         for model in models:
@@ -1056,6 +1223,19 @@ def main() -> None:
                 f"load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
             )
             print(json.dumps({"results": results, "ratio_table_stream_worst": worst_table_ratio(results)}))
+            return
+
+        if args.profile:
+            parity = pl.read_parquet(score_path, n_rows=min(PARITY_ROWS, sizes.score_rows))
+            forms = {model.algorithm: register_forms(model, encoding, spec, parity) for model in models}
+            section(f"profile: the fastest verified form, {sizes.score_rows:,} rows, batch size {args.batch_size:,}")
+            results = profile_section(models, forms, spec, x, score_path, tmp, rows=sizes.score_rows,
+                                      batch_size=args.batch_size, repeats=args.repeats)
+            print(
+                f"\ntotal benchmark time {time.perf_counter() - total_started:.0f} s; "
+                f"load average at the end {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
+            )
+            print(json.dumps({"results": results}))
             return
 
         section(

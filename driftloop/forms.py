@@ -21,6 +21,7 @@ import importlib.util
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, Self
 
 import numpy as np
@@ -29,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from driftloop.errors import DriftloopError
 from driftloop.features import FeatureEncoding
-from driftloop.onnx_model import LoadedModel, load_model, predict_scores
+from driftloop.onnx_model import LoadedModel, input_feed, load_model, run_feed
 
 FormKind = Literal["onnx", "native", "tensor"]
 Engine = Literal["auto", "onnx", "native", "tensor"]
@@ -114,6 +115,20 @@ def choose_form(forms: Sequence[FormRecord], *, engine: Engine, algorithm: str, 
 # --- running a form ----------------------------------------------------------------
 
 
+class StagedPredict:
+    """A form's ``predict`` in two stages, so a pipeline can run them on different threads:
+    ``prepare`` builds the kernel's input from validated rows (the native form's
+    contiguous float32 matrix, the ONNX form's feed), ``run`` scores it (the kernel
+    alone). Called whole, it is ``run(prepare(frame))``: the same scores either way."""
+
+    def __init__(self, prepare: Callable[[pl.DataFrame], Any], run: Callable[[Any], np.ndarray]) -> None:
+        self.prepare = prepare
+        self.run = run
+
+    def __call__(self, frame: pl.DataFrame) -> np.ndarray:
+        return self.run(self.prepare(frame))
+
+
 @dataclass
 class FormScorer:
     """A loaded form: ``predict`` takes validated rows and gives what the ONNX form gives
@@ -121,7 +136,7 @@ class FormScorer:
 
     kind: FormKind
     descriptor: LoadedModel  # the ONNX form: spec, classes, encoding
-    predict: Callable[[pl.DataFrame], np.ndarray]
+    predict: Callable[[pl.DataFrame], np.ndarray]  # a StagedPredict where the form has stages
     # Releases what the form holds besides memory (the ONNX form's helper thread). Call
     # ``close()`` (or use the scorer as a context manager) when scoring is done.
     release: Callable[[], None] | None = None
@@ -149,21 +164,23 @@ def onnx_scorer(descriptor: LoadedModel, *, halves: LoadedModel | None = None) -
     is split in two halves scored at once on that session, one in a helper thread and one
     in the caller's (``session.run`` is thread-safe and releases the GIL): the same scores
     as one single-thread run on the whole batch."""
+    prepare = partial(input_feed, descriptor)
     if halves is None:
-        return FormScorer("onnx", descriptor, lambda frame: predict_scores(descriptor, frame))
+        return FormScorer("onnx", descriptor, StagedPredict(prepare, partial(run_feed, descriptor)))
     from concurrent.futures import ThreadPoolExecutor
 
     helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-onnx-half")
 
-    def predict(frame: pl.DataFrame) -> np.ndarray:
-        if frame.height < HALVES_MIN_ROWS:
-            return predict_scores(halves, frame)
-        middle = (frame.height + 1) // 2
-        head = helper.submit(predict_scores, halves, frame.slice(0, middle))
-        tail = predict_scores(halves, frame.slice(middle))
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        rows = len(next(iter(feed.values()))) if feed else 0
+        if rows < HALVES_MIN_ROWS:
+            return run_feed(halves, feed)
+        middle = (rows + 1) // 2
+        head = helper.submit(run_feed, halves, {k: v[:middle] for k, v in feed.items()})
+        tail = run_feed(halves, {k: v[middle:] for k, v in feed.items()})
         return np.concatenate([head.result(), tail])
 
-    return FormScorer("onnx", descriptor, predict, release=lambda: helper.shutdown(wait=True))
+    return FormScorer("onnx", descriptor, StagedPredict(prepare, run), release=lambda: helper.shutdown(wait=True))
 
 
 # On CPU the tensor form runs fastest on small slices (its per-level tensors stay in cache):
@@ -175,13 +192,14 @@ def tensor_scorer(descriptor: LoadedModel, data: bytes, *, threads: int | None, 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     model = load_model(data, threads=threads, providers=providers)
 
-    def predict(frame: pl.DataFrame) -> np.ndarray:
-        if device == "cuda" or frame.height <= TENSOR_SLICE_ROWS:
-            return predict_scores(model, frame)
-        return np.concatenate([predict_scores(model, frame.slice(start, TENSOR_SLICE_ROWS))
-                               for start in range(0, frame.height, TENSOR_SLICE_ROWS)])
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        rows = len(next(iter(feed.values()))) if feed else 0
+        if device == "cuda" or rows <= TENSOR_SLICE_ROWS:
+            return run_feed(model, feed)
+        return np.concatenate([run_feed(model, {k: v[start:start + TENSOR_SLICE_ROWS] for k, v in feed.items()})
+                               for start in range(0, rows, TENSOR_SLICE_ROWS)])
 
-    return FormScorer("tensor", descriptor, predict)
+    return FormScorer("tensor", descriptor, StagedPredict(partial(input_feed, model), run))
 
 
 def native_scorer(descriptor: LoadedModel, data: bytes, *, threads: int | None) -> FormScorer:
@@ -196,18 +214,20 @@ def native_scorer(descriptor: LoadedModel, data: bytes, *, threads: int | None) 
         if threads:
             booster.set_param({"nthread": threads})
 
-        def predict(frame: pl.DataFrame) -> np.ndarray:
-            return _as_form_output(np.asarray(booster.inplace_predict(encoding.matrix(frame))), task)
+        def run(x: np.ndarray) -> np.ndarray:
+            return _as_form_output(np.asarray(booster.inplace_predict(x)), task)
     else:
         import lightgbm as lgb
 
         booster = lgb.Booster(model_str=data.decode("utf-8"))
         options = {"num_threads": threads} if threads else {}
 
-        def predict(frame: pl.DataFrame) -> np.ndarray:
-            return _as_form_output(np.asarray(booster.predict(encoding.matrix(frame), **options)), task)
+        def run(x: np.ndarray) -> np.ndarray:
+            return _as_form_output(np.asarray(booster.predict(x, **options)), task)
 
-    return FormScorer("native", descriptor, predict)
+    # The matrix (contiguous float32, C order: what both libraries read without a copy)
+    # is built in prepare, which a pipeline runs off the scoring thread.
+    return FormScorer("native", descriptor, StagedPredict(encoding.matrix, run))
 
 
 def _as_form_output(out: np.ndarray, task: str) -> np.ndarray:

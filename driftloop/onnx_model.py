@@ -100,7 +100,12 @@ def input_feed(model: LoadedModel, frame: pl.DataFrame) -> dict[str, np.ndarray]
 def predict_scores(model: LoadedModel, frame: pl.DataFrame) -> np.ndarray:
     """P(class 1) for binary, the (n, k) probabilities for multiclass, the prediction for
     regression."""
-    (out,) = model.session.run([model.metadata["score_output"]], input_feed(model, frame))
+    return run_feed(model, input_feed(model, frame))
+
+
+def run_feed(model: LoadedModel, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """:func:`predict_scores` on a feed built beforehand (:func:`input_feed`)."""
+    (out,) = model.session.run([model.metadata["score_output"]], feed)
     if model.task == "binary_classification":
         return np.asarray(out)[:, 1]
     if model.task == "regression":

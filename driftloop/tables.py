@@ -236,18 +236,20 @@ class TableWriter:
     _counter: itertools.count = field(default_factory=itertools.count)  # type: ignore[type-arg]
     _uuid: uuid.UUID = field(default_factory=uuid.uuid4)
 
-    def write(self, frame: pl.DataFrame) -> None:
-        if frame.height == 0:
+    def write(self, frame: pl.DataFrame | pa.Table) -> None:
+        """Write ``frame`` (polars, or Arrow as :func:`to_arrow` gives it) as data files."""
+        rows = frame.num_rows if isinstance(frame, pa.Table) else frame.height
+        if rows == 0:
             return
         from pyiceberg.io.pyarrow import _dataframe_to_data_files
 
         table = self.target.table
-        data = _conformed(table, to_arrow(frame), self.target.name)
+        data = _conformed(table, frame if isinstance(frame, pa.Table) else to_arrow(frame), self.target.name)
         written = list(_dataframe_to_data_files(table.metadata, data, table.io, write_uuid=self._uuid,
                                                 counter=self._counter))
         with self._lock:
             self.files.extend(written)
-            self.rows += frame.height
+            self.rows += rows
 
     def commit(self, *, replace: Any | None = None, properties: dict[str, str] | None = None) -> int:
         """Commit the written files in one transaction, first deleting the rows that

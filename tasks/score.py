@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import polars as pl
+import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -65,6 +66,7 @@ from driftloop.tables import (
     Role,
     Tables,
     TableWriter,
+    to_arrow,
 )
 from driftloop.tasks.validate import ROW, SeenValues, unique_columns, validate_rows
 
@@ -102,8 +104,11 @@ def fetch_verified(uri: str, expected_sha256: str) -> bytes:
 # or a glob of CSV/Parquet, the format decided by content, then name.
 
 
-def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBatch]:
-    """Read ahead in a thread so parsing overlaps validation and scoring."""
+def _prefetch(batches: Iterator[Any], depth: int = 1, *, transform: Callable[[Any], Any] | None = None,
+              name: str = "driftloop-reader") -> Iterator[Any]:
+    """Read ahead in a thread so parsing overlaps validation and scoring; with
+    ``transform``, a pipeline stage: the thread yields ``transform(item)`` for each item,
+    in order, at most ``depth`` ahead of the consumer."""
     slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()  # the consumer left (finished or raised): the reader stops too
@@ -120,7 +125,7 @@ def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBa
     def produce() -> None:
         try:
             for batch in batches:
-                if not offer(batch):
+                if not offer(batch if transform is None else transform(batch)):
                     return
             offer(done)
         except BaseException as exc:  # noqa: BLE001 - surface reader errors in the consumer
@@ -130,7 +135,7 @@ def _prefetch(batches: Iterator[InputBatch], depth: int = 1) -> Iterator[InputBa
             if close is not None:
                 close()  # in this thread, which iterated them: closes the input handle
 
-    reader = threading.Thread(target=produce, name="driftloop-reader", daemon=True)
+    reader = threading.Thread(target=produce, name=name, daemon=True)
     reader.start()
     try:
         while True:
@@ -207,6 +212,61 @@ class BatchCounts:
     kept: dict[str, list[pl.DataFrame]] = field(default_factory=dict)
 
 
+@dataclass
+class _Prepared:
+    """One batch after the prepare stage: validated, quarantine assembled, and the form's
+    input built (None when the form has no prepare stage: ``predict`` builds it)."""
+
+    rows_in: int
+    valid: pl.DataFrame
+    quarantine: pl.DataFrame
+    features: Any = None
+    kept: dict[str, pl.DataFrame] = field(default_factory=dict)
+
+
+class _PrepareStage:
+    """Validation and the form's input, batch after batch, in input order (in its own
+    thread: off the scoring thread). Holds what validation carries from batch to batch:
+    the unique values kept so far, the quarantine's schema, the row offset."""
+
+    def __init__(self, spec: DatasetSpec, *, source: str, keep_ids: bool,
+                 prepare: Callable[[pl.DataFrame], Any] | None) -> None:
+        self.spec = spec
+        self.source = source
+        self.keep_ids = keep_ids
+        self.prepare = prepare
+        self.uniques = unique_columns(spec, labelled=False)
+        # Ids (and other unique columns) kept so far: a repeat in a later batch is quarantined.
+        # Memory grows by the id column only (8 bytes a row for int ids).
+        self.seen: dict[str, SeenValues] = {}
+        self.template: pl.DataFrame | None = None
+        self.warned = False
+        self.offset = 0  # rows of earlier batches: quarantine rows are numbered from the stream's start
+
+    def __call__(self, batch: InputBatch) -> _Prepared:
+        result = validate_rows(batch.frame, self.spec, labelled=False, source=self.source,
+                               warn_ignored=not self.warned, seen=self.seen) if batch.frame.height else None
+        self.warned = True
+        valid = result.valid if result else pl.DataFrame()
+        for name in self.uniques if valid.height else ():
+            self.seen.setdefault(name, SeenValues()).add(valid[name])
+        kept: dict[str, pl.DataFrame] = {}
+        if self.keep_ids and valid.height and result is not None:
+            rows = pl.int_range(0, batch.frame.height, eager=True, dtype=pl.Int64)
+            kept_rows = rows.filter(~rows.is_in(result.quarantine[ROW].implode())) + self.offset
+            kept = {name: pl.DataFrame({ROW: kept_rows, name: valid[name]}) for name in self.uniques}
+        if result is not None and self.template is None:
+            self.template = result.quarantine.head(0)  # every quarantine part gets this schema
+        quarantine = result.quarantine.with_columns(pl.col(ROW) + self.offset) if result else pl.DataFrame()
+        if batch.malformed.height:
+            base = quarantine if quarantine.width else (self.template if self.template is not None else pl.DataFrame())
+            quarantine = pl.concat([base, batch.malformed], how="diagonal_relaxed")
+        rows_in = batch.frame.height + batch.malformed.height
+        self.offset += rows_in
+        features = self.prepare(valid) if self.prepare is not None and valid.height else None
+        return _Prepared(rows_in, valid, quarantine, features, kept)
+
+
 def score_batches(
     batches: Iterator[InputBatch], model: LoadedModel, spec: DatasetSpec, run: RunWriter, *, partition: str,
     source: str, model_name: str, model_version: int, scored_at: datetime,
@@ -215,53 +275,52 @@ def score_batches(
 ) -> BatchCounts:
     """Validate, score and write each batch as parts of ``run`` named by ``partition``.
     A row repeating a unique value (the id) of an earlier batch is quarantined. Quarantine
-    rows are numbered from the start of this stream. Reading, scoring and writing overlap:
-    a reader thread parses the next batch, a writer thread encodes finished parts."""
+    rows are numbered from the start of this stream.
+
+    A pipeline of threads joined by one-slot queues, so the scoring thread runs the
+    model's kernel and nothing else: a reader parses the next batch; a prepare stage
+    validates the one before it and builds the form's input (``predict.prepare`` of a
+    :class:`driftloop.forms.StagedPredict`: the native form's float32 matrix); this
+    thread scores (``predict.run``); a writer thread adds the scores to the validated
+    columns (no copy of the features) and encodes the part. At most a few batches are
+    in flight, whatever the input size."""
     counts = BatchCounts()
     pending: list[Future[Any]] = []
-    warned_columns = False
-    template: pl.DataFrame | None = None
-    # Ids (and other unique columns) kept so far: a repeat in a later batch is quarantined.
-    # Memory grows by the id column only (8 bytes a row for int ids).
-    seen: dict[str, SeenValues] = {}
-    uniques = unique_columns(spec, labelled=False)
+    prepare = getattr(predict, "prepare", None)
+    run_prepared = getattr(predict, "run", None) if prepare is not None else None
+    stage = _PrepareStage(spec, source=source, keep_ids=keep_ids, prepare=prepare)
+
+    def write_scored(valid: pl.DataFrame, scores: np.ndarray, index: int) -> Any:
+        predictions = prediction_frame(model, spec, valid, scores, model_name=model_name,
+                                       model_version=model_version, scored_at=scored_at)
+        return run.write_part(predictions, partition=partition, index=index)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer") as writer:
-        for index, batch in enumerate(_prefetch(batches)):
-            started = time.perf_counter()
-            result = validate_rows(batch.frame, spec, labelled=False, source=source, warn_ignored=not warned_columns,
-                                   seen=seen) if batch.frame.height else None
-            warned_columns = True
-            valid = result.valid if result else pl.DataFrame()
-            for name in uniques if valid.height else ():
-                seen.setdefault(name, SeenValues()).add(valid[name])
-            if keep_ids and valid.height and result is not None:
-                rows = pl.int_range(0, batch.frame.height, eager=True, dtype=pl.Int64)
-                kept_rows = rows.filter(~rows.is_in(result.quarantine[ROW].implode())) + counts.rows_in
-                for name in uniques:
-                    counts.kept.setdefault(name, []).append(pl.DataFrame({ROW: kept_rows, name: valid[name]}))
-            if result is not None and template is None:
-                template = result.quarantine.head(0)  # every quarantine part gets this schema
-            quarantine = result.quarantine.with_columns(pl.col(ROW) + counts.rows_in) if result else pl.DataFrame()
-            if batch.malformed.height:
-                base = quarantine if quarantine.width else (template if template is not None else pl.DataFrame())
-                quarantine = pl.concat([base, batch.malformed], how="diagonal_relaxed")
-            if valid.height:
-                scores = predict(valid) if predict is not None else predict_scores(model, valid)
-                predictions = prediction_frame(model, spec, valid, scores, model_name=model_name,
-                                               model_version=model_version, scored_at=scored_at)
-                pending.append(writer.submit(run.write_part, predictions, partition=partition, index=index))
-            if quarantine.height:
-                pending.append(writer.submit(run.write_part, quarantine, partition=partition, index=index,
-                                             quarantine=True))
-            counts.latencies.append(time.perf_counter() - started)
-            counts.rows_in += batch.frame.height + batch.malformed.height
-            counts.rows_scored += valid.height
-            counts.rows_quarantined += quarantine.height
-            # Bound memory: never more than two parts waiting for the writer.
-            while len(pending) > 2:
-                pending.pop(0).result()
-            if on_batch is not None:
-                on_batch(counts.rows_in, total)
+        prepared = _prefetch(_prefetch(batches), transform=stage, name="driftloop-prepare")
+        with closing(prepared):  # the stage threads stop as soon as the loop ends, however it ends
+            for index, item in enumerate(prepared):
+                started = time.perf_counter()
+                valid = item.valid
+                if valid.height:
+                    if run_prepared is not None:
+                        scores = run_prepared(item.features)
+                    else:
+                        scores = predict(valid) if predict is not None else predict_scores(model, valid)
+                    pending.append(writer.submit(write_scored, valid, scores, index))
+                if item.quarantine.height:
+                    pending.append(writer.submit(run.write_part, item.quarantine, partition=partition, index=index,
+                                                 quarantine=True))
+                for name, kept in item.kept.items():
+                    counts.kept.setdefault(name, []).append(kept)
+                counts.latencies.append(time.perf_counter() - started)
+                counts.rows_in += item.rows_in
+                counts.rows_scored += valid.height
+                counts.rows_quarantined += item.quarantine.height
+                # Bound memory: never more than two parts waiting for the writer.
+                while len(pending) > 2:
+                    pending.pop(0).result()
+                if on_batch is not None:
+                    on_batch(counts.rows_in, total)
         for done in pending:
             done.result()
     return counts
@@ -351,8 +410,12 @@ class TableSink:
             with self._lock:
                 self._quarantined.append(relpath)
             return
-        rows = self.tagged(frame)
-        self._open(rows).write(rows)
+        # The tags appended as Arrow columns: the scored columns go to Arrow without a copy,
+        # where tagging in polars first cost a conversion of four string columns a batch.
+        rows = to_arrow(frame)
+        for name, value in self._tags.items():
+            rows = rows.append_column(name, pa.repeat(pa.scalar(value, pa.large_string()), rows.num_rows))
+        self._open(self.tagged(frame.head(0))).write(rows)
 
     def quarantine_uri(self) -> str | None:
         return self.store.uri(self.quarantine_prefix) if self._quarantined else None
