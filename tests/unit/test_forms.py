@@ -127,7 +127,7 @@ def test_a_staged_form_scores_the_same_whole_in_stages_and_streamed(model, tmp_p
 
     from driftloop.forms import StagedPredict
     from driftloop.outputs import read_predictions
-    from driftloop.tasks.forms import native_form_bytes
+    from driftloop.tasks.form_builder import native_form_bytes
     from driftloop.tasks.score import score_stream
 
     _, spec, split, encoding, fitted, onnx, _ = model
