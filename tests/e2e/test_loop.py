@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.e2e import (
-    BIN,
     REPO,
     client_env,
     deploy,
     deployment_id,
     finished,
     flow_runs,
-    run,
+    run_deployment,
     start_workers,
     verdict,
 )
@@ -45,11 +44,10 @@ def test_a_drift_event_retrains_on_the_labelled_period_and_promotes(prefect_serv
     pools = {p["name"]: p for p in api(prefect_server, "POST", "/work_pools/filter", json={})}
     assert {"cpu", "gpu", "edge"} <= set(pools)
 
-    prefect = str(BIN / "prefect")
-    run([prefect, "deployment", "run", "train/car-loan", "--param", "trials=2", "--watch", "--watch-timeout", "900"], env, timeout=960)
-    run([prefect, "deployment", "run", "score/car-loan", "--watch", "--watch-timeout", "600"], env, timeout=660)
+    run_deployment(prefect_server, env, "train/car-loan", "trials=2", timeout=900)
+    run_deployment(prefect_server, env, "score/car-loan")
     # The labels of the scored analysis period arrive.
-    run([prefect, "deployment", "run", "labels/car-loan", "--watch", "--watch-timeout", "600"], env, timeout=660)
+    run_deployment(prefect_server, env, "labels/car-loan")
 
     from driftloop.registry import open_registry
 
@@ -62,7 +60,7 @@ def test_a_drift_event_retrains_on_the_labelled_period_and_promotes(prefect_serv
     # As a user would in the UI: fewer tuning trials for the automation's retrains here.
     retrain = api(prefect_server, "GET", f"/deployments/{retrain_id}")
     api(prefect_server, "PATCH", f"/deployments/{retrain_id}", json={"parameters": {**retrain["parameters"], "trials": 2}})
-    run([prefect, "deployment", "run", "monitor/car-loan", "--watch", "--watch-timeout", "600"], env, timeout=660)
+    run_deployment(prefect_server, env, "monitor/car-loan")
     monitored_at = time.monotonic()
 
     triggered = wait_for(lambda: flow_runs(prefect_server, retrain_id), timeout=60)

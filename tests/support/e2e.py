@@ -5,8 +5,10 @@ verdicts back from the server's API."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +38,39 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess
     done = subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
+
+
+def run_deployment(server, env: dict[str, str], name: str, *params: str, timeout: float = 600) -> dict:
+    """``prefect deployment run NAME --param ...`` as CI runs it, then wait on the run's
+    state through the API and return the finished run, which must have COMPLETED.
+
+    Not ``--watch``: it waits for a terminal-state event on a websocket, and can miss it
+    and hang after the run completed (PrefectHQ/prefect#19989; seen here once in a
+    fresh-clone suite). The run's state in the API is the truth."""
+    cmd = [str(BIN / "prefect"), "deployment", "run", name]
+    for param in params:
+        cmd += ["--param", param]
+    out = run(cmd, env, timeout=120).stdout
+    match = re.search(r"UUID: ([0-9a-f-]{36})", out)
+    assert match, f"no flow run id in the output of {' '.join(cmd)}:\n{out}"
+    flow_run_id = match.group(1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done := finished(server, flow_run_id):
+            break
+        time.sleep(2)
+    else:
+        state = api(server, "GET", f"/flow_runs/{flow_run_id}")
+        raise AssertionError(f"{name}: flow run {flow_run_id} still {state['state_type']} after {timeout:.0f} s\n"
+                             + run_logs(server, flow_run_id))
+    assert done["state_type"] == "COMPLETED", f"{name}: {done['state']}\n" + run_logs(server, flow_run_id)
+    return done
+
+
+def run_logs(server, flow_run_id: str, last: int = 40) -> str:
+    """The last log lines of a flow run, for an assertion message."""
+    logs = api(server, "POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_DESC", "limit": last})
+    return "\n".join(f"{log['timestamp']} {log['message']}" for log in reversed(logs))
 
 
 def deploy(env: dict[str, str]) -> None:
