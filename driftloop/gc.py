@@ -390,7 +390,11 @@ def _orphaned_artifacts(registry: RegistryStore, store: ArtifactStore, before: d
     by a training run (see :func:`pending_mark`); and stale pending marks."""
     referenced = {v.onnx_sha256 for v in registry.list_versions()}
     orphans = []
-    for model in registry.list_models():
+    # Every model directory in the store, not the registry's models: the first training of
+    # a name that crashed before registering left an artifact of a model the registry never saw.
+    models = {full.rstrip("/").rsplit("/", 1)[-1] for full in store.fs.ls(store.path("models"), detail=False)} \
+        if store.exists("models") else set()
+    for model in sorted(models):
         relpath = f"models/{model}/onnx"
         if not store.exists(relpath):
             continue

@@ -331,3 +331,16 @@ def test_a_training_runs_artifact_is_kept_until_it_registers(tmp_path: Path) -> 
     assert Path(in_flight).exists()  # registered: lineage
     assert not Path(crashed).exists() and str(Path(crashed).relative_to(tmp_path / "artifacts")) in after.files
     assert not list((tmp_path / "artifacts" / "models" / "loans" / "onnx").glob("*.pending"))  # no mark left behind
+
+
+def test_a_first_training_that_crashed_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The first training of a new model crashed before registering: the registry has no
+    version of that model at all, and its artifact still goes once its mark is stale."""
+    registry = open_registry(f"sqlite:///{tmp_path / 'registry.db'}")
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    registry.register_version(version_draft(name="loans"))
+    crashed, _ = store_onnx(store, "brand_new", b"the first model of a name, never registered")
+    after = collect(registry, store, keep_days=90, apply=True, now=datetime.now(UTC) + timedelta(days=3))
+    assert not Path(crashed).exists()
+    assert str(Path(crashed).relative_to(tmp_path / "artifacts")) in after.files
+    assert not list((tmp_path / "artifacts" / "models" / "brand_new" / "onnx").glob("*"))  # the stale mark went too
