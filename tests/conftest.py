@@ -146,3 +146,27 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
     config.option.loadscopereorder = False
     return LongestFirst(config, log)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """With DRIFTLOOP_TEST_CPU_LOG=FILE, append each test's CPU seconds (this process, and
+    the child processes it reaped: CLI runs, workers, flow runs) and wall seconds to FILE:
+    the suite is CPU-bound on two cores, so CPU, not wall time, says what to make cheaper."""
+    log = os.environ.get("DRIFTLOOP_TEST_CPU_LOG")
+    if not log:
+        yield
+        return
+    import resource
+    import time
+
+    def cpu(who: int) -> float:
+        usage = resource.getrusage(who)
+        return usage.ru_utime + usage.ru_stime
+
+    before = (cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN), time.monotonic())
+    yield
+    own, children, wall = (cpu(resource.RUSAGE_SELF) - before[0], cpu(resource.RUSAGE_CHILDREN) - before[1],
+                           time.monotonic() - before[2])
+    with open(log, "a", encoding="utf-8") as out:
+        out.write(f"{own:.1f}\t{children:.1f}\t{wall:.1f}\t{item.nodeid}\n")
