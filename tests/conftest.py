@@ -25,6 +25,9 @@ os.environ.update(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
         "NML_DISABLE_USAGE_LOGGING": "1",
+        # Every training in the suite checks ONNX parity on 5,000 rows, not the workers'
+        # default 100,000 (tests/flows/test_train_flow.py checks that default through the CLI).
+        "DRIFTLOOP_PARITY_MIN_ROWS": "5000",
     }
 )
 os.environ.pop("DRIFTLOOP_REGISTRY_URL", None)

@@ -33,16 +33,15 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("monitoring")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DRIFTLOOP_HOME", str(root / "home"))
-        # The stationary control is rows of the reference period the model never saw: the
-        # newest fifth of the reference file, held out of training and of the reference.
-        # Split as text, so both halves keep the file's exact formatting.
-        header, *rows = demo_data_path("reference").read_text(encoding="utf-8").splitlines(keepends=True)
-        seen, held_out = root / "reference.csv", root / "held-out.csv"
-        seen.write_text(header + "".join(rows[:40_000]), encoding="utf-8")
-        held_out.write_text(header + "".join(rows[40_000:]), encoding="utf-8")
-        reference = ingest(spec_path=str(DEMO_SPEC), source=str(seen))
+        reference = ingest(spec_path=str(DEMO_SPEC), source=str(demo_data_path("reference")))
         train_fast(spec_path=str(DEMO_SPEC), dataset_id=reference.dataset_id, trials=2, algorithms=["xgboost"], parity_min_rows=5000)
         drifted = score(input_uri=str(demo_data_path("analysis")), model="car_loan")
+        # The stationary control: rows the model and its reference never saw, from before the
+        # analysis period drifts (its first 20,000 rows; the drift starts in its second half).
+        # Split as text, so the rows keep the file's exact formatting.
+        header, *rows = demo_data_path("analysis").read_text(encoding="utf-8").splitlines(keepends=True)
+        held_out = root / "held-out.csv"
+        held_out.write_text(header + "".join(rows[:20_000]), encoding="utf-8")
         stationary = score(input_uri=str(held_out), model="car_loan")
         yield {"root": root, "drifted": drifted.run_id, "stationary": stationary.run_id}
 

@@ -75,7 +75,8 @@ def test_gate_failure_registers_but_does_not_promote(loans, tmp_path: Path) -> N
     assert registry.get_version("loans", 2).gate["passed"] is False
 
 
-def test_train_and_models_cli(tmp_path: Path, home: Path) -> None:
+def test_train_and_models_cli(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DRIFTLOOP_PARITY_MIN_ROWS")  # the default a worker without the setting checks
     spec = write_spec(tmp_path)
     data = tmp_path / "loans.parquet"
     make_loans(3000, seed=2).write_parquet(data)
