@@ -7,7 +7,7 @@ same deployments: tests/e2e/test_storm.py.)"""
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -40,6 +40,7 @@ def workers(env: dict[str, str], tmp_path: Path):
 
 def test_a_drift_event_retrains_on_the_labelled_period_and_promotes(prefect_server, env, workers, tmp_path: Path) -> None:
     started = time.monotonic()
+    test_started = datetime.now(UTC)
     deploy(env)
     pools = {p["name"]: p for p in api(prefect_server, "POST", "/work_pools/filter", json={})}
     assert {"cpu", "gpu", "edge"} <= set(pools)
@@ -56,14 +57,14 @@ def test_a_drift_event_retrains_on_the_labelled_period_and_promotes(prefect_serv
     assert champion.version == 1
 
     retrain_id = deployment_id(prefect_server, "retrain", "every-model")
-    assert flow_runs(prefect_server, retrain_id) == []
+    assert flow_runs(prefect_server, retrain_id, since=test_started) == []
     # As a user would in the UI: fewer tuning trials for the automation's retrains here.
     retrain = api(prefect_server, "GET", f"/deployments/{retrain_id}")
     api(prefect_server, "PATCH", f"/deployments/{retrain_id}", json={"parameters": {**retrain["parameters"], "trials": 2}})
     run_deployment(prefect_server, env, "monitor/car-loan")
     monitored_at = time.monotonic()
 
-    triggered = wait_for(lambda: flow_runs(prefect_server, retrain_id), timeout=60)
+    triggered = wait_for(lambda: flow_runs(prefect_server, retrain_id, since=test_started), timeout=60)
     assert triggered, "the automation did not create a retrain flow run within 60 s"
     drift_to_run_s = time.monotonic() - monitored_at
     (first,) = triggered

@@ -64,6 +64,7 @@ def test_a_storm_of_drift_events_starts_one_retrain_per_model_and_none_trains_on
         prefect_server, env, gpu_worker, tmp_path: Path) -> None:
     from prefect.events import emit_event
 
+    test_started = datetime.now(UTC)
     deploy(env)
     driftloop = str(BIN / "driftloop")
     data = tmp_path / "loans.parquet"
@@ -85,7 +86,7 @@ def test_a_storm_of_drift_events_starts_one_retrain_per_model_and_none_trains_on
     (scored,) = registry.list_scoring_runs(CALM)
 
     retrain_id = deployment_id(prefect_server, "retrain", "every-model")
-    assert flow_runs(prefect_server, retrain_id) == []
+    assert flow_runs(prefect_server, retrain_id, since=test_started) == []
     # As a user would in the UI: one quick trial, and no cooldown for the poison to hide behind.
     retrain = api(prefect_server, "GET", f"/deployments/{retrain_id}")
     api(prefect_server, "PATCH", f"/deployments/{retrain_id}", json={"parameters": {
@@ -115,7 +116,7 @@ def test_a_storm_of_drift_events_starts_one_retrain_per_model_and_none_trains_on
     wait_for(lambda: stored() == (100, 1), timeout=60, interval=1)
     assert stored() == (100, 1)
 
-    runs = lambda: flow_runs(prefect_server, retrain_id)
+    runs = lambda: flow_runs(prefect_server, retrain_id, since=test_started)
     wait_for(lambda: {r["parameters"]["model"] for r in runs()} == {STORMY, CALM}, timeout=120, interval=1)
     settled = wait_for(lambda: runs() and all(r["state_type"] in FINAL for r in runs()), timeout=600, interval=2)
     assert settled

@@ -100,8 +100,12 @@ def start_workers(env: dict[str, str], logs: Path, pools: tuple[str, ...] = ("cp
                 proc.wait()
 
 
-def flow_runs(server, deployment_id: str) -> list[dict]:
-    return api(server, "POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "limit": 200})
+def flow_runs(server, deployment_id: str, since: datetime | None = None) -> list[dict]:
+    """The deployment's runs, those created at or after ``since`` when given: the session's
+    server is shared by the test files on one pytest worker, and another end-to-end test
+    may have run the same deployment before this one."""
+    runs = api(server, "POST", "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "limit": 200})
+    return [r for r in runs if since is None or datetime.fromisoformat(r["created"]) >= since]
 
 
 def deployment_id(server, flow: str, name: str = "car-loan") -> str:
