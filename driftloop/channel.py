@@ -339,13 +339,18 @@ def publish_champion(registry: Any, store: Any, model: str, private_pem: bytes, 
     if current is not None and current.target.sha256 == target.sha256:
         manifest = resign(current, now=now, ttl=ttl)
     else:
-        # What the fleet runs now: an aborted rollout's devices are all on ``previous``.
+        # What most of the fleet runs now: a rollout that did not complete left most
+        # devices on ``previous``.
         running = None
         if current is not None:
-            running = current.previous if current.rollout.state == "aborted" else current.target
+            running = current.target if current.rollout.state == "complete" else current.previous
         if plan is None:
             plan = plan_of(champion)
         manifest = new_manifest(model, target, running, plan, now=now, ttl=ttl)
+        if current is not None and current.previous is not None and current.previous.sha256 == target.sha256:
+            # Back to the version the fleet ran before (a rollback): every device at once.
+            manifest = manifest.model_copy(update={"previous": current.target, "rollout": manifest.rollout.model_copy(
+                update={"state": "complete", "wave": len(plan.waves) - 1})})
     write_manifest(store, manifest, private_pem)
     logger.info("channel %s: v%d (%s, wave %d)", model, manifest.version, manifest.rollout.state, manifest.rollout.wave)
     return manifest
@@ -354,10 +359,16 @@ def publish_champion(registry: Any, store: Any, model: str, private_pem: bytes, 
 def plan_of(record: Any) -> EdgeRollout:
     """The edge rollout plan of the spec the version was trained with (carried in its
     ONNX artifact); one wave (every device at once) when the spec has none."""
-    from driftloop.onnx_model import load_model
-    from driftloop.tasks.score import fetch_verified
+    import fsspec
 
-    spec = load_model(fetch_verified(record.onnx_uri, record.onnx_sha256), threads=1).spec()
+    from driftloop.onnx_model import load_model
+
+    with fsspec.open(record.onnx_uri, "rb") as fh:
+        data = fh.read()
+    if hashlib.sha256(data).hexdigest() != record.onnx_sha256:
+        raise ChannelError(f"{record.model_name} v{record.version}: artifact {record.onnx_uri} does not match its "
+                           "registered sha256; nothing published")
+    spec = load_model(data, threads=1).spec()
     edge = getattr(getattr(spec, "rollout", None), "edge", None)
     return edge if edge is not None else EdgeRollout()
 
