@@ -177,7 +177,8 @@ def _spec_loader() -> Any:
 
 def ingest_inbox(store: Any, tables: Any, registry: Any, model: str) -> IngestReport:
     """Commit every finished upload of ``model`` (see the module's docstring)."""
-    from driftloop.scoring_runs import reconcile_scoring_runs
+    from driftloop.registry import ScoringRunRecord
+    from driftloop.scoring_runs import record_scoring_run
 
     report = IngestReport()
     spec_of = _spec_loader()
@@ -194,15 +195,20 @@ def ingest_inbox(store: Any, tables: Any, registry: Any, model: str) -> IngestRe
             report.rejected[run] = str(exc)
             continue
         spec, _ = spec_of(record) if rows.height else (None, None)
-        commit_run(tables, model, telemetry, rows, record, spec.timestamp if spec is not None else None)
+        snapshot = commit_run(tables, model, telemetry, rows, record, spec.timestamp if spec is not None else None)
+        if snapshot is not None:
+            record_scoring_run(registry, ScoringRunRecord(
+                id=telemetry.run_id, model_name=model, model_version=telemetry.version, onnx_sha256=record.onnx_sha256,
+                input_uri=f"edge://{device}/{run}", output_uri=f"predictions.{model}", quarantine_uri=None,
+                rows_in=telemetry.rows_in, rows_scored=telemetry.rows_scored,
+                rows_quarantined=telemetry.rows_quarantined, form="onnx", started_at=telemetry.started_at,
+                finished_at=telemetry.finished_at, snapshot_id=snapshot, input_key=edge_input_key(device, run)))
         # Telemetry kept before the inbox goes: a crash in between re-ingests (replacing
         # the same rows) and rewrites the same telemetry file.
         store.write_text(f"{TELEMETRY_DIR}/{model}/{run}.json", telemetry.model_dump_json())
         store.remove(prefix)
         report.committed.append(run)
         report.rows += rows.height
-    if report.committed:
-        reconcile_scoring_runs(registry, tables, model)
     return report
 
 
