@@ -10,14 +10,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel
 
-from driftloop.channel import ChannelError, signing_key
+from driftloop.channel import ChannelError, channel_relpath, signing_key
 from driftloop.flows.config import run_settings
 from driftloop.naming import artifact_key
 from driftloop.registry import open_registry
 from driftloop.spec import check_model_name
 from driftloop.storage import ArtifactStore
 from driftloop.tasks.edge_inbox import ingest_inbox_task
-from driftloop.tasks.edge_rollout import control_task
+from driftloop.tasks.edge_rollout import ControlResult, control_task
 
 
 class EdgeRolloutResult(BaseModel):
@@ -45,9 +45,13 @@ def edge_rollout(model: str = "car_loan", registry_block: str | None = None) -> 
         logger.error("%d edge run(s) rejected: %s", len(ingested.rejected), ingested.rejected)
     key = signing_key(settings)
     if key is None:
-        raise ChannelError("edge-rollout: no channel signing key (set DRIFTLOOP_CHANNEL_KEY_FILE or "
-                           "DRIFTLOOP_CHANNEL_KEY_BLOCK; make one with driftloop keys init)")
-    step = control_task(registry, store, name, key, settings.channel_ttl_s)
+        if store.exists(channel_relpath(name)):  # a fleet follows it: unsigned, it would expire
+            raise ChannelError("edge-rollout: a channel is published but no signing key is configured (set "
+                               "DRIFTLOOP_CHANNEL_KEY_FILE or DRIFTLOOP_CHANNEL_KEY_BLOCK; driftloop keys init)")
+        logger.info("%s: no edge channel and no signing key: no fleet to roll out to", name)
+        step = ControlResult(name, None, "idle", None, None, ["no channel signing key configured"], {})
+    else:
+        step = control_task(registry, store, name, key, settings.channel_ttl_s)
     logger.info("%s: %s (v%s, wave %s, %s): %s", name, step.action, step.version, step.wave, step.state,
                 "; ".join(step.reasons))
     if step.action == "abort":
