@@ -250,7 +250,7 @@ class EdgeAbort(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     error_rate: float = Field(default=0.01, ge=0.0, le=1.0,
-                              description="Share of the new version's runs that failed, or of its rows quarantined.")
+                              description="Share of the new version's edge runs that failed.")
     latency_p95_ratio: float = Field(default=1.5, gt=1.0,
                                      description="New version's p95 batch latency over the previous version's.")
     score_psi: float = Field(default=0.25, gt=0.0,

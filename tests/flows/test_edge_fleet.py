@@ -190,3 +190,17 @@ def test_the_rollout_flow_commits_uploads_and_re_signs_the_channel(fleet: dict, 
                    model="loans")
     assert after.issued_at > before.issued_at  # re-signed: the expiry moves on
     assert committed(fleet, scored.run_id) == 300
+
+
+def test_the_signing_key_can_live_in_a_prefect_secret_block(tmp_path: Path) -> None:
+    import argparse
+
+    from driftloop.channel import public_key_of, signing_key
+    from driftloop.cli.edge import cmd_keys_init
+    from driftloop.settings import Settings
+
+    made = cmd_keys_init(argparse.Namespace(secret_block="edge-channel-key", public_key=str(tmp_path / "k.pub"),
+                                            private_key=None, force=True))
+    assert made["private_key"] == "secret block edge-channel-key" and not (tmp_path / "k.pem").exists()
+    private = signing_key(Settings(channel_key_block="edge-channel-key"))
+    assert private is not None and public_key_of(private) == (tmp_path / "k.pub").read_bytes()
