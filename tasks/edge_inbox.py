@@ -25,7 +25,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
@@ -44,6 +44,7 @@ INBOX = "inbox"
 TELEMETRY_DIR = "edge/telemetry"
 REJECTED_DIR = "edge/rejected"
 DEVICE = "device_id"
+PARTIAL_GRACE = timedelta(days=1)  # an upload without telemetry this old was abandoned
 MAX_PART_BYTES = 512 * 1024 * 1024  # a part bigger than this is not read (a device cannot exhaust the ingester)
 _OUTPUT_COLUMNS = ("prediction", "probability", "model_name", "model_version", "scored_at")
 
@@ -74,6 +75,26 @@ def pending_runs(store: Any, model: str) -> list[tuple[str, str]]:
         if SAFE_ID.fullmatch(device) and SAFE_ID.fullmatch(run):
             found.append((device, run))
     return sorted(found, key=lambda dr: dr[1])
+
+
+def abandoned_uploads(store: Any, model: str, pending: list[tuple[str, str]], *, now: datetime,
+                      grace: timedelta = PARTIAL_GRACE) -> list[str]:
+    """Inbox prefixes of uploads that never finished (no telemetry: killed mid-upload, and
+    not sent again since) whose newest file is older than ``grace``; the device still holds
+    such a run in its outbox until a complete upload, so nothing is lost by removing them."""
+    from driftloop.outputs import newest_write
+
+    done = {f"{INBOX}/{model}/{d}/{r}" for d, r in pending}
+    out = []
+    for path in store.fs.glob(store.path(f"{INBOX}/{model}/*/*")):
+        parts = path.rstrip("/").split("/")
+        relpath = f"{INBOX}/{model}/{parts[-2]}/{parts[-1]}"
+        if relpath in done or not store.fs.isdir(path):
+            continue
+        newest = newest_write(store.fs, path)
+        if newest is not None and now - newest > grace:
+            out.append(relpath)
+    return out
 
 
 def _allowed_columns(spec: Any, classes: list[Any] | None) -> set[str]:
@@ -182,7 +203,11 @@ def ingest_inbox(store: Any, tables: Any, registry: Any, model: str) -> IngestRe
 
     report = IngestReport()
     spec_of = _spec_loader()
-    for device, run in pending_runs(store, model):
+    pending = pending_runs(store, model)
+    for relpath in abandoned_uploads(store, model, pending, now=datetime.now(UTC)):
+        logger.warning("removing abandoned edge upload %s (no telemetry.json after %s)", relpath, PARTIAL_GRACE)
+        store.remove(relpath)
+    for device, run in pending:
         prefix = f"{INBOX}/{model}/{device}/{run}"
         try:
             telemetry, rows, record = load_run(store, model, device, run, registry, spec_of)

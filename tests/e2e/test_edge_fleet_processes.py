@@ -21,7 +21,8 @@ from driftloop.channel import device_wave, generate_key_pair
 from tests.support.data import make_loans, write_spec
 from tests.support.models import train_fast
 
-pytestmark = [pytest.mark.prefect, pytest.mark.usefixtures("prefect_server")]
+# 20 processes importing the scorer: minutes on a loaded 2-core machine (12 min measured at load 27).
+pytestmark = [pytest.mark.prefect, pytest.mark.e2e, pytest.mark.timeout(1800), pytest.mark.usefixtures("prefect_server")]
 
 AGENT = Path(__file__).resolve().parents[1] / "support" / "edge_fleet_agent.py"
 WAVES = [0.05, 0.25, 1.0]
@@ -61,7 +62,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             .write_csv(score)
         ids = devices()
         env = {**os.environ, "DRIFTLOOP_HOME": str(root / "device-home"),
-               "DRIFTLOOP_REGISTRY_URL": "postgresql+psycopg://edge@127.0.0.1:1/registry"}  # devices: no registry
+               "DRIFTLOOP_REGISTRY_URL": "postgresql+psycopg://edge@127.0.0.1:1/registry",  # devices: no registry
+               # 20 processes on a few cores: one thread each, as a small device would run.
+               "POLARS_MAX_THREADS": "1", "OMP_NUM_THREADS": "1"}
         env.pop("DRIFTLOOP_CHANNEL_KEY_FILE", None)
         from driftloop.settings import get_settings
 

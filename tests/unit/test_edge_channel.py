@@ -271,3 +271,39 @@ def test_a_simulated_fleet_follows_the_waves(tmp_path: Path, keys, bad: bool) ->
         assert counts == sorted(counts) and counts[-1] == len(devices)
         first_wave = sum(1 for w in waves.values() if w == 0)
         assert counts[0] == first_wave < len(devices)
+
+
+def test_status_shows_waves_devices_per_version_and_telemetry(tmp_path: Path, keys) -> None:
+    from driftloop.cli.edge import human_edge_status
+    from driftloop.tasks.edge_inbox import TELEMETRY_DIR
+    from driftloop.tasks.edge_rollout import fleet_status
+
+    private, _ = keys
+    store = ArtifactStore(str(tmp_path / "store"))
+    v1, v2 = put_artifact(store, 1), put_artifact(store, 2)
+    started = datetime.now(UTC)
+    publish(store, new_manifest("loans", v2, v1, PLAN, now=started), private)
+    for device, version in (("a", 2), ("b", 1), ("c", 1)):
+        telemetry = run(device, version, at=started + timedelta(seconds=1))
+        store.write_text(f"{TELEMETRY_DIR}/loans/{telemetry.run_id}.json", telemetry.model_dump_json())
+    status = fleet_status(store, "loans")
+    assert status["devices_per_version"] == {"1": 2, "2": 1}
+    channel = status["channel"]
+    assert (channel["version"], channel["previous"], channel["state"], channel["wave"]) == (2, 1, "rolling", 0)
+    assert channel["versions"]["2"]["runs"] == 1 and channel["versions"]["1"]["devices"] == 2
+    shown = human_edge_status(status)
+    assert "wave 0 of [0.05, 0.25, 1.0]" in shown and "v1: 2, v2: 1" in shown
+
+
+def test_an_upload_killed_half_way_is_removed_once_abandoned_and_a_finished_one_kept(tmp_path: Path) -> None:
+    from driftloop.tasks.edge_inbox import abandoned_uploads, pending_runs
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    store.write_bytes("inbox/loans/dev-1/run-a/part-00000-00000.parquet", b"half")  # killed: no telemetry
+    store.write_bytes("inbox/loans/dev-1/run-b/part-00000-00000.parquet", b"whole")
+    store.write_text("inbox/loans/dev-1/run-b/telemetry.json", "{}")
+    pending = pending_runs(store, "loans")
+    assert pending == [("dev-1", "run-b")]
+    now = datetime.now(UTC)
+    assert abandoned_uploads(store, "loans", pending, now=now) == []  # maybe still uploading
+    assert abandoned_uploads(store, "loans", pending, now=now + timedelta(days=2)) == ["inbox/loans/dev-1/run-a"]
