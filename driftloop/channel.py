@@ -250,6 +250,8 @@ def verify(data: bytes, public_pem: bytes, *, model: str, now: datetime | None =
         manifest.target.checked()
         if manifest.previous is not None:
             manifest.previous.checked()
+        if manifest.issued_at.tzinfo is None or manifest.expires_at.tzinfo is None:
+            raise ValueError("issued_at and expires_at must carry a time zone")
     except (ValidationError, ValueError) as exc:
         raise ManifestRefused("malformed", f"signed, but not a valid manifest: {str(exc).splitlines()[0]}") from None
     if manifest.model != model:

@@ -30,8 +30,8 @@ import polars as pl
 from pydantic import BaseModel, Field
 
 from driftloop.atomic import write_atomic
-from driftloop.errors import DriftloopError, is_unreachable
-from driftloop.outputs import new_run_id
+from driftloop.errors import DriftloopError, SourceError, is_unreachable
+from driftloop.outputs import OutputError, new_run_id
 from driftloop.tasks.edge import (
     CachedModel,
     ChannelSource,
@@ -241,7 +241,9 @@ def run_agent(config: AgentConfig) -> EdgeResult:
         result = score_stream(loaded, config.input_uri, config.output_uri, model_name=name,
                               model_version=cached.version, batch_size=config.batch_size)
     except BaseException as exc:
-        if isinstance(exc, Exception) and inbox is not None:
+        # A failed run counts against the version (the rollout controller's error rate);
+        # an input or output the device was given wrong is not the model's fault.
+        if isinstance(exc, Exception) and not isinstance(exc, SourceError | OutputError) and inbox is not None:
             failed = EdgeTelemetry(run_id=new_run_id(started), started_at=started, finished_at=datetime.now(UTC),
                                    rows_in=0, rows_scored=0, rows_quarantined=0, failed=True,
                                    error=f"{type(exc).__name__}: {str(exc)[:500]}", **base)
