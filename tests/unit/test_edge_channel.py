@@ -307,3 +307,21 @@ def test_an_upload_killed_half_way_is_removed_once_abandoned_and_a_finished_one_
     now = datetime.now(UTC)
     assert abandoned_uploads(store, "loans", pending, now=now) == []  # maybe still uploading
     assert abandoned_uploads(store, "loans", pending, now=now + timedelta(days=2)) == ["inbox/loans/dev-1/run-a"]
+
+
+def test_a_run_that_fails_is_reported_home_as_a_failed_run(tmp_path: Path, keys) -> None:
+    from driftloop.tasks.edge_agent import AgentConfig, run_agent
+
+    private, public = keys
+    store = ArtifactStore(str(tmp_path / "store"))
+    channel = publish(store, new_manifest("loans", put_artifact(store, 1, b"not an onnx model"), None, PLAN,
+                                          now=datetime.now(UTC)), private)
+    (tmp_path / "in.csv").write_text("id,amount\n1,2\n")
+    config = AgentConfig(model="loans", input_uri=str(tmp_path / "in.csv"), output_uri=str(tmp_path / "out"),
+                         cache_root=tmp_path / "cache", device_id="dev-9",
+                         channel=ChannelSource(channel, public, "dev-9"))
+    with pytest.raises(Exception):  # noqa: B017 - whatever the model raises
+        run_agent(config)
+    (sent,) = store.fs.glob(store.path("inbox/loans/dev-9/*/telemetry.json"))
+    telemetry = EdgeTelemetry.model_validate_json(store.fs.cat_file(sent))
+    assert telemetry.failed and telemetry.version == 1 and telemetry.error and not telemetry.parts
