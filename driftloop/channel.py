@@ -4,7 +4,7 @@ artifact store, saying which version edge devices run.
 Devices hold no registry credentials and no registry URL: they read the manifest and the
 artifact from the store (read access only) and check them with the publisher's Ed25519
 public key. The registry side re-publishes the manifest on every champion move
-(:func:`publisher_from_settings`, attached to the registry store) and the rollout
+(:func:`publish_on_champion_move`, a listener of the registry store) and the rollout
 controller re-signs it as waves advance or stop.
 
 The file is ``{"payload": "<canonical JSON>", "signature": "<base64>", "key_id": ...}``:
@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -394,19 +393,16 @@ def signing_key(settings: Any) -> bytes | None:
     return None
 
 
-def publisher_from_settings(settings: Any) -> Callable[[Any, str], None] | None:
+def publish_on_champion_move(registry: Any, model: str) -> None:
     """What the registry store calls after a champion moves: re-publish that model's
-    channel. None when no signing key is configured."""
-    if settings.channel_key_file is None and not settings.channel_key_block:
-        return None
+    channel. The settings are read at each call (a key configured after the registry was
+    opened counts); with no signing key configured nothing is published."""
+    from driftloop.settings import get_settings
+    from driftloop.storage import ArtifactStore
 
-    def publish(registry: Any, model: str) -> None:
-        from driftloop.storage import ArtifactStore
-
-        key = signing_key(settings)
-        if key is None:
-            return
-        publish_champion(registry, ArtifactStore(settings.artifact_root_uri()), model, key,
-                         ttl=timedelta(seconds=settings.channel_ttl_s))
-
-    return publish
+    settings = get_settings()
+    key = signing_key(settings)
+    if key is None:
+        return
+    publish_champion(registry, ArtifactStore(settings.artifact_root_uri()), model, key,
+                     ttl=timedelta(seconds=settings.channel_ttl_s))

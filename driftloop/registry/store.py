@@ -595,10 +595,8 @@ def open_registry(url: str) -> RegistryStore:
         engine.dispose()
         raise open_error(url, exc) from None
     store = RegistryStore(engine)
-    from driftloop.channel import publisher_from_settings
+    from driftloop.channel import publish_on_champion_move
 
-    publisher = publisher_from_settings(get_settings())
-    if publisher is not None:
-        store.champion_listeners.append(publisher)
+    store.champion_listeners.append(publish_on_champion_move)  # publishes only where a signing key is configured
     _opened[url] = store
     return store
