@@ -325,3 +325,52 @@ def test_a_run_that_fails_is_reported_home_as_a_failed_run(tmp_path: Path, keys)
     (sent,) = store.fs.glob(store.path("inbox/loans/dev-9/*/telemetry.json"))
     telemetry = EdgeTelemetry.model_validate_json(store.fs.cat_file(sent))
     assert telemetry.failed and telemetry.version == 1 and telemetry.error and not telemetry.parts
+
+
+KILLED_UPLOAD = """
+import sys, time
+from pathlib import Path
+import fsspec.implementations.local as local
+from driftloop.tasks.edge_agent import upload_run
+
+real = local.LocalFileSystem.pipe_file
+def slow(self, path, value, **kwargs):
+    real(self, path, value, **kwargs)
+    Path(sys.argv[3]).write_text(path)  # one file is up: the test kills us now
+    time.sleep(60)
+local.LocalFileSystem.pipe_file = slow
+upload_run(Path(sys.argv[1]), sys.argv[2], "loans", "dev-1")
+"""
+
+
+def test_kill_9_mid_upload_leaves_no_telemetry_and_the_rerun_completes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from driftloop.tasks.edge_agent import upload_run
+    from driftloop.tasks.edge_inbox import pending_runs
+
+    run_dir = tmp_path / "outbox" / "run-1"
+    run_dir.mkdir(parents=True)
+    for i in range(3):
+        (run_dir / f"part-00000-0000{i}.parquet").write_bytes(b"rows %d" % i)
+    (run_dir / "telemetry.json").write_text("{}")
+    store = ArtifactStore(str(tmp_path / "store"))
+    flag = tmp_path / "first-file-up"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_UPLOAD, str(run_dir), store.uri("inbox"), str(flag)])
+    try:
+        deadline = time.monotonic() + 300
+        while not flag.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the uploader ended before its first file"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    uploaded = sorted(p.name for p in Path(store.path("inbox/loans/dev-1/run-1")).iterdir())
+    assert uploaded == ["part-00000-00000.parquet"]  # killed after one part: no telemetry
+    assert pending_runs(store, "loans") == []  # so the ingest does not see the run
+    upload_run(run_dir, store.uri("inbox"), "loans", "dev-1")  # the next agent run sends it again
+    assert pending_runs(store, "loans") == [("dev-1", "run-1")]
+    assert len(list(Path(store.path("inbox/loans/dev-1/run-1")).iterdir())) == 4
