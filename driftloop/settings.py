@@ -39,6 +39,24 @@ class Settings(BaseSettings):
     edge_cache_dir: Path | None = Field(
         default=None, description="Where an edge agent keeps verified model artifacts. Default: <home>/edge-cache."
     )
+    channel_key_file: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM, from driftloop keys init) that signs the edge model channel; the "
+        "registry side only. Unset, with no channel_key_block: no channel is published.",
+    )
+    channel_key_block: str | None = Field(
+        default=None, description="Name of a Prefect Secret block holding the channel's private key (PEM), instead "
+        "of a file.",
+    )
+    channel_ttl_s: float = Field(
+        default=7 * 24 * 3600, gt=0,
+        description="How long a signed channel manifest is valid; the edge rollout controller re-signs it on each run.",
+    )
+    edge_outbox_budget_mb: float = Field(
+        default=512, gt=0,
+        description="Disk an edge agent may use for scored rows waiting to be sent home; when full it keeps the "
+        "oldest and says so loudly.",
+    )
     retention_days: float = Field(
         default=90, gt=0, description="driftloop gc removes monitoring runs and Optuna studies older than this."
     )

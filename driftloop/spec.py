@@ -8,6 +8,7 @@ NannyML's column mapping. Nowhere else lists column names.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from datetime import datetime, timedelta
@@ -227,6 +228,72 @@ class RetrainPolicy(BaseModel):
         return parse_duration(self.skip_recent)
 
 
+# --- rollout: edge (issue 23) ---------------------------------------------------------
+# Kept apart from the rest of ``rollout`` (shadow, guard) so that each part merges alone.
+
+_EDGE_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_EDGE_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_bake(text: str) -> timedelta:
+    """``30s``, ``15m``, ``1h`` or ``2d`` as a timedelta (an edge wave's bake time)."""
+    match = _EDGE_DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration; write a whole number with s, m, h or d (30s, 15m, 1h, 2d)")
+    return timedelta(**{_EDGE_DURATION_UNITS[match.group(2)]: int(match.group(1))})
+
+
+class EdgeAbort(BaseModel):
+    """A wave whose telemetry crosses any of these stops the rollout (every device goes
+    back to the previous version)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    error_rate: float = Field(default=0.01, ge=0.0, le=1.0,
+                              description="Share of the new version's edge runs that failed.")
+    latency_p95_ratio: float = Field(default=1.5, gt=1.0,
+                                     description="New version's p95 batch latency over the previous version's.")
+    score_psi: float = Field(default=0.25, gt=0.0,
+                             description="Population stability index of the score histograms, new vs previous.")
+
+
+class EdgeRollout(BaseModel):
+    """How a new champion reaches edge devices: in waves, each a share of the devices."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    waves: list[float] = Field(default_factory=lambda: [1.0], min_length=1,
+                               description="Cumulative share of devices per wave, increasing, ending at 1.0.")
+    bake: str = Field(default="1h", description="Healthy telemetry for this long before the next wave (30s, 15m, 1h).")
+    abort: EdgeAbort = Field(default_factory=EdgeAbort)
+
+    @field_validator("waves")
+    @classmethod
+    def _increasing(cls, waves: list[float]) -> list[float]:
+        if any(not 0.0 < w <= 1.0 for w in waves) or any(b <= a for a, b in itertools.pairwise(waves)) \
+                or waves[-1] != 1.0:
+            raise ValueError(f"waves {waves}: shares must increase, each in (0, 1], the last 1.0 (e.g. [0.05, 0.25, 1.0])")
+        return waves
+
+    @field_validator("bake")
+    @classmethod
+    def _bake(cls, value: str) -> str:
+        parse_bake(value)
+        return value
+
+    @property
+    def bake_s(self) -> float:
+        return parse_bake(self.bake).total_seconds()
+
+
+class RolloutSpec(BaseModel):
+    """How a new version reaches its traffic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    edge: EdgeRollout | None = Field(default=None, description="Edge devices follow the signed channel in waves (issue 23).")
+
+
 class DatasetSpec(BaseModel):
     """A tabular dataset: its target, identity, time axis and typed columns."""
 
@@ -244,6 +311,7 @@ class DatasetSpec(BaseModel):
     gate: GateSpec = Field(default_factory=GateSpec)
     monitoring: MonitoringPolicy = Field(default_factory=MonitoringPolicy)
     retrain: RetrainPolicy = Field(default_factory=RetrainPolicy)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     description: str | None = None
 
     @property
@@ -343,7 +411,7 @@ class DatasetSpec(BaseModel):
     def fingerprint(self) -> str:
         """sha256 of the spec's data part (columns, roles, limits): changes whenever
         validation would, not when the gate, monitoring or retrain policy is edited."""
-        canonical = json.dumps(self.model_dump(mode="json", exclude={"gate", "monitoring", "retrain", "description"}), sort_keys=True)
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"gate", "monitoring", "retrain", "rollout", "description"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -55,6 +55,8 @@ class CachedModel:
     offline: bool
     note: str
     data: bytes | None = None  # the artifact's bytes, read and verified under the cache's lock
+    refused: str | None = None  # why the channel's manifest was refused (cause: message); None when accepted
+    wave: int | None = None  # the device's rollout wave (channel mode)
 
     def read(self) -> bytes:
         data = self.data if self.data is not None else self.path.read_bytes()
@@ -225,3 +227,111 @@ def refresh(cache: ModelCache, resolve: Callable[[], Any]) -> CachedModel:
 @task(name="refresh-edge-cache", cache_policy=NONE)
 def refresh_task(cache: ModelCache, resolve: Callable[[], Any]) -> CachedModel:
     return refresh(cache, resolve)
+
+
+# --- the signed channel (no registry on the device) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ChannelSource:
+    """Where a device learns its model: the channel file in the artifact store, the
+    publisher's public key, and the device's id (its rollout wave)."""
+
+    channel_uri: str
+    public_key: bytes
+    device_id: str
+
+
+_ACCEPTED = "channel.json"  # the issue time of the last manifest accepted (an older one is a replay)
+
+
+def _last_accepted(cache: ModelCache) -> datetime | None:
+    try:
+        return datetime.fromisoformat(json.loads((cache.dir / _ACCEPTED).read_text())["issued_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _fetch_artifact(uri: str, sha256: str) -> bytes:
+    """The artifact's bytes if they hash to the signed sha256; a refusal otherwise. An
+    outage (unreachable store) propagates as itself."""
+    import fsspec
+
+    from driftloop.channel import ManifestRefused
+
+    try:
+        with fsspec.open(uri, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise ManifestRefused("artifact_hash", f"the artifact {uri} it names is missing (expected sha256 {sha256})") \
+            from None
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise ManifestRefused("artifact_hash", f"the artifact {uri} has sha256 {found}, the manifest signs {sha256}")
+    return data
+
+
+def refresh_from_channel(cache: ModelCache, source: ChannelSource, *, now: datetime | None = None) -> CachedModel:
+    """Make the cache hold the version the signed channel assigns to this device. A
+    manifest that fails its signature, expiry or artifact hash is refused (named in the
+    result) and the verified cached model keeps serving; an unreachable store is ridden
+    out on the cache, as with the registry."""
+    import fsspec
+
+    from driftloop.channel import ManifestRefused, store_root_of_channel, verify
+
+    root = store_root_of_channel(source.channel_uri)
+    try:
+        try:
+            with fsspec.open(source.channel_uri, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            raise ManifestRefused("unreadable", f"no channel file at {source.channel_uri} (is the model's champion "
+                                  "published? driftloop channel publish MODEL)") from None
+        with cache.locked():
+            manifest = verify(data, source.public_key, model=cache.name, now=now, not_before=_last_accepted(cache))
+            target, wave = manifest.for_device(source.device_id)
+            try:
+                state = cache.state()
+            except DamagedCacheState:
+                state = dict(_EMPTY)  # rebuilt below, from the signed manifest
+            if state["current"] and state["current"]["sha256"] == target.sha256 and cache._holds(target.sha256):
+                model = cache.current(cache_hit=True, offline=False,
+                                      note=f"cached v{target.version} is current (wave {wave})")
+            else:
+                uri = f"{root}/{target.artifact}"
+                data = cache._artifact_path(target.sha256).read_bytes() if cache._holds(target.sha256) \
+                    else _fetch_artifact(uri, target.sha256)
+                cache.install(target.version, target.sha256, data, uri, rebuild=True)
+                before = state["current"]["version"] if state["current"] else None
+                note = f"fetched v{target.version} (wave {wave})" + \
+                    (f", replacing cached v{before}" if before is not None else "")
+                model = cache.current(cache_hit=False, offline=False, note=note)
+            write_atomic(cache.dir / _ACCEPTED, json.dumps({"issued_at": manifest.issued_at.isoformat()}).encode())
+            assert model is not None
+            model.wave = wave
+            return model
+    except ManifestRefused as refusal:
+        try:
+            cached = cache.current(cache_hit=True, offline=False,
+                                   note=f"{refusal}; scoring with the verified cached model")
+        except DamagedCacheState as damaged:
+            raise DriftloopError(f"{refusal}; and {damaged}") from None
+        if cached is None:
+            raise DriftloopError(f"{refusal}; no verified model of {cache.name!r} is cached, so nothing is scored") \
+                from None
+        cached.refused = f"{refusal.cause}: {refusal}"
+        logger.warning("%s: %s", cache.name, cached.note)
+        return cached
+    except DamagedCacheState:
+        raise
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        cached = cache.current(cache_hit=True, offline=True,
+                               note=f"artifact store unreachable ({exc}); scoring with the cached model")
+        if cached is None:
+            raise DriftloopError(f"edge agent: cannot reach the artifact store ({exc}) and no model of "
+                                 f"{cache.name!r} is cached yet; connect once to fetch it") from None
+        logger.warning("%s: %s", cache.name, cached.note)
+        return cached

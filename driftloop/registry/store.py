@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +31,8 @@ from driftloop.registry.tables import (
     RetrainLeaseRow,
     ScoringRunRow,
 )
+
+logger = logging.getLogger(__name__)
 
 ALIASES = ("champion", "challenger")
 _ROLLBACK = "rollback: "
@@ -192,10 +195,17 @@ def create_registry_engine(url: str, *, lock_timeout_s: float = 30) -> Engine:
     return create_engine(url, pool_pre_ping=True, connect_args=connect_args, json_serializer=_json)
 
 
+ChampionListener = Callable[["RegistryStore", str], None]
+_CHAMPION_MOVED = "driftloop.champion_moved"  # session.info key: models whose champion moved
+
+
 class RegistryStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Called with (store, model) after a transaction that moved a champion commits
+        # (the edge channel is re-published): every move, whoever made it.
+        self.champion_listeners: list[ChampionListener] = []
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -206,6 +216,19 @@ class RegistryStore:
                 yield session
         except OperationalError as exc:
             raise operational_error(self.engine.url, exc) from None
+        self._notify(session.info.pop(_CHAMPION_MOVED, set()))
+
+    def _notify(self, models: set[str]) -> None:
+        """Listeners run after the commit; one that fails does not undo the move (it is
+        done): it is logged, and the rollout controller's next run publishes again."""
+        for model in sorted(models):
+            for listener in self.champion_listeners:
+                try:
+                    listener(self, model)
+                except Exception:
+                    logger.exception("%s: the champion moved, but publishing the edge channel failed; the edge rollout "
+                                     "controller publishes it on its next run (or: driftloop channel publish %s)",
+                                     model, model)
 
     # --- datasets ---------------------------------------------------------------
 
@@ -518,6 +541,8 @@ class RegistryStore:
             row.version, row.updated_at = version, now
         s.add(AliasEventRow(model_name=name, alias=alias, from_version=before, to_version=version,
                             actor=actor, reason=reason, created_at=now))
+        if alias == "champion":
+            s.info.setdefault(_CHAMPION_MOVED, set()).add(name)
 
 
 def _check_complete(row: ModelVersionRow, alias: str) -> None:
@@ -570,5 +595,8 @@ def open_registry(url: str) -> RegistryStore:
         engine.dispose()
         raise open_error(url, exc) from None
     store = RegistryStore(engine)
+    from driftloop.channel import publish_on_champion_move
+
+    store.champion_listeners.append(publish_on_champion_move)  # publishes only where a signing key is configured
     _opened[url] = store
     return store

@@ -17,7 +17,7 @@ from driftloop.tasks.monitor_policy import DRIFT_EVENT, PERFORMANCE_EVENT
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())
 DEPLOYMENTS = PREFECT_YAML["deployments"]
-EXPECTED = {"ingest", "labels", "train", "score", "score-edge", "monitor", "lifecycle", "retrain"}
+EXPECTED = {"ingest", "labels", "train", "score", "score-edge", "monitor", "lifecycle", "retrain", "edge-rollout"}
 
 
 def load_flow(entrypoint: str):
