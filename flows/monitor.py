@@ -45,6 +45,7 @@ from driftloop.tasks.monitor_charts import artifact_markdown, render_charts
 from driftloop.tasks.monitor_policy import PolicyDecision
 from driftloop.tasks.monitor_report import MonitoringError, MonitorReport
 from driftloop.tasks.monitor_summary import chunk_summaries, render_summary
+from driftloop.tasks.rollout import RolloutOutcome
 from driftloop.tasks.score import fetch_verified
 
 
@@ -87,6 +88,7 @@ class MonitorResult(BaseModel):
     event: EmittedEvent | None
     report_uri: str
     labels: LabelsUsed | None = None
+    rollout: RolloutOutcome | None = None  # the rollout decision taken after monitoring, if one was in progress
 
 
 @dataclass
@@ -316,9 +318,25 @@ def monitor(
         logger.warning("policy fired: %s (%s)", event.event, "; ".join(decision.reasons))
     else:
         logger.info("policy did not fire: %s", "; ".join(decision.reasons))
+    rollout = decide_rollout(registry, record.model_name, spec, registry_block)
     return MonitorResult(
         run_id=run_id, model=record.model_name, version=record.version,
         chunks=[ChunkSummary(**{k: c[k] for k in ("start", "end", "drifting_features", "estimated", "realized")}) for c in chunk_summaries(report)],
         policy=PolicyVerdict(fired=decision.fired, reasons=decision.reasons), event=event, report_uri=report_uri,
-        labels=labels_used,
+        labels=labels_used, rollout=rollout,
     )
+
+
+def decide_rollout(registry: RegistryStore, model: str, spec: DatasetSpec, registry_block: str | None) -> RolloutOutcome | None:
+    """New labels may decide a rollout in progress (a candidate in shadow, a guard). A
+    decision that cannot be taken (the champion moved meanwhile) is logged: the data this
+    run kept stays kept."""
+    from driftloop.flows.rollout import rollout_decide, rollout_pending
+
+    if not rollout_pending(registry, model, spec):
+        return None
+    try:
+        return rollout_decide(model=model, registry_block=registry_block)
+    except DriftloopError as exc:
+        get_run_logger().warning("rollout of %s not decided: %s", model, exc)
+        return None

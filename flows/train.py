@@ -82,6 +82,7 @@ class TrainResult(BaseModel):
     onnx_uri: str
     onnx_sha256: str
     promoted: bool
+    candidate: bool = False  # the gate passed under a shadow policy: candidate, scoring in shadow
     card_uri: str | None
     headline: str
     window: WindowRecord | None = None
@@ -209,13 +210,18 @@ def train_and_register(
     # in between leaves an unaliased version, never a champion without its reference.
     record = register_task(registry, draft)
     store_reference_task(registry, store, record, spec, split.holdout, onnx_bytes)
+    # With a shadow policy a passing version competes with a champion as ``candidate``.
+    shadow = champion is not None and spec.rollout is not None and spec.rollout.shadow is not None
     will_promote = options.promote and decision.passed
-    record = model_card_task(registry, store, record, will_promote)
-    promoted, refused = settle_aliases_task(registry, record, will_promote, champion.version if champion else None, actor)
+    record = model_card_task(registry, store, record, will_promote and not shadow)
+    promoted, refused = settle_aliases_task(registry, record, will_promote, champion.version if champion else None, actor,
+                                            shadow)
     if refused:
         logger.warning("not promoted: %s", refused)
         record = model_card_task(registry, store, record, False)
-    return _report(record, spec, decision, parity, metrics, promoted, window)
+    result = _report(record, spec, decision, parity, metrics, promoted, window)
+    result.candidate = will_promote and shadow
+    return result
 
 
 def _study_storage(settings: Settings, options: TrainOptions) -> str:

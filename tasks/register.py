@@ -65,12 +65,20 @@ def write_model_card(registry: RegistryStore, store: ArtifactStore, record: Mode
 
 
 def settle_aliases(registry: RegistryStore, record: ModelVersionRecord, *, promote: bool, judged_against: int | None,
-                   actor: str) -> tuple[bool, str | None]:
+                   actor: str, shadow: bool = False) -> tuple[bool, str | None]:
     """Once the version has its reference and card: move ``champion`` to it if asked and
     the gate passed and the champion is still the version the gate judged against
     (compare-and-swap under the model's row lock); otherwise make it ``challenger``.
-    Returns whether it was promoted, and why not when a promotion was refused."""
+    With ``shadow`` (the spec's ``rollout.shadow``) and a champion to compete with, a
+    passing version becomes ``candidate`` instead: its production rows decide
+    (:mod:`driftloop.rollout`). Returns whether it was promoted, and why not when a
+    promotion was refused."""
     refused = None
+    if promote and record.gate["passed"] and shadow and judged_against is not None:
+        registry.set_alias(record.model_name, "candidate", record.version, actor=actor,
+                           reason="gate passed; in shadow until its own labelled rows decide: "
+                                  + "; ".join(record.gate["reasons"]))
+        return False, None
     if promote and record.gate["passed"]:
         try:
             registry.promote(record.model_name, record.version, actor=actor, reason="; ".join(record.gate["reasons"]),
@@ -178,8 +186,9 @@ def model_card_task(registry: RegistryStore, store: ArtifactStore, record: Model
 
 @task(name="promote", cache_policy=NONE)
 def settle_aliases_task(registry: RegistryStore, record: ModelVersionRecord, promote: bool, judged_against: int | None,
-                        actor: str) -> tuple[bool, str | None]:
-    return settle_aliases(registry, record, promote=promote, judged_against=judged_against, actor=actor)
+                        actor: str, shadow: bool = False) -> tuple[bool, str | None]:
+    return settle_aliases(registry, record, promote=promote, judged_against=judged_against, actor=actor,
+                          shadow=shadow)
 
 
 def store_reference(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, spec: Any,
