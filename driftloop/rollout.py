@@ -19,6 +19,7 @@ compare-and-swap (:meth:`driftloop.registry.RegistryStore.apply_rollout_decision
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -316,6 +317,22 @@ def rollout_state(registry: object, model: str, spec_of: Callable[[object], Data
     return RolloutState(model, "guard", champion, last.from_version, last.created_at, policy, spec)
 
 
+def rollout_pending(registry: object, model: str, spec: DatasetSpec | None, now: datetime) -> bool:
+    """Cheap, from the registry alone: could a decision do anything (a candidate in
+    shadow, or a promotion within the guard's days of ``spec``)? Lets the labels and
+    monitor flows skip the decision without loading any model."""
+    from driftloop.registry.store import RegistryStore
+
+    assert isinstance(registry, RegistryStore)
+    if "candidate" in registry.aliases(model):
+        return True
+    if spec is None or spec.rollout is None or spec.rollout.guard is None:
+        return False
+    moves = [e for e in registry.alias_history(model) if e.alias == "champion"]
+    return bool(moves) and moves[-1].from_version is not None and \
+        now - moves[-1].created_at < timedelta(days=spec.rollout.guard.days)
+
+
 def paired_frame(predictions: pl.LazyFrame, labels: pl.LazyFrame | None, spec: DatasetSpec, *, served_version: int,
                  shadow_version: int, since: datetime | None) -> tuple[pl.DataFrame, int]:
     """The rows both versions scored in the same scoring run (one pass: served and shadow
@@ -328,7 +345,8 @@ def paired_frame(predictions: pl.LazyFrame, labels: pl.LazyFrame | None, spec: D
     rows = predictions
     if since is not None:
         rows = rows.filter(pl.col(SCORED_AT) >= since)
-    keep = [pl.col(spec.id), pl.col(SCORING_RUN), pl.col(SCORED_AT), pl.col("probability"), pl.col("prediction")]
+    keep = [pl.col(spec.id), pl.col(SCORING_RUN), pl.col(SCORED_AT), pl.col("probability"), pl.col("prediction"),
+            *([pl.col(spec.timestamp)] if spec.timestamp else [])]
     served = rows.filter((pl.col(ROLE) == SERVED) & (pl.col(MODEL_VERSION) == served_version)).select(keep)
     shadow = rows.filter((pl.col(ROLE) == "shadow") & (pl.col(MODEL_VERSION) == shadow_version)).select(
         pl.col(spec.id), pl.col(SCORING_RUN), pl.col("probability").alias("shadow_probability"),
@@ -357,3 +375,36 @@ def paired_rows(frame: pl.DataFrame, scored_by_both: int, spec: DatasetSpec) -> 
                       served_prediction=values("served_prediction"),
                       shadow_probability=frame["shadow_probability"].cast(pl.Float64).to_numpy(),
                       shadow_prediction=values("shadow_prediction"), scored_by_both=scored_by_both)
+
+
+@dataclass(frozen=True)
+class PairedChunk:
+    """One chunk of the paired rows (in time order): each model's metric on the same rows."""
+
+    label: str
+    rows: int
+    served: float
+    shadow: float
+
+
+def paired_chunks(frame: pl.DataFrame, spec: DatasetSpec, *, chunks: int = 6) -> list[PairedChunk]:
+    """The paired labelled rows cut into ``chunks`` equal parts by time (by id without a
+    timestamp), each model's gate metric per part: what the monitoring and rollout
+    artifacts chart."""
+    if frame.height == 0:
+        return []
+    order = spec.timestamp if spec.timestamp and spec.timestamp in frame.columns else spec.id
+    rows = paired_rows(frame.sort(order), frame.height, spec)
+    bounds = np.linspace(0, frame.height, min(chunks, frame.height) + 1).astype(int)
+    keys = frame.sort(order)[order]
+    out = []
+    for start, end in itertools.pairwise(bounds):
+        if end <= start:
+            continue
+        part = slice(start, end)
+        y = rows.target[part]
+        out.append(PairedChunk(
+            label=f"{str(keys[int(start)])[:10]} .. {str(keys[int(end) - 1])[:10]}", rows=int(end - start),
+            served=metric_value(spec.gate_metric, y, rows.served_probability[part], rows.served_prediction[part]),
+            shadow=metric_value(spec.gate_metric, y, rows.shadow_probability[part], rows.shadow_prediction[part])))
+    return out

@@ -18,16 +18,9 @@ from driftloop.flows.monitor import model_resource
 from driftloop.naming import artifact_key
 from driftloop.registry import open_registry
 from driftloop.rollout import DEFAULT_RESAMPLES
-from driftloop.spec import DatasetSpec, check_model_name
+from driftloop.spec import check_model_name
 from driftloop.tables import open_tables
-from driftloop.tasks.rollout import RolloutOutcome, decide_task
-
-
-def rollout_pending(registry, model: str, spec: DatasetSpec | None) -> bool:
-    """Cheap: is there anything a decision could do (a candidate, or a guard policy)?"""
-    if "candidate" in registry.aliases(model):
-        return True
-    return spec is not None and spec.rollout is not None and spec.rollout.guard is not None
+from driftloop.tasks.rollout import RolloutOutcome, decide_task, paired_markdown
 
 
 @flow(name="rollout-decide")
@@ -68,7 +61,8 @@ def render(outcome: RolloutOutcome) -> str:
              "The difference is the contender's advantage (candidate in shadow, new champion under guard)."]
     if outcome.event and d.applied:
         lines.append(f"\nEvent emitted: `{outcome.event}`")
-    return "\n".join(lines)
+    chart = paired_markdown(outcome.model, outcome.phase, d.served_version, d.shadow_version, d.metric, outcome.chunks)
+    return "\n".join(lines) + (f"\n\n{chart}" if chart else "")
 
 
 def _num(value: float | None, sign: str = "") -> str:

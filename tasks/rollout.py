@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from datetime import datetime
 
+import polars as pl
 from prefect import task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
@@ -27,6 +28,7 @@ from driftloop.rollout import (
     RolloutState,
     compare,
     guard_decision,
+    paired_chunks,
     paired_frame,
     paired_rows,
     rollout_state,
@@ -82,6 +84,15 @@ def shadow_scoring(registry: RegistryStore, state: RolloutState, served: ModelVe
             f"{role} v{shadow_record.version} scores {fraction:.0%} of the rows in shadow ({why})")
 
 
+class ChunkFigures(BaseModel):
+    """One chunk of the paired rows: each model's realized metric on the same rows."""
+
+    label: str
+    rows: int
+    served: float | None
+    shadow: float | None
+
+
 class RolloutOutcome(BaseModel):
     """What one look at a model's rollout found and did."""
 
@@ -93,25 +104,44 @@ class RolloutOutcome(BaseModel):
     decision: RolloutDecisionRecord | None = None  # None: nothing to decide
     event: str | None = None  # the event the decision calls for (promoted, candidate-rejected, rolled-back)
     reason: str
+    chunks: list[ChunkFigures] = []  # the paired rows per chunk, for the charts
 
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def paired_labelled(tables: Tables, state: RolloutState) -> tuple[pl.DataFrame | None, int]:
+    """The labelled rows both models of ``state`` scored in the same runs (None: no
+    predictions table yet), and how many rows both scored."""
+    assert state.spec is not None and state.shadow is not None
+    table = tables.predictions(state.model)
+    if table is None:
+        return None, 0
+    labels, _ = latest_labels(tables, state.spec)
+    return paired_frame(table.scan(), labels, state.spec, served_version=state.champion or 0,
+                        shadow_version=state.shadow, since=state.since)
+
+
+def chunk_figures(frame: pl.DataFrame | None, spec: DatasetSpec) -> list[ChunkFigures]:
+    if frame is None:
+        return []
+    return [ChunkFigures(label=c.label, rows=c.rows, served=_finite(c.served), shadow=_finite(c.shadow))
+            for c in paired_chunks(frame, spec)]
+
+
 def evaluate(tables: Tables, state: RolloutState, *, resamples: int = DEFAULT_RESAMPLES,
-             now: datetime | None = None) -> tuple[Decision, Comparison | None, int, int]:
-    """Compare the two models of ``state`` on their paired labelled rows and say what that
-    decides (nothing is stored). Returns (decision, comparison or None, rows scored by
-    both, rows labelled)."""
+             now: datetime | None = None, frame: pl.DataFrame | None = None,
+             both: int = 0) -> tuple[Decision, Comparison | None, int, int]:
+    """Compare the two models of ``state`` on their paired labelled rows (``frame``, else
+    read now) and say what that decides (nothing is stored). Returns (decision, comparison
+    or None, rows scored by both, rows labelled)."""
     assert state.active and state.spec is not None and state.policy is not None and state.shadow is not None
     spec, policy = state.spec, state.policy
-    table = tables.predictions(state.model)
-    comparison, both, labelled = None, 0, 0
-    if table is not None:
-        labels, _ = latest_labels(tables, spec)
-        frame, both = paired_frame(table.scan(), labels, spec, served_version=state.champion or 0,
-                                   shadow_version=state.shadow, since=state.since)
+    if frame is None:
+        frame, both = paired_labelled(tables, state)
+    comparison, labelled = None, 0
+    if frame is not None:
         labelled = frame.height
         if labelled:
             confidence = policy.shadow.confidence if state.phase == "shadow" and policy.shadow else policy.guard_confidence
@@ -137,7 +167,9 @@ def decide(registry: RegistryStore, tables: Tables, model: str, *, actor: str, r
     if not state.active or state.policy is None:
         return RolloutOutcome(model=model, phase=state.phase, champion=state.champion, shadow=state.shadow,
                               since=state.since, reason="nothing to decide: no candidate in shadow and no guard")
-    decision, comparison, both, labelled = evaluate(tables, state, resamples=resamples, now=now)
+    frame, both = paired_labelled(tables, state)
+    decision, comparison, both, labelled = evaluate(tables, state, resamples=resamples, now=now, frame=frame,
+                                                    both=both)
     served_value = shadow_value = None
     if comparison is not None:
         incumbent, contender = _finite(comparison.incumbent), _finite(comparison.contender)
@@ -159,7 +191,40 @@ def decide(registry: RegistryStore, tables: Tables, model: str, *, actor: str, r
         expected_candidate=state.shadow if state.phase == "shadow" else None)
     return RolloutOutcome(model=model, phase=state.phase, champion=state.champion, shadow=state.shadow,
                           since=state.since, decision=stored, event=EVENTS.get(decision.verdict),
-                          reason=decision.reason)
+                          reason=decision.reason, chunks=chunk_figures(frame, state.spec))
+
+
+def paired_markdown(model: str, phase: str, served: int | None, shadow: int | None, metric: str,
+                    chunks: list[ChunkFigures]) -> str:
+    """The paired chart and its table: each model's realized metric per chunk, same rows."""
+    from driftloop.tasks.monitor_charts import data_uri, paired_chart
+
+    if not chunks:
+        return ""
+    shadow_name = f"candidate v{shadow}" if phase == "shadow" else f"replaced champion v{shadow}"
+    png = paired_chart(chunks, metric=metric, served=f"champion v{served}", shadow=shadow_name)
+    lines = [f"## Rollout ({phase}): champion v{served} vs {shadow_name} on the same rows", ""]
+    if png:
+        lines += [f"![Realized {metric} per chunk, both models on the same rows]({data_uri(png)})", ""]
+    lines += [f"| chunk | rows | champion v{served} | {shadow_name} |", "|---|---:|---:|---:|"]
+    lines += [f"| {c.label} | {c.rows:,} | {_num(c.served)} | {_num(c.shadow)} |" for c in chunks]
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def rollout_markdown(registry: RegistryStore, tables: Tables, model: str,
+                     known: dict[int, DatasetSpec] | None = None) -> str:
+    """The paired chart of a rollout in progress, for the monitoring artifact ("" when
+    none is). Read only: no bootstrap, nothing stored."""
+    state = model_state(registry, model, known=known)
+    if not state.active or state.spec is None:
+        return ""
+    frame, _ = paired_labelled(tables, state)
+    return paired_markdown(model, state.phase, state.champion, state.shadow, state.spec.gate_metric,
+                           chunk_figures(frame, state.spec))
 
 
 @task(name="rollout-state", cache_policy=NONE)
@@ -171,6 +236,11 @@ def model_state_task(registry: RegistryStore, model: str, known: dict[int, Datas
 def shadow_scoring_task(registry: RegistryStore, state: RolloutState, served: ModelVersionRecord, spec: DatasetSpec,
                         engine: Engine, device: Device, threads: int | None) -> tuple[ShadowScoring | None, str]:
     return shadow_scoring(registry, state, served, spec, engine=engine, device=device, threads=threads)
+
+
+@task(name="rollout-chart", cache_policy=NONE)
+def rollout_markdown_task(registry: RegistryStore, tables: Tables, model: str, known: dict[int, DatasetSpec]) -> str:
+    return rollout_markdown(registry, tables, model, known)
 
 
 @task(name="rollout-decide", cache_policy=NONE)
