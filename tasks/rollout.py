@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 import polars as pl
@@ -111,16 +112,29 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def paired_labelled(tables: Tables, state: RolloutState) -> tuple[pl.DataFrame | None, int]:
-    """The labelled rows both models of ``state`` scored in the same runs (None: no
-    predictions table yet), and how many rows both scored."""
+@dataclass
+class PairedRead:
+    """The labelled rows both models scored (None: no predictions table yet), how many rows
+    both scored, and the table snapshots read."""
+
+    frame: pl.DataFrame | None = None
+    both: int = 0
+    predictions_snapshot: int | None = None
+    labels_snapshot: int | None = None
+
+
+def paired_labelled(tables: Tables, state: RolloutState) -> PairedRead:
+    """The labelled rows both models of ``state`` scored in the same runs, as of the
+    tables' current snapshots (recorded with the decision)."""
     assert state.spec is not None and state.shadow is not None
     table = tables.predictions(state.model)
-    if table is None:
-        return None, 0
-    labels, _ = latest_labels(tables, state.spec)
-    return paired_frame(table.scan(), labels, state.spec, served_version=state.champion or 0,
-                        shadow_version=state.shadow, since=state.since)
+    snapshot = table.refresh().snapshot_id() if table is not None else None
+    if table is None or snapshot is None:
+        return PairedRead()
+    labels, labels_snapshot = latest_labels(tables, state.spec)
+    frame, both = paired_frame(table.scan(snapshot), labels, state.spec, served_version=state.champion or 0,
+                               shadow_version=state.shadow, since=state.since)
+    return PairedRead(frame, both, snapshot, labels_snapshot)
 
 
 def chunk_figures(frame: pl.DataFrame | None, spec: DatasetSpec) -> list[ChunkFigures]:
@@ -139,7 +153,8 @@ def evaluate(tables: Tables, state: RolloutState, *, resamples: int = DEFAULT_RE
     assert state.active and state.spec is not None and state.policy is not None and state.shadow is not None
     spec, policy = state.spec, state.policy
     if frame is None:
-        frame, both = paired_labelled(tables, state)
+        read = paired_labelled(tables, state)
+        frame, both = read.frame, read.both
     comparison, labelled = None, 0
     if frame is not None:
         labelled = frame.height
@@ -167,9 +182,10 @@ def decide(registry: RegistryStore, tables: Tables, model: str, *, actor: str, r
     if not state.active or state.policy is None:
         return RolloutOutcome(model=model, phase=state.phase, champion=state.champion, shadow=state.shadow,
                               since=state.since, reason="nothing to decide: no candidate in shadow and no guard")
-    frame, both = paired_labelled(tables, state)
+    read = paired_labelled(tables, state)
+    frame = read.frame
     decision, comparison, both, labelled = evaluate(tables, state, resamples=resamples, now=now, frame=frame,
-                                                    both=both)
+                                                    both=read.both)
     served_value = shadow_value = None
     if comparison is not None:
         incumbent, contender = _finite(comparison.incumbent), _finite(comparison.contender)
@@ -185,6 +201,7 @@ def decide(registry: RegistryStore, tables: Tables, model: str, *, actor: str, r
         lower=_finite(comparison.lower) if comparison else None,
         upper=_finite(comparison.upper) if comparison else None,
         confidence=confidence, reason=decision.reason, actor=actor,
+        predictions_snapshot=read.predictions_snapshot, labels_snapshot=read.labels_snapshot,
     )
     stored = registry.apply_rollout_decision(
         record, expected_champion=state.champion,
@@ -222,9 +239,8 @@ def rollout_markdown(registry: RegistryStore, tables: Tables, model: str,
     state = model_state(registry, model, known=known)
     if not state.active or state.spec is None:
         return ""
-    frame, _ = paired_labelled(tables, state)
     return paired_markdown(model, state.phase, state.champion, state.shadow, state.spec.gate_metric,
-                           chunk_figures(frame, state.spec))
+                           chunk_figures(paired_labelled(tables, state).frame, state.spec))
 
 
 @task(name="rollout-state", cache_policy=NONE)

@@ -21,6 +21,10 @@ def _check_model(name: str) -> str:
         raise UsageError(str(exc)) from None
 
 
+def check_rollout(args: argparse.Namespace) -> None:
+    _check_model(args.model)  # before a temporary Prefect server is started
+
+
 def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
     """Read only: the phase, the comparison on the rows labelled so far (not stored), and
     the stored decisions."""
@@ -118,9 +122,9 @@ def human_decide(p: dict[str, Any]) -> str:
 def register(sub: argparse._SubParsersAction) -> None:
     rollout = add_group(sub, "rollout", help="a candidate in shadow and the guard after a promotion")
     status = add_command(rollout, "status", help="phase, rows scored by both, each model's metric and the verdict so far",
-                         handler=cmd_status, human=human_status)
+                         handler=cmd_status, human=human_status, check=check_rollout)
     status.add_argument("--model", required=True, help="model name")
     decide = add_command(rollout, "decide", help="decide now on the labelled rows both models scored (promote, reject, "
                          "roll back or keep waiting)", handler=cmd_decide, human=human_decide, binding=DECIDE,
-                         needs_prefect=True)
+                         check=check_rollout, needs_prefect=True)
     decide.add_argument("--model", required=True, help="model name")

@@ -174,6 +174,8 @@ class RolloutDecisionRecord(BaseModel):
     reason: str
     actor: str
     created_at: datetime | None = None
+    predictions_snapshot: int | None = None  # the table snapshots the rows were read from
+    labels_snapshot: int | None = None
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:

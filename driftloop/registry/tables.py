@@ -231,3 +231,6 @@ class RolloutDecisionRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # The table snapshots read: the decision's rows can be read again exactly.
+    predictions_snapshot: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    labels_snapshot: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

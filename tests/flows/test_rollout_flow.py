@@ -117,6 +117,7 @@ def test_a_candidate_worse_on_production_is_rejected_and_the_champion_never_chan
     print(f"\nworld turns back: {figures(decision)}")
     assert decision.verdict == "reject" and decision.applied and decision.phase == "shadow"
     assert decision.rows_labelled == 2000 and decision.upper < 0 < decision.served_metric - decision.shadow_metric
+    assert decision.predictions_snapshot and decision.labels_snapshot  # its rows can be read again
     assert registry.aliases(name) == {"champion": 1}
     assert all(e.to_version != 2 for e in registry.alias_history(name) if e.alias == "champion")
     assert "driftloop.model.candidate-rejected" in events_of(prefect_server, name, since, 1)

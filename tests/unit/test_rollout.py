@@ -219,3 +219,15 @@ def test_a_guard_rollback_moves_the_champion_back(tmp_path: Path) -> None:
     last = store.alias_history("loans")[-1]
     assert last.reason.startswith("rollback: rollout guard") and (last.from_version, last.to_version) == (2, 1)
     assert not store.acquire_retrain_lease("loans", "r", cooldown_s=600, ttl_s=60).acquired
+
+
+def test_rollout_status_errors_follow_the_cli_conventions(home: Path, capsys) -> None:
+    import json
+
+    from driftloop.cli import main
+
+    assert main(["rollout", "status", "--model", "absent", "--json"]) == 1
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["kind"] == "model_not_found" and "absent" in payload["error"]
+    assert main(["rollout", "decide", "--model", "Not A Name", "--json"]) == 2  # no Prefect server started
+    assert json.loads(capsys.readouterr().out)["kind"] == "usage"

@@ -35,6 +35,8 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("actor", sa.String(200), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("predictions_snapshot", sa.BigInteger(), nullable=True),
+        sa.Column("labels_snapshot", sa.BigInteger(), nullable=True),
     )
 
 
