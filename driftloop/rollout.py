@@ -164,6 +164,50 @@ class Comparison:
     resamples: int
 
 
+_BLOCK = 50  # resamples drawn at once: a (block x rows) count matrix, ~8 MB at 20,000 rows
+
+
+def _weighted_auc(counts: np.ndarray, y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """ROC AUC of each resample, given as row counts (resamples x rows): the scores are
+    sorted once, each resample only re-weighs the tie groups (linear, no sort per
+    resample). A positive outranks the negatives below it and half of those tied."""
+    order = np.argsort(s, kind="stable")
+    ordered = s[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    c = counts[:, order]
+    positive = y[order].astype(np.float64)
+    pos = np.add.reduceat(c * positive, starts, axis=1)
+    neg = np.add.reduceat(c * (1.0 - positive), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    den = pos.sum(axis=1) * neg.sum(axis=1)
+    num = (pos * (below + 0.5 * neg)).sum(axis=1)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _weighted_metric(metric: str, counts: np.ndarray, y: np.ndarray, probability: np.ndarray,
+                     prediction: np.ndarray) -> np.ndarray | None:
+    """The metric of each resample from row counts, vectorised; None where only the
+    per-resample loop knows how (F1, PR AUC)."""
+    n = counts.shape[1]
+    if metric == "roc_auc":
+        return _weighted_auc(counts, y, probability)
+    if metric == "log_loss":
+        p = np.clip(probability, 1e-15, 1 - 1e-15)
+        return -(counts @ (y * np.log(p) + (1 - y) * np.log(1 - p))) / n
+    if metric == "accuracy":
+        return counts @ (prediction == y).astype(np.float64) / n
+    if metric in ("rmse", "mae", "r2"):
+        error = prediction.astype(np.float64) - y
+        if metric == "mae":
+            return counts @ np.abs(error) / n
+        sse = counts @ (error**2)
+        if metric == "rmse":
+            return np.sqrt(sse / n)
+        sst = counts @ (y.astype(np.float64) ** 2) - (counts @ y.astype(np.float64)) ** 2 / n
+        return np.where(sst > 0, 1 - sse / np.where(sst > 0, sst, 1.0), np.nan)
+    return None
+
+
 def paired_bootstrap(metric: str, target: np.ndarray, incumbent: tuple[np.ndarray, np.ndarray],
                      contender: tuple[np.ndarray, np.ndarray], *, confidence: float,
                      resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Comparison:
@@ -171,7 +215,8 @@ def paired_bootstrap(metric: str, target: np.ndarray, incumbent: tuple[np.ndarra
     bootstrap: each resample draws rows with replacement and scores both models on the
     same draw, so what the rows share (their difficulty) cancels out. ``incumbent`` and
     ``contender`` are (probability, prediction). Seeded: the same rows give the same
-    decision."""
+    decision. Resamples are row counts (how often each row was drawn), so most metrics are
+    computed for a block of resamples at once."""
     n = len(target)
     if n == 0:
         raise DriftloopError("no rows scored by both models are labelled yet; nothing to compare")
@@ -179,12 +224,19 @@ def paired_bootstrap(metric: str, target: np.ndarray, incumbent: tuple[np.ndarra
     a = metric_value(metric, target, *incumbent)
     b = metric_value(metric, target, *contender)
     rng = np.random.default_rng(seed)
-    diffs = np.empty(resamples)
-    for i in range(resamples):
-        idx = rng.integers(0, n, n)
-        y = target[idx]
-        diffs[i] = sign * (metric_value(metric, y, contender[0][idx], contender[1][idx])
-                           - metric_value(metric, y, incumbent[0][idx], incumbent[1][idx]))
+    parts = []
+    for start in range(0, resamples, _BLOCK):
+        block = min(_BLOCK, resamples - start)
+        drawn = rng.integers(0, n, (block, n)) + (np.arange(block) * n)[:, None]
+        counts = np.bincount(drawn.ravel(), minlength=block * n).reshape(block, n).astype(np.float64)
+        ours = _weighted_metric(metric, counts, target, *contender)
+        theirs = _weighted_metric(metric, counts, target, *incumbent)
+        if ours is None or theirs is None:  # the per-resample loop
+            rows = [np.repeat(np.arange(n), c.astype(np.int64)) for c in counts]
+            ours = np.array([metric_value(metric, target[i], contender[0][i], contender[1][i]) for i in rows])
+            theirs = np.array([metric_value(metric, target[i], incumbent[0][i], incumbent[1][i]) for i in rows])
+        parts.append(sign * (ours - theirs))
+    diffs = np.concatenate(parts)
     diffs = diffs[np.isfinite(diffs)]
     if diffs.size == 0:
         lower = upper = float("nan")

@@ -553,7 +553,8 @@ def export_run(table: MemoryTable, snapshot_id: int, run_id: str, output_uri: st
 
     target = export_path(output_uri, run_id)
     fs, path = fsspec.core.url_to_fs(target)
-    rows = table.scan(snapshot_id).filter(pl.col(SCORING_RUN) == run_id)
+    # Served rows only: a shadow model's rows of the run (driftloop.rollout) are evidence, not output.
+    rows = table.scan(snapshot_id).filter((pl.col(SCORING_RUN) == run_id) & (pl.col(ROLE) == SERVED))
     try:
         if is_local_fs(fs):
             parent = os.path.dirname(path) or "."

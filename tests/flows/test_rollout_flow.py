@@ -217,13 +217,15 @@ def test_shadow_reads_the_input_once_serves_the_same_rows_and_shadows_the_same_i
     monkeypatch.setattr(scoring, "iter_input", counted)
     expected = set(rows.filter(pl.Series(shadow_mask(rows["id"], 0.2)))["id"].to_list())
     for n in (1, 2):  # the second run replaces the first's rows, shadow rows included
-        run = score(input_uri=str(path), model=f"{name}@champion")
+        run = score(input_uri=str(path), model=f"{name}@champion", output_uri=str(tmp_path / f"export-{n}.parquet"))
         assert len(reads) == n  # one read of the input per run, shadow included
         assert served(run.run_id).equals(without_shadow)  # bit for bit, but for the run's id and time
         shadow = (tables.predictions(name).scan()
                   .filter((pl.col("scoring_run_id") == run.run_id) & (pl.col("role") == "shadow")).collect())
         assert set(shadow["id"].to_list()) == expected and run.shadow_rows == len(expected)
         assert shadow["model_version"].unique().to_list() == [2]
+        exported = pl.read_parquet(run.output_uri)  # consumers get the served rows only
+        assert exported.height == rows.height and exported["role"].unique().to_list() == ["served"]
     # A re-run of the same input replaced the earlier run's rows, shadow included.
     everything = tables.predictions(name).scan().collect()
     assert everything.filter(pl.col("role") == "shadow").height == len(expected)
