@@ -231,3 +231,22 @@ def test_rollout_status_errors_follow_the_cli_conventions(home: Path, capsys) ->
     assert payload["kind"] == "model_not_found" and "absent" in payload["error"]
     assert main(["rollout", "decide", "--model", "Not A Name", "--json"]) == 2  # no Prefect server started
     assert json.loads(capsys.readouterr().out)["kind"] == "usage"
+
+
+def test_paired_chunks_and_their_chart() -> None:
+    from driftloop.rollout import paired_chunks
+    from driftloop.tasks.rollout import ChunkFigures, paired_markdown
+
+    y, a, b = synthetic(1200, contender_noise=0.5)
+    frame = pl.DataFrame({"id": np.arange(1200), "ts": pl.datetime_range(
+        pl.datetime(2024, 1, 1), pl.datetime(2024, 1, 1) + pl.duration(minutes=1199), "1m", eager=True),
+        "target": y, "served_probability": a[0], "served_prediction": a[1],
+        "shadow_probability": b[0], "shadow_prediction": b[1]})
+    spec = parse_spec(dict(LOAN_SPEC))
+    chunks = paired_chunks(frame, spec, chunks=6)
+    assert [c.rows for c in chunks] == [200] * 6 and chunks[0].label.startswith("2024-01-01")
+    assert sum(c.shadow > c.served for c in chunks) >= 5  # the better model, chunk by chunk
+    figures = [ChunkFigures(label=c.label, rows=c.rows, served=c.served, shadow=c.shadow) for c in chunks]
+    markdown = paired_markdown("loans", "shadow", 1, 2, "roc_auc", figures)
+    assert "![Realized roc_auc per chunk" in markdown and "data:image/png;base64," in markdown
+    assert "| chunk | rows | champion v1 | candidate v2 |" in markdown
