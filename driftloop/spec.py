@@ -286,12 +286,59 @@ class EdgeRollout(BaseModel):
         return parse_bake(self.bake).total_seconds()
 
 
-class RolloutSpec(BaseModel):
-    """How a new version reaches its traffic."""
+class ShadowPolicy(BaseModel):
+    """A retrained model that passes the gate becomes ``candidate``: it scores a share of
+    the champion's production rows in shadow until its own labelled rows decide."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    edge: EdgeRollout | None = Field(default=None, description="Edge devices follow the signed channel in waves (issue 23).")
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0,
+                            description="Share of rows the candidate also scores (a stable hash of the id).")
+    min_labelled_rows: int = Field(default=20_000, ge=1,
+                                   description="Rows scored by both models and labelled before a decision.")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0, description="Of the paired bootstrap on those rows.")
+    max_days: float = Field(default=30, gt=0, description="Then on_timeout decides.")
+    on_timeout: Literal["keep_champion", "promote"] = "keep_champion"
+
+
+class GuardPolicy(BaseModel):
+    """After a promotion the replaced champion keeps scoring in shadow; a new champion that
+    is worse on the same labelled rows is rolled back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    days: float = Field(default=30, gt=0, description="How long after a promotion the guard watches.")
+    tolerance: float = Field(default=0.01, ge=0,
+                             description="New champion worse than the replaced one by more than this, with "
+                                         "confidence: roll back.")
+    min_labelled_rows: int | None = Field(default=None, ge=1,
+                                          description="Rows before the guard may act (default: shadow's, or 20000).")
+    confidence: float | None = Field(default=None, gt=0.5, lt=1.0, description="Default: shadow's, or 0.95.")
+
+
+class RolloutPolicy(BaseModel):
+    """How a retrained model replaces the champion: on production evidence (shadow), and
+    watched after it did (guard); and how a new champion reaches edge devices (edge).
+    Without this section a passing challenger becomes champion at once, as before, and
+    every device follows a new champion at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shadow: ShadowPolicy | None = None
+    guard: GuardPolicy | None = None
+    edge: EdgeRollout | None = Field(default=None, description="Edge devices follow the signed channel in waves.")
+
+    @property
+    def guard_rows(self) -> int:
+        if self.guard and self.guard.min_labelled_rows:
+            return self.guard.min_labelled_rows
+        return self.shadow.min_labelled_rows if self.shadow else ShadowPolicy().min_labelled_rows
+
+    @property
+    def guard_confidence(self) -> float:
+        if self.guard and self.guard.confidence:
+            return self.guard.confidence
+        return self.shadow.confidence if self.shadow else ShadowPolicy().confidence
 
 
 class DatasetSpec(BaseModel):
@@ -311,7 +358,8 @@ class DatasetSpec(BaseModel):
     gate: GateSpec = Field(default_factory=GateSpec)
     monitoring: MonitoringPolicy = Field(default_factory=MonitoringPolicy)
     retrain: RetrainPolicy = Field(default_factory=RetrainPolicy)
-    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    rollout: RolloutPolicy | None = Field(
+        default=None, description="Shadow scoring and guard for retrained models, edge waves; none: promote at once.")
     description: str | None = None
 
     @property
@@ -410,7 +458,7 @@ class DatasetSpec(BaseModel):
 
     def fingerprint(self) -> str:
         """sha256 of the spec's data part (columns, roles, limits): changes whenever
-        validation would, not when the gate, monitoring or retrain policy is edited."""
+        validation would, not when the gate, monitoring, retrain or rollout policy is edited."""
         canonical = json.dumps(self.model_dump(mode="json", exclude={"gate", "monitoring", "retrain", "rollout", "description"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -45,6 +45,7 @@ WAREHOUSE_DIR = "tables"  # under the artifact root
 
 Role = Literal["served", "shadow"]
 SERVED: Role = "served"
+SHADOW: Role = "shadow"  # a second model's scores of the same rows (driftloop.rollout); never served
 
 # Columns every predictions row carries besides the spec's id, timestamp, segment and features.
 MODEL_NAME = "model_name"

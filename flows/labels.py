@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger
 
 from driftloop.flows.config import SQL_BLOCK_PREFIX, resolve_source, run_settings
 from driftloop.flows.ingest import IngestResult, load_spec_task
+from driftloop.flows.monitor import decide_rollout
 from driftloop.registry import open_registry
 from driftloop.storage import ArtifactStore
 from driftloop.tables import open_tables
@@ -48,6 +49,8 @@ def ingest_labels(spec_path: str, source: str, registry_block: str | None = None
     registration, snapshot = append_labels_task(tables, result.valid, spec, batch.source)
     logger.info("labels %s: %d in, %d valid, %d quarantined; registration %s -> labels.%s snapshot %s", record.id,
                 record.rows_in, record.rows_valid, record.rows_quarantined, registration, spec.name, snapshot)
+    if spec.name in registry.list_models():
+        decide_rollout(registry, spec.name, spec, registry_block)  # the new labels may decide a rollout
     return IngestResult(
         dataset_id=record.id, name=record.name, rows_in=record.rows_in, rows_valid=record.rows_valid,
         rows_quarantined=record.rows_quarantined, quarantine_uri=record.quarantine_uri,

@@ -33,6 +33,7 @@ from driftloop.naming import artifact_key
 from driftloop.onnx_model import load_model
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, open_registry
+from driftloop.rollout import rollout_pending
 from driftloop.scoring_runs import reconcile_scoring_runs
 from driftloop.spec import DatasetSpec, MonitoringPolicy, ReferencePeriod
 from driftloop.storage import ArtifactStore, read_bytes
@@ -45,6 +46,7 @@ from driftloop.tasks.monitor_charts import artifact_markdown, render_charts
 from driftloop.tasks.monitor_policy import PolicyDecision
 from driftloop.tasks.monitor_report import MonitoringError, MonitorReport
 from driftloop.tasks.monitor_summary import chunk_summaries, render_summary
+from driftloop.tasks.rollout import RolloutOutcome, rollout_markdown_task
 from driftloop.tasks.score import fetch_verified
 
 
@@ -87,6 +89,7 @@ class MonitorResult(BaseModel):
     event: EmittedEvent | None
     report_uri: str
     labels: LabelsUsed | None = None
+    rollout: RolloutOutcome | None = None  # the rollout decision taken after monitoring, if one was in progress
 
 
 @dataclass
@@ -228,7 +231,7 @@ def build_event(record: ModelVersionRecord, decision: PolicyDecision, report: Mo
 @task(name="publish-monitoring", cache_policy=NONE)
 def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, report: MonitorReport,
                  decision: PolicyDecision, event: EmittedEvent | None, analysis: Analysis,
-                 labels: LabelsUsed | None) -> tuple[str, str]:
+                 labels: LabelsUsed | None, rollout_chart: str = "") -> tuple[str, str]:
     run_id = str(uuid.uuid4())
     base = f"monitoring/{record.model_name}/{run_id}"
     summary = render_summary(record.ref, report, decision, event.model_dump() if event else None)
@@ -252,7 +255,8 @@ def publish_task(registry: RegistryStore, store: ArtifactStore, record: ModelVer
          "event": event.model_dump() if event else None, "report_uri": report_uri, "created_at": datetime.now(UTC)},
         report.results,
     )
-    create_markdown_artifact(key=artifact_key("monitoring", record.model_name), markdown=artifact_markdown(summary, charts, plots), description=f"Monitoring of {record.ref}")
+    markdown = artifact_markdown(summary, charts, plots) + (f"\n\n{rollout_chart}" if rollout_chart else "")
+    create_markdown_artifact(key=artifact_key("monitoring", record.model_name), markdown=markdown, description=f"Monitoring of {record.ref}")
     create_table_artifact(
         key=artifact_key("monitoring-results", record.model_name),
         table=[{k: r[k] for k in ("chunk_key", "kind", "name", "method", "value", "lower_threshold", "upper_threshold", "alert")} for r in report.results],
@@ -310,15 +314,35 @@ def monitor(
 
     event = build_event(record, decision, report, analysed.described) if decision.fired else None
     # Stored first, emitted second: an event never points at results that were not kept.
-    run_id, report_uri = publish_task(registry, store, record, report, decision, event, analysed, labels_used)
+    # A rollout in progress: both models' realized metric per chunk, on the same rows.
+    rollout_chart = (rollout_markdown_task(registry, tables, record.model_name, {record.version: spec})
+                     if rollout_pending(registry, record.model_name, spec, datetime.now(UTC)) else "")
+    run_id, report_uri = publish_task(registry, store, record, report, decision, event, analysed, labels_used,
+                                      rollout_chart)
     if event is not None:
         emit_event(event=event.event, resource=event.resource, payload={**event.payload, "monitoring_run": run_id})
         logger.warning("policy fired: %s (%s)", event.event, "; ".join(decision.reasons))
     else:
         logger.info("policy did not fire: %s", "; ".join(decision.reasons))
+    rollout = decide_rollout(registry, record.model_name, spec, registry_block)
     return MonitorResult(
         run_id=run_id, model=record.model_name, version=record.version,
         chunks=[ChunkSummary(**{k: c[k] for k in ("start", "end", "drifting_features", "estimated", "realized")}) for c in chunk_summaries(report)],
         policy=PolicyVerdict(fired=decision.fired, reasons=decision.reasons), event=event, report_uri=report_uri,
-        labels=labels_used,
+        labels=labels_used, rollout=rollout,
     )
+
+
+def decide_rollout(registry: RegistryStore, model: str, spec: DatasetSpec, registry_block: str | None) -> RolloutOutcome | None:
+    """New labels may decide a rollout in progress (a candidate in shadow, a guard). A
+    decision that cannot be taken (the champion moved meanwhile) is logged: the data this
+    run kept stays kept."""
+    from driftloop.flows.rollout import rollout_decide
+
+    if not rollout_pending(registry, model, spec, datetime.now(UTC)):
+        return None
+    try:
+        return rollout_decide(model=model, registry_block=registry_block)
+    except DriftloopError as exc:
+        get_run_logger().warning("rollout of %s not decided: %s", model, exc)
+        return None

@@ -56,6 +56,7 @@ class RetrainResult(BaseModel):
     champion: ModelOnHoldout | None = None  # the champion judged against (its metrics on the new holdout)
     challenger: ModelOnHoldout | None = None
     promoted: bool = False
+    candidate: int | None = None  # the version in shadow (made by this retrain, or the one that skipped it)
     labels: int = 0  # distinct labelled ids registered for scored rows
     labels_unscored: int = 0  # ... whose id no scored row holds
     score: ScoreSummary | None = None
@@ -85,6 +86,13 @@ def retrain(
     if champion is None:
         raise ModelNotFound(f"model {model!r} has no champion to retrain; train one first (driftloop train --spec SPEC SOURCE)")
 
+    candidate = registry.find_alias(model, "candidate")
+    if candidate is not None:
+        # Its own production rows decide first; a retrain now would replace it unjudged.
+        return _finish(RetrainResult(model=model, skipped=True, reason=(
+            f"candidate v{candidate.version} is in shadow beside champion v{champion.version}: its labelled rows decide "
+            f"before another retrain (driftloop rollout status --model {model}); a rejection or timeout frees the model"),
+            champion=ModelOnHoldout(version=champion.version), candidate=candidate.version))
     holder = f"flow-run/{runtime.flow_run.id or uuid.uuid4()}"
     lease = acquire_lease_task(registry, model, holder, cooldown_s, lease_ttl_s)
     if not lease.acquired:
@@ -120,9 +128,12 @@ def retrain(
             trained = train_and_register(spec, dataset, window.frame, settings, options, window=window.record,
                                          min_improvement=spec.retrain.min_improvement)
             outcome = "trained"
-            verdict = "promoted" if trained.promoted else "rejected by the gate"
+            verdict = ("promoted" if trained.promoted else
+                       "candidate: scoring in shadow until its labelled rows decide" if trained.candidate else
+                       "rejected by the gate")
             result.skipped = False
             result.promoted = trained.promoted
+            result.candidate = trained.version if trained.candidate else None
             result.reason = f"v{trained.version} {verdict}: " + "; ".join(trained.gate.reasons)
             result.challenger = ModelOnHoldout(version=trained.version, metrics=trained.metrics)
             result.champion = ModelOnHoldout(version=champion.version, metrics=trained.gate.champion_metrics)

@@ -21,9 +21,11 @@ from driftloop.legacy_outputs import import_legacy_outputs
 from driftloop.naming import artifact_key
 from driftloop.redact import mask_uri
 from driftloop.registry import ModelVersionRecord, RegistryStore, ScoringRunRecord, open_registry
+from driftloop.registry.store import parse_model_ref
 from driftloop.scoring_runs import reconcile_scoring_runs, record_scoring_run, run_properties
 from driftloop.storage import ArtifactStore
 from driftloop.tables import Tables, history, open_tables
+from driftloop.tasks.rollout import model_state_task, shadow_scoring_task
 from driftloop.tasks.score import (
     DEFAULT_BATCH_SIZE,
     ScoreResult,
@@ -48,6 +50,8 @@ class ScoreSummary(BaseModel):
     version: int
     form: str  # the verified scoring form used: onnx, native or tensor
     form_reason: str
+    shadow_version: int | None = None  # the model that also scored in shadow (candidate, or replaced champion)
+    shadow_rows: int = 0  # rows it scored (role shadow, same run)
 
 
 @task(name="resolve-model", cache_policy=NONE)
@@ -149,6 +153,16 @@ def score(
     # A run that committed but was never recorded (the registry failed after its commit).
     reconcile_task(registry, tables, record.model_name)
     address = dask_address or settings.dask_address
+    shadow = None
+    if parse_model_ref(model)[1] == "champion":
+        # A rollout in progress: its second model scores the shadow fraction of these rows.
+        state = model_state_task(registry, record.model_name, {record.version: spec})
+        if state.active and (workers or address):
+            logger.warning("rollout of %s: partitioned scoring does not score in shadow; v%s gets no rows from this "
+                           "run", record.model_name, state.shadow)
+        elif state.active:
+            shadow, shadow_why = shadow_scoring_task(registry, state, record, spec, engine, device, threads)
+            logger.info("rollout %s: %s", state.phase, shadow_why)
     if workers or address:
         from driftloop.flows.score_partitioned import dask_runner, score_partitioned
 
@@ -159,8 +173,10 @@ def score(
     else:
         sink = TableSink(tables, store, spec, model_name=record.model_name, run_id=run_id, input_key=key,
                          form=scorer.kind, properties=run_properties(record, input_uri, started_at))
-        result = score_table_task(scorer, input_uri, sink, record.version, batch_size)
+        result = score_table_task(scorer, input_uri, sink, record.version, batch_size, shadow)
     scorer.close()  # its helper threads, if any
+    if shadow is not None:
+        shadow.scorer.close()
     run = record_run_task(registry, record, input_uri, result, started_at)
     export_uri = export_task(registry, tables, run, output_uri) if output_uri else None
 
@@ -175,7 +191,10 @@ def score(
         markdown=(
             f"# Scoring with {record.ref}\n\n| rows in | scored | quarantined | batches |\n|---:|---:|---:|---:|\n"
             f"| {result.rows_in} | {result.rows_scored} | {result.rows_quarantined} | {result.batches} |\n\n"
-            f"Form: {why}\n\nInput: `{mask_uri(input_uri)}` (key `{key}`)\n\n"
+            f"Form: {why}\n\n"
+            + (f"Shadow: v{shadow.version} scored {result.shadow_rows:,} of these rows (role `shadow`)\n\n"
+               if shadow is not None else "")
+            + f"Input: `{mask_uri(input_uri)}` (key `{key}`)\n\n"
             f"Table: `{result.table}`, snapshot `{result.snapshot_id}` (scoring run `{run.id}`)"
             + (f"\n\nExport: `{mask_uri(export_uri)}`" if export_uri else "")
             + (f"\n\nQuarantine: `{result.quarantine_uri}`" if result.quarantine_uri else "")
@@ -191,4 +210,5 @@ def score(
         rows_quarantined=result.rows_quarantined, table=result.table or "", snapshot_id=result.snapshot_id or 0,
         input_key=key, output_uri=export_uri, quarantine_uri=result.quarantine_uri, model=record.model_name,
         version=record.version, form=result.form or scorer.kind, form_reason=why,
+        shadow_version=shadow.version if shadow is not None else None, shadow_rows=result.shadow_rows,
     )

@@ -82,6 +82,7 @@ class TrainResult(BaseModel):
     onnx_uri: str
     onnx_sha256: str
     promoted: bool
+    candidate: bool = False  # the gate passed under a shadow policy: candidate, scoring in shadow
     card_uri: str | None
     headline: str
     window: WindowRecord | None = None
@@ -209,13 +210,16 @@ def train_and_register(
     # in between leaves an unaliased version, never a champion without its reference.
     record = register_task(registry, draft)
     store_reference_task(registry, store, record, spec, split.holdout, onnx_bytes)
+    # With a shadow policy a passing version competes with a champion as ``candidate``.
+    shadow = champion is not None and spec.rollout is not None and spec.rollout.shadow is not None
     will_promote = options.promote and decision.passed
-    record = model_card_task(registry, store, record, will_promote)
-    promoted, refused = settle_aliases_task(registry, record, will_promote, champion.version if champion else None, actor)
+    record = model_card_task(registry, store, record, will_promote and not shadow, will_promote and shadow)
+    promoted, refused = settle_aliases_task(registry, record, will_promote, champion.version if champion else None, actor,
+                                            shadow)
     if refused:
         logger.warning("not promoted: %s", refused)
         record = model_card_task(registry, store, record, False)
-    return _report(record, spec, decision, parity, metrics, promoted, window)
+    return _report(record, spec, decision, parity, metrics, promoted, window, candidate=will_promote and shadow)
 
 
 def _study_storage(settings: Settings, options: TrainOptions) -> str:
@@ -229,11 +233,11 @@ def _study_storage(settings: Settings, options: TrainOptions) -> str:
 
 
 def _report(record: Any, spec: DatasetSpec, decision: GateDecision, parity: ParityReport, metrics: dict[str, float],
-            promoted: bool, window: WindowRecord | None) -> TrainResult:
+            promoted: bool, window: WindowRecord | None, *, candidate: bool = False) -> TrainResult:
     """Log, leave the model card and metrics on the flow run, and return the result."""
-    headline = card_headline(record, promoted=promoted)
+    headline = card_headline(record, promoted=promoted, candidate=candidate)
     get_run_logger().info("%s; gate: %s", headline, "; ".join(decision.reasons))
-    create_markdown_artifact(key=artifact_key("model-card", spec.name), markdown=render_model_card(record, promoted=promoted), description=headline)
+    create_markdown_artifact(key=artifact_key("model-card", spec.name), markdown=render_model_card(record, promoted=promoted, candidate=candidate), description=headline)
     undefined = undefined_metrics(metrics)
     create_table_artifact(
         key=artifact_key("metrics", spec.name),
@@ -244,5 +248,5 @@ def _report(record: Any, spec: DatasetSpec, decision: GateDecision, parity: Pari
     return TrainResult(
         model=record.model_name, version=record.version, algorithm=record.algorithm, metrics=metrics, gate=decision,
         parity=parity, onnx_uri=record.onnx_uri, onnx_sha256=record.onnx_sha256, promoted=promoted,
-        card_uri=record.card_uri, headline=headline, window=window, undefined_metrics=undefined,
+        card_uri=record.card_uri, headline=headline, window=window, undefined_metrics=undefined, candidate=candidate,
     )

@@ -235,6 +235,24 @@ def multivariate_chart(report: MonitorReport) -> bytes | None:
     return _finish_line_chart(fig, ax, report, f"Multivariate drift: {name} per chunk")
 
 
+def paired_chart(chunks: list[Any], *, metric: str, served: str, shadow: str) -> bytes | None:
+    """Two models' realized metric per chunk on the same rows (a rollout in progress:
+    :func:`driftloop.rollout.paired_chunks`). None without chunks."""
+    if not chunks:
+        return None
+    fig = _figure(2.6)
+    ax = fig.subplots()
+    xs = list(range(len(chunks)))
+    ax.plot(xs, [c.served for c in chunks], marker="o", markersize=3, linewidth=1.4, color=ESTIMATED, label=served)
+    ax.plot(xs, [c.shadow for c in chunks], marker="s", markersize=3, linewidth=1.2, color=REALIZED, label=shadow)
+    ax.set_title(f"Realized {metric} per chunk, both models on the same rows", fontsize=10, loc="left")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(alpha=0.3, linewidth=0.5)
+    ax.set_xticks(xs, [c.label for c in chunks], rotation=30, ha="right", fontsize=7)
+    _legend(ax)
+    return _png(fig)
+
+
 @dataclass(frozen=True)
 class ChartImage:
     name: str  # file stem: performance, drift-map, multivariate

@@ -57,20 +57,29 @@ def register_unaliased(registry: RegistryStore, draft: VersionDraft) -> ModelVer
     return record
 
 
-def write_model_card(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, *, promoted: bool) -> ModelVersionRecord:
+def write_model_card(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, *, promoted: bool,
+                     candidate: bool = False) -> ModelVersionRecord:
     card_uri = store.write_text(f"models/{record.model_name}/v{record.version}/model_card.md",
-                                render_model_card(record, promoted=promoted))
+                                render_model_card(record, promoted=promoted, candidate=candidate))
     registry.set_card_uri(record.model_name, record.version, card_uri)
     return registry.get_version(record.model_name, record.version)
 
 
 def settle_aliases(registry: RegistryStore, record: ModelVersionRecord, *, promote: bool, judged_against: int | None,
-                   actor: str) -> tuple[bool, str | None]:
+                   actor: str, shadow: bool = False) -> tuple[bool, str | None]:
     """Once the version has its reference and card: move ``champion`` to it if asked and
     the gate passed and the champion is still the version the gate judged against
     (compare-and-swap under the model's row lock); otherwise make it ``challenger``.
-    Returns whether it was promoted, and why not when a promotion was refused."""
+    With ``shadow`` (the spec's ``rollout.shadow``) and a champion to compete with, a
+    passing version becomes ``candidate`` instead: its production rows decide
+    (:mod:`driftloop.rollout`). Returns whether it was promoted, and why not when a
+    promotion was refused."""
     refused = None
+    if promote and record.gate["passed"] and shadow and judged_against is not None:
+        registry.set_alias(record.model_name, "candidate", record.version, actor=actor,
+                           reason="gate passed; in shadow until its own labelled rows decide: "
+                                  + "; ".join(record.gate["reasons"]))
+        return False, None
     if promote and record.gate["passed"]:
         try:
             registry.promote(record.model_name, record.version, actor=actor, reason="; ".join(record.gate["reasons"]),
@@ -83,11 +92,12 @@ def settle_aliases(registry: RegistryStore, record: ModelVersionRecord, *, promo
     return False, refused
 
 
-def card_headline(record: ModelVersionRecord, *, promoted: bool) -> str:
+def card_headline(record: ModelVersionRecord, *, promoted: bool, candidate: bool = False) -> str:
     metric = record.gate.get("metric")
     value = record.metrics.get(metric) if metric else None
     shown = format_metric(metric, value) if metric and metric in record.metrics else ""
-    status = "champion" if promoted else ("challenger (gate passed)" if record.gate["passed"] else "challenger (gate failed)")
+    status = "champion" if promoted else ("candidate (gate passed; scoring in shadow)" if candidate else
+                                          "challenger (gate passed)" if record.gate["passed"] else "challenger (gate failed)")
     return f"{record.model_name} v{record.version} ({record.algorithm}) - {shown} - {status}"
 
 
@@ -108,12 +118,12 @@ def _comparison(gate: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def render_model_card(record: ModelVersionRecord, *, promoted: bool) -> str:
+def render_model_card(record: ModelVersionRecord, *, promoted: bool, candidate: bool = False) -> str:
     gate, parity, split = record.gate, record.parity, record.split
     lines = [
         f"# Model card: {record.model_name} v{record.version}",
         "",
-        f"**{card_headline(record, promoted=promoted)}**",
+        f"**{card_headline(record, promoted=promoted, candidate=candidate)}**",
         "",
         "## Data lineage",
         f"- dataset `{record.dataset_id}` (content sha256 `{record.dataset_hash[:16]}...`), spec sha256 `{record.spec_hash[:16]}...`",
@@ -172,14 +182,16 @@ def register_task(registry: RegistryStore, draft: VersionDraft) -> ModelVersionR
 
 
 @task(name="model-card", cache_policy=NONE)
-def model_card_task(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, promoted: bool) -> ModelVersionRecord:
-    return write_model_card(registry, store, record, promoted=promoted)
+def model_card_task(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, promoted: bool,
+                    candidate: bool = False) -> ModelVersionRecord:
+    return write_model_card(registry, store, record, promoted=promoted, candidate=candidate)
 
 
 @task(name="promote", cache_policy=NONE)
 def settle_aliases_task(registry: RegistryStore, record: ModelVersionRecord, promote: bool, judged_against: int | None,
-                        actor: str) -> tuple[bool, str | None]:
-    return settle_aliases(registry, record, promote=promote, judged_against=judged_against, actor=actor)
+                        actor: str, shadow: bool = False) -> tuple[bool, str | None]:
+    return settle_aliases(registry, record, promote=promote, judged_against=judged_against, actor=actor,
+                          shadow=shadow)
 
 
 def store_reference(registry: RegistryStore, store: ArtifactStore, record: ModelVersionRecord, spec: Any,

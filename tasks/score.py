@@ -54,6 +54,7 @@ from driftloop.forms import (
 from driftloop.inputs import InputBatch, iter_input
 from driftloop.onnx_model import LoadedModel, load_model, predict_scores
 from driftloop.outputs import QUARANTINE, RUNS, SINGLE_PARTITION, Manifest, RunWriter, ScoringOutput
+from driftloop.rollout import shadow_mask
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
 from driftloop.tables import (
@@ -62,6 +63,7 @@ from driftloop.tables import (
     ROLE,
     SCORING_RUN,
     SERVED,
+    SHADOW,
     MemoryTable,
     Role,
     Tables,
@@ -197,6 +199,21 @@ class ScoreResult:
     input_key: str | None = None
     table: str | None = None  # the predictions table's name, e.g. predictions.car_loan
     form: str | None = None  # the form that actually scored (on a Dask worker: the worker's choice)
+    shadow_rows: int = 0  # rows the shadow model also scored (role shadow), in the same pass
+
+
+@dataclass
+class ShadowScoring:
+    """A second model (a candidate, or a replaced champion under guard) that scores the
+    shadow fraction of each batch's validated rows in the same pass over the input: the
+    served rows are exactly those of a run without it. Which rows: a stable hash of the id
+    (:func:`driftloop.rollout.shadow_mask`), so the same ids are shadowed on every run."""
+
+    scorer: FormScorer
+    version: int
+    fraction: float
+    id_column: str
+    rows: int = 0
 
 
 @dataclass
@@ -272,6 +289,7 @@ def score_batches(
     source: str, model_name: str, model_version: int, scored_at: datetime,
     predict: Callable[[pl.DataFrame], np.ndarray] | None = None,
     on_batch: Callable[[int, int | None], None] | None = None, total: int | None = None, keep_ids: bool = False,
+    shadow: Callable[[pl.DataFrame, int, datetime], None] | None = None,
 ) -> BatchCounts:
     """Validate, score and write each batch as parts of ``run`` named by ``partition``.
     A row repeating a unique value (the id) of an earlier batch is quarantined. Quarantine
@@ -283,7 +301,9 @@ def score_batches(
     :class:`driftloop.forms.StagedPredict`: the native form's float32 matrix); this
     thread scores (``predict.run``); a writer thread adds the scores to the validated
     columns (no copy of the features) and encodes the part. At most a few batches are
-    in flight, whatever the input size."""
+    in flight, whatever the input size. ``shadow`` (valid rows, batch index, scored_at)
+    scores the same rows with a second model in the writer thread, after the served part
+    is written."""
     counts = BatchCounts()
     pending: list[Future[Any]] = []
     prepare = getattr(predict, "prepare", None)
@@ -293,7 +313,9 @@ def score_batches(
     def write_scored(valid: pl.DataFrame, scores: np.ndarray, index: int) -> Any:
         predictions = prediction_frame(model, spec, valid, scores, model_name=model_name,
                                        model_version=model_version, scored_at=scored_at)
-        return run.write_part(predictions, partition=partition, index=index)
+        run.write_part(predictions, partition=partition, index=index)
+        if shadow is not None:
+            shadow(valid, index, scored_at)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer") as writer:
         prepared = _prefetch(_prefetch(batches), transform=stage, name="driftloop-prepare")
@@ -387,6 +409,7 @@ class TableSink:
         self._writer: TableWriter | None = None
         self._quarantined: list[str] = []
         self._lock = threading.Lock()
+        self.shadow_role: Role | None = None  # set when a shadow model scores this run
 
     def _open(self, sample: pl.DataFrame) -> TableWriter:
         with self._lock:
@@ -403,7 +426,9 @@ class TableSink:
     def tagged(self, frame: pl.DataFrame) -> pl.DataFrame:
         return frame.with_columns(pl.lit(v, dtype=pl.String).alias(k) for k, v in self._tags.items())
 
-    def write_part(self, frame: pl.DataFrame, *, partition: str, index: int, quarantine: bool = False) -> None:
+    def write_part(self, frame: pl.DataFrame, *, partition: str, index: int, quarantine: bool = False,
+                   role: Role | None = None, form: str | None = None) -> None:
+        """``role``/``form``: a shadow model's rows (same run, same input key)."""
         if quarantine:
             relpath = f"{self.quarantine_prefix}/part-{partition}-{index:05d}.parquet"
             self.store.write_parquet(relpath, frame)
@@ -413,7 +438,8 @@ class TableSink:
         # The tags appended as Arrow columns: the scored columns go to Arrow without a copy,
         # where tagging in polars first cost a conversion of four string columns a batch.
         rows = to_arrow(frame)
-        for name, value in self._tags.items():
+        tags = self._tags if role is None else {**self._tags, ROLE: role, FORM: form or self.form}
+        for name, value in tags.items():
             rows = rows.append_column(name, pa.repeat(pa.scalar(value, pa.large_string()), rows.num_rows))
         self._open(self.tagged(frame.head(0))).write(rows)
 
@@ -423,7 +449,7 @@ class TableSink:
     def commit(self, properties: dict[str, Any]) -> tuple[str | None, int | None]:
         """One commit: the rows this input had in the table (same input key and role) are
         replaced by this run's. Returns the table's name and the snapshot id."""
-        from pyiceberg.expressions import And, EqualTo
+        from pyiceberg.expressions import And, EqualTo, Or
 
         if self._writer is None or self._table is None:
             table = self.tables.predictions(self.model_name)
@@ -431,6 +457,10 @@ class TableSink:
                 return None, None
             self._table, self._writer = table, table.writer()
         replace = And(EqualTo(INPUT_KEY, self.input_key), EqualTo(ROLE, self.role))
+        if self.shadow_role is not None:
+            # This input's earlier shadow rows go too: one model in shadow at a time.
+            replace = And(EqualTo(INPUT_KEY, self.input_key),
+                          Or(EqualTo(ROLE, self.role), EqualTo(ROLE, self.shadow_role)))
         quarantine = self.quarantine_uri()
         properties = {**self.properties, "form": self.form, **({"quarantine-uri": quarantine} if quarantine else {}),
                       **properties}
@@ -447,19 +477,25 @@ class TableSink:
 def score_to_table(
     model: LoadedModel, input_uri: str, sink: TableSink, *, model_version: int,
     batch_size: int = DEFAULT_BATCH_SIZE, on_batch: Callable[[int, int | None], None] | None = None,
-    predict: Callable[[pl.DataFrame], np.ndarray] | None = None,
+    predict: Callable[[pl.DataFrame], np.ndarray] | None = None, shadow: ShadowScoring | None = None,
 ) -> ScoreResult:
     """Score ``input_uri`` into the model's predictions table through ``sink``: one commit,
-    replacing the rows an earlier run of the same input left (see :class:`TableSink`)."""
+    replacing the rows an earlier run of the same input left (see :class:`TableSink`).
+    With ``shadow``, a second model scores the shadow fraction of the same rows in the
+    same pass (role ``shadow``, same run, same commit)."""
     if batch_size < 1:
         raise DriftloopError(f"batch size must be at least 1, got {batch_size}")
     spec = model.spec()
     scored_at = datetime.now(UTC)
     batches, total = iter_input(input_uri, batch_size)  # a missing input fails before anything is written
+    write_shadow = None
+    if shadow is not None:
+        sink.shadow_role = SHADOW
+        write_shadow = _shadow_writer(shadow, spec, sink)
     try:
         counts = score_batches(batches, model, spec, sink, partition=SINGLE_PARTITION, source=input_uri,
                                model_name=sink.model_name, model_version=model_version, scored_at=scored_at,
-                               predict=predict, on_batch=on_batch, total=total)
+                               predict=predict, on_batch=on_batch, total=total, shadow=write_shadow)
         if counts.rows_in == 0:
             raise SourceError(f"input {input_uri} has no data rows; nothing to score")
         table, snapshot = sink.commit({
@@ -476,8 +512,24 @@ def score_to_table(
         rows_in=counts.rows_in, rows_scored=counts.rows_scored, rows_quarantined=counts.rows_quarantined,
         output_uri=table or "", quarantine_uri=sink.quarantine_uri(), batches=len(counts.latencies),
         batch_latencies_s=counts.latencies, run_id=sink.run_id, snapshot_id=snapshot, input_key=sink.input_key,
-        table=table,
+        table=table, shadow_rows=shadow.rows if shadow is not None else 0,
     )
+
+
+def _shadow_writer(shadow: ShadowScoring, spec: DatasetSpec, sink: TableSink) -> Callable[[pl.DataFrame, int, datetime], None]:
+    """What the writer thread calls after each served part: the shadow model's scores of
+    the batch's shadow rows, written as role ``shadow`` with the shadow model's version."""
+    def write(valid: pl.DataFrame, index: int, scored_at: datetime) -> None:
+        picked = valid.filter(pl.Series(shadow_mask(valid[shadow.id_column], shadow.fraction)))
+        if not picked.height:
+            return
+        scores = shadow.scorer.predict(picked)
+        frame = prediction_frame(shadow.scorer.descriptor, spec, picked, scores, model_name=sink.model_name,
+                                 model_version=shadow.version, scored_at=scored_at)
+        sink.write_part(frame, partition=SINGLE_PARTITION, index=index, role=SHADOW, form=shadow.scorer.kind)
+        shadow.rows += picked.height
+
+    return write
 
 
 def export_path(output_uri: str, run_id: str) -> str:
@@ -501,7 +553,8 @@ def export_run(table: MemoryTable, snapshot_id: int, run_id: str, output_uri: st
 
     target = export_path(output_uri, run_id)
     fs, path = fsspec.core.url_to_fs(target)
-    rows = table.scan(snapshot_id).filter(pl.col(SCORING_RUN) == run_id)
+    # Served rows only: a shadow model's rows of the run (driftloop.rollout) are evidence, not output.
+    rows = table.scan(snapshot_id).filter((pl.col(SCORING_RUN) == run_id) & (pl.col(ROLE) == SERVED))
     try:
         if is_local_fs(fs):
             parent = os.path.dirname(path) or "."
@@ -628,11 +681,12 @@ def export_task(registry: Any, tables: Tables, run: Any, output_uri: str) -> str
 
 @task(name="score-into-table", cache_policy=NONE)
 def score_table_task(scorer: FormScorer, input_uri: str, sink: TableSink, model_version: int,
-                     batch_size: int) -> ScoreResult:
-    """Score into the model's predictions table (one commit)."""
+                     batch_size: int, shadow: ShadowScoring | None = None) -> ScoreResult:
+    """Score into the model's predictions table (one commit); with ``shadow``, a second
+    model scores the shadow fraction in the same pass."""
     on_batch, finished = _progress(input_uri)
     result = score_to_table(scorer.descriptor, input_uri, sink, model_version=model_version, batch_size=batch_size,
-                            on_batch=on_batch, predict=scorer.predict)
+                            on_batch=on_batch, predict=scorer.predict, shadow=shadow)
     result.form = scorer.kind
     finished()
     return result

@@ -1,5 +1,5 @@
 """The ``driftloop`` command line: one module per command group (``data``, ``training``,
-``score``, ``monitor``, ``models``, ``infra``, ``housekeeping``, ``demo``), the shared
+``score``, ``monitor``, ``models``, ``rollout``, ``infra``, ``housekeeping``, ``demo``), the shared
 parser, checks, JSON output and errors in ``common``.
 
 A run: parse (usage errors exit 2), set the environment Prefect reads at import, check
@@ -14,7 +14,18 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from driftloop.cli import data, demo, edge, housekeeping, infra, models, monitor, score, training
+from driftloop.cli import (
+    data,
+    demo,
+    edge,
+    housekeeping,
+    infra,
+    models,
+    monitor,
+    rollout,
+    score,
+    training,
+)
 from driftloop.cli.common import (
     EPILOG,
     EXIT_DONE,
@@ -40,7 +51,7 @@ __all__ = ["build_parser", "main"]
 
 DESCRIPTION = ("driftloop: the life of a tabular model on Prefect 3. Ingest and validate data, train and "
                "register a model, score in batches, monitor drift, retrain.")
-GROUPS = (data, training, score, monitor, models, edge, infra, housekeeping, demo)
+GROUPS = (data, training, score, monitor, models, rollout, edge, infra, housekeeping, demo)
 
 
 def build_parser() -> CliParser:

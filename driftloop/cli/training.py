@@ -89,6 +89,8 @@ def human_retrain(p: dict[str, Any]) -> str:
     if p["labels_unscored"]:
         lines.append(f"  labels      {p['labels_unscored']:,} of {p['labels']:,} match no scored id (not used)")
     lines.append(f"  promoted    {'yes' if p['promoted'] else 'no'}")
+    if p.get("candidate"):
+        lines.append(f"  candidate   v{p['candidate']} scores in shadow (driftloop rollout status --model {p['model']})")
     return "\n".join(lines)
 
 

@@ -29,12 +29,13 @@ from driftloop.registry.tables import (
     MonitoringResultRow,
     MonitoringRunRow,
     RetrainLeaseRow,
+    RolloutDecisionRow,
     ScoringRunRow,
 )
 
 logger = logging.getLogger(__name__)
 
-ALIASES = ("champion", "challenger")
+ALIASES = ("champion", "challenger", "candidate")
 _ROLLBACK = "rollback: "
 
 
@@ -146,8 +147,38 @@ class _Any:
 
 ANY = _Any()
 
-# Outcomes of a retrain that hold the cooldown: it trained (or failed trying).
-COOLDOWN_OUTCOMES = ("trained", "failed")
+# Outcomes that hold the retrain cooldown: a retrain trained (or failed trying), or a
+# rollout rejected its candidate or rolled its champion back (the loop must not retrain
+# straight into the same model).
+COOLDOWN_OUTCOMES = ("trained", "failed", "rejected", "rolled back")
+
+
+class RolloutDecisionRecord(BaseModel):
+    """One look at a rollout on the rows both models scored and that are labelled (see
+    :mod:`driftloop.rollout`). ``difference``, ``lower`` and ``upper``: contender minus
+    incumbent, positive = contender better (the candidate in the shadow phase, the new
+    champion under guard)."""
+
+    model_name: str
+    phase: str
+    verdict: str
+    applied: bool = False
+    served_version: int
+    shadow_version: int
+    metric: str
+    rows_scored_by_both: int
+    rows_labelled: int
+    served_metric: float | None = None
+    shadow_metric: float | None = None
+    difference: float | None = None
+    lower: float | None = None
+    upper: float | None = None
+    confidence: float
+    reason: str
+    actor: str
+    created_at: datetime | None = None
+    predictions_snapshot: int | None = None  # the table snapshots the rows were read from
+    labels_snapshot: int | None = None
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, int | None]:
@@ -438,9 +469,73 @@ class RegistryStore:
             _check_complete(self._version_row(s, name, version), "champion")
             self._check_champion(s, name, expected_champion, f"v{version} was judged against")
             self._move_alias(s, name, "champion", version, actor, reason)
-            challenger = s.get(AliasRow, (name, "challenger"))
-            if challenger is not None and challenger.version == version:
-                self._move_alias(s, name, "challenger", None, actor, f"promoted to champion: {reason}")
+            for alias in ("challenger", "candidate"):
+                row = s.get(AliasRow, (name, alias))
+                if row is not None and row.version == version:
+                    self._move_alias(s, name, alias, None, actor, f"promoted to champion: {reason}")
+
+    # --- rollout --------------------------------------------------------------------------
+
+    def apply_rollout_decision(self, record: RolloutDecisionRecord, *, expected_champion: int | None,
+                               expected_candidate: int | None) -> RolloutDecisionRecord:
+        """Store a rollout decision and move the aliases it calls for, in one transaction
+        under the model's row lock (the same lock as :meth:`promote` and :meth:`rollback`):
+        a compare-and-swap on both the champion and the candidate seen when the rows were
+        compared. If either moved meanwhile, nothing moves and :class:`ChampionChanged` is
+        raised. ``promote``: the candidate becomes champion (complete versions only);
+        ``reject``: the candidate alias is removed; ``rollback``: the champion goes back to
+        the version it replaced. Reject and rollback hold the retrain cooldown."""
+        now = utcnow()
+        with self.session() as s:
+            self._locked_model(s, record.model_name)
+            name = record.model_name
+            self._check_champion(s, name, expected_champion, "the rollout was judged against")
+            candidate = s.get(AliasRow, (name, "candidate"))
+            found = candidate.version if candidate is not None else None
+            if found != expected_candidate:
+                raise ChampionChanged(
+                    f"{name}: the candidate is {f'v{found}' if found else 'gone'} now, not "
+                    f"{f'v{expected_candidate}' if expected_candidate else 'none'}; nothing moved: look again "
+                    f"(driftloop rollout status --model {name})")
+            actor, why = record.actor, f"rollout {record.phase}: {record.reason}"
+            if record.verdict == "promote":
+                _check_complete(self._version_row(s, name, record.shadow_version), "champion")
+                self._move_alias(s, name, "champion", record.shadow_version, actor, why)
+                self._move_alias(s, name, "candidate", None, actor, f"promoted to champion: {why}")
+            elif record.verdict == "reject":
+                self._move_alias(s, name, "candidate", None, actor, why)
+                self._hold_cooldown(s, name, actor, "rejected", now)
+            elif record.verdict == "rollback":
+                _check_complete(self._version_row(s, name, record.shadow_version), "champion")
+                self._move_alias(s, name, "champion", record.shadow_version, actor, f"{_ROLLBACK}{why}")
+                self._hold_cooldown(s, name, actor, "rolled back", now)
+            stored = record.model_copy(update={"created_at": now,
+                                               "applied": record.verdict in ("promote", "reject", "rollback")})
+            s.add(RolloutDecisionRow(**stored.model_dump()))
+            return stored
+
+    def _hold_cooldown(self, s: Session, name: str, holder: str, outcome: str, now: datetime) -> None:
+        """Start the retrain cooldown now, as a finished retrain would (unless a retrain
+        holds the lease: it ends with its own outcome)."""
+        lease = s.get(RetrainLeaseRow, name)
+        if lease is not None:
+            if lease.finished_at is None and lease.expires_at > now:
+                return
+            s.delete(lease)
+            s.flush()
+        s.add(RetrainLeaseRow(model_name=name, holder=holder[:200], acquired_at=now, expires_at=now,
+                              finished_at=now, outcome=outcome))
+
+    def list_rollout_decisions(self, name: str, *, limit: int | None = None) -> list[RolloutDecisionRecord]:
+        """The model's rollout decisions, newest first."""
+        query = (select(RolloutDecisionRow).where(RolloutDecisionRow.model_name == name)
+                 .order_by(RolloutDecisionRow.id.desc()))
+        if limit:
+            query = query.limit(limit)
+        with self.session() as s:
+            return [RolloutDecisionRecord.model_validate(
+                {c.key: getattr(r, c.key) for c in RolloutDecisionRow.__table__.columns if c.key != "id"})
+                for r in s.scalars(query)]
 
     def rollback(self, name: str, *, actor: str, reason: str, expected_champion: int | None | _Any = ANY) -> int:
         """Point ``champion`` back at the version it held before the current champion was

@@ -204,3 +204,33 @@ class MonitoringResultRow(Base):
     lower_threshold: Mapped[float | None]
     upper_threshold: Mapped[float | None]
     alert: Mapped[bool]
+
+
+class RolloutDecisionRow(Base):
+    """One look at a rollout (shadow: candidate vs champion; guard: new champion vs the one
+    it replaced) on the rows both scored and labelled: the figures and the verdict."""
+
+    __tablename__ = "rollout_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    phase: Mapped[str] = mapped_column(String(16))  # shadow, guard
+    verdict: Mapped[str] = mapped_column(String(16))  # waiting, promote, reject, rollback, settled
+    applied: Mapped[bool]  # the aliases moved as the verdict says (False: waiting, or refused)
+    served_version: Mapped[int] = mapped_column(Integer)
+    shadow_version: Mapped[int] = mapped_column(Integer)
+    metric: Mapped[str] = mapped_column(String(32))
+    rows_scored_by_both: Mapped[int] = mapped_column(Integer)
+    rows_labelled: Mapped[int] = mapped_column(Integer)
+    served_metric: Mapped[float | None]
+    shadow_metric: Mapped[float | None]
+    difference: Mapped[float | None]  # contender minus incumbent, oriented: positive = contender better
+    lower: Mapped[float | None]
+    upper: Mapped[float | None]
+    confidence: Mapped[float]
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # The table snapshots read: the decision's rows can be read again exactly.
+    predictions_snapshot: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    labels_snapshot: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
