@@ -160,16 +160,21 @@ class MonitoringPolicy(BaseModel):
         return self
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
-_DURATION_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _duration(text: str, units: str, examples: str) -> timedelta:
+    match = _DURATION.match(text)
+    if match is None or match.group(2) not in units:
+        raise ValueError(f"{text!r} is not a duration; write a whole number with {', '.join(units[:-1])} or "
+                         f"{units[-1]} ({examples})")
+    return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
 
 
 def parse_duration(text: str) -> timedelta:
-    """``36h``, ``92d`` or ``12w`` as a timedelta."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration; write a whole number with h, d or w (36h, 92d, 12w)")
-    return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
+    """``36h``, ``92d`` or ``12w`` as a timedelta (a training window, a label delay)."""
+    return _duration(text, "hdw", "36h, 92d, 12w")
 
 
 class TrainingWindow(BaseModel):
@@ -228,19 +233,12 @@ class RetrainPolicy(BaseModel):
         return parse_duration(self.skip_recent)
 
 
-# --- rollout: edge (issue 23) ---------------------------------------------------------
-# Kept apart from the rest of ``rollout`` (shadow, guard) so that each part merges alone.
-
-_EDGE_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
-_EDGE_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+# --- rollout: shadow, guard, edge -------------------------------------------------------
 
 
 def parse_bake(text: str) -> timedelta:
     """``30s``, ``15m``, ``1h`` or ``2d`` as a timedelta (an edge wave's bake time)."""
-    match = _EDGE_DURATION.match(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a duration; write a whole number with s, m, h or d (30s, 15m, 1h, 2d)")
-    return timedelta(**{_EDGE_DURATION_UNITS[match.group(2)]: int(match.group(1))})
+    return _duration(text, "smhd", "30s, 15m, 1h, 2d")
 
 
 class EdgeAbort(BaseModel):
