@@ -48,6 +48,7 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         "shadow_metric": None, "difference": None, "lower": None, "upper": None, "confidence": None,
         "verdict": None, "verdict_since": None, "reason": "settled: no candidate in shadow and no guard",
         "decisions": [d.model_dump(mode="json") for d in decisions],
+        "edge": _edge_section(name),
     }
     if state.active:
         tables = open_tables(store.engine, get_settings().artifact_root_uri())
@@ -70,6 +71,16 @@ def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
         if run and run[-1].created_at:
             out["verdict_since"] = run[-1].created_at.isoformat()
     return out
+
+
+def _edge_section(name: str) -> dict[str, Any] | None:
+    """The edge fleet's rollout (``driftloop edge status``), or None without a channel."""
+    from driftloop.settings import get_settings
+    from driftloop.storage import ArtifactStore
+    from driftloop.tasks.edge_rollout import fleet_status
+
+    fleet = fleet_status(ArtifactStore(get_settings().artifact_root_uri()), name)
+    return fleet if fleet["channel"] is not None else None
 
 
 def human_status(p: dict[str, Any]) -> str:
@@ -97,6 +108,10 @@ def human_status(p: dict[str, Any]) -> str:
     for d in applied:
         lines.append(f"  decided    {d['created_at'][:19]} {d['phase']}: {d['verdict']} (served v{d['served_version']}, "
                      f"shadow v{d['shadow_version']}, {d['rows_labelled']:,} rows)")
+    if p.get("edge"):
+        from driftloop.cli.edge import human_edge_status
+
+        lines += ["  edge       " + line.strip() for line in human_edge_status(p["edge"]).splitlines()]
     return "\n".join(lines)
 
 
@@ -121,7 +136,8 @@ def human_decide(p: dict[str, Any]) -> str:
 
 def register(sub: argparse._SubParsersAction) -> None:
     rollout = add_group(sub, "rollout", help="a candidate in shadow and the guard after a promotion")
-    status = add_command(rollout, "status", help="phase, rows scored by both, each model's metric and the verdict so far",
+    status = add_command(rollout, "status", help="phase, rows scored by both, each model's metric and the verdict so "
+                         "far; the edge fleet's waves when a channel is published",
                          handler=cmd_status, human=human_status, check=check_rollout)
     status.add_argument("--model", required=True, help="model name")
     decide = add_command(rollout, "decide", help="decide now on the labelled rows both models scored (promote, reject, "

@@ -295,6 +295,37 @@ def test_status_shows_waves_devices_per_version_and_telemetry(tmp_path: Path, ke
     assert "wave 0 of [0.05, 0.25, 1.0]" in shown and "v1: 2, v2: 1" in shown
 
 
+def test_rollout_status_has_the_fleets_section(home: Path, keys, capsys) -> None:
+    """``driftloop rollout status`` is the one command for where a model stands: the edge
+    fleet's waves and devices per version beside the shadow phase."""
+    import json
+
+    from driftloop.cli import main
+    from driftloop.registry import open_registry
+    from driftloop.settings import get_settings
+    from driftloop.tasks.edge_inbox import TELEMETRY_DIR
+    from tests.unit.test_registry import version_draft
+
+    private, _ = keys
+    settings = get_settings()
+    open_registry(settings.registry_database_url()).register_version(version_draft())
+    assert main(["rollout", "status", "--model", "loans", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["edge"] is None  # no channel published yet
+
+    store = ArtifactStore(settings.artifact_root_uri())
+    v1, v2 = put_artifact(store, 1), put_artifact(store, 2)
+    started = datetime.now(UTC)
+    publish(store, new_manifest("loans", v2, v1, PLAN, now=started), private)
+    for device, version in (("a", 2), ("b", 1)):
+        telemetry = run(device, version, at=started + timedelta(seconds=1))
+        store.write_text(f"{TELEMETRY_DIR}/loans/{telemetry.run_id}.json", telemetry.model_dump_json())
+    assert main(["rollout", "status", "--model", "loans", "--json"]) == 0
+    edge = json.loads(capsys.readouterr().out)["edge"]
+    assert edge["devices_per_version"] == {"1": 1, "2": 1} and edge["channel"]["wave"] == 0
+    assert main(["rollout", "status", "--model", "loans"]) == 0
+    assert "edge       loans: channel v2 (previous v1), rolling, wave 0" in capsys.readouterr().out
+
+
 def test_an_upload_killed_half_way_is_removed_once_abandoned_and_a_finished_one_kept(tmp_path: Path) -> None:
     from driftloop.tasks.edge_inbox import abandoned_uploads, pending_runs
 
