@@ -23,7 +23,7 @@ done = -1
 while not (base / "stop").exists():
     rounds = sorted(int(p.name) for p in (base / "rounds").iterdir()) if (base / "rounds").exists() else []
     if not rounds or rounds[-1] == done:
-        time.sleep(0.05)
+        time.sleep(0.25)  # 20 agents polling: keep their idle CPU small
         continue
     done = rounds[-1]
     try:
