@@ -173,7 +173,7 @@ def shadow_rollout(registry: Any, model: str, *, since: datetime, served: int | 
         "decisions": [d.model_dump(mode="json") for d in reversed(decisions)],
         "phase": state.phase, "champion": state.champion, "shadow": state.shadow,
         "status_command": f"driftloop rollout status --model {model}",
-        "artifact": f"{ui}/artifacts/key/{key}" if ui else key,
+        "artifact": key, "artifact_url": f"{ui}/artifacts/key/{key}" if ui else None,
     }
 
 

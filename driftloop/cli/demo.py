@@ -93,7 +93,7 @@ def human_shadow_rollout(r: dict[str, Any]) -> list[str]:
         else:
             served, shadow = f"new champion v{d['served_version']}", f"replaced champion v{d['shadow_version']}"
         applied = " (applied)" if d["applied"] else ""
-        lines.append(f"    decision ({d['actor']}): {d['verdict'].upper()}{applied}: {d['reason'].split(': ', 1)[0]}")
+        lines.append(f"    decision by {d['actor']}: {d['verdict'].upper()}{applied}: {d['reason'].split(': ', 1)[0]}")
         if d["served_metric"] is not None:
             contender = shadow if d["phase"] == "shadow" else served
             lines.append(f"      {d['metric']} on the same {d['rows_labelled']:,} labelled rows: {served} "
@@ -105,7 +105,8 @@ def human_shadow_rollout(r: dict[str, Any]) -> list[str]:
         now += f": v{r['shadow']}, the champion it replaced, scores in shadow until the guard's days end"
     elif r["phase"] == "shadow":
         now += f": candidate v{r['shadow']} keeps scoring in shadow"
-    return [*lines, now, f"    see it again: {r['status_command']}; Prefect UI artifact {r['artifact']}"]
+    ui = r["artifact_url"] or f"{r['artifact']} (make demo KEEP=1 keeps the UI up)"
+    return [*lines, now, f"    see it again: {r['status_command']}; in the Prefect UI, artifact {ui}"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
