@@ -4,7 +4,7 @@ the nannyml package (nothing is downloaded)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,6 @@ def run_loop_demo(trials: int = 5, keep_running: bool = False, yes_this_server: 
         has_gpu = _cuda_available()
         stack.deploy(gpu_device="cuda" if has_gpu else "cpu")
         stack.start_workers(("cpu", "gpu"))
-        from datetime import UTC
-
         first, later = _write_periods(settings.home_dir / "demo")
         started = datetime.now(UTC)
         steps = {}
