@@ -3,6 +3,9 @@ the nannyml package (nothing is downloaded)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from driftloop.demo_data import DEMO_SPEC, demo_data_path
@@ -36,8 +39,9 @@ def run_demo(trials: int = 10) -> dict[str, Any]:
 
 
 # The car-loan analysis period runs from 2018-10-30 to 2019-08-29. In the loop demo the
-# labels of its rows up to this date arrive first (and drive monitoring and the retrain);
-# the rest are the "later labelled data" on which old and new champion are compared.
+# nightly scoring and the first labels cover its rows up to this date (they drive
+# monitoring and the retrain); the rows from this date are the later period, scored by the
+# champion with the retrain's candidate in shadow, whose labels then decide the rollout.
 FIRST_LABELS_UNTIL = "2019-07-01"
 
 
@@ -49,8 +53,10 @@ RETRAIN_FINISH_TIMEOUT_S = 3600
 
 def run_loop_demo(trials: int = 5, keep_running: bool = False, yes_this_server: bool = False) -> dict[str, Any]:
     """The loop on a real Prefect server: deploy, start workers, run train -> score ->
-    labels -> monitor through the deployments, let the monitor's event start the retrain,
-    then compare the old and the new champion on labelled data neither has seen.
+    labels -> monitor through the deployments and let the monitor's event start the
+    retrain. Its challenger becomes the candidate (the car-loan spec's rollout.shadow):
+    the later period is scored by the champion with the candidate in shadow on the same
+    rows, and the labels of that period decide.
 
     With ``PREFECT_API_URL`` set the demo would change that server (pools, blocks,
     deployments with schedules, workers): refused, saying what would change, when the
@@ -68,17 +74,23 @@ def run_loop_demo(trials: int = 5, keep_running: bool = False, yes_this_server: 
         has_gpu = _cuda_available()
         stack.deploy(gpu_device="cuda" if has_gpu else "cpu")
         stack.start_workers(("cpu", "gpu"))
-        from datetime import UTC, datetime
-
-        first_labels = _write_first_labels(settings.home_dir / "demo")
+        first, later = _write_periods(settings.home_dir / "demo")
         started = datetime.now(UTC)
         steps = {}
-        for name, params in (("train/car-loan", {"trials": trials}), ("score/car-loan", {}),
-                             ("labels/car-loan", {"source": str(first_labels)}), ("monitor/car-loan", {})):
+        for name, params in (("train/car-loan", {"trials": trials}), ("score/car-loan", {"input_uri": str(first.rows)}),
+                             ("labels/car-loan", {"source": str(first.labels)}), ("monitor/car-loan", {})):
             steps[name] = _run_and_wait(name, params)
         retrain = _wait_for_retrain(since=started, timeout_s=RETRAIN_TRIGGER_TIMEOUT_S,
                                     finish_timeout_s=RETRAIN_FINISH_TIMEOUT_S)
         registry = open_registry(settings.registry_database_url())
+        # The spec's rollout.shadow made a passing retrain the candidate: the later period
+        # is scored by the champion, the candidate scoring the same rows in shadow, and
+        # its labels decide (the labels flow runs rollout-decide).
+        candidate = registry.find_alias("car_loan", "candidate")
+        served = registry.find_alias("car_loan", "champion")
+        if candidate is not None:
+            steps[f"score/car-loan (from {FIRST_LABELS_UNTIL})"] = _run_and_wait("score/car-loan", {"input_uri": str(later.rows)})
+            steps[f"labels/car-loan (from {FIRST_LABELS_UNTIL})"] = _run_and_wait("labels/car-loan", {"source": str(later.labels)})
         versions = [
             {"version": v.version, "trigger": v.trigger, "gate_passed": v.gate["passed"], "reasons": v.gate["reasons"],
              "window": v.window}
@@ -94,7 +106,9 @@ def run_loop_demo(trials: int = 5, keep_running: bool = False, yes_this_server: 
             "ui": ui, "kept_running": keep_running, "steps": steps, "monitor": latest_monitoring(registry, "car_loan"),
             "tables": memory,
             "retrain": retrain, "versions": versions, "aliases": registry.aliases("car_loan"),
-            "later_period": compare_on_later_labels(registry),
+            "rollout": shadow_rollout(registry, "car_loan", since=started, served=served.version if served else None,
+                                      candidate=candidate.version if candidate else None, later_rows=later.count,
+                                      ui=ui if keep_running else None),
         }
 
 
@@ -108,43 +122,57 @@ def _analysis_with_labels() -> Any:
     return analysis.join(targets.select("id", "repaid"), on="id", how="inner")
 
 
-def _write_first_labels(directory: Any) -> Any:
-    """The labels that have arrived: ids of the analysis rows scored before
-    FIRST_LABELS_UNTIL, with their targets."""
+@dataclass(frozen=True)
+class Period:
+    """A part of the analysis period as the demo hands it to the deployments: its rows
+    to score (no target) and their labels (id, repaid), which arrive later."""
+
+    rows: Path
+    labels: Path
+    count: int
+
+
+def _write_periods(directory: Path) -> tuple[Period, Period]:
+    """The analysis rows before FIRST_LABELS_UNTIL (scored nightly, labelled first) and
+    from it (the later period), each as rows to score and their labels."""
     import polars as pl
 
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"labels-until-{FIRST_LABELS_UNTIL}.csv"
-    first = _analysis_with_labels().filter(pl.col("timestamp") < FIRST_LABELS_UNTIL)
-    first.select("id", "repaid").write_csv(path)
-    return path
+    analysis = _analysis_with_labels()
+    periods = []
+    for name, keep in ((f"until-{FIRST_LABELS_UNTIL}", pl.col("timestamp") < FIRST_LABELS_UNTIL),
+                       (f"from-{FIRST_LABELS_UNTIL}", pl.col("timestamp") >= FIRST_LABELS_UNTIL)):
+        part = analysis.filter(keep)
+        rows, labels = directory / f"analysis-{name}.csv", directory / f"labels-{name}.csv"
+        part.drop("repaid").write_csv(rows)
+        part.select("id", "repaid").write_csv(labels)
+        periods.append(Period(rows, labels, part.height))
+    return periods[0], periods[1]
 
 
-def compare_on_later_labels(registry: Any) -> dict[str, Any] | None:
-    """The realized ROC AUC of the first champion and of the current one on the analysis
-    rows whose labels arrive later (from FIRST_LABELS_UNTIL): data neither model has
-    seen. An honest number, whatever it is."""
-    import polars as pl
-    from sklearn.metrics import roc_auc_score
+def shadow_rollout(registry: Any, model: str, *, since: datetime, served: int | None, candidate: int | None,
+                   later_rows: int, ui: str | None) -> dict[str, Any]:
+    """What the shadow rollout decided during the demo: the decisions stored since
+    ``since`` (oldest first; each with both models' metric on the same rows, the
+    difference and its bounds), the candidate's policy, and the phase now. ``served``
+    and ``candidate``: the champion and the candidate when the later period was scored."""
+    from driftloop.naming import artifact_key
+    from driftloop.tasks.rollout import model_state, version_spec
 
-    from driftloop.onnx_model import load_model, predict_scores
-    from driftloop.spec import load_spec
-    from driftloop.tasks.score import fetch_verified
-    from driftloop.tasks.validate import validate_rows
-
-    champion = registry.find_alias("car_loan", "champion")
-    if champion is None:
-        return None
-    spec = load_spec(DEMO_SPEC)
-    later = _analysis_with_labels().filter(pl.col("timestamp") >= FIRST_LABELS_UNTIL)
-    rows = validate_rows(later, spec, source="later labels", warn_ignored=False).valid
-    out: dict[str, Any] = {"from": FIRST_LABELS_UNTIL, "rows": rows.height, "metric": "roc_auc", "models": []}
-    for version in sorted({1, champion.version}):
-        record = registry.get_version("car_loan", version)
-        scores = predict_scores(load_model(fetch_verified(record.onnx_uri, record.onnx_sha256)), rows)
-        out["models"].append({"version": version, "trigger": record.trigger, "champion": version == champion.version,
-                              "roc_auc": float(roc_auc_score(rows["repaid"].to_numpy(), scores))})
-    return out
+    policy = None
+    if candidate is not None:
+        shadow = version_spec(registry.get_version(model, candidate)).rollout
+        policy = shadow.shadow.model_dump() if shadow is not None and shadow.shadow is not None else None
+    decisions = [d for d in registry.list_rollout_decisions(model, limit=20) if d.created_at and d.created_at >= since]
+    state = model_state(registry, model)
+    key = artifact_key("rollout", model)
+    return {
+        "model": model, "served": served, "candidate": candidate, "from": FIRST_LABELS_UNTIL, "later_rows": later_rows, "policy": policy,
+        "decisions": [d.model_dump(mode="json") for d in reversed(decisions)],
+        "phase": state.phase, "champion": state.champion, "shadow": state.shadow,
+        "status_command": f"driftloop rollout status --model {model}",
+        "artifact": key, "artifact_url": f"{ui}/artifacts/key/{key}" if ui else None,
+    }
 
 
 def latest_monitoring(registry: Any, model: str) -> dict[str, Any] | None:

@@ -43,7 +43,7 @@ def human_demo(p: dict[str, Any]) -> str:
         return "\n".join(f"{e['role']} (pid {e['pid']}): {e['why']}" for e in p["stopped"]) or "nothing was running"
     if "retrain" in p:
         lines = [f"Prefect UI: {p['ui']}" + ("" if p["kept_running"] else " (stopped; rerun with --keep-running to browse it)")]
-        lines += [f"  {name:<18} {step['state']:<10} flow run {step['flow_run']}" for name, step in p["steps"].items()]
+        lines += [f"  {name:<34} {step['state']:<10} flow run {step['flow_run']}" for name, step in p["steps"].items()]
         if p.get("monitor"):
             lines += ["", human_monitor(p["monitor"]), ""]
         r = p["retrain"]
@@ -62,18 +62,51 @@ def human_demo(p: dict[str, Any]) -> str:
             lines += [f"    {s['snapshot_id']}  {s['committed_at']}  {s['operation']:<9} +{s['added_rows']:,} "
                       f"-{s['deleted_rows']:,} rows = {s['total_rows']:,}" + (f"  ({s['by']})" if s["by"] else "")
                       for s in snaps]
-        later = p.get("later_period")
-        if later:
-            lines.append(f"  later labelled data (analysis rows from {later['from']}, {later['rows']:,} rows, unseen by every model):")
-            for m in later["models"]:
-                role = "champion" if m["champion"] else "first champion"
-                lines.append(f"    v{m['version']} ({role}, {m['trigger']}): realized {later['metric']} {m['roc_auc']:.4f}")
+        if p.get("rollout"):
+            lines += human_shadow_rollout(p["rollout"])
         return "\n".join(lines)
     parts = [f"ingest {stage}:\n" + human_ingest(result) for stage, result in p["ingest"].items()]
     parts.append("train:\n" + human_train(p["train"]))
     parts.append("score analysis data:\n" + human_score(p["score"]))
     parts.append(human_monitor(p["monitor"]))
     return "\n\n".join(parts)
+
+
+def human_shadow_rollout(r: dict[str, Any]) -> list[str]:
+    """The shadow rollout's decisions: both models' metric on the same rows, the
+    difference and its bounds, and where to see them again."""
+    lines = []
+    if r["candidate"] is None:
+        lines.append("  shadow rollout: no candidate after the retrain (its verdict above says why); "
+                     "the later period was not scored")
+    else:
+        lines.append(f"  shadow rollout: champion v{r['served']} scored the later period ({r['later_rows']:,} rows "
+                     f"from {r['from']}), candidate v{r['candidate']} the same rows in shadow; then their labels arrived")
+        if r["policy"]:
+            lines.append(f"    policy (the spec's rollout.shadow): decide on >= {r['policy']['min_labelled_rows']:,} "
+                         f"labelled rows scored by both, paired bootstrap, {r['policy']['confidence']:.0%} confidence")
+        if not r["decisions"]:
+            lines.append("    no decision was stored: see the labels run's log")
+    for d in r["decisions"]:
+        if d["phase"] == "shadow":
+            served, shadow = f"champion v{d['served_version']}", f"candidate v{d['shadow_version']}"
+        else:
+            served, shadow = f"new champion v{d['served_version']}", f"replaced champion v{d['shadow_version']}"
+        applied = " (applied)" if d["applied"] else ""
+        lines.append(f"    decision by {d['actor']}: {d['verdict'].upper()}{applied}: {d['reason'].split(': ', 1)[0]}")
+        if d["served_metric"] is not None:
+            contender = shadow if d["phase"] == "shadow" else served
+            lines.append(f"      {d['metric']} on the same {d['rows_labelled']:,} labelled rows: {served} "
+                         f"{d['served_metric']:.4f}, {shadow} {d['shadow_metric']:.4f}")
+            lines.append(f"      difference {d['difference']:+.4f} ({contender} better when positive), "
+                         f"{d['confidence']:.0%} bounds [{d['lower']:+.4f}, {d['upper']:+.4f}]")
+    now = f"    now: champion v{r['champion']}, phase {r['phase']}"
+    if r["phase"] == "guard":
+        now += f": v{r['shadow']}, the champion it replaced, scores in shadow until the guard's days end"
+    elif r["phase"] == "shadow":
+        now += f": candidate v{r['shadow']} keeps scoring in shadow"
+    ui = r["artifact_url"] or f"{r['artifact']} (make demo KEEP=1 keeps the UI up)"
+    return [*lines, now, f"    see it again: {r['status_command']}; in the Prefect UI, artifact {ui}"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

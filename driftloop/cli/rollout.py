@@ -106,8 +106,11 @@ def human_status(p: dict[str, Any]) -> str:
         lines.append(f"  {p['reason']}")
     applied = [d for d in p["decisions"] if d["applied"]][:3]
     for d in applied:
+        figures = (f" {d['metric']} {num(d['served_metric'])} vs {num(d['shadow_metric'])}, difference "
+                   f"{num(d['difference'], '+')} [{num(d['lower'], '+')}, {num(d['upper'], '+')}]"
+                   if d["served_metric"] is not None else "")
         lines.append(f"  decided    {d['created_at'][:19]} {d['phase']}: {d['verdict']} (served v{d['served_version']}, "
-                     f"shadow v{d['shadow_version']}, {d['rows_labelled']:,} rows)")
+                     f"shadow v{d['shadow_version']}, {d['rows_labelled']:,} rows{figures and ':' + figures})")
     if p.get("edge"):
         from driftloop.cli.edge import human_edge_status
 
