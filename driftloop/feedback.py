@@ -23,6 +23,7 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, Field
 
+from driftloop.backtest import WindowChoice
 from driftloop.errors import DriftloopError
 from driftloop.registry import DatasetRecord, RegistryStore
 from driftloop.schema import POLARS_DTYPES
@@ -102,6 +103,8 @@ class WindowRecord(BaseModel):
     labels_snapshot: int | None = Field(default=None, description="Snapshot of labels.<model> read.")
     datasets_read: list[str] | None = Field(default=None, description="Every labelled dataset read (the window "
                                             "may use fewer): with the snapshots, what re-reads it exactly.")
+    choice: WindowChoice | None = Field(default=None, description="With window: {choose: [...]}: every candidate's "
+                                        "backtest figures and the window chosen (this record's policy).")
 
     def snapshots(self) -> WindowSnapshots:
         return WindowSnapshots(predictions=self.predictions_snapshot, labels=self.labels_snapshot,
