@@ -46,6 +46,7 @@ from driftloop.feedback import (
     join_labels,
     select_window,
     training_columns,
+    window_reach,
 )
 from driftloop.schema import POLARS_DTYPES
 from driftloop.spec import DatasetSpec, RetrainPolicy, TrainingWindow
@@ -127,17 +128,22 @@ def train_model(spec: DatasetSpec, frame: pl.DataFrame, *, period: int, trials: 
     return model
 
 
-def labelled_data(spec: DatasetSpec, periods: Sequence[pl.DataFrame]) -> LabelledData:
+def labelled_data(spec: DatasetSpec, periods: Sequence[pl.DataFrame], policy: RetrainPolicy | None = None) -> LabelledData:
     """The labelled rows a retrain finds in the registry when ``periods`` have been
     labelled: the first as a labelled dataset, the others as scored rows joined to their
-    labels (the same columns and types as :func:`driftloop.feedback.collect_labelled_data`)."""
+    labels (the same columns and types as :func:`driftloop.feedback.collect_labelled_data`,
+    which with a ``last`` window ``policy`` does not read scored rows older than
+    :func:`driftloop.feedback.window_reach`)."""
     columns = training_columns(spec)
     frames = []
     for i, frame in enumerate(periods):
         frames.append(frame.select(pl.col(c).cast(POLARS_DTYPES[spec.column_spec(c).dtype]) for c in columns)
                       .with_columns(pl.lit(f"period-{i}").alias(SOURCE),
-                                    pl.lit(datetime(2000, 1, 1) .replace(year=2000 + i)).dt.cast_time_unit("us")
-                                    .alias(REGISTERED_AT)))
+                                    pl.lit(datetime(2000 + i, 1, 1)).dt.cast_time_unit("us").alias(REGISTERED_AT)))
+    if spec.timestamp and len(frames) > 1:
+        since = window_reach(max(f[spec.timestamp].max() for f in frames), policy)  # type: ignore[type-var]
+        if since is not None:
+            frames = [frames[0], *(f.filter(pl.col(spec.timestamp) >= since) for f in frames[1:])]
     return LabelledData(frame=pl.concat(frames), datasets=["period-0"],
                         scoring_runs=[f"period-{i}" for i in range(1, len(periods))])
 
@@ -159,7 +165,7 @@ class Models:
 
     def window_at(self, s: int, champion: TrainedModel | None = None) -> LabelledWindow:
         """The retrain window at period ``s`` (``select_window`` on what is labelled by then)."""
-        labelled = labelled_data(self.spec, self.periods[: s - self.label_delay + 1])
+        labelled = labelled_data(self.spec, self.periods[: s - self.label_delay + 1], self.spec.retrain)
         end = champion.data_end if champion is not None else None
         return select_window(labelled, self.spec, self.spec.retrain, champion_end=end)
 
@@ -350,7 +356,7 @@ def window_backtest(spec: DatasetSpec, labelled: pl.DataFrame, windows: Sequence
         realized: list[float | None] = []
         for i in range(1, len(cut)):
             known = [part for _, part in cut[:i]]
-            data = labelled_data(windowed, known)
+            data = labelled_data(windowed, known, policy)
             chosen = select_window(data, windowed, policy)
             value: float | None = None
             try:
