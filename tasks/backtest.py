@@ -158,16 +158,26 @@ class Models:
         self.algorithms, self.seed, self.label_delay = tuple(algorithms), seed, label_delay
         self._models: dict[int, TrainedModel] = {}
         self._scores: dict[tuple[int, int], np.ndarray] = {}
+        self._registered: DatasetSpec | None = None
 
     @property
     def horizon(self) -> int:
         return len(self.periods)
 
+    @property
+    def registered(self) -> DatasetSpec:
+        """The spec as a retrain and monitoring read it: from the first model's artifact
+        (its column order, hence the feature order a retrain encodes, is the artifact's)."""
+        if self._registered is None:
+            self._registered = self.at(0).loaded().spec()
+        return self._registered
+
     def window_at(self, s: int, champion: TrainedModel | None = None) -> LabelledWindow:
         """The retrain window at period ``s`` (``select_window`` on what is labelled by then)."""
-        labelled = labelled_data(self.spec, self.periods[: s - self.label_delay + 1], self.spec.retrain)
+        spec = self.registered
+        labelled = labelled_data(spec, self.periods[: s - self.label_delay + 1], spec.retrain)
         end = champion.data_end if champion is not None else None
-        return select_window(labelled, self.spec, self.spec.retrain, champion_end=end)
+        return select_window(labelled, spec, spec.retrain, champion_end=end)
 
     def at(self, s: int) -> TrainedModel:
         if s not in self._models:
@@ -177,7 +187,7 @@ class Models:
                                               algorithms=self.algorithms, seed=self.seed)
             else:
                 window = self.window_at(s)
-                self._models[s] = train_model(self.spec, window.frame, period=s, trials=self.trials,
+                self._models[s] = train_model(self.registered, window.frame, period=s, trials=self.trials,
                                               algorithms=self.algorithms, seed=self.seed, window=window)
         return self._models[s]
 
@@ -243,7 +253,7 @@ def monitor_period(models: Models, champion: TrainedModel, t: int, calibrations:
     from driftloop.tasks.monitor_policy import decide_retraining
     from driftloop.tasks.score import prediction_frame
 
-    spec = models.spec
+    spec = models.registered
     frame = models.periods[t]
     scored = prediction_frame(champion.loaded(), spec, frame, models.scores(champion.period, t), model_name=spec.name,
                               model_version=champion.period + 1, scored_at=datetime.now(UTC))
@@ -262,7 +272,7 @@ def retrain_period(models: Models, champion: TrainedModel, s: int) -> PeriodDeci
     from driftloop.tasks.gate import decide_promotion
     from driftloop.tasks.ingest import frame_content_hash
 
-    spec = models.spec
+    spec = models.registered
     window = models.window_at(s, champion)
     needed = spec.retrain.min_new_labels
     if window.record.new_labels < needed:
