@@ -56,7 +56,8 @@ def cmd_backtest(args: argparse.Namespace) -> dict[str, Any]:
     windows = args.windows or (spec.retrain.window.choose or DEFAULT_WINDOWS.split(","))
     choice = window_backtest(spec, data.frame.select(training_columns(spec)), [parse_window(w) for w in windows],
                              alpha=spec.retrain.alpha, trials=args.trials, algorithms=[record.algorithm],
-                             period=args.period, model=record.model_name, version=record.version)
+                             period=args.period, max_periods=args.last_periods, model=record.model_name,
+                             version=record.version)
     return choice.model_dump(mode="json")
 
 
@@ -90,4 +91,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help=f"candidate windows: spans (31d, 12w) or all (default: the spec's choose list, else "
                           f"{DEFAULT_WINDOWS})")
     cmd.add_argument("--trials", type=int_at_least(1), default=5, help="Optuna trials per replayed retrain (default 5)")
+    cmd.add_argument("--last-periods", type=int_at_least(2), default=12, metavar="N",
+                     help="replay only the newest N labelled periods (default 12; each costs one training per window)")
     cmd.add_argument("--period", default="1mo", help="length of a replayed period: 1w, 2w, 1mo or 1q (default 1mo)")

@@ -130,3 +130,17 @@ def test_retrain_alpha_and_choose_are_validated() -> None:
     without_ts["columns"] = {k: v for k, v in LOAN_SPEC["columns"].items() if k != "ts"}
     with pytest.raises(SpecError, match="needs a timestamp"):
         parse_spec(without_ts)
+
+
+def test_the_flows_check_catches_a_changed_decision_or_metric() -> None:
+    from bench.loop import compare
+
+    replayed = {"decisions": {"driftloop": [[1, False, False, False], [2, True, True, True]]},
+                "auc": {"driftloop": [0.8, 0.9]}}
+    flows = [{"period": 1, "fired": False, "trained": False, "promoted": False, "auc": 0.8, "why": ""},
+             {"period": 2, "fired": True, "trained": True, "promoted": True, "auc": 0.9, "why": ""}]
+    assert compare(replayed, {"driftloop": flows}) == []
+    flows[1]["promoted"] = False
+    flows[0]["auc"] = 0.81
+    problems = compare(replayed, {"driftloop": flows})
+    assert len(problems) == 2 and "period 2" in problems[0] and "AUC" in problems[1]
