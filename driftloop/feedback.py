@@ -23,6 +23,7 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, Field
 
+from driftloop.backtest import WindowChoice
 from driftloop.errors import DriftloopError
 from driftloop.registry import DatasetRecord, RegistryStore
 from driftloop.schema import POLARS_DTYPES
@@ -102,6 +103,8 @@ class WindowRecord(BaseModel):
     labels_snapshot: int | None = Field(default=None, description="Snapshot of labels.<model> read.")
     datasets_read: list[str] | None = Field(default=None, description="Every labelled dataset read (the window "
                                             "may use fewer): with the snapshots, what re-reads it exactly.")
+    choice: WindowChoice | None = Field(default=None, description="With window: {choose: [...]}: every candidate's "
+                                        "backtest figures and the window chosen (this record's policy).")
 
     def snapshots(self) -> WindowSnapshots:
         return WindowSnapshots(predictions=self.predictions_snapshot, labels=self.labels_snapshot,
@@ -252,9 +255,15 @@ def _window_start(frames: list[pl.DataFrame], tables: Tables, spec: DatasetSpec,
     newest = [f[ts].max() for f in frames if f.height]
     newest.append(_newest_labelled(tables, spec, policy.window.span, at))
     newest = [n for n in newest if n is not None]
-    if not newest:
+    return window_reach(max(newest) if newest else None, policy)
+
+
+def window_reach(newest: datetime | None, policy: RetrainPolicy | None) -> datetime | None:
+    """The oldest timestamp a ``last`` window can reach when the newest labelled row is at
+    ``newest``: scored rows older than it are not read (None: every row may be needed)."""
+    if newest is None or policy is None or policy.window.span is None:
         return None
-    return max(newest) - policy.skip_recent_span - policy.window.span  # type: ignore[operator]
+    return newest - policy.skip_recent_span - policy.window.span
 
 
 def _label_ids(tables: Tables, spec: DatasetSpec, snapshot: int | None) -> pl.LazyFrame | None:

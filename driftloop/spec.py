@@ -179,30 +179,54 @@ def parse_duration(text: str) -> timedelta:
 
 class TrainingWindow(BaseModel):
     """Which labelled rows a retrain learns from: the most recent span of time, the most
-    recent rows, or all of them. Give exactly one key."""
+    recent rows, all of them, or the best of several candidates on the model's own
+    labelled history (``choose``). Give exactly one key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     last: str | None = Field(default=None, description="The newest span of time, e.g. 92d (needs a timestamp).")
     rows: int | None = Field(default=None, ge=30, description="The newest N labelled rows.")
     all: bool | None = Field(default=None, description="Every labelled row (the default).")
+    choose: list[str] | None = Field(
+        default=None, description="Candidate windows (31d, 92d, all; needs a timestamp): each retrain replays the "
+        "model's labelled history under each and trains on the one with the least cost at retrain.alpha.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> TrainingWindow:
-        given = [k for k in ("last", "rows", "all") if getattr(self, k) is not None]
+        given = [k for k in ("last", "rows", "all", "choose") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of last, rows or all (got {', '.join(given) or 'none'})")
+            raise ValueError(f"give exactly one of last, rows, all or choose (got {', '.join(given) or 'none'})")
         if self.all is False:
             raise ValueError("all: false means nothing; give last or rows instead")
         if self.last is not None:
             parse_duration(self.last)
+        if self.choose is not None:
+            if len(self.choose) < 2:
+                raise ValueError(f"choose lists {len(self.choose)} window(s); give at least two, e.g. [31d, 92d, all]")
+            for candidate in self.choose:
+                if candidate != "all":
+                    try:
+                        parse_duration(candidate)
+                    except ValueError:
+                        raise ValueError(f"choose: {candidate!r} is not a window; give spans like 31d or 12w, or "
+                                         "all") from None
+            if len(set(self.choose)) != len(self.choose):
+                raise ValueError(f"choose lists a window twice: {self.choose}")
         return self
 
     @property
     def span(self) -> timedelta | None:
         return parse_duration(self.last) if self.last is not None else None
 
+    def candidates(self) -> list[TrainingWindow]:
+        """The windows ``choose`` names (one: this window itself)."""
+        if self.choose is None:
+            return [self]
+        return [TrainingWindow(all=True) if c == "all" else TrainingWindow(last=c) for c in self.choose]
+
     def describe(self) -> str:
+        if self.choose is not None:
+            return f"best of {', '.join(self.choose)}"
         if self.last is not None:
             return f"last {self.last}"
         return f"newest {self.rows} rows" if self.rows is not None else "all labelled rows"
@@ -220,6 +244,11 @@ class RetrainPolicy(BaseModel):
     )
     min_improvement: float = Field(
         default=0.0, ge=0, description="The challenger must beat the champion by this on the gate metric."
+    )
+    alpha: float = Field(
+        default=0.02, ge=0, le=1, description="The price of one retrain, in one period's lost metric: a "
+        "backtest's cost is the sum over periods of (1 - metric) plus alpha per retrain (driftloop backtest, "
+        "window: {choose: [...]})."
     )
 
     @field_validator("skip_recent")
@@ -391,6 +420,11 @@ class DatasetSpec(BaseModel):
             raise ValueError(
                 f"retrain.window.last ({self.retrain.window.last}) needs a timestamp column and this spec has none; "
                 "use window: {rows: N} or {all: true}"
+            )
+        if not self.timestamp and self.retrain.window.choose is not None:
+            raise ValueError(
+                f"retrain.window.choose ({', '.join(self.retrain.window.choose)}) replays the labelled history period "
+                "by period and needs a timestamp column; this spec has none: give window: {rows: N} or {all: true}"
             )
         if not self.timestamp and self.retrain.skip_recent_span:
             raise ValueError("retrain.skip_recent needs a timestamp column and this spec has none; remove it")

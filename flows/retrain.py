@@ -4,7 +4,8 @@ Decide, then train: (a) take the model's retrain lease (one retrain per model at
 time; one that trained or failed holds the cooldown), (b) count labelled rows newer
 than the champion's data and wait for ``min_new_labels`` of them, (c) assemble the
 training window from the registry (labelled datasets + scored rows joined to their
-labels), train, judge the challenger against the champion on the window's newest rows,
+labels; with ``window: {choose: [...]}`` the window is first chosen by a backtest of each
+candidate on the model's labelled history, recorded on the version), train, judge the challenger against the champion on the window's newest rows,
 promote if it is better, and score the latest scored input with the new champion.
 
 The only input from outside is the model's name. The spec and the data come from the
@@ -30,6 +31,7 @@ from driftloop.registry import ModelNotFound, open_registry
 from driftloop.spec import check_model_name
 from driftloop.storage import ArtifactStore
 from driftloop.tables import open_tables
+from driftloop.tasks.backtest import choose_window_task
 from driftloop.tasks.retrain import (
     LeaseHeartbeat,
     acquire_lease_task,
@@ -105,7 +107,12 @@ def retrain(
             data = collect_labelled_task(registry, open_tables(registry.engine, settings.artifact_root_uri()), spec)
             for problem in data.skipped:
                 logger.warning("labelled data left out: %s", problem)
-            window = select_window_task(data, spec, champion)
+            choice, windowed = None, spec
+            if spec.retrain.window.choose is not None:
+                # The window is chosen on the model's own history; the version keeps the spec with choose.
+                choice, windowed = choose_window_task(spec, data, trials, list(algorithms), champion.version)
+            window = select_window_task(data, windowed, champion)
+            window.record.choice = choice
             result = RetrainResult(model=model, skipped=True, reason="", window=window.record,
                                    champion=ModelOnHoldout(version=champion.version), labels=data.labels,
                                    labels_unscored=data.labels_unscored)
@@ -163,6 +170,10 @@ def _finish(result: RetrainResult) -> RetrainResult:
         w = result.window
         lines += [(f"- window ({w.policy}): {w.rows:,} rows, {w.start or '-'} .. {w.end or '-'}; "
                   f"{w.new_labels:,} labelled rows newer than the champion's data"),
+                  *([f"- window chosen from {', '.join(f.window for f in w.choice.windows)}: {w.choice.chosen} "
+                     f"({w.choice.reason}); cost at alpha {w.choice.alpha:g}: "
+                     + ", ".join(f"{f.window} {f.cost:.3f}" if f.cost is not None else f"{f.window} -"
+                                 for f in w.choice.windows)] if w.choice else []),
                   f"- labels registered for scored rows: {result.labels:,}; matching no scored id: {result.labels_unscored:,}"]
     for role, side in (("champion", result.champion), ("challenger", result.challenger)):
         if side is not None and side.metrics:

@@ -107,6 +107,7 @@ _LONGEST_FIRST = (
     "tests/e2e/test_distributed_tuning.py",
     "tests/faults/test_training_killed.py",
     "tests/flows/test_retrain_flow.py",
+    "tests/flows/test_backtest_flows.py",
     "tests/flows/test_rollout_flow.py",
     "tests/packaging/test_wheel.py",
     "tests/e2e/test_storm.py",

@@ -1,5 +1,5 @@
 """The ``driftloop`` command line: one module per command group (``data``, ``training``,
-``score``, ``monitor``, ``models``, ``rollout``, ``infra``, ``housekeeping``, ``demo``), the shared
+``score``, ``monitor``, ``backtest``, ``models``, ``rollout``, ``infra``, ``housekeeping``, ``demo``), the shared
 parser, checks, JSON output and errors in ``common``.
 
 A run: parse (usage errors exit 2), set the environment Prefect reads at import, check
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from driftloop.cli import (
+    backtest,
     data,
     demo,
     edge,
@@ -51,7 +52,7 @@ __all__ = ["build_parser", "main"]
 
 DESCRIPTION = ("driftloop: the life of a tabular model on Prefect 3. Ingest and validate data, train and "
                "register a model, score in batches, monitor drift, retrain.")
-GROUPS = (data, training, score, monitor, models, rollout, edge, infra, housekeeping, demo)
+GROUPS = (data, training, score, monitor, backtest, models, rollout, edge, infra, housekeeping, demo)
 
 
 def build_parser() -> CliParser:

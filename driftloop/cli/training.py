@@ -81,6 +81,10 @@ def human_retrain(p: dict[str, Any]) -> str:
         w = p["window"]
         lines.append(f"  window      {w['policy']}: {w['rows']:,} rows, {w['start'] or '-'} .. {w['end'] or '-'} "
                      f"({w['new_labels']:,} newer than the champion's data)")
+        if c := w.get("choice"):
+            costs = ", ".join(f"{f['window']} {f['cost']:.3f}" if f["cost"] is not None else f"{f['window']} -"
+                              for f in c["windows"])
+            lines.append(f"  chosen      {c['chosen']} ({c['reason']}); cost at alpha {c['alpha']:g}: {costs}")
     for role in ("champion", "challenger"):
         side = p.get(role)
         if side:
