@@ -31,6 +31,10 @@ class RegistryError(DriftloopError):
     """The registry database cannot be reached or is at an unexpected schema version."""
 
 
+class ModelNotFound(DriftloopError):
+    """No such model, version or alias."""
+
+
 class Unreachable(DriftloopError):
     """A service (registry database, artifact store) could not be reached over the network."""
 

@@ -20,9 +20,10 @@ from driftloop.tasks.ingest import (
     enforce_reject_limit,
     read_source_task,
     snapshot_dataset_task,
+    validate_task,
     write_quarantine_task,
 )
-from driftloop.tasks.validate import validate_task, with_malformed
+from driftloop.tasks.validate import with_malformed
 
 
 class IngestResult(BaseModel):

@@ -26,14 +26,8 @@ from driftloop.scoring_runs import reconcile_scoring_runs, record_scoring_run, r
 from driftloop.storage import ArtifactStore
 from driftloop.tables import Tables, history, open_tables
 from driftloop.tasks.rollout import model_state_task, shadow_scoring_task
-from driftloop.tasks.score import (
-    DEFAULT_BATCH_SIZE,
-    ScoreResult,
-    TableSink,
-    export_task,
-    fetch_form_task,
-    score_table_task,
-)
+from driftloop.tasks.score import DEFAULT_BATCH_SIZE, ScoreResult, TableSink
+from driftloop.tasks.score_tasks import export_task, fetch_form_task, score_table_task
 
 
 class ScoreSummary(BaseModel):

@@ -27,12 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
-from prefect import task
-from prefect.cache_policies import NONE
 
 from driftloop.atomic import write_atomic
-from driftloop.errors import DriftloopError, is_unreachable
-from driftloop.registry.store import ModelNotFound
+from driftloop.errors import DriftloopError, ModelNotFound, is_unreachable
 from driftloop.spec import check_model_name
 from driftloop.tasks.score import ArtifactIntegrityError, fetch_verified
 
@@ -222,11 +219,6 @@ def refresh(cache: ModelCache, resolve: Callable[[], Any]) -> CachedModel:
             ) from None
         logger.warning("%s: %s", cache.name, cached.note)
         return cached
-
-
-@task(name="refresh-edge-cache", cache_policy=NONE)
-def refresh_task(cache: ModelCache, resolve: Callable[[], Any]) -> CachedModel:
-    return refresh(cache, resolve)
 
 
 # --- the signed channel (no registry on the device) ---------------------------------------

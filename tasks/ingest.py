@@ -30,7 +30,7 @@ from driftloop.registry.store import DatasetRecord, RegistryStore, utcnow
 from driftloop.registry.urls import masked_url
 from driftloop.spec import DatasetSpec
 from driftloop.storage import ArtifactStore
-from driftloop.tasks.validate import ValidationResult
+from driftloop.tasks.validate import ValidationResult, validate_rows
 
 logger = logging.getLogger(__name__)
 
@@ -328,6 +328,11 @@ def snapshot_dataset(
 @task(name="read-source", cache_policy=NONE)
 def read_source_task(source: str | SqlSource) -> RawBatch:
     return read_sql(source) if isinstance(source, SqlSource) else read_file(source)
+
+
+@task(name="validate", cache_policy=NONE)
+def validate_task(raw: pl.DataFrame, spec: DatasetSpec, labelled: bool, source: str) -> ValidationResult:
+    return validate_rows(raw, spec, labelled=labelled, source=source)
 
 
 @task(name="write-quarantine", cache_policy=NONE)

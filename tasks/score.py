@@ -15,7 +15,9 @@ Where the rows go:
   committed by :mod:`driftloop.outputs` (parts, then one manifest written last).
 
 A crash leaves the table (or the output) at its previous state. This module imports no
-training or monitoring library: edge devices run it with the core install.
+training or monitoring library and no Prefect (the score flow's tasks are in
+:mod:`driftloop.tasks.score_tasks`): edge devices run it with the core install, and an
+edge agent starts without paying for Prefect's import.
 """
 
 from __future__ import annotations
@@ -38,8 +40,6 @@ import fsspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NONE
 
 from driftloop.errors import DriftloopError, SourceError
 from driftloop.forms import (
@@ -48,7 +48,6 @@ from driftloop.forms import (
     FormScorer,
     choose_form,
     load_form,
-    onnx_scorer,
     registered_forms,
 )
 from driftloop.inputs import InputBatch, iter_input
@@ -632,61 +631,3 @@ def load_scoring_form(record: Any, *, engine: Engine, device: Device, threads: i
     descriptor = load_model(onnx_bytes, threads=threads)
     data = onnx_bytes if chosen.kind == "onnx" else fetch_verified(chosen.uri, chosen.sha256)
     return load_form(chosen, descriptor, data, threads=threads or os.cpu_count(), device=device), why
-
-
-@task(name="fetch-scoring-form", cache_policy=NONE)
-def fetch_form_task(record: Any, engine: Engine, device: Device, threads: int | None) -> tuple[FormScorer, str]:
-    return load_scoring_form(record, engine=engine, device=device, threads=threads)
-
-
-def _progress(input_uri: str) -> tuple[Callable[[int, int | None], None], Callable[[], None]]:
-    """A progress artifact in the UI and the CLI's progress line, fed per batch."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
-    from driftloop import progress
-    from driftloop.redact import mask_uri
-
-    artifact_id = create_progress_artifact(0.0, description=f"Scoring {mask_uri(input_uri)}")
-
-    def on_batch(done: int, total: int | None) -> None:
-        if total:
-            update_progress_artifact(artifact_id, progress=min(100.0, 100.0 * done / total))
-        progress.notify("score", done, total)
-
-    return on_batch, lambda: update_progress_artifact(artifact_id, progress=100.0)
-
-
-@task(name="score-batches", cache_policy=NONE)
-def score_task(model: LoadedModel | FormScorer, input_uri: str, output_uri: str, model_name: str, model_version: int,
-               batch_size: int) -> ScoreResult:
-    """Score into an output directory or prefix (edge devices)."""
-    on_batch, finished = _progress(input_uri)
-    scorer = model if isinstance(model, FormScorer) else onnx_scorer(model)
-    result = score_stream(scorer.descriptor, input_uri, output_uri, model_name=model_name, model_version=model_version,
-                          batch_size=batch_size, on_batch=on_batch, predict=scorer.predict)
-    finished()
-    return result
-
-
-@task(name="export-predictions", cache_policy=NONE)
-def export_task(registry: Any, tables: Tables, run: Any, output_uri: str) -> str:
-    """The run's rows as a Parquet file at ``output_uri``, recorded on the run."""
-    table = tables.predictions(run.model_name)
-    if table is None or run.snapshot_id is None:
-        raise DriftloopError(f"scoring run {run.id} committed nothing to export")
-    uri = export_run(table, run.snapshot_id, run.id, output_uri)
-    registry.set_scoring_export(run.id, uri)
-    return uri
-
-
-@task(name="score-into-table", cache_policy=NONE)
-def score_table_task(scorer: FormScorer, input_uri: str, sink: TableSink, model_version: int,
-                     batch_size: int, shadow: ShadowScoring | None = None) -> ScoreResult:
-    """Score into the model's predictions table (one commit); with ``shadow``, a second
-    model scores the shadow fraction in the same pass."""
-    on_batch, finished = _progress(input_uri)
-    result = score_to_table(scorer.descriptor, input_uri, sink, model_version=model_version, batch_size=batch_size,
-                            on_batch=on_batch, predict=scorer.predict, shadow=shadow)
-    result.form = scorer.kind
-    finished()
-    return result

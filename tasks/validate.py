@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandera.polars as pa
 import polars as pl
-from prefect import task
-from prefect.cache_policies import NONE
 
 from driftloop.errors import SchemaError
 from driftloop.inputs import ROW
@@ -367,8 +365,3 @@ def with_malformed(result: ValidationResult, malformed: pl.DataFrame) -> Validat
     return ValidationResult(
         result.valid, quarantine, result.rows_in + malformed.height, result.ignored_columns
     )
-
-
-@task(name="validate", cache_policy=NONE)
-def validate_task(raw: pl.DataFrame, spec: DatasetSpec, labelled: bool, source: str) -> ValidationResult:
-    return validate_rows(raw, spec, labelled=labelled, source=source)

@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from driftloop.errors import DriftloopError
+from driftloop.errors import DriftloopError, ModelNotFound
 from driftloop.metrics import json_safe
 from driftloop.registry import migrate
 from driftloop.registry.errors import open_error, operational_error
@@ -122,10 +122,6 @@ class AliasEvent(BaseModel):
     actor: str
     reason: str
     created_at: datetime
-
-
-class ModelNotFound(DriftloopError):
-    """No such model, version or alias."""
 
 
 class ChampionChanged(DriftloopError):

@@ -47,3 +47,21 @@ def test_the_check_sees_a_lazy_import(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from driftloop import tasks\n    import driftloop.flows.train\n")
     assert {"driftloop.tasks", "driftloop.flows.train"} <= imported_modules(module)
+
+
+def test_an_edge_agent_starts_without_prefect_the_registry_or_training_libraries() -> None:
+    """What ``driftloop edge score`` imports to score (tasks/README.md): a fresh
+    interpreter, so nothing another test imported can hide a dependency."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from driftloop.tasks.edge import ChannelSource\n"
+        "from driftloop.tasks.edge_agent import AgentConfig, run_agent\n"
+        "from driftloop.tasks.score import score_stream\n"
+        "heavy = ('prefect', 'driftloop.registry', 'alembic', 'sklearn', 'xgboost', 'lightgbm', 'nannyml', 'optuna')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith('driftloop.registry')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]", done.stdout
