@@ -17,6 +17,7 @@ from driftloop.flows.config import run_settings
 from driftloop.flows.monitor import model_resource
 from driftloop.naming import artifact_key
 from driftloop.registry import open_registry
+from driftloop.registry.store import RolloutDecisionRecord
 from driftloop.rollout import DEFAULT_RESAMPLES
 from driftloop.spec import check_model_name
 from driftloop.tables import open_tables
@@ -49,13 +50,14 @@ def rollout_decide(model: str, registry_block: str | None = None, resamples: int
 def render(outcome: RolloutOutcome) -> str:
     d = outcome.decision
     assert d is not None
-    phase = (f"- phase: {outcome.phase} since {outcome.since:%Y-%m-%d %H:%M} UTC" if outcome.since
-             else f"- phase: {outcome.phase}")
+    phase = (f"- phase at the decision: {outcome.phase} since {outcome.since:%Y-%m-%d %H:%M} UTC" if outcome.since
+             else f"- phase at the decision: {outcome.phase}")
     header = (f"| {d.metric} (same rows) | served v{d.served_version} | shadow v{d.shadow_version} | difference | "
               f"{d.confidence:.0%} bounds |")
     figures = (f"| | {_num(d.served_metric)} | {_num(d.shadow_metric)} | {_num(d.difference, '+')} | "
                f"[{_num(d.lower, '+')}, {_num(d.upper, '+')}] |")
-    lines = [f"# Rollout of {outcome.model}: {d.verdict}", "", d.reason, "", phase,
+    now = after_decision(d)
+    lines = [f"# Rollout of {outcome.model}: {d.verdict}", "", d.reason, "", phase, *([now] if now else []),
              (f"- served v{d.served_version}, shadow v{d.shadow_version}; {d.rows_scored_by_both:,} rows scored by "
               f"both, {d.rows_labelled:,} labelled"), "", header, "|---|---:|---:|---:|---|", figures, "",
              "The difference is the contender's advantage (candidate in shadow, new champion under guard)."]
@@ -63,6 +65,20 @@ def render(outcome: RolloutOutcome) -> str:
         lines.append(f"\nEvent emitted: `{outcome.event}`")
     chart = paired_markdown(outcome.model, outcome.phase, d.served_version, d.shadow_version, d.metric, outcome.chunks)
     return "\n".join(lines) + (f"\n\n{chart}" if chart else "")
+
+
+def after_decision(d: RolloutDecisionRecord) -> str | None:
+    """Who serves once an applied decision moved the aliases (the phase line above is the
+    one the decision was made in)."""
+    if not d.applied:
+        return None
+    if d.verdict == "promote":
+        return f"- now: v{d.shadow_version} is champion (v{d.served_version}, the champion it replaced, no longer serves)"
+    if d.verdict == "rollback":
+        return f"- now: v{d.shadow_version} is champion again (v{d.served_version} rolled back)"
+    if d.verdict == "reject":
+        return f"- now: v{d.served_version} stays champion (candidate v{d.shadow_version} rejected)"
+    return None
 
 
 def _num(value: float | None, sign: str = "") -> str:

@@ -250,3 +250,24 @@ def test_paired_chunks_and_their_chart() -> None:
     markdown = paired_markdown("loans", "shadow", 1, 2, "roc_auc", figures)
     assert "![Realized roc_auc per chunk" in markdown and "data:image/png;base64," in markdown
     assert "| chunk | rows | champion v1 | candidate v2 |" in markdown
+
+
+# --- the rollout artifact says who serves after an applied decision ---------------------------------------
+
+
+@pytest.mark.parametrize(("verdict", "phase", "applied", "now"), [
+    ("promote", "shadow", True, "- now: v2 is champion (v1, the champion it replaced, no longer serves)"),
+    ("reject", "shadow", True, "- now: v1 stays champion (candidate v2 rejected)"),
+    ("rollback", "guard", True, "- now: v2 is champion again (v1 rolled back)"),
+    ("waiting", "shadow", False, None),
+    ("promote", "shadow", False, None),  # lost the compare-and-swap: nothing moved
+])
+def test_the_artifact_separates_the_phase_decided_in_from_who_serves_now(verdict: str, phase: str, applied: bool,
+                                                                        now: str | None) -> None:
+    from driftloop.flows.rollout import render
+    from driftloop.tasks.rollout import RolloutOutcome
+
+    record = decision(verdict, 1, 2, phase).model_copy(update={"applied": applied})
+    text = render(RolloutOutcome(model="loans", phase=phase, champion=1, shadow=2, decision=record, reason="synthetic"))
+    assert f"- phase at the decision: {phase}" in text
+    assert [line for line in text.splitlines() if line.startswith("- now:")] == ([now] if now else [])
