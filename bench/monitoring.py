@@ -10,8 +10,9 @@ monitoring call alone (imports and reading excluded); peak RSS is the whole proc
 
 - ``calibration``: the one-off calibration of the thresholds for this reference, chunk
   size and policy (``tasks.monitor_calculators.ensure_calibration``), into an empty store.
-- ``driftloop``: a monitoring run that reads those stored thresholds (``run_monitoring``
-  with a ``CalibrationStore``), as every run after the first does.
+- ``driftloop``: a monitoring run that reads those stored thresholds (``fit_monitoring``
+  on the reference, then the analysis is read, then ``monitor_analysis`` with a
+  ``CalibrationStore``), as every monitor flow run after the first does.
 - ``evidently``: Evidently's DataDriftPreset, one report on the whole analysis window
   against the reference (``--evidently-per-chunk``: one per chunk, as driftloop judges
   drift; much slower), univariate drift only, in a side virtual environment this script creates with ``uv`` (a pinned
@@ -20,7 +21,10 @@ monitoring call alone (imports and reading excluded); peak RSS is the whole proc
 - ``--levers``: the driftloop run again with each memory lever switched off (and float32
   features switched on), with whether its results equal the default run's.
 - ``--baseline-tree DIR``: the driftloop run with the code of another checkout (e.g. a
-  worktree of the commit before), which recalibrates on every run.
+  clone of the commit before, set up with ``make venv``), run by that checkout's own
+  ``.venv/bin/python`` (its editable install maps ``driftloop.tasks`` to its own
+  ``tasks/``; this environment's would not), without stored thresholds; its results are
+  compared with this checkout's (``results_equal``).
 
 Prints one JSON line on stdout (progress on stderr). Figures are printed, not asserted.
 
@@ -124,17 +128,24 @@ def child_monitor(data: Path, store_dir: Path | None, chunk: int, levers: dict[s
     import_seconds = import_nannyml()
     spec = bench_spec(chunk)
     reference = pl.read_parquet(data / "reference.parquet")
-    analysis = pl.read_parquet(data / "analysis.parquet")
-    kwargs: dict[str, Any] = {}
-    if store_dir is not None:  # this checkout's code: stored thresholds and levers
+    if store_dir is None:  # a baseline checkout (recalibrates every run): both frames first
+        analysis = pl.read_parquet(data / "analysis.parquet")
+        started = time.perf_counter()
+        report = monitor.run_monitoring(reference, analysis, spec, spec.monitoring, with_plots=False)
+        seconds = time.perf_counter() - started
+    else:  # as the monitor flow runs: fit on the reference, then read the analysis
         from driftloop.storage import ArtifactStore
         from driftloop.tasks.calibration import CalibrationStore
 
-        kwargs = {"calibrations": CalibrationStore(ArtifactStore(str(store_dir)), "bench"),
-                  "levers": monitor.Levers(**levers)}
-    started = time.perf_counter()
-    report = monitor.run_monitoring(reference, analysis, spec, spec.monitoring, with_plots=False, **kwargs)
-    seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        fit = monitor.fit_monitoring(reference, spec, spec.monitoring, levers=monitor.Levers(**levers))
+        del reference
+        seconds = time.perf_counter() - started
+        analysis = pl.read_parquet(data / "analysis.parquet")  # not timed, as the reads above
+        started = time.perf_counter()
+        report = monitor.monitor_analysis(fit, analysis, with_plots=False,
+                                          calibrations=CalibrationStore(ArtifactStore(str(store_dir)), "bench"))
+        seconds += time.perf_counter() - started
     out = {"seconds": seconds, "peak_rss_gb": peak_rss_gb(), "results": len(report.results),
            "calibration": getattr(report, "calibration_source", "computed"), "import_seconds": import_seconds}
     if dump is not None:
@@ -144,6 +155,14 @@ def child_monitor(data: Path, store_dir: Path | None, chunk: int, levers: dict[s
 
 
 # --- the parent -------------------------------------------------------------------------
+
+def baseline_python(tree: Path) -> Path:
+    """The other checkout's own interpreter: the one that imports its code."""
+    python = tree.resolve() / ".venv" / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"--baseline-tree {tree}: no {python}; run `make venv` in that checkout first")
+    return python
+
 
 def run_child(args: list[str], *, python: str = sys.executable, env: dict[str, str] | None = None,
               timeout: float = 3600) -> dict[str, Any]:
@@ -274,10 +293,13 @@ def main() -> None:
                 log(f"  lever off: {name}: {out['seconds']:.1f} s, peak RSS {out['peak_rss_gb']:.2f} GB, equal {equal}")
 
         if args.baseline_tree is not None:
-            baseline = run_child([script, "--child", "monitor", *common],
-                                 env={"PYTHONPATH": str(args.baseline_tree.resolve())})
+            dump = work / "baseline.pkl"
+            baseline = run_child([script, "--child", "monitor", *common, "--dump", str(dump)],
+                                 python=str(baseline_python(args.baseline_tree)))
+            with default_dump.open("rb") as fh, dump.open("rb") as fh_base:
+                equal, detail = compare(pickle.load(fh_base), pickle.load(fh))
             line["baseline"] = {"tree": str(args.baseline_tree), "seconds": round(baseline["seconds"], 2),
-                                "peak_rss_gb": round(baseline["peak_rss_gb"], 3)}
+                                "peak_rss_gb": round(baseline["peak_rss_gb"], 3), "results_equal": equal, **detail}
             log(f"  baseline {args.baseline_tree}: {baseline['seconds']:.1f} s, peak RSS {baseline['peak_rss_gb']:.2f} GB")
     print(json.dumps(line))
 

@@ -41,7 +41,7 @@ from driftloop.tables import Tables, open_tables
 from driftloop.tasks.calibration import CalibrationStore
 from driftloop.tasks.ingest import read_file
 from driftloop.tasks.labels import validate_labels
-from driftloop.tasks.monitor import decide_task, monitor_task
+from driftloop.tasks.monitor import decide_task, fit_monitoring_task, monitor_task
 from driftloop.tasks.monitor_charts import artifact_markdown, render_charts
 from driftloop.tasks.monitor_policy import PolicyDecision
 from driftloop.tasks.monitor_report import MonitoringError, MonitorReport
@@ -293,6 +293,16 @@ def monitor(
     record = registry.resolve(model)
     spec, reference = load_reference_task(record)
     import_legacy_outputs(registry, tables, settings.artifact_root_uri(), model=record.model_name, spec=spec)
+    if policy is None and policy_block:
+        from driftloop.blocks.driftloop_blocks import MonitoringPolicyBlock
+
+        policy = MonitoringPolicyBlock.load(policy_block).policy
+    active = policy or spec.monitoring
+    if active.reference_period is not None:
+        reference = reference_period_task(tables, spec, record, active.reference_period)
+    # Fitted before the analysis is read: the fits' working sets never sit on top of it.
+    fit = fit_monitoring_task(reference, spec, active)
+    del reference
     # Only this version's rows: another version's would be judged against this reference.
     analysed = load_analysis_task(registry, tables, spec, record, scoring_run, start, end, input_uri)
     analysis = analysed.rows
@@ -301,15 +311,8 @@ def monitor(
     if labels is not None and labels_used is not None:
         analysis = join_labels(analysis, labels, spec)
         labels_used.matched = int(analysis[spec.target].is_not_null().sum())
-    if policy is None and policy_block:
-        from driftloop.blocks.driftloop_blocks import MonitoringPolicyBlock
-
-        policy = MonitoringPolicyBlock.load(policy_block).policy
-    active = policy or spec.monitoring
-    if active.reference_period is not None:
-        reference = reference_period_task(tables, spec, record, active.reference_period)
     # Drift and realized thresholds: calibrated once per reference, chunk size and policy, then read back.
-    report = monitor_task(reference, analysis, spec, active, CalibrationStore(store, record.model_name))
+    report = monitor_task(fit, analysis, CalibrationStore(store, record.model_name))
     decision = decide_task(report, active, spec.gate, spec.gate_metric)
 
     event = build_event(record, decision, report, analysed.described) if decision.fired else None

@@ -19,6 +19,7 @@ report and NannyML's results as its rows (``monitor_report``), the policy's verd
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import polars as pl
@@ -34,19 +35,20 @@ from driftloop.tasks.calibration import (
 )
 from driftloop.tasks.monitor_calculators import (
     Calculators,
+    Fitted,
     Results,
     categorical_features,
     fit_calculators,
     stored_or_calibrated,
 )
 from driftloop.tasks.monitor_frames import (
-    BATCH_ROWS,
     DEFAULT_LEVERS,
+    CategoryCodes,
     Levers,
     check_reference_chunks,
     chunking,
     nannyml,
-    pandas_view,
+    nannyml_frame,
     prepare,
 )
 from driftloop.tasks.monitor_performance import PerformanceSetup, performance_setup
@@ -61,27 +63,63 @@ from driftloop.tasks.monitor_report import (
 )
 
 
-def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: DatasetSpec, policy: MonitoringPolicy, *,
-                   with_plots: bool = True, calibrations: CalibrationStore | None = None,
-                   levers: Levers = DEFAULT_LEVERS) -> MonitorReport:
-    """NannyML on ``analysis`` against ``reference``. Both carry the features,
-    ``prediction``, ``probability`` and (reference always, analysis where arrived) the
-    target. The calculators are fitted on the reference once and the analysis goes through
-    them a few whole chunks at a time (``levers``): the results are those of one pass.
-    With ``calibrations``, the drift and realized thresholds' calibration is read from it
-    when one for this reference, chunk size and policy is stored, else computed and stored."""
-    reference, analysis = (labels_as_strings(f, spec) for f in (reference, analysis))
-    reference = prepare(reference, spec, categoricals=levers.categoricals)
-    ref = pandas_view(reference) if levers.views else reference.to_pandas()
+@dataclass(frozen=True)
+class MonitorFit:
+    """NannyML's calculators fitted on a reference, ready for analysis windows. Fitted
+    before the analysis is read (:func:`fit_monitoring`): the fits' working sets (the data
+    reconstruction's is ~4 copies of the reference's features) are then gone before the
+    analysis arrives, instead of on top of it."""
+
+    spec: DatasetSpec
+    policy: MonitoringPolicy
+    levers: Levers
+    reference: pl.DataFrame  # as prepared for NannyML
+    ref: Any  # its pandas form
+    drift_ref: Any  # the pandas form univariate drift reads (categorical features as codes)
+    chunk_args: dict[str, Any]
+    calculators: Calculators
+    perf: PerformanceSetup  # from the reference's columns alone
+    fitted: Fitted
+    codes: CategoryCodes | None  # the categorical features' integer codes (Levers.category_codes)
+
+
+def fit_monitoring(reference: pl.DataFrame, spec: DatasetSpec, policy: MonitoringPolicy, *,
+                   levers: Levers = DEFAULT_LEVERS) -> MonitorFit:
+    """Every calculator monitoring runs, fitted on ``reference`` (features, ``prediction``,
+    ``probability`` and the target). Realized performance is fitted too; a window without
+    labels skips it."""
+    reference = prepare(labels_as_strings(reference, spec), spec, categoricals=levers.categoricals)
+    codes = (CategoryCodes.of(reference, categorical_features(spec))
+             if levers.categoricals and levers.category_codes else None)
+    ref = nannyml_frame(reference, levers)
+    drift_ref = codes.coded(ref, reference) if codes is not None else ref
     chunk_args = chunking(policy, len(ref))
     check_reference_chunks(ref, spec, policy, chunk_args)
     calculators = Calculators(nannyml(), spec, policy, categorical_features(spec))
+    perf = performance_setup(spec, policy, ref)
+    fitted = fit_calculators(calculators, ref, chunk_args, perf, realized=spec.target in ref.columns, drift_ref=drift_ref)
+    return MonitorFit(spec, policy, levers, reference, ref, drift_ref, chunk_args, calculators, perf, fitted, codes)
+
+
+def monitor_analysis(fit: MonitorFit, analysis: pl.DataFrame, *, with_plots: bool = True,
+                     calibrations: CalibrationStore | None = None) -> MonitorReport:
+    """``analysis`` (the reference's columns; the target where labels arrived) through the
+    fitted calculators a few whole chunks at a time (``fit.levers``): the results are those
+    of one pass. With ``calibrations``, the drift and realized thresholds' calibration is
+    read from it when one for this reference, chunk size and policy is stored, else
+    computed and stored."""
+    spec, policy, levers, chunk_args = fit.spec, fit.policy, fit.levers, fit.chunk_args
+    analysis = labels_as_strings(analysis, spec)
     has_labels = spec.target in analysis.columns and any_label(analysis[spec.target])
-    perf = performance_setup(spec, policy, ref, analysis)
-    fitted = fit_calculators(calculators, ref, chunk_args, perf, has_labels=has_labels)
-    # Prepared after the fits (their working sets are the peak), as the reference.
+    perf = performance_setup(spec, policy, fit.ref, analysis)
+    fitted = fit.fitted
+    if perf.metric is None:  # multiclass output of an early build, without per-class probabilities
+        fitted = replace(fitted, estimator=None, realized=None)
+    if not has_labels:
+        fitted = replace(fitted, realized=None)
     analysis = prepare(analysis, spec, categoricals=levers.categoricals, float32=levers.float32)
-    results = fitted.run(analysis, chunk_args, levers, spec.target)
+    codes = fit.codes.extended(analysis) if fit.codes is not None else None
+    results = fitted.run(analysis, chunk_args, levers, spec.target, codes)
     del analysis
     rows, labelled, chunk_rows = report_rows(results, perf, chunk_args)
 
@@ -90,8 +128,8 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     calibration, calibration_source = None, None
     if policy.alert_rate is not None and full_chunk:
         calibration, calibration_source = stored_or_calibrated(
-            calculators, reference, ref, perf, chunk_rows=full_chunk, calibrations=calibrations,
-            batch_rows=levers.batch_rows or BATCH_ROWS)
+            fit.calculators, fit.reference, fit.ref, perf, chunk_rows=full_chunk, calibrations=calibrations,
+            drift_ref=fit.drift_ref)
     partial = partial_chunks(sizes, chunk_args.get("chunk_size"))
     if calibration is not None or partial:
         rows = apply_thresholds(rows, calibration or Calibration(0.0, 0, 0, 0, 0), set(partial))
@@ -100,6 +138,16 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
         gate_metric=spec.gate_metric, labelled_rows=labelled, chunk_rows=chunk_rows,
         calibration=calibration, partial_chunks=partial, calibration_source=calibration_source,
     )
+
+
+def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: DatasetSpec, policy: MonitoringPolicy, *,
+                   with_plots: bool = True, calibrations: CalibrationStore | None = None,
+                   levers: Levers = DEFAULT_LEVERS) -> MonitorReport:
+    """NannyML on ``analysis`` against ``reference``: :func:`fit_monitoring` then
+    :func:`monitor_analysis`. A caller that can read the analysis later should call the
+    two itself, reading it in between (the monitor flow does)."""
+    return monitor_analysis(fit_monitoring(reference, spec, policy, levers=levers), analysis,
+                            with_plots=with_plots, calibrations=calibrations)
 
 
 def labels_as_strings(frame: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
@@ -140,10 +188,14 @@ def chunks_of(rows: list[dict[str, Any]]) -> list[Chunk]:
     return sorted(seen.values(), key=lambda c: c.index)
 
 
+@task(name="nannyml-fit", cache_policy=NONE)
+def fit_monitoring_task(reference: pl.DataFrame, spec: DatasetSpec, policy: MonitoringPolicy) -> MonitorFit:
+    return fit_monitoring(reference, spec, policy)
+
+
 @task(name="nannyml", cache_policy=NONE)
-def monitor_task(reference: pl.DataFrame, analysis: pl.DataFrame, spec: DatasetSpec, policy: MonitoringPolicy,
-                 calibrations: CalibrationStore | None = None) -> MonitorReport:
-    return run_monitoring(reference, analysis, spec, policy, calibrations=calibrations)
+def monitor_task(fit: MonitorFit, analysis: pl.DataFrame, calibrations: CalibrationStore | None = None) -> MonitorReport:
+    return monitor_analysis(fit, analysis, calibrations=calibrations)
 
 
 @task(name="policy", cache_policy=NONE)

@@ -27,14 +27,15 @@ from driftloop.tasks.calibration import (
     univariate_thresholds,
 )
 from driftloop.tasks.monitor_frames import (
-    BATCH_ROWS,
+    CALIBRATION_BATCH_ROWS,
     DEFAULT_LEVERS,
+    CategoryCodes,
     Levers,
     analysis_batches,
     check_reference_chunks,
     chunking,
     nannyml,
-    pandas_view,
+    nannyml_frame,
     prepare,
 )
 from driftloop.tasks.monitor_performance import PerformanceSetup, fit_estimator, performance_setup
@@ -82,23 +83,25 @@ class Calculators:
 
 def calibrate(calculators: Calculators, ref: Any, *, chunk_rows: int, alert_rate: float, draws: int,
               realized: dict[str, list[str]], problem: str, proba: str | dict[str, str] | None,
-              batch_rows: int = BATCH_ROWS) -> Calibration:
+              batch_rows: int = CALIBRATION_BATCH_ROWS, drift_ref: Any | None = None) -> Calibration:
     """The thresholds for a false-alarm rate ``alert_rate`` (see ``tasks.calibration``):
     ``draws`` chunks of ``chunk_rows`` resampled from the reference ``ref`` (pandas) through
     the univariate calculator and, where the reference has labels, the realized performance
     calculator; the multivariate statistic on halves of the reference. The draws go through
     ``batch_rows // chunk_rows`` chunks at a time (at least one). Without the timestamp:
     NannyML would sort the draws by time and every chunk would hold a few rows many times
-    over."""
+    over. ``drift_ref``: ``ref`` as univariate drift reads it (:class:`CategoryCodes`); the
+    realized calculator reads the same draws' target and prediction columns."""
     batch = max(1, batch_rows // chunk_rows)
     by_size = {"chunk_size": chunk_rows}
-    univariate = calculators.univariate(ref, by_size, None)
+    drift_ref = ref if drift_ref is None else drift_ref
+    univariate = calculators.univariate(drift_ref, by_size, None)
     performance = None
     if realized and calculators.spec.target in ref.columns:
-        performance = calculators.realized(ref, by_size, None, list(realized), problem, proba)
+        performance = calculators.realized(drift_ref, by_size, None, list(realized), problem, proba)
     null_uni: list[dict[str, Any]] = []
     null_perf: list[dict[str, Any]] = []
-    for chunks in resample_batches(ref, chunk_rows=chunk_rows, draws=draws, seed=0, batch=batch):
+    for chunks in resample_batches(drift_ref, chunk_rows=chunk_rows, draws=draws, seed=0, batch=batch):
         null_uni += long_results(univariate.calculate(chunks), "univariate")
         if performance is not None:
             null_perf += renamed(long_results(performance.calculate(chunks), "realized"), realized)
@@ -148,7 +151,7 @@ def calibration_key(reference: pl.DataFrame, spec: DatasetSpec, policy: Monitori
 
 def stored_or_calibrated(calculators: Calculators, reference: pl.DataFrame, ref: Any, perf: PerformanceSetup, *,
                           chunk_rows: int, calibrations: CalibrationStore | None,
-                          batch_rows: int) -> tuple[Calibration, str]:
+                          batch_rows: int = CALIBRATION_BATCH_ROWS, drift_ref: Any | None = None) -> tuple[Calibration, str]:
     """The calibration for ``reference`` (prepared; ``ref`` its pandas form) and
     ``chunk_rows``: read from ``calibrations`` when stored there and intact, else computed
     (and stored). Returns it with "stored" or "computed"."""
@@ -163,7 +166,7 @@ def stored_or_calibrated(calculators: Calculators, reference: pl.DataFrame, ref:
             return stored, "stored"
     calibration = calibrate(calculators, ref, chunk_rows=chunk_rows, alert_rate=policy.alert_rate,
                             draws=policy.calibration_draws, realized=perf.realized, problem=perf.problem, proba=perf.proba,
-                            batch_rows=batch_rows)
+                            batch_rows=batch_rows, drift_ref=drift_ref)
     if calibrations is not None and key is not None:
         calibrations.save(key, calibration)
     return calibration, "computed"
@@ -182,14 +185,16 @@ def ensure_calibration(reference: pl.DataFrame, spec: DatasetSpec, policy: Monit
     if spec.task == "multiclass_classification" and spec.target in reference.columns:
         reference = reference.with_columns(pl.col(spec.target).cast(pl.String))
     reference = prepare(reference, spec, categoricals=levers.categoricals)
-    ref = pandas_view(reference) if levers.views else reference.to_pandas()
+    codes = CategoryCodes.of(reference, categorical) if levers.categoricals and levers.category_codes else None
+    ref = nannyml_frame(reference, levers)
     chunk_rows = chunk_rows or chunking(policy, len(ref)).get("chunk_size")
     if chunk_rows is None:
         raise MonitoringError("period chunks: give ensure_calibration the full chunk's rows (chunk_rows)")
     check_reference_chunks(ref, spec, policy, {"chunk_size": chunk_rows})
     calculators = Calculators(nml, spec, policy, categorical)
     return stored_or_calibrated(calculators, reference, ref, performance_setup(spec, policy, ref), chunk_rows=chunk_rows,
-                                 calibrations=calibrations, batch_rows=levers.batch_rows or BATCH_ROWS)
+                                 calibrations=calibrations,
+                                 drift_ref=codes.coded(ref, reference) if codes is not None else None)
 
 
 
@@ -224,14 +229,18 @@ class Fitted:
     estimator: Any | None
     realized: Any | None
 
-    def run(self, analysis: pl.DataFrame, chunk_args: dict[str, Any], levers: Levers, target: str) -> Results:
+    def run(self, analysis: pl.DataFrame, chunk_args: dict[str, Any], levers: Levers, target: str,
+            codes: CategoryCodes | None = None) -> Results:
         """The prepared ``analysis`` through every calculator, whole chunks at a time
-        (``levers.batch_rows``), the batches' results merged: the results of one pass."""
+        (``levers.batch_rows``), the batches' results merged: the results of one pass.
+        ``codes``: the fit's category codes, extended with the analysis's values."""
         parts: dict[str, list[Any]] = {"univariate": [], "multivariate": [], "estimated": [], "realized": []}
         for chunk_offset, row_offset, rows in analysis_batches(analysis, chunk_args, levers.batch_rows):
-            batch = pandas_view(rows) if levers.views else rows.to_pandas()
+            batch = nannyml_frame(rows, levers)
+            drift_batch = codes.coded(batch, rows) if codes is not None else batch
             del rows
-            parts["univariate"].append(shift_chunks(self.univariate.calculate(batch), chunk_offset, row_offset))
+            parts["univariate"].append(shift_chunks(self.univariate.calculate(drift_batch), chunk_offset, row_offset))
+            del drift_batch
             parts["multivariate"].append(shift_chunks(self.multivariate.calculate(batch), chunk_offset, row_offset))
             if self.realized is not None:
                 parts["realized"].append(shift_chunks(self.realized.calculate(batch), chunk_offset, row_offset))
@@ -247,20 +256,21 @@ class Fitted:
 
 
 def fit_calculators(calculators: Calculators, ref: Any, chunk_args: dict[str, Any], perf: PerformanceSetup,
-                    *, has_labels: bool) -> Fitted:
+                    *, realized: bool, drift_ref: Any | None = None) -> Fitted:
     """Every calculator fitted on the reference ``ref`` (pandas). The data reconstruction's
     fit first: its working set (~4 copies of the reference's features) then comes before
-    the other calculators' fitted state, not on top of it."""
+    the other calculators' fitted state, not on top of it. ``drift_ref``: ``ref`` as
+    univariate drift reads it (:class:`CategoryCodes`)."""
     timestamp = calculators.spec.timestamp
     multivariate = calculators.multivariate(ref, chunk_args, timestamp)
-    univariate = calculators.univariate(ref, chunk_args, timestamp)
+    univariate = calculators.univariate(ref if drift_ref is None else drift_ref, chunk_args, timestamp)
     if hasattr(univariate.result, "reference_data"):
         # A copy of the reference, for NannyML's distribution plots only (not drawn here);
         # every result filtered from this one would copy it again.
         univariate.result.reference_data = None
     estimator = fit_estimator(calculators.nml, calculators.spec, perf, chunk_args, ref)
-    # The whole analysis, unlabelled rows included (NannyML skips them per chunk): its
-    # chunks are then the same as the drift and estimation chunks, index for index.
-    realized = (calculators.realized(ref, chunk_args, timestamp, list(perf.realized), perf.problem, perf.proba)
-                if has_labels and perf.realized else None)
-    return Fitted(univariate, multivariate, estimator, realized)
+    # Run on the whole analysis, unlabelled rows included (NannyML skips them per chunk):
+    # its chunks are then the same as the drift and estimation chunks, index for index.
+    performance = (calculators.realized(ref, chunk_args, timestamp, list(perf.realized), perf.problem, perf.proba)
+                   if realized and perf.realized else None)
+    return Fitted(univariate, multivariate, estimator, performance)
