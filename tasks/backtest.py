@@ -9,7 +9,7 @@ once (:class:`Models`) and every strategy is replayed on top of it (:func:`repla
 - **never**: the first model serves every period;
 - **every**: the ``retrain`` flow's steps every period (window, ``min_new_labels``, gate);
 - **driftloop**: the ``monitor`` flow's steps on the last period's scored rows joined to
-  their labels (:func:`driftloop.tasks.monitor.run_monitoring` and
+  their labels (:func:`driftloop.tasks.monitor.monitor_analysis` and
   :func:`driftloop.tasks.monitor_policy.decide_retraining`, calibrations stored like the
   flow stores them), and the retrain's steps when the policy fires.
 
@@ -73,6 +73,17 @@ class TrainedModel:
     content_hash: str | None = None  # the window's rows (None: the first model's dataset)
     window: dict[str, Any] | None = None
     _loaded: Any = None
+    _monitor_fit: tuple[DatasetSpec, Any] | None = None
+
+    def monitor_fit(self, spec: DatasetSpec) -> Any:
+        """NannyML's calculators fitted on this model's reference with ``spec.monitoring``,
+        fitted once per spec and reused for every period this model is monitored on (the
+        flow fits them per run; the results are the same)."""
+        from driftloop.tasks.monitor import fit_monitoring
+
+        if self._monitor_fit is None or self._monitor_fit[0] != spec:
+            self._monitor_fit = (spec, fit_monitoring(self.reference, spec, spec.monitoring))
+        return self._monitor_fit[1]
 
     def loaded(self) -> Any:
         from driftloop.onnx_model import load_model
@@ -249,7 +260,7 @@ class StrategyRun:
 def monitor_period(models: Models, champion: TrainedModel, t: int, calibrations: Any) -> tuple[bool, str]:
     """The ``monitor`` flow's decision on period ``t`` as scored by ``champion``, with its
     labels: NannyML against the champion's reference, then the policy."""
-    from driftloop.tasks.monitor import run_monitoring
+    from driftloop.tasks.monitor import monitor_analysis
     from driftloop.tasks.monitor_policy import decide_retraining
     from driftloop.tasks.score import prediction_frame
 
@@ -259,8 +270,7 @@ def monitor_period(models: Models, champion: TrainedModel, t: int, calibrations:
                               model_version=champion.period + 1, scored_at=datetime.now(UTC))
     assert spec.id is not None
     analysis = join_labels(scored, frame.select(spec.id, spec.target), spec)
-    report = run_monitoring(champion.reference, analysis, spec, spec.monitoring, with_plots=False,
-                            calibrations=calibrations)
+    report = monitor_analysis(champion.monitor_fit(spec), analysis, with_plots=False, calibrations=calibrations)
     decision = decide_retraining(report, spec.monitoring, gate=spec.gate, gate_metric=spec.gate_metric)
     return decision.fired, "; ".join(decision.reasons)
 

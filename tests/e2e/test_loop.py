@@ -77,7 +77,7 @@ def test_a_drift_event_retrains_on_the_labelled_period_and_promotes(prefect_serv
     assert first["parameters"]["model"] == "car_loan"
     assert not {"source", "spec_path", "training_source"} & set(first["parameters"])  # only the name crosses
 
-    done = wait_for(lambda: finished(prefect_server, first["id"]), timeout=900, interval=3)
+    done = wait_for(lambda: finished(prefect_server, first["id"]), timeout=900, interval=1)
     assert done["state_type"] == "COMPLETED", done["state"]
     versions = open_registry(registry_url).list_versions("car_loan")
     retrained = [v for v in versions if v.trigger == "retrain"]

@@ -115,7 +115,7 @@ def test_a_server_restart_under_a_scoring_run_leaves_no_run_stuck_and_keeps_the_
             run = api(own_server, "GET", f"/flow_runs/{scoring['id']}")
             return run if run["state_type"] in FINAL else None
 
-        ended = _wait(finished, 600, "the scoring run is stuck after the restart", interval=2)
+        ended = _wait(finished, 600, "the scoring run is stuck after the restart", interval=1)
         assert ended["state_type"] in ("COMPLETED", "CRASHED"), ended["state"]
         # However it ended, it left nothing half-done: what it committed is recorded with its
         # rows, and the same input scored again completes, replacing its rows (no duplicates).

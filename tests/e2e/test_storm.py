@@ -118,7 +118,7 @@ def test_a_storm_of_drift_events_starts_one_retrain_per_model_and_none_trains_on
 
     runs = lambda: flow_runs(prefect_server, retrain_id, since=test_started)
     wait_for(lambda: {r["parameters"]["model"] for r in runs()} == {STORMY, CALM}, timeout=120, interval=1)
-    settled = wait_for(lambda: runs() and all(r["state_type"] in FINAL for r in runs()), timeout=600, interval=2)
+    settled = wait_for(lambda: runs() and all(r["state_type"] in FINAL for r in runs()), timeout=600, interval=1)
     assert settled
     time.sleep(5)  # a late, undebounced run would show up here
     storm = runs()
