@@ -162,7 +162,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem):
     """With DRIFTLOOP_TEST_CPU_LOG=FILE, append each test's CPU seconds (this process, and
-    the child processes it reaped: CLI runs, workers, flow runs) and wall seconds to FILE:
+    the child processes it reaped: CLI runs, workers, flow runs), wall seconds, node id,
+    xdist worker and end time (epoch seconds) to FILE:
     the suite is CPU-bound on two cores, so CPU, not wall time, says what to make cheaper."""
     log = os.environ.get("DRIFTLOOP_TEST_CPU_LOG")
     if not log:
@@ -179,5 +180,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
     yield
     own, children, wall = (cpu(resource.RUSAGE_SELF) - before[0], cpu(resource.RUSAGE_CHILDREN) - before[1],
                            time.monotonic() - before[2])
+    # Which xdist worker and when it ended: the suite's timeline, to see idle cores.
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(log, "a", encoding="utf-8") as out:
-        out.write(f"{own:.1f}\t{children:.1f}\t{wall:.1f}\t{item.nodeid}\n")
+        out.write(f"{own:.1f}\t{children:.1f}\t{wall:.1f}\t{item.nodeid}\t{worker}\t{time.time():.1f}\n")
