@@ -30,7 +30,7 @@ os.environ.update(
         "DRIFTLOOP_PARITY_MIN_ROWS": "5000",
     }
 )
-# Two pytest workers on two cores, each training or scoring with two OpenMP threads, run
+# Several pytest workers on two cores, each training or scoring with two OpenMP threads, run
 # more threads than cores. libgomp's default makes a waiting thread spin; oversubscribed,
 # the spinning took 10-15x the CPU of the work itself (LightGBM, 50k rows x 200 rounds:
 # 20.6 s CPU spinning vs 1.3 s passive). Passive waiting sleeps instead. Read by libgomp
@@ -97,7 +97,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-# The longest files first: `make test` runs two workers (`-n 2 --dist loadfile`), each taking
+# The longest files first: `make test` runs three workers (`-n 3 --dist loadfile`), each taking
 # the next file as it frees up, so the long end-to-end files start at once and the short
 # unit files fill the gaps at the end. Within a file the order stays as written.
 _LONGEST_FIRST = (
