@@ -43,21 +43,30 @@ def plan_pools(*, gpu_device: str | None = None, gpus: int | None = None) -> lis
 
 def apply_pools(*, gpu_device: str | None = None, gpus: int | None = None) -> list[dict[str, Any]]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
-    from prefect.exceptions import ObjectNotFound
 
     applied = []
     with get_client(sync_client=True) as client:
         for plan in plan_pools(gpu_device=gpu_device, gpus=gpus):
             name, template, limit = plan["pool"], plan.pop("template"), plan["concurrency_limit"]
-            try:
-                client.read_work_pool(name)
-            except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template,
-                                                       concurrency_limit=limit))
-                action = "created"
-            else:
-                client.update_work_pool(name, WorkPoolUpdate(base_job_template=template, concurrency_limit=limit))
-                action = "updated"
-            applied.append({**plan, "action": action})
+            applied.append({**plan, "action": _create_or_update(client, name, template, limit)})
     return applied
+
+
+def _create_or_update(client: Any, name: str, template: dict[str, Any], limit: int | None) -> str:
+    """"created" or "updated". A pool created between the read and the create (a
+    ``prefect worker start --pool NAME`` started meanwhile creates its missing pool) is
+    updated instead: applying is idempotent, whoever comes first."""
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    try:
+        client.read_work_pool(name)
+    except ObjectNotFound:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template,
+                                                   concurrency_limit=limit))
+            return "created"
+        except ObjectAlreadyExists:
+            pass
+    client.update_work_pool(name, WorkPoolUpdate(base_job_template=template, concurrency_limit=limit))
+    return "updated"
