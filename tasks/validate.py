@@ -15,7 +15,7 @@ import polars as pl
 
 from driftloop.errors import SchemaError
 from driftloop.inputs import ROW
-from driftloop.schema import POLARS_DTYPES, build_schema_for
+from driftloop.schema import POLARS_DTYPES, build_schema_for, every_row_passes
 from driftloop.spec import ColumnSpec, DatasetSpec
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,8 @@ def check_required_columns(raw: pl.DataFrame, required: dict[str, ColumnSpec], *
 
 def validate_rows(raw: pl.DataFrame, spec: DatasetSpec, *, labelled: bool = True, source: str = "input",
                   warn_ignored: bool = True, seen: dict[str, SeenValues] | None = None) -> ValidationResult:
-    """Type and check ``raw`` against the spec with pandera; quarantine failing rows.
+    """Type and check ``raw`` against the spec's pandera schema; quarantine failing rows.
+    (A batch the schema's checks pass in one query skips pandera's per-row report.)
 
     Batch-level problems (a missing column) raise :class:`SchemaError`; row-level
     problems (unparsable value, failed check, null, duplicate id) quarantine the row.
@@ -207,7 +208,11 @@ def validate_columns(raw: pl.DataFrame, columns: dict[str, ColumnSpec], *, spec_
             source, len(ignored), spec_name, ", ".join(ignored),
         )
     typed, parse_failures = coerce_to_spec(raw, columns)
-    check_failures = _pandera_failures(typed, build_schema_for(columns, spec_name), spec_name=spec_name, source=source)
+    schema = build_schema_for(columns, spec_name)
+    # Clean batches (the common case) are proven clean in one query; pandera, which
+    # names every failing row, runs only where something may have failed.
+    check_failures = (_concat_failures([]) if every_row_passes(typed, schema)
+                      else _pandera_failures(typed, schema, spec_name=spec_name, source=source))
     # A value that failed to parse is null in `typed`; its not_nullable failure is noise.
     if parse_failures.height and check_failures.height:
         check_failures = check_failures.join(
