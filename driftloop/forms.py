@@ -119,11 +119,18 @@ class StagedPredict:
     """A form's ``predict`` in two stages, so a pipeline can run them on different threads:
     ``prepare`` builds the kernel's input from validated rows (the native form's
     contiguous float32 matrix, the ONNX form's feed), ``run`` scores it (the kernel
-    alone). Called whole, it is ``run(prepare(frame))``: the same scores either way."""
+    alone). Called whole, it is ``run(prepare(frame))``: the same scores either way.
 
-    def __init__(self, prepare: Callable[[pl.DataFrame], Any], run: Callable[[Any], np.ndarray]) -> None:
+    ``lanes`` > 1: ``run_lane`` is a single-threaded kernel that may score ``lanes``
+    prepared batches at once from different threads (a pipeline then keeps that many
+    batches in the kernel instead of one batch on ``lanes`` threads); same scores again."""
+
+    def __init__(self, prepare: Callable[[pl.DataFrame], Any], run: Callable[[Any], np.ndarray], *,
+                 run_lane: Callable[[Any], np.ndarray] | None = None, lanes: int = 1) -> None:
         self.prepare = prepare
         self.run = run
+        self.run_lane = run_lane if run_lane is not None else run
+        self.lanes = lanes if run_lane is not None else 1
 
     def __call__(self, frame: pl.DataFrame) -> np.ndarray:
         return self.run(self.prepare(frame))
@@ -216,6 +223,21 @@ def native_scorer(descriptor: LoadedModel, data: bytes, *, threads: int | None) 
 
         def run(x: np.ndarray) -> np.ndarray:
             return _as_form_output(np.asarray(booster.inplace_predict(x)), task)
+
+        if threads and threads > 1:
+            # Batches in lanes: one batch per thread, each on a 1-thread booster
+            # (inplace_predict is thread-safe). One batch on n threads waits at the end
+            # of every call for its slowest thread, and a pipeline's reader, prepare and
+            # writer threads preempt one of them each batch.
+            lane = xgb.Booster()
+            lane.load_model(bytearray(data))
+            lane.set_param({"nthread": 1})
+
+            def run_lane(x: np.ndarray) -> np.ndarray:
+                return _as_form_output(np.asarray(lane.inplace_predict(x)), task)
+
+            return FormScorer("native", descriptor, StagedPredict(encoding.matrix, run, run_lane=run_lane,
+                                                                  lanes=threads))
     else:
         import lightgbm as lgb
 

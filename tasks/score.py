@@ -29,11 +29,13 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import fsspec
@@ -299,15 +301,27 @@ def score_batches(
     validates the one before it and builds the form's input (``predict.prepare`` of a
     :class:`driftloop.forms.StagedPredict`: the native form's float32 matrix); this
     thread scores (``predict.run``); a writer thread adds the scores to the validated
-    columns (no copy of the features) and encodes the part. At most a few batches are
-    in flight, whatever the input size. ``shadow`` (valid rows, batch index, scored_at)
-    scores the same rows with a second model in the writer thread, after the served part
-    is written."""
+    columns (no copy of the features) and encodes the part. A form with lanes
+    (``predict.lanes`` > 1) scores that many batches at once, each on a single-threaded
+    kernel in its own thread; batches are still counted and written in input order. At
+    most a few batches are in flight, whatever the input size. ``shadow`` (valid rows,
+    batch index, scored_at) scores the same rows with a second model in the writer
+    thread, after the served part is written."""
     counts = BatchCounts()
     pending: list[Future[Any]] = []
     prepare = getattr(predict, "prepare", None)
-    run_prepared = getattr(predict, "run", None) if prepare is not None else None
+    staged = prepare is not None
+    lanes = int(getattr(predict, "lanes", 1)) if staged else 1
+    if staged:
+        kernel: Callable[[Any], np.ndarray] = predict.run_lane if lanes > 1 else predict.run  # type: ignore[union-attr]
+    else:
+        kernel = predict if predict is not None else partial(predict_scores, model)
     stage = _PrepareStage(spec, source=source, keep_ids=keep_ids, prepare=prepare)
+
+    def score(item: _Prepared) -> tuple[np.ndarray | None, float]:
+        started = time.perf_counter()
+        scores = kernel(item.features if staged else item.valid) if item.valid.height else None
+        return scores, time.perf_counter() - started
 
     def write_scored(valid: pl.DataFrame, scores: np.ndarray, index: int) -> Any:
         predictions = prediction_frame(model, spec, valid, scores, model_name=model_name,
@@ -316,34 +330,44 @@ def score_batches(
         if shadow is not None:
             shadow(valid, index, scored_at)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer") as writer:
+    def finish(index: int, item: _Prepared, scored: Future[tuple[np.ndarray | None, float]]) -> None:
+        """Count and hand a scored batch to the writer, in input order."""
+        scores, seconds = scored.result()
+        if scores is not None:
+            pending.append(writer.submit(write_scored, item.valid, scores, index))
+        if item.quarantine.height:
+            pending.append(writer.submit(run.write_part, item.quarantine, partition=partition, index=index,
+                                         quarantine=True))
+        for name, kept in item.kept.items():
+            counts.kept.setdefault(name, []).append(kept)
+        counts.latencies.append(seconds)
+        counts.rows_in += item.rows_in
+        counts.rows_scored += item.valid.height
+        counts.rows_quarantined += item.quarantine.height
+        # Bound memory: never more than two parts waiting for the writer.
+        while len(pending) > 2:
+            pending.pop(0).result()
+        if on_batch is not None:
+            on_batch(counts.rows_in, total)
+
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer") as writer,
+          ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="driftloop-lane") as lane_threads):
         prepared = _prefetch(_prefetch(batches), transform=stage, name="driftloop-prepare")
+        scoring: deque[tuple[int, _Prepared, Future[tuple[np.ndarray | None, float]]]] = deque()
         with closing(prepared):  # the stage threads stop as soon as the loop ends, however it ends
             for index, item in enumerate(prepared):
-                started = time.perf_counter()
-                valid = item.valid
-                if valid.height:
-                    if run_prepared is not None:
-                        scores = run_prepared(item.features)
-                    else:
-                        scores = predict(valid) if predict is not None else predict_scores(model, valid)
-                    pending.append(writer.submit(write_scored, valid, scores, index))
-                if item.quarantine.height:
-                    pending.append(writer.submit(run.write_part, item.quarantine, partition=partition, index=index,
-                                                 quarantine=True))
-                for name, kept in item.kept.items():
-                    counts.kept.setdefault(name, []).append(kept)
-                counts.latencies.append(time.perf_counter() - started)
-                counts.rows_in += item.rows_in
-                counts.rows_scored += valid.height
-                counts.rows_quarantined += item.quarantine.height
-                # Bound memory: never more than two parts waiting for the writer.
-                while len(pending) > 2:
-                    pending.pop(0).result()
-                if on_batch is not None:
-                    on_batch(counts.rows_in, total)
-        for done in pending:
-            done.result()
+                if lanes > 1:
+                    scoring.append((index, item, lane_threads.submit(score, item)))
+                else:
+                    done: Future[tuple[np.ndarray | None, float]] = Future()
+                    done.set_result(score(item))  # on this thread: no hand-off for one lane
+                    scoring.append((index, item, done))
+                while len(scoring) >= lanes:  # keep every lane busy; finish the oldest batch
+                    finish(*scoring.popleft())
+            while scoring:
+                finish(*scoring.popleft())
+        for pending_write in pending:
+            pending_write.result()
     return counts
 
 

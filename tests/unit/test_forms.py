@@ -119,10 +119,13 @@ def test_a_version_registered_before_forms_has_its_onnx_form(tmp_path: Path) -> 
     assert choose_form([only], engine="auto", algorithm="xgboost")[0] is only
 
 
-def test_a_staged_form_scores_the_same_whole_in_stages_and_streamed(model, tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_staged_form_scores_the_same_whole_in_stages_and_streamed(model, tmp_path: Path, threads: int) -> None:
     """The native form's stages (the float32 matrix, then the kernel) give its scores bit for
     bit, and so does the streamed scorer that runs them on different threads: every row
-    scored or quarantined, probabilities equal to the native model's on the same rows."""
+    scored or quarantined, probabilities equal to the native model's on the same rows. At
+    2 threads XGBoost scores two batches at once in lanes (1-thread kernels): the same
+    scores, written in input order."""
     import polars as pl
 
     from driftloop.forms import StagedPredict
@@ -133,13 +136,15 @@ def test_a_staged_form_scores_the_same_whole_in_stages_and_streamed(model, tmp_p
     _, spec, split, encoding, fitted, onnx, _ = model
     rows = split.holdout
     descriptor = load_model(onnx, threads=1)
-    form = load_form(_form("native", 1.0), descriptor, native_form_bytes(fitted), threads=1)
+    form = load_form(_form("native", 1.0), descriptor, native_form_bytes(fitted), threads=threads)
     assert isinstance(form.predict, StagedPredict)
+    assert form.predict.lanes == (2 if model[0] == "xgboost" and threads == 2 else 1)
     x = form.predict.prepare(rows)
     assert x.dtype == np.float32 and x.flags.c_contiguous
     assert np.array_equal(x, encoding.matrix(rows), equal_nan=True)
     expected = native_scores(fitted, x, spec.task)
     assert np.array_equal(form.predict.run(x), expected)
+    assert np.array_equal(form.predict.run_lane(x), expected)
     assert np.array_equal(form.predict(rows), expected)
 
     source = tmp_path / "in.parquet"
@@ -147,6 +152,7 @@ def test_a_staged_form_scores_the_same_whole_in_stages_and_streamed(model, tmp_p
     result = score_stream(descriptor, str(source), str(tmp_path / "out"), model_name="m", model_version=1,
                           batch_size=7, predict=form.predict)
     assert (result.rows_in, result.rows_scored, result.rows_quarantined) == (rows.height + 1, rows.height, 1)
+    assert result.batches == len(result.batch_latencies_s) == -(-(rows.height + 1) // 7)
     scored = read_predictions(str(tmp_path / "out"))
     assert scored[spec.id].to_list() == rows[spec.id].to_list()
     assert np.array_equal(scored["probability"].to_numpy(), expected.astype(np.float64))
