@@ -102,6 +102,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -767,6 +768,12 @@ def stage_times(
     return stages
 
 
+def paired(runs: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of ``a`` / ``b`` within each round: robust to the machine's speed
+    drifting between rounds (other tenants of the host), which a best-of is not."""
+    return round(statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True)), 3)
+
+
 def median_ms(values: list[float]) -> float:
     return 1000.0 * statistics.median(values)
 
@@ -1016,6 +1023,59 @@ def profile_stages(model: Model, data: bytes, kind: str, spec: Any, input_path: 
 PROFILE_STAGES = ("read", "validate", "matrix", "predict", "conform", "write", "table")
 
 
+def _task_cpu() -> dict[str, tuple[str, float]]:
+    """Per thread of this process (Linux ``/proc/self/task``): (name, CPU seconds so far)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, tuple[str, float]] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[tid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def thread_cpu(run: Callable[[], Any], interval: float = 0.05) -> dict[str, float]:
+    """CPU seconds each group of threads spent during ``run()``: Python threads by their
+    name less the trailing number (``driftloop-lane``, ``driftloop-writer``, ...), the
+    libraries' native threads by their OS name (``polars-*``, ``async-executor``: polars;
+    ``python``: unnamed native threads, pyarrow's pool among them). Sampled every
+    ``interval`` s, so a thread that ends loses at most its last interval. Empty where
+    ``/proc/self/task`` does not exist."""
+    import threading
+
+    if not Path("/proc/self/task").is_dir():
+        return {}
+    before = _task_cpu()
+    last: dict[str, tuple[str, float]] = {}
+    names: dict[str, str] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval):
+            names.update({str(t.native_id): t.name for t in threading.enumerate()})
+            last.update(_task_cpu())
+
+    sampler = threading.Thread(target=sample, name="bench-sampler", daemon=True)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    last.update(_task_cpu())
+    groups: dict[str, float] = {}
+    for tid, (name, cpu) in last.items():
+        label = re.sub(r"[-_]?\d+$", "", names.get(tid, name))
+        if label == "bench-sampler":
+            continue
+        groups[label] = groups.get(label, 0.0) + cpu - before.get(tid, (name, 0.0))[1]
+    return {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+
+
 def model_descriptor(model: Model, threads: int) -> Any:
     from driftloop.onnx_model import load_model
 
@@ -1066,12 +1126,24 @@ def profile_section(models: list[Model], forms: dict[str, Forms], spec: Any, x: 
                 runs["native"].append(native_predict(model, x, threads)[1])
                 runs["script"].append(script_once(model, score_path, tmp, threads))
             best = {k: min(v) for k, v in runs.items()}
+
+            cpu = {
+                "ours": thread_cpu(partial(score_once, model.onnx, score_path, tmp, threads=threads,
+                                           batch_size=batch_size, rows=rows, scorer=scorer)),
+                "native in-memory": thread_cpu(partial(native_predict, model, x, threads)),
+                "script": thread_cpu(partial(script_once, model, score_path, tmp, threads)),
+            }
             entry = {
                 "algorithm": model.algorithm, "threads": threads, "engine": kind,
                 "ratio_inmemory": round(best["native"] / best["ours"], 3),
                 "ratio_script": round(best["script"] / best["ours"], 3),
                 "ratio_table_inmemory": round(best["native"] / best["table"], 3),
                 "ratio_table_script": round(best["script"] / best["table"], 3),
+                "paired_median": {"ours_inmemory": paired(runs, "native", "ours"),
+                                  "ours_script": paired(runs, "script", "ours"),
+                                  "table_inmemory": paired(runs, "native", "table"),
+                                  "table_script": paired(runs, "script", "table")},
+                "thread_cpu_s": cpu,
                 "seconds": {k: [round(s, 3) for s in v] for k, v in runs.items()},
                 "stages_ms": dict(zip(PROFILE_STAGES, (round(m, 1) for m in medians), strict=True)),
                 "predict_ms": round(scoring_thread, 1),
@@ -1083,6 +1155,10 @@ def profile_section(models: list[Model], forms: dict[str, Forms], spec: Any, x: 
                              f"{entry['ratio_table_inmemory']:.3f}", f"{entry['ratio_table_script']:.3f}"])
             print(f"  {model.algorithm} t={threads} ({kind}): " + "; ".join(
                 f"{k} " + " ".join(f"{s:.2f}" for s in v) + " s" for k, v in runs.items()), flush=True)
+            print(f"    paired medians: {entry['paired_median']}", flush=True)
+            for what, groups in cpu.items():
+                print(f"    CPU s by thread, {what}: total {sum(groups.values()):.2f}; "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in groups.items()), flush=True)
     print(f"\nstages run serially, median ms per {batch_size:,}-row batch:")
     print(table(["algorithm", "threads", "form", *PROFILE_STAGES, "serial total (no table)",
                  "on the scoring thread"], stage_rows))
@@ -1133,6 +1209,10 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true",
         help="only the per-stage profile and ours vs native vs script with the fastest verified form (batch 100,000)",
+    )
+    parser.add_argument(
+        "--algorithm", choices=("xgboost", "lightgbm"),
+        help="only this algorithm's model (both are trained; the other is not measured)",
     )
     parser.add_argument("--child-rss", nargs=2, metavar=("ONNX", "INPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=100_000, help=argparse.SUPPRESS)
@@ -1195,6 +1275,7 @@ def main() -> None:
 
         os.environ["DRIFTLOOP_HOME"] = str(tmp / "home")  # the table path's registry and tables: temp
         encoding, models = train_models(spec, train, threads=os.cpu_count() or 2, tensor=not (args.table_only or args.profile))
+        models = [m for m in models if args.algorithm in (None, m.algorithm)]
         del train
         x = encoding.matrix(pl.read_parquet(score_path))
         for model in models:
