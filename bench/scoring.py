@@ -743,7 +743,7 @@ def stage_times(
 
     model = load_model(onnx, threads=threads)
     stages = Stages([], [], [], [], [])
-    reader = pq.ParquetFile(input_path).iter_batches(batch_size=batch_size)
+    reader = pq.ParquetFile(input_path).iter_batches(batch_size=batch_size, use_threads=False)  # as driftloop.inputs reads
     scored_at = datetime.now(UTC)
     for index in range(batches):
         t0 = time.perf_counter()
@@ -968,7 +968,6 @@ def profile_stages(model: Model, data: bytes, kind: str, spec: Any, input_path: 
     form's input), predict (the form's kernel at ``threads``), conform (the output rows:
     ``prediction_frame``), write (a Parquet part, as ``score_stream`` writes it) and
     table (the same rows through ``TableSink``: tags, conform, an Iceberg data file)."""
-    import io
     import uuid
     from datetime import UTC, datetime
 
@@ -986,8 +985,7 @@ def profile_stages(model: Model, data: bytes, kind: str, spec: Any, input_path: 
     stages: dict[str, list[float]] = {k: [] for k in PROFILE_STAGES}
     seen: dict[str, SeenValues] = {}
     scored_at = datetime.now(UTC)
-    compression = getattr(outputs, "PART_COMPRESSION", "zstd")  # what score_stream's parts are written with
-    reader = pq.ParquetFile(input_path).iter_batches(batch_size=batch_size)
+    reader = pq.ParquetFile(input_path).iter_batches(batch_size=batch_size, use_threads=False)  # as driftloop.inputs reads
     scorer.predict(pl.from_arrow(next(pq.ParquetFile(input_path).iter_batches(batch_size=16))))  # warm-up
     for index in range(batches):
         t0 = time.perf_counter()
@@ -1007,8 +1005,7 @@ def profile_stages(model: Model, data: bytes, kind: str, spec: Any, input_path: 
         out = prediction_frame(descriptor, spec, valid, scores, model_name="bench", model_version=1,
                                scored_at=scored_at)
         t5 = time.perf_counter()
-        buffer = io.BytesIO()
-        out.write_parquet(buffer, compression=compression)
+        outputs.encode_part(out)
         t6 = time.perf_counter()
         sink.write_part(out, partition="p", index=index)
         t7 = time.perf_counter()
@@ -1165,7 +1162,7 @@ def profile_section(models: list[Model], forms: dict[str, Forms], spec: Any, x: 
     print(
         "read: Parquet batch -> polars; validate: validate_rows + ids kept; matrix: the form's input (native: the "
         "float32 matrix; onnx: built inside predict, so counted there); predict: the form's kernel; conform: "
-        "prediction_frame; write: a Parquet part as score_stream writes it (driftloop.outputs.PART_COMPRESSION); table: the same rows into the Iceberg table "
+        "prediction_frame; write: a Parquet part as score_stream encodes it (driftloop.outputs.encode_part); table: the same rows into the Iceberg table "
         "(TableSink: tags, conform, data file). On the scoring thread: the stages score_batches runs there (the rest "
         "runs on the reader, prepare and writer threads)."
     )
