@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -107,6 +108,24 @@ def fetch_verified(uri: str, expected_sha256: str) -> bytes:
 # or a glob of CSV/Parquet, the format decided by content, then name.
 
 
+# The pipeline's reader, prepare and writer threads run this much nicer than the kernel
+# (Linux: each thread has its own nice value). When they and the kernel want the same
+# core, the kernel keeps most of it; they still run on whatever is idle. XGBoost streamed,
+# paired medians: 1.04x at 1 thread, 1.09x at 2 (bench/scoring.py). 0 turns it off.
+HELPER_NICE = 5
+
+
+def _yield_to_kernel() -> None:
+    """Lower the calling thread's priority by :data:`HELPER_NICE` (never raises it)."""
+    if HELPER_NICE <= 0 or not sys.platform.startswith("linux"):  # elsewhere a thread id is no pid
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + HELPER_NICE)
+    except OSError:  # not permitted here: scheduling stays as it was
+        pass
+
+
 def _prefetch(batches: Iterator[Any], depth: int = 1, *, transform: Callable[[Any], Any] | None = None,
               name: str = "driftloop-reader") -> Iterator[Any]:
     """Read ahead in a thread so parsing overlaps validation and scoring; with
@@ -126,6 +145,7 @@ def _prefetch(batches: Iterator[Any], depth: int = 1, *, transform: Callable[[An
         return False
 
     def produce() -> None:
+        _yield_to_kernel()
         try:
             for batch in batches:
                 if not offer(batch if transform is None else transform(batch)):
@@ -350,7 +370,7 @@ def score_batches(
         if on_batch is not None:
             on_batch(counts.rows_in, total)
 
-    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer") as writer,
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="driftloop-writer", initializer=_yield_to_kernel) as writer,
           ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="driftloop-lane") as lane_threads):
         prepared = _prefetch(_prefetch(batches), transform=stage, name="driftloop-prepare")
         scoring: deque[tuple[int, _Prepared, Future[tuple[np.ndarray | None, float]]]] = deque()

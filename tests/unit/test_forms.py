@@ -157,3 +157,47 @@ def test_a_staged_form_scores_the_same_whole_in_stages_and_streamed(model, tmp_p
     assert scored[spec.id].to_list() == rows[spec.id].to_list()
     assert np.array_equal(scored["probability"].to_numpy(), expected.astype(np.float64))
     assert scored.select(spec.feature_columns).equals(rows.select(spec.feature_columns))
+
+
+def test_the_pipelines_helper_threads_yield_to_the_kernel(model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation (prepare) and writing run HELPER_NICE nicer than the kernel's thread, which
+    keeps the caller's priority; a run leaves the caller's priority as it was."""
+    import os
+    import threading
+
+    from driftloop.forms import StagedPredict
+    from driftloop.tasks import score as scoring
+    from driftloop.tasks.form_builder import native_form_bytes
+    from driftloop.tasks.score import score_stream
+
+    _, _, split, _, fitted, onnx, _ = model
+    descriptor = load_model(onnx, threads=1)
+    form = load_form(_form("native", 1.0), descriptor, native_form_bytes(fitted), threads=1)
+    nice: dict[str, set[int]] = {"prepare": set(), "kernel": set(), "writer": set()}
+
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def prepare(frame):
+        nice["prepare"].add(own_nice())
+        return form.predict.prepare(frame)
+
+    def run(x):
+        nice["kernel"].add(own_nice())
+        return form.predict.run(x)
+
+    conform = scoring.prediction_frame
+
+    def prediction_frame(*args, **kwargs):
+        nice["writer"].add(own_nice())
+        return conform(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "prediction_frame", prediction_frame)
+    source = tmp_path / "in.parquet"
+    split.holdout.write_parquet(source)
+    base = own_nice()
+    score_stream(descriptor, str(source), str(tmp_path / "out"), model_name="m", model_version=1, batch_size=50,
+                 predict=StagedPredict(prepare, run))
+    assert scoring.HELPER_NICE > 0
+    assert nice == {"prepare": {base + scoring.HELPER_NICE}, "kernel": {base}, "writer": {base + scoring.HELPER_NICE}}
+    assert own_nice() == base
