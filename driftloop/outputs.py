@@ -80,6 +80,7 @@ def encode_part(frame: pl.DataFrame) -> bytes:
     pq.write_table(frame.to_arrow(), buffer, compression=PART_COMPRESSION, use_dictionary=False)
     return buffer.getvalue()
 
+
 class OutputError(DriftloopError):
     """A scoring output cannot be written or read as one complete run."""
 

@@ -39,6 +39,8 @@ from driftloop.tasks.monitor_calculators import (
     Results,
     categorical_features,
     fit_calculators,
+    labels_as_strings,
+    prepare_reference,
     stored_or_calibrated,
 )
 from driftloop.tasks.monitor_frames import (
@@ -48,7 +50,6 @@ from driftloop.tasks.monitor_frames import (
     check_reference_chunks,
     chunking,
     nannyml,
-    nannyml_frame,
     prepare,
 )
 from driftloop.tasks.monitor_performance import PerformanceSetup, performance_setup
@@ -88,11 +89,8 @@ def fit_monitoring(reference: pl.DataFrame, spec: DatasetSpec, policy: Monitorin
     """Every calculator monitoring runs, fitted on ``reference`` (features, ``prediction``,
     ``probability`` and the target). Realized performance is fitted too; a window without
     labels skips it."""
-    reference = prepare(labels_as_strings(reference, spec), spec, categoricals=levers.categoricals)
-    codes = (CategoryCodes.of(reference, categorical_features(spec))
-             if levers.categoricals and levers.category_codes else None)
-    ref = nannyml_frame(reference, levers)
-    drift_ref = codes.coded(ref, reference) if codes is not None else ref
+    prepared = prepare_reference(reference, spec, levers)
+    reference, ref, drift_ref, codes = prepared.reference, prepared.ref, prepared.drift_ref, prepared.codes
     chunk_args = chunking(policy, len(ref))
     check_reference_chunks(ref, spec, policy, chunk_args)
     calculators = Calculators(nannyml(), spec, policy, categorical_features(spec))
@@ -148,13 +146,6 @@ def run_monitoring(reference: pl.DataFrame, analysis: pl.DataFrame, spec: Datase
     two itself, reading it in between (the monitor flow does)."""
     return monitor_analysis(fit_monitoring(reference, spec, policy, levers=levers), analysis,
                             with_plots=with_plots, calibrations=calibrations)
-
-
-def labels_as_strings(frame: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
-    """Multiclass labels compare as the strings the model predicts."""
-    if spec.task == "multiclass_classification" and spec.target in frame.columns:
-        return frame.with_columns(pl.col(spec.target).cast(pl.String))
-    return frame
 
 
 def any_label(column: pl.Series) -> bool:

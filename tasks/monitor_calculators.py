@@ -52,6 +52,34 @@ def categorical_features(spec: DatasetSpec) -> list[str]:
     return [c for c in spec.feature_columns if spec.column_spec(c).dtype in ("category", "string", "bool")]
 
 
+def labels_as_strings(frame: pl.DataFrame, spec: DatasetSpec) -> pl.DataFrame:
+    """Multiclass labels compare as the strings the model predicts."""
+    if spec.task == "multiclass_classification" and spec.target in frame.columns:
+        return frame.with_columns(pl.col(spec.target).cast(pl.String))
+    return frame
+
+
+@dataclass(frozen=True)
+class PreparedReference:
+    """The reference as the calculators are fitted on it: ``reference`` prepared (polars),
+    ``ref`` its NannyML frame, ``drift_ref`` what univariate drift reads (categoricals as
+    :class:`CategoryCodes` where the lever is on, else ``ref``) and the codes."""
+
+    reference: pl.DataFrame
+    ref: Any
+    drift_ref: Any
+    codes: CategoryCodes | None
+
+
+def prepare_reference(reference: pl.DataFrame, spec: DatasetSpec, levers: Levers) -> PreparedReference:
+    """What monitoring and its calibration both fit on, prepared once the same way."""
+    reference = prepare(labels_as_strings(reference, spec), spec, categoricals=levers.categoricals)
+    codes = (CategoryCodes.of(reference, categorical_features(spec))
+             if levers.categoricals and levers.category_codes else None)
+    ref = nannyml_frame(reference, levers)
+    return PreparedReference(reference, ref, codes.coded(ref, reference) if codes is not None else ref, codes)
+
+
 class Calculators:
     """NannyML's calculators as monitoring configures them, fitted on the reference (or a
     part of it)."""
@@ -180,21 +208,15 @@ def ensure_calibration(reference: pl.DataFrame, spec: DatasetSpec, policy: Monit
     their full chunk depends on the analysis). None when the policy calibrates nothing."""
     if policy.alert_rate is None:
         return None
-    nml = nannyml()
-    categorical = [c for c in spec.feature_columns if spec.column_spec(c).dtype in ("category", "string", "bool")]
-    if spec.task == "multiclass_classification" and spec.target in reference.columns:
-        reference = reference.with_columns(pl.col(spec.target).cast(pl.String))
-    reference = prepare(reference, spec, categoricals=levers.categoricals)
-    codes = CategoryCodes.of(reference, categorical) if levers.categoricals and levers.category_codes else None
-    ref = nannyml_frame(reference, levers)
+    prepared = prepare_reference(reference, spec, levers)
+    ref = prepared.ref
     chunk_rows = chunk_rows or chunking(policy, len(ref)).get("chunk_size")
     if chunk_rows is None:
         raise MonitoringError("period chunks: give ensure_calibration the full chunk's rows (chunk_rows)")
     check_reference_chunks(ref, spec, policy, {"chunk_size": chunk_rows})
-    calculators = Calculators(nml, spec, policy, categorical)
-    return stored_or_calibrated(calculators, reference, ref, performance_setup(spec, policy, ref), chunk_rows=chunk_rows,
-                                 calibrations=calibrations,
-                                 drift_ref=codes.coded(ref, reference) if codes is not None else None)
+    calculators = Calculators(nannyml(), spec, policy, categorical_features(spec))
+    return stored_or_calibrated(calculators, prepared.reference, ref, performance_setup(spec, policy, ref),
+                                chunk_rows=chunk_rows, calibrations=calibrations, drift_ref=prepared.drift_ref)
 
 
 

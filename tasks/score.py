@@ -103,10 +103,9 @@ def fetch_verified(uri: str, expected_sha256: str) -> bytes:
     return data
 
 
-# --- input ---------------------------------------------------------------------------
+# --- input and the pipeline's threads ---------------------------------------------------
 # Read through the project's one input reader (driftloop.inputs): a file, a directory
 # or a glob of CSV/Parquet, the format decided by content, then name.
-
 
 # The pipeline's reader, prepare and writer threads run this much nicer than the kernel
 # (Linux: each thread has its own nice value). When they and the kernel want the same
