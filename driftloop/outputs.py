@@ -70,14 +70,22 @@ _READ_ATTEMPTS = 5
 PART_COMPRESSION = "lz4"
 
 
+# A column's dictionary stops at this size and the rest of the column is written plain,
+# as the predictions tables do (driftloop.tables). Features of real data repeat (amounts
+# in cents, counts, codes): 100k rows x 20 features at two decimals encode to 4.4 MB with
+# it and 9.4 MB without, in less time (36 vs 47 ms); full-precision floats, all distinct,
+# give up after 32 KiB (+3 ms a batch). Edge parts travel home: their size is bandwidth.
+PART_DICTIONARY_BYTES = 32 * 1024
+
+
 def encode_part(frame: pl.DataFrame) -> bytes:
-    """A part's Parquet bytes, encoded by pyarrow on the calling thread, without
-    dictionaries. polars' writer encodes columns on its own pool: in the scorer's pipeline
-    those threads competed with the kernel (pyarrow's writer on the writer thread alone:
-    1.06x end to end at 1 thread, 1.11x at 2, bench/scoring.py). Float features are all
-    distinct, so a dictionary attempt is wasted work."""
+    """A part's Parquet bytes, encoded by pyarrow on the calling thread. polars' writer
+    encodes columns on its own pool: in the scorer's pipeline those threads competed
+    with the kernel (pyarrow's writer on the writer thread alone: 1.06x end to end at 1
+    thread, 1.11x at 2, bench/scoring.py)."""
     buffer = io.BytesIO()
-    pq.write_table(frame.to_arrow(), buffer, compression=PART_COMPRESSION, use_dictionary=False)
+    pq.write_table(frame.to_arrow(), buffer, compression=PART_COMPRESSION,
+                   dictionary_pagesize_limit=PART_DICTIONARY_BYTES)
     return buffer.getvalue()
 
 
