@@ -121,9 +121,10 @@ class StagedPredict:
     contiguous float32 matrix, the ONNX form's feed), ``run`` scores it (the kernel
     alone). Called whole, it is ``run(prepare(frame))``: the same scores either way.
 
-    ``lanes`` > 1: ``run_lane`` is a single-threaded kernel that may score ``lanes``
-    prepared batches at once from different threads (a pipeline then keeps that many
-    batches in the kernel instead of one batch on ``lanes`` threads); same scores again."""
+    ``lanes`` > 1: ``run_lane`` is a single-threaded kernel that ``lanes`` threads may run
+    at once, each on its own rows (a pipeline then keeps ``lanes`` batches in flight and
+    its threads score pieces of them, instead of one batch on ``lanes`` threads); the
+    scores of the pieces, in order, are the batch's scores."""
 
     def __init__(self, prepare: Callable[[pl.DataFrame], Any], run: Callable[[Any], np.ndarray], *,
                  run_lane: Callable[[Any], np.ndarray] | None = None, lanes: int = 1) -> None:
@@ -225,7 +226,7 @@ def native_scorer(descriptor: LoadedModel, data: bytes, *, threads: int | None) 
             return _as_form_output(np.asarray(booster.inplace_predict(x)), task)
 
         if threads and threads > 1:
-            # Batches in lanes: one batch per thread, each on a 1-thread booster
+            # Lanes: n threads, each running a 1-thread booster on its own rows
             # (inplace_predict is thread-safe). One batch on n threads waits at the end
             # of every call for its slowest thread, and a pipeline's reader, prepare and
             # writer threads preempt one of them each batch.

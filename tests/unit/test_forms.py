@@ -120,16 +120,18 @@ def test_a_version_registered_before_forms_has_its_onnx_form(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_staged_form_scores_the_same_whole_in_stages_and_streamed(model, tmp_path: Path, threads: int) -> None:
+def test_a_staged_form_scores_the_same_whole_in_stages_and_streamed(model, tmp_path: Path, threads: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The native form's stages (the float32 matrix, then the kernel) give its scores bit for
     bit, and so does the streamed scorer that runs them on different threads: every row
     scored or quarantined, probabilities equal to the native model's on the same rows. At
-    2 threads XGBoost scores two batches at once in lanes (1-thread kernels): the same
-    scores, written in input order."""
+    2 threads XGBoost keeps two batches in flight and its lanes (1-thread kernels) score
+    pieces of them: the same scores, written in input order."""
     import polars as pl
 
     from driftloop.forms import StagedPredict
     from driftloop.outputs import read_predictions
+    from driftloop.tasks import score as scoring
     from driftloop.tasks.form_builder import native_form_bytes
     from driftloop.tasks.score import score_stream
 
@@ -149,9 +151,22 @@ def test_a_staged_form_scores_the_same_whole_in_stages_and_streamed(model, tmp_p
 
     source = tmp_path / "in.parquet"
     pl.concat([rows, rows.head(1)]).write_parquet(source)  # the last row repeats an id: quarantined
+    monkeypatch.setattr(scoring, "LANE_PIECE_ROWS", 3)  # batches of 7 rows: pieces of 3, 3 and 1
+    pieces: list[int] = []
+    lane = form.predict.run_lane
+
+    def run_lane(x: np.ndarray) -> np.ndarray:
+        pieces.append(len(x))
+        return lane(x)
+
+    form.predict.run_lane = run_lane
     result = score_stream(descriptor, str(source), str(tmp_path / "out"), model_name="m", model_version=1,
                           batch_size=7, predict=form.predict)
     assert (result.rows_in, result.rows_scored, result.rows_quarantined) == (rows.height + 1, rows.height, 1)
+    if form.predict.lanes > 1:
+        assert sum(pieces) == rows.height and max(pieces) == 3 and len(pieces) > result.batches
+    else:
+        assert pieces == []  # one lane: the kernel runs whole batches on the scoring thread
     assert result.batches == len(result.batch_latencies_s) == -(-(rows.height + 1) // 7)
     scored = read_predictions(str(tmp_path / "out"))
     assert scored[spec.id].to_list() == rows[spec.id].to_list()
