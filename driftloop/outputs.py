@@ -71,11 +71,12 @@ PART_COMPRESSION = "lz4"
 
 
 # A column's dictionary stops at this size and the rest of the column is written plain,
-# as the predictions tables do (driftloop.tables). Features of real data repeat (amounts
-# in cents, counts, codes): 100k rows x 20 features at two decimals encode to 4.4 MB with
-# it and 9.4 MB without, in less time (36 vs 47 ms); full-precision floats, all distinct,
-# give up after 32 KiB (+3 ms a batch). Edge parts travel home: their size is bandwidth.
-PART_DICTIONARY_BYTES = 32 * 1024
+# in parts and in the predictions tables' data files alike (driftloop.tables). Features
+# of real data repeat (amounts in cents, counts, codes): 100k rows x 20 features at two
+# decimals encode to 4.4 MB with it and 9.4 MB without, in less time (36 vs 47 ms);
+# full-precision floats, all distinct, give up after 32 KiB (+3 ms a batch). Edge parts
+# travel home: their size is bandwidth.
+DICTIONARY_LIMIT_BYTES = 32 * 1024
 
 
 def encode_part(frame: pl.DataFrame) -> bytes:
@@ -85,7 +86,7 @@ def encode_part(frame: pl.DataFrame) -> bytes:
     thread, 1.11x at 2, bench/scoring.py)."""
     buffer = io.BytesIO()
     pq.write_table(frame.to_arrow(), buffer, compression=PART_COMPRESSION,
-                   dictionary_pagesize_limit=PART_DICTIONARY_BYTES)
+                   dictionary_pagesize_limit=DICTIONARY_LIMIT_BYTES)
     return buffer.getvalue()
 
 

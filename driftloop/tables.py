@@ -36,6 +36,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from driftloop.errors import DriftloopError
+from driftloop.outputs import DICTIONARY_LIMIT_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,12 @@ TABLE_PROPERTIES = {
     "commit.retry.max-wait-ms": "2000",
     "commit.retry.total-timeout-ms": "120000",
     "write.parquet.compression-codec": "zstd",
-    # A column's dictionary stops at 32 KiB and the rest of it is written plain. With
-    # pyiceberg's 2 MiB the float features of a 100k-row batch (all distinct) were
+    # A column's dictionary stops at 32 KiB and the rest of it is written plain, as in
+    # edge parts (driftloop.outputs). With pyiceberg's 2 MiB the float features of a 100k-row batch (all distinct) were
     # dictionary-encoded whole: 183 ms a batch and 19.5 MB, against 48-59 ms and 15.5 MB
     # (bench/scoring.py's table stage). Low-cardinality columns (tags, categories) keep
     # their dictionary.
-    "write.parquet.dict-size-bytes": str(32 * 1024),
+    "write.parquet.dict-size-bytes": str(DICTIONARY_LIMIT_BYTES),
     # Whole values in the file statistics of the columns a commit or a read filters on
     # by equality (the default truncates strings to 16 characters, and input keys and run
     # ids share longer prefixes: a replace would then read every earlier data file).
