@@ -42,7 +42,7 @@ class ScoreSummary(BaseModel):
     quarantine_uri: str | None
     model: str
     version: int
-    form: str  # the verified scoring form used: onnx, native or tensor
+    form: str  # the verified scoring form used: onnx, native, tensor or compiled
     form_reason: str
     shadow_version: int | None = None  # the model that also scored in shadow (candidate, or replaced champion)
     shadow_rows: int = 0  # rows it scored (role shadow, same run)
@@ -112,7 +112,7 @@ def score(
     prefix that gets ``<run id>.parquet``.
 
     ``engine``: which verified form of the version scores (``auto``: the fastest that runs
-    here, measured at registration; or ``onnx``, ``native``, ``tensor``). ``device="cuda"``
+    here, measured at registration; or ``onnx``, ``native``, ``tensor``, ``compiled``). ``device="cuda"``
     scores with the tensor-op form on ONNX Runtime's CUDA provider.
 
     ``workers`` (a temporary local Dask cluster of that many processes) or

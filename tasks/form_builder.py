@@ -1,10 +1,11 @@
 """The scoring forms of a new version, built and verified at registration.
 
 Beside the ONNX tree-kernel form (already parity-checked by ``tasks.export``), a version
-gets its native booster and its tensor-op form. Each is scored on the parity rows and
-compared with the native model (the same limit as the ONNX gate: max |diff| <= 1e-5 and no
-label flips); a form that fails is left out, with the reason, and never blocks
-registration. Each form is then timed on the same rows (1 thread) so that
+gets its native booster, its tensor-op form and (XGBoost) its compiled form. Each is scored
+on the parity rows and compared with the native model (the same limit as the ONNX gate: max
+|diff| <= 1e-5 and no label flips; the compiled form, which promises XGBoost's scores bit
+for bit, must be equal on every row); a form that fails is left out, with the reason, and
+never blocks registration. Each form is then timed on the same rows (1 thread) so that
 ``--engine auto`` can pick the fastest (:mod:`driftloop.forms`).
 """
 
@@ -24,6 +25,7 @@ from driftloop.forms import (
     FormKind,
     FormRecord,
     FormScorer,
+    compiled_scorer,
     native_scorer,
     onnx_scorer,
     rows_per_second,
@@ -38,7 +40,7 @@ from driftloop.tasks.fit import FittedModel
 logger = logging.getLogger(__name__)
 
 TIMING_ROWS = 20_000  # enough rows for a stable speed, few enough to keep registration quick
-_EXTENSIONS = {"onnx": "onnx", "tensor": "onnx", "native": "model"}
+_EXTENSIONS = {"onnx": "onnx", "tensor": "onnx", "native": "model", "compiled": "trees"}
 
 
 @dataclass
@@ -70,11 +72,27 @@ def native_form_bytes(fitted: FittedModel) -> bytes:
     return fitted.booster.model_to_string().encode("utf-8")
 
 
+def compiled_form_bytes(fitted: FittedModel) -> tuple[bytes | None, str | None]:
+    """The compiled form's bytes (XGBoost, where numba is installed), or why there is none."""
+    from driftloop.compiled_trees import CompiledFormUnsupported, CompiledTrees, numba_available
+
+    if fitted.algorithm != "xgboost":
+        return None, "the compiled form runs XGBoost models only"
+    if not numba_available():
+        return None, "numba is not installed here (pip install 'driftloop[train]')"
+    try:
+        return CompiledTrees.from_xgboost(fitted.booster).to_bytes(), None
+    except CompiledFormUnsupported as exc:
+        return None, f"the compiled form does not run this model: {exc}"
+
+
 def _verified(kind: FormKind, data: bytes, scorer: FormScorer, native: Any, frame: pl.DataFrame, task_kind: str,
               library: str | None) -> tuple[BuiltForm | None, str | None]:
     report = compare_scores(native, scorer.predict(frame), task_kind)
     if not report.passed:
         return None, f"parity failed: max |native - {kind}| = {report.max_abs_diff:.3g}, {report.label_flips} label flips"
+    if kind == "compiled" and report.max_abs_diff != 0:
+        return None, f"not bit for bit: max |native - compiled| = {report.max_abs_diff:.3g} (the compiled form must be equal)"
     speed = rows_per_second(scorer.predict, frame.head(TIMING_ROWS))
     return BuiltForm(kind, data, report.rows, report.max_abs_diff, report.label_flips, speed, library), None
 
@@ -97,12 +115,19 @@ def build_forms(fitted: FittedModel, encoding: FeatureEncoding, spec: DatasetSpe
         candidates.append(("tensor", build_tensor_onnx(fitted, encoding, spec, metadata), None))
     except TensorFormUnsupported as exc:
         skipped["tensor"] = str(exc)
+    compiled, why_not = compiled_form_bytes(fitted)
+    if compiled is None:
+        skipped["compiled"] = str(why_not)
+    else:
+        candidates.append(("compiled", compiled, f"numba {package_version('numba')}"))
     for kind, data, lib in candidates:
         assert data is not None
         if kind == "onnx":
             scorer = onnx_scorer(descriptor)
         elif kind == "native":
             scorer = native_scorer(descriptor, data, threads=1)
+        elif kind == "compiled":
+            scorer = compiled_scorer(descriptor, data, threads=1)
         else:
             scorer = tensor_scorer(descriptor, data, threads=1, device="cpu")
         form, why = _verified(kind, data, scorer, native, frame, spec.task, lib)

@@ -75,10 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--batch-size", type=int_at_least(1), default=100_000, metavar="ROWS",
                        help="rows per batch (default %(default)s)")
     score.add_argument("--threads", type=int_at_least(1), help="scoring threads (default: all cores)")
-    score.add_argument("--engine", choices=["auto", "onnx", "native", "tensor"], default="auto",
+    score.add_argument("--engine", choices=["auto", "onnx", "native", "tensor", "compiled"], default="auto",
                        help="which verified form of the version scores: auto (default) takes the fastest that runs "
                             "here, as timed at registration; onnx (tree kernel, portable), native (the booster; "
-                            "needs its library), tensor (standard tensor ops, any ONNX Runtime provider)")
+                            "needs its library), tensor (standard tensor ops, any ONNX Runtime provider), "
+                            "compiled (XGBoost's trees on driftloop's own kernel, its scores bit for bit; needs "
+                            "numba)")
     score.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                        help="cuda: the tensor form on ONNX Runtime's CUDA provider (needs onnxruntime-gpu; "
                             "default %(default)s)")

@@ -39,8 +39,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 def test_training_registers_every_verified_form(trained) -> None:
     record = open_registry(get_settings().registry_database_url()).resolve("loans")
     forms = {f.kind: f for f in registered_forms(record)}
-    assert set(forms) == {"onnx", "native", "tensor"}
+    assert set(forms) == {"onnx", "native", "tensor", "compiled"}
     assert forms["onnx"].sha256 == record.onnx_sha256
+    assert forms["compiled"].parity_max_abs_diff == 0 and forms["compiled"].library.startswith("numba ")
     for form in forms.values():
         assert hashlib.sha256(read_bytes(form.uri)).hexdigest() == form.sha256
         assert form.parity_rows >= 5000 and form.parity_flips == 0 and form.parity_max_abs_diff <= 1e-5
@@ -65,7 +66,7 @@ def _pin_speeds(speeds: dict[str, float]) -> None:
 
 def test_every_engine_scores_the_same_probabilities_and_the_record_names_the_form(trained, tmp_path: Path) -> None:
     outputs = {}
-    for engine in ("onnx", "native", "tensor"):
+    for engine in ("onnx", "native", "tensor", "compiled"):
         summary = score(input_uri=str(trained["source"]), model="loans", engine=engine)
         assert summary.rows_scored == 4000
         assert summary.form == engine and "forced" in summary.form_reason
@@ -74,9 +75,10 @@ def test_every_engine_scores_the_same_probabilities_and_the_record_names_the_for
     # the slowest-by-nature (tensor) included, so the pick is the registry's, not a rerun.
     original = {f.kind: f.rows_per_s for f in registered_forms(open_registry(get_settings().registry_database_url()).resolve("loans"))}
     try:
-        for speeds, expected in (({"onnx": 2e5, "native": 1e5, "tensor": 3e5}, "tensor"),
-                                 ({"onnx": 2e5, "native": 4e5, "tensor": 3e5}, "native"),
-                                 ({"onnx": 5e5, "native": 4e5, "tensor": 3e5}, "onnx")):
+        for speeds, expected in (({"onnx": 2e5, "native": 1e5, "tensor": 3e5, "compiled": 1e5}, "tensor"),
+                                 ({"onnx": 2e5, "native": 4e5, "tensor": 3e5, "compiled": 1e5}, "native"),
+                                 ({"onnx": 5e5, "native": 4e5, "tensor": 3e5, "compiled": 1e5}, "onnx"),
+                                 ({"onnx": 5e5, "native": 4e5, "tensor": 3e5, "compiled": 8e5}, "compiled")):
             _pin_speeds(speeds)
             summary = score(input_uri=str(trained["source"]), model="loans", engine="auto")
             assert summary.form == expected and "fastest" in summary.form_reason, (speeds, summary.form_reason)
@@ -85,7 +87,9 @@ def test_every_engine_scores_the_same_probabilities_and_the_record_names_the_for
     finally:
         _pin_speeds(original)
     runs = open_registry(get_settings().registry_database_url()).list_scoring_runs("loans")
-    assert sorted(r.form for r in runs[:6]) == sorted(["onnx", "native", "tensor", "tensor", "native", "onnx"])
+    assert sorted(r.form for r in runs[:8]) == sorted(["onnx", "native", "tensor", "compiled"] * 2)
+    # The compiled form is XGBoost's own scores, bit for bit.
+    assert outputs["compiled"].equals(outputs["native"]) and outputs["auto-compiled"].equals(outputs["native"])
     base = outputs["onnx"]
     for engine, frame in outputs.items():
         assert frame["id"].to_list() == base["id"].to_list()

@@ -38,10 +38,16 @@ def test_every_form_matches_the_native_model_and_is_stored_under_its_hash(model)
     _, spec, split, encoding, fitted, onnx, tmp = model
     rows = split.holdout
     built = build_forms(fitted, encoding, spec, onnx, rows)
-    assert {f.kind for f in built.forms} == {"onnx", "native", "tensor"}, built.skipped
+    algorithm = model[0]
+    expected_kinds = {"onnx", "native", "tensor"} | ({"compiled"} if algorithm == "xgboost" else set())
+    assert {f.kind for f in built.forms} == expected_kinds, built.skipped
+    if algorithm == "lightgbm":
+        assert built.skipped == {"compiled": "the compiled form runs XGBoost models only"}
     for form in built.forms:
         assert form.parity_rows == rows.height and form.parity_flips == 0 and form.parity_max_abs_diff <= 1e-5
         assert form.rows_per_s > 0
+        if form.kind == "compiled":  # it promises XGBoost's scores bit for bit
+            assert form.parity_max_abs_diff == 0 and form.library.startswith("numba ")
     records = store_forms(ArtifactStore(str(tmp / "artifacts")), spec.name, built)
     descriptor = load_model(onnx)
     expected = native_scores(fitted, encoding.matrix(rows), spec.task)
@@ -50,6 +56,8 @@ def test_every_form_matches_the_native_model_and_is_stored_under_its_hash(model)
         assert hashlib.sha256(data).hexdigest() == record.sha256
         scores = load_form(record, descriptor, data, threads=1).predict(rows)
         assert np.abs(scores - expected).max() <= 1e-5, record.kind
+        if record.kind == "compiled":
+            assert np.array_equal(scores, expected)
     assert records[0].kind == "onnx" and records[0].sha256 == hashlib.sha256(onnx).hexdigest()
 
 
@@ -126,19 +134,31 @@ def test_a_staged_form_scores_the_same_whole_in_stages_and_streamed(model, tmp_p
     bit, and so does the streamed scorer that runs them on different threads: every row
     scored or quarantined, probabilities equal to the native model's on the same rows. At
     2 threads XGBoost keeps two batches in flight and its lanes (1-thread kernels) score
-    pieces of them: the same scores, written in input order."""
+    pieces of them: the same scores, written in input order. XGBoost's compiled form does
+    all of this too, with the native model's scores bit for bit."""
+    from driftloop.tasks.form_builder import compiled_form_bytes, native_form_bytes
+
+    forms = {"native": native_form_bytes(model[4])}
+    if model[0] == "xgboost":
+        forms["compiled"] = compiled_form_bytes(model[4])[0]
+    for kind, data in forms.items():
+        _staged_form_scores_bit_for_bit(model, tmp_path / kind, threads, monkeypatch, kind, data)
+
+
+def _staged_form_scores_bit_for_bit(model, tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch,
+                                    kind: str, data: bytes) -> None:
     import polars as pl
 
     from driftloop.forms import StagedPredict
     from driftloop.outputs import read_predictions
     from driftloop.tasks import score as scoring
-    from driftloop.tasks.form_builder import native_form_bytes
     from driftloop.tasks.score import score_stream
 
     _, spec, split, encoding, fitted, onnx, _ = model
+    tmp_path.mkdir()
     rows = split.holdout
     descriptor = load_model(onnx, threads=1)
-    form = load_form(_form("native", 1.0), descriptor, native_form_bytes(fitted), threads=threads)
+    form = load_form(_form(kind, 1.0), descriptor, data, threads=threads)
     assert isinstance(form.predict, StagedPredict)
     assert form.predict.lanes == (2 if model[0] == "xgboost" and threads == 2 else 1)
     x = form.predict.prepare(rows)
