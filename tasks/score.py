@@ -325,7 +325,8 @@ def score_batches(
     validates the one before it and builds the form's input (``predict.prepare`` of a
     :class:`driftloop.forms.StagedPredict`: the native form's float32 matrix); this
     thread scores (``predict.run``); a writer thread adds the scores to the validated
-    columns (no copy of the features) and encodes the part. A form with lanes
+    columns (no copy of the features) and encodes the part (which
+    :class:`driftloop.outputs.RunWriter` puts on a thread of its own). A form with lanes
     (``predict.lanes`` > 1) keeps that many batches in flight and its single-threaded
     kernels take pieces of them (:data:`LANE_PIECE_ROWS` rows) from one queue; batches
     are still counted and written in input order. At most a few batches are in flight,

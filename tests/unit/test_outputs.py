@@ -102,6 +102,7 @@ def test_a_commit_whose_parts_are_not_all_there_is_refused(tmp_path: Path) -> No
     output = ScoringOutput(str(out))
     run = output.start_run()
     info = run.write_part(pl.DataFrame({"id": [1, 2]}), partition="p1", index=0)
+    run.flush()  # the put is done: the part is on disk
     (out / info.path).unlink()
     with pytest.raises(OutputError, match=r"part runs/.*/part-p1-00000.parquet is missing before its manifest"):
         run.commit(model_name="loans", model_version=1, input_uri="x", rows_in=2, rows_scored=2, rows_quarantined=0)
@@ -144,3 +145,65 @@ def test_an_output_from_before_manifests_is_read_then_replaced(tmp_path: Path) -
     assert read_predictions(str(out))["id"].to_list() == [0, 1, 2]
     assert sorted(p.name for p in out.iterdir()) == [MARKER, MANIFESTS, RUNS]
     assert len(list((out / RUNS).iterdir())) == 2  # the crashed run waits for the grace period
+
+
+def test_parts_are_put_on_their_own_thread_a_few_at_a_time_and_the_commit_waits_for_them(tmp_path: Path,
+                                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread encodes; a put thread writes. While the disk is slow, at most
+    PUTS_IN_FLIGHT parts wait in memory (the next write_part blocks), and the manifest
+    lists every part, written before it."""
+    import threading
+
+    from driftloop.outputs import PUTS_IN_FLIGHT
+
+    out = tmp_path / "predictions"
+    output = ScoringOutput(str(out))
+    output.claim()
+    run = output.start_run()
+    gate, put_threads = threading.Event(), []
+    put = output.put_part
+
+    def slow_put(info, data):
+        put_threads.append(threading.current_thread().name)
+        gate.wait(timeout=30)
+        put(info, data)
+
+    monkeypatch.setattr(output, "put_part", slow_put)
+    written: list[int] = []
+
+    def writer() -> None:
+        for index in range(PUTS_IN_FLIGHT + 2):
+            run.write_part(pl.DataFrame({"id": [index]}), partition="00000", index=index)
+            written.append(index)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    thread.join(timeout=1.0)
+    assert thread.is_alive() and written == list(range(PUTS_IN_FLIGHT))  # the next one waits for the disk
+    gate.set()
+    thread.join(timeout=30)
+    manifest = run.commit(model_name="loans", model_version=1, input_uri="x", rows_in=4, rows_scored=4, rows_quarantined=0)
+    assert sorted(p.path for p in manifest.parts) == [f"{RUNS}/{run.run_id}/{part_name('00000', i)}" for i in range(4)]
+    assert set(put_threads) == {"driftloop-put_0"}
+    assert sorted(read_predictions(str(out))["id"].to_list()) == [0, 1, 2, 3]
+
+
+def test_a_failed_put_fails_the_commit_and_leaves_the_previous_run_current(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    out = tmp_path / "predictions"
+    _run(out, range(4))
+    output = ScoringOutput(str(out))
+    run = output.start_run()
+
+    def full_disk(info, data):
+        raise OSError(errno.ENOSPC, "No space left on device", info.path)
+
+    monkeypatch.setattr(output, "put_part", full_disk)
+    run.write_part(pl.DataFrame({"id": [9]}), partition="00000", index=0)  # the put fails on its own thread
+    with pytest.raises(OSError, match="No space left"):
+        run.commit(model_name="loans", model_version=1, input_uri="x", rows_in=1, rows_scored=1, rows_quarantined=0)
+    run.abort()
+    assert read_predictions(str(out))["id"].to_list() == [0, 1, 2, 3]
+    assert not (out / RUNS / run.run_id).exists()
