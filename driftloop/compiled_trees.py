@@ -138,7 +138,8 @@ class CompiledTrees:
             depth, trees, groups = int(header["depth"]), int(header["trees"]), int(header["groups"])
         except (ValueError, KeyError, TypeError) as exc:
             raise CompiledFormInvalid(f"unreadable header: {exc}") from exc
-        if objective not in OBJECTIVES or not 0 <= depth <= MAX_DEPTH or n_features < 1 or trees < 0 or groups < 1:
+        if (objective not in OBJECTIVES or not 0 <= depth <= MAX_DEPTH or n_features < 1 or trees < 0 or groups < 1
+                or trees << depth >= 1 << 32):  # the kernel indexes nodes with 32 bits
             raise CompiledFormInvalid(f"header out of range: {header}")
         inner = (1 << depth) - 1
         layout = [("base_margin", "<f4", (groups,)), ("tree_group", "<i4", (trees,)), ("nodes", "<u4", (trees, inner)),

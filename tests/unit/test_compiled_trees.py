@@ -176,3 +176,27 @@ def test_at_two_threads_a_batch_is_scored_in_parts_at_once_with_the_same_scores(
         helpers = [t for t in threading.enumerate() if t.name.startswith("driftloop-compiled") and t not in before]
         assert helpers  # the other part was scored on the scorer's helper thread
     assert not any(t.is_alive() for t in helpers)
+
+
+def test_where_numba_finds_no_place_for_its_cache_the_kernels_compile_in_each_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba refuses ``cache=True`` outright where neither the install nor the home is
+    writable (a locked-down container); the compiled form must still run there."""
+    from driftloop import compiled_kernels
+
+    asked: list[bool] = []
+    real = compiled_kernels.njit
+
+    def njit(*, cache: bool, **options):
+        asked.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function 'double': no locator available for file '<read-only>'")
+        return real(cache=False, **options)
+
+    monkeypatch.setattr(compiled_kernels, "njit", njit)
+
+    @compiled_kernels.jit(nogil=True)
+    def double(x):
+        return x * 2
+
+    assert asked == [True, False] and double(21) == 42
