@@ -168,7 +168,7 @@ class CompiledTrees:
                              f"got {x.dtype} {x.shape}")
         out = np.empty((x.shape[0], self.groups), dtype=np.float32)
         out[:] = self.base_margin
-        _kernel()(x.reshape(-1), self.n_features, self.nodes.reshape(-1), self.thresholds.reshape(-1),
+        _kernels().add_trees(x.reshape(-1), self.n_features, self.nodes.reshape(-1), self.thresholds.reshape(-1),
                   self.leaves.reshape(-1), self.tree_group, self.depth, out)
         return out
 
@@ -177,9 +177,9 @@ class CompiledTrees:
         probabilities for multiclass, the value for regression."""
         out = self.margins(x)
         if self.objective == "binary:logistic":
-            return _transforms().sigmoid(out.reshape(-1))
+            return _kernels().sigmoid(out.reshape(-1))
         if self.objective == "multi:softprob":
-            return _transforms().softmax_rows(out)
+            return _kernels().softmax_rows(out)
         return out.reshape(-1)
 
 
@@ -219,35 +219,16 @@ def _prob_to_margin(objective: str, base_score: np.float32) -> np.float32:
     """XGBoost's ProbToMargin in float32: the logit (libm's logf) for binary:logistic, the
     value itself for the others."""
     if objective == "binary:logistic":
-        return np.float32(_transforms().logit(np.float32(base_score)))
+        return np.float32(_kernels().logit(np.float32(base_score)))
     return np.float32(base_score)
 
 
 # --- the kernels (numba; compiled on first use and cached on disk) ------------------------
 
 
-_compiled: dict[str, Any] = {}
+def _kernels() -> Any:
+    """:mod:`driftloop.compiled_kernels`, imported on first use: numba is needed only where
+    a compiled form is built or run (ImportError where it is not installed)."""
+    from driftloop import compiled_kernels
 
-
-def numba_available() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _kernel() -> Any:
-    if "kernel" not in _compiled:
-        from driftloop import compiled_kernels
-
-        _compiled["kernel"] = compiled_kernels.add_trees
-    return _compiled["kernel"]
-
-
-def _transforms() -> Any:
-    if "transforms" not in _compiled:
-        from driftloop import compiled_kernels
-
-        _compiled["transforms"] = compiled_kernels
-    return _compiled["transforms"]
+    return compiled_kernels

@@ -190,12 +190,21 @@ def onnx_scorer(descriptor: LoadedModel, *, halves: LoadedModel | None = None) -
         rows = len(next(iter(feed.values()))) if feed else 0
         if rows < HALVES_MIN_ROWS:
             return run_feed(halves, feed)
-        middle = (rows + 1) // 2
-        head = helper.submit(run_feed, halves, {k: v[:middle] for k, v in feed.items()})
-        tail = run_feed(halves, {k: v[middle:] for k, v in feed.items()})
-        return np.concatenate([head.result(), tail])
+        return _parts_at_once(partial(run_feed, halves), lambda a, b: {k: v[a:b] for k, v in feed.items()}, rows,
+                              parts=2, pool=helper)
 
     return FormScorer("onnx", descriptor, StagedPredict(prepare, run), release=lambda: helper.shutdown(wait=True))
+
+
+def _parts_at_once(run: Callable[[Any], np.ndarray], part: Callable[[int, int], Any], rows: int, *, parts: int,
+                   pool: Any) -> np.ndarray:
+    """A batch's ``rows`` in ``parts`` contiguous parts (``part(start, stop)``) scored at
+    once, the first on this thread and the others on ``pool`` (single-threaded kernels that
+    release the GIL): the scores of the parts, in order."""
+    bounds = np.linspace(0, rows, parts + 1).astype(int)
+    others = [pool.submit(run, part(a, b)) for a, b in pairwise(bounds[1:])]
+    first = run(part(bounds[0], bounds[1]))
+    return np.concatenate([first, *(other.result() for other in others)])
 
 
 # On CPU the tensor form runs fastest on small slices (its per-level tensors stay in cache):
@@ -283,10 +292,7 @@ def compiled_scorer(descriptor: LoadedModel, data: bytes, *, threads: int | None
     def run(x: np.ndarray) -> np.ndarray:
         if len(x) < HALVES_MIN_ROWS * parts:
             return run_lane(x)
-        bounds = np.linspace(0, len(x), parts + 1).astype(int)
-        helpers = [pool.submit(run_lane, x[a:b]) for a, b in pairwise(bounds[1:])]
-        head = run_lane(x[bounds[0]:bounds[1]])
-        return np.concatenate([head, *(h.result() for h in helpers)])
+        return _parts_at_once(run_lane, lambda a, b: x[a:b], len(x), parts=parts, pool=pool)
 
     return FormScorer("compiled", descriptor, StagedPredict(matrix, run,
                                                             run_lane=run_lane, lanes=threads),

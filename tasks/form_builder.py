@@ -74,16 +74,18 @@ def native_form_bytes(fitted: FittedModel) -> bytes:
 
 def compiled_form_bytes(fitted: FittedModel) -> tuple[bytes | None, str | None]:
     """The compiled form's bytes (XGBoost, where numba is installed), or why there is none."""
-    from driftloop.compiled_trees import CompiledFormUnsupported, CompiledTrees, numba_available
+    from driftloop.compiled_trees import CompiledFormUnsupported, CompiledTrees
 
     if fitted.algorithm != "xgboost":
         return None, "the compiled form runs XGBoost models only"
-    if not numba_available():
-        return None, "numba is not installed here (pip install 'driftloop[train]')"
     try:
+        from driftloop import compiled_kernels  # noqa: F401 - built only where it can run (numba)
+
         return CompiledTrees.from_xgboost(fitted.booster).to_bytes(), None
     except CompiledFormUnsupported as exc:
         return None, f"the compiled form does not run this model: {exc}"
+    except ImportError:
+        return None, "numba is not installed here (pip install 'driftloop[train]')"
 
 
 def _verified(kind: FormKind, data: bytes, scorer: FormScorer, native: Any, frame: pl.DataFrame, task_kind: str,
